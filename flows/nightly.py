@@ -1,0 +1,171 @@
+"""The nightly flow: seeds -> plan -> generate -> filter -> dataset version.
+
+A flow wires stages; each stage is a plain function in its own package. Tasks declare their
+retries and cache policies here. Generation is idempotent (the durable response cache under
+`<out>/_state/`), so its task can retry, and a killed run started again re-requests nothing
+that finished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from filters import ChainResult, default_chain, run_chain
+from generation import progress
+from generation.backends import model_name, open_endpoint
+from generation.cache import ResponseCache
+from generation.client import GenerationClient, GenerationReport
+from generation.documents import to_documents
+from generation.plan import build_plan
+from generation.seeds import load_seeds
+from prompts import PromptLibrary
+from schemas import Document, GenerationRequest, GenerationResult, TopicSeed
+from schemas.config import RunConfig, load_config
+from shards.dataset import write_version
+from shards.encodings import get_encoding
+from shards.version import new_run_id, state_dir
+
+
+def seed_for(day: date) -> int:
+    """A scheduled run's seed comes from its date, so each night plans new text."""
+    return int(day.strftime("%Y%m%d"))
+
+
+def resolve_config(
+    config: str | None = None,
+    topics: str | None = None,
+    out: str | None = None,
+    limit: int | None = None,
+    seed: int | None = None,
+) -> RunConfig:
+    """The config file with the command line's flags on top (flags win)."""
+    overrides = {"topics": topics, "output.dir": out, "plan.limit": limit, "seed": seed}
+    return load_config(Path(config) if config else None, overrides)
+
+
+# Stage inputs are large (thousands of requests): hashing them for Prefect's cache would cost
+# more than the stages, and the generation stage has its own durable cache. So: NO_CACHE.
+
+
+@task(cache_policy=NO_CACHE)
+def load_topics(cfg: RunConfig) -> list[TopicSeed]:
+    return load_seeds(cfg.topics)
+
+
+@task(cache_policy=NO_CACHE)
+def plan_requests(seeds: list[TopicSeed], cfg: RunConfig, seed: int) -> list[GenerationRequest]:
+    return build_plan(
+        seeds,
+        PromptLibrary(),
+        model=model_name(cfg.generation),
+        sampling=cfg.generation.sampling,
+        seed=seed,
+        samples_per_topic=cfg.plan.samples_per_topic,
+        template=cfg.plan.template,
+        system_prompt=cfg.plan.system_prompt,
+        limit=cfg.plan.limit,
+    )
+
+
+@task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def generate(plan: list[GenerationRequest], cfg: RunConfig, run_id: str) -> GenerationReport:
+    gen = cfg.generation
+    cache = ResponseCache(state_dir(cfg.output.dir) / "responses.sqlite")
+    encoding = get_encoding(cfg.output.encoding)
+
+    def on_result(result: GenerationResult, report: GenerationReport) -> None:
+        progress.emit("generation", result=result, report=report)
+
+    progress.emit("plan", total=len(plan))
+    try:
+        with open_endpoint(gen, cfg.embedded) as endpoint:
+            client = GenerationClient(
+                endpoint,
+                cache=cache,
+                run_id=run_id,
+                prices=gen.prices,
+                budget=gen.budget,
+                retry_failed=gen.retry_failed,
+                on_result=on_result,
+                token_counter=lambda text: len(encoding.encode_ordinary(text)),
+            )
+            return asyncio.run(client.run(plan))
+    finally:
+        cache.close()
+
+
+@task(cache_policy=NO_CACHE)
+def make_documents(
+    plan: list[GenerationRequest], report: GenerationReport, cfg: RunConfig, run_id: str
+) -> tuple[list[Document], list[GenerationResult]]:
+    return to_documents(plan, report.results, run_id=run_id, encoding=cfg.output.encoding)
+
+
+@task(cache_policy=NO_CACHE)
+def filter_documents(docs: list[Document]) -> ChainResult:
+    return run_chain(docs, default_chain())
+
+
+@task(retries=1, cache_policy=NO_CACHE)
+def write_dataset(
+    cfg: RunConfig,
+    run_id: str,
+    seed: int,
+    plan: list[GenerationRequest],
+    report: GenerationReport,
+    chain: ChainResult,
+    failures: list[GenerationResult],
+) -> dict[str, Any]:
+    counts = {
+        "plan": {"requests": len(plan)},
+        "generate": report.summary(),
+        "filter": chain.counts,
+        "kept": len(chain.kept),
+        "rejected": len(chain.rejected),
+    }
+    return write_version(
+        cfg.output.dir / run_id,
+        run_id=run_id,
+        plan=plan,
+        kept=chain.kept,
+        rejected=chain.rejected,
+        failures=failures,
+        shard_rows=cfg.output.shard_rows,
+        encoding=cfg.output.encoding,
+        config=cfg.model_dump(mode="json"),
+        config_hash=cfg.config_hash(),
+        counts=counts,
+        extra={"seed": seed},
+    )
+
+
+@flow(name="booksmith-nightly", log_prints=True)
+def nightly(
+    config: str | None = None,
+    topics: str | None = None,
+    out: str | None = None,
+    limit: int | None = None,
+    seed: int | None = None,
+) -> str:
+    """Generate one dataset version; returns its directory."""
+    cfg = resolve_config(config, topics, out, limit, seed)
+    run_seed = cfg.seed if cfg.seed is not None else seed_for(datetime.now(UTC).date())
+    logger = get_run_logger()
+    seeds = load_topics(cfg)
+    plan = plan_requests(seeds, cfg, run_seed)
+    cfg.output.dir.mkdir(parents=True, exist_ok=True)
+    run_id = new_run_id(cfg.output.dir)
+    logger.info("run %s: %d topics, %d requests, seed %d", run_id, len(seeds), len(plan), run_seed)
+    report = generate(plan, cfg, run_id)
+    docs, failures = make_documents(plan, report, cfg, run_id)
+    chain = filter_documents(docs)
+    manifest = write_dataset(cfg, run_id, run_seed, plan, report, chain, failures)
+    version_dir = cfg.output.dir / run_id
+    logger.info("wrote %s: %d documents", version_dir, manifest["documents"])
+    return str(version_dir)

@@ -1,0 +1,367 @@
+"""One generation client for every OpenAI-compatible endpoint (vLLM, Ollama, OpenAI, embedded).
+
+Built on the official AsyncOpenAI client. Around each request: the durable response cache,
+bounded concurrency, requests- and tokens-per-minute limits, retries with exponential backoff
+and jitter that honour Retry-After, a failures table for what retrying cannot fix, accounting,
+and a budget that stops the run cleanly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import random
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx2  # openai 3 speaks httpx2
+import openai
+from aiolimiter import AsyncLimiter
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
+
+from generation.cache import ResponseCache
+from schemas import GenerationRequest, GenerationResult
+from schemas.config import Budget, Price
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    base_url: str
+    model: str
+    api_key: str = "not-needed"  # never logged, never written anywhere
+    backend: str = "openai"  # recorded on every document
+    max_concurrency: int = 8
+    rpm: float | None = None
+    tpm: float | None = None
+    timeout_s: float = 300.0
+    max_retries: int = 6
+    backoff_base_s: float = 1.0
+    backoff_max_s: float = 60.0
+
+    def __repr__(self) -> str:  # keep the key out of logs and tracebacks
+        return f"Endpoint(base_url={self.base_url!r}, model={self.model!r}, {self.backend})"
+
+
+@dataclass
+class GenerationReport:
+    """Accounting for one run of the generation stage."""
+
+    planned: int = 0
+    completed: int = 0  # documents, fresh or from the cache
+    cached: int = 0  # completions found in the cache (not requested)
+    failed: int = 0
+    skipped_budget: int = 0
+    requests: int = 0  # HTTP attempts made
+    retries: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+    truncated: int = 0
+    empty: int = 0
+    failures: Counter[str] = field(default_factory=Counter)
+    budget_exhausted: bool = False
+    elapsed_s: float = 0.0
+    results: list[GenerationResult] = field(default_factory=list, repr=False)
+
+    started_at: float = field(default_factory=time.perf_counter, repr=False)
+
+    @property
+    def completion_tokens_per_s(self) -> float:
+        return self.completion_tokens / self.elapsed_s if self.elapsed_s else 0.0
+
+    def completion_tokens_per_s_live(self) -> float:
+        elapsed = time.perf_counter() - self.started_at
+        return self.completion_tokens / elapsed if elapsed > 0 else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "planned": self.planned,
+            "completed": self.completed,
+            "cached": self.cached,
+            "failed": self.failed,
+            "skipped_budget": self.skipped_budget,
+            "requests": self.requests,
+            "retries": self.retries,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "cost_usd": round(self.cost_usd, 6),
+            "truncated": self.truncated,
+            "empty": self.empty,
+            "failures": dict(self.failures),
+            "budget_exhausted": self.budget_exhausted,
+            "elapsed_s": round(self.elapsed_s, 3),
+        }
+
+
+class _Permanent(Exception):
+    """A failure that retrying will not fix; carries its reason string."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class _Transient(Exception):
+    """A bad answer (no choices) worth another attempt."""
+
+
+_RETRYABLE_STATUS = {408, 409, 425, 429}
+
+
+def _is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, openai.APIConnectionError | _Transient):  # includes APITimeoutError
+        return True
+    if isinstance(exc, openai.APIStatusError):
+        return exc.status_code in _RETRYABLE_STATUS or exc.status_code >= 500
+    return False
+
+
+def _failure_reason(exc: BaseException) -> str:
+    if isinstance(exc, _Permanent):
+        return exc.reason
+    if isinstance(exc, openai.APITimeoutError):
+        return "timeout"
+    if isinstance(exc, openai.APIConnectionError):
+        return "connection"
+    if isinstance(exc, openai.APIStatusError):
+        return f"http_{exc.status_code}"
+    return type(exc).__name__
+
+
+def retry_after_s(exc: BaseException | None) -> float | None:
+    """Seconds the server asked us to wait (Retry-After / retry-after-ms), if it said."""
+    headers = getattr(getattr(exc, "response", None), "headers", None)
+    if headers is None:
+        return None
+    if (ms := headers.get("retry-after-ms")) is not None:
+        try:
+            return max(0.0, float(ms) / 1000)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        parsed = email.utils.parsedate_to_datetime(value) if value else None
+        return max(0.0, parsed.timestamp() - time.time()) if parsed else None
+
+
+class GenerationClient:
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        *,
+        cache: ResponseCache | None = None,
+        run_id: str = "",
+        prices: dict[str, Price] | None = None,
+        budget: Budget | None = None,
+        retry_failed: bool = False,
+        on_result: Callable[[GenerationResult, GenerationReport], None] | None = None,
+        token_counter: Callable[[str], int] | None = None,
+    ) -> None:
+        self.endpoint = endpoint
+        self.cache = cache
+        self.run_id = run_id
+        self.price = (prices or {}).get(endpoint.model)
+        self.budget = budget or Budget()
+        self.retry_failed = retry_failed
+        self.on_result = on_result
+        self._count_tokens = token_counter
+        self._rpm = AsyncLimiter(endpoint.rpm, 60) if endpoint.rpm else None
+        self._tpm = AsyncLimiter(endpoint.tpm, 60) if endpoint.tpm else None
+        self._needs_estimate = bool(
+            endpoint.tpm or self.budget.max_tokens or self.budget.max_cost_usd
+        )
+        self._reserved = 0.0  # estimated tokens of requests in flight (budget check)
+        self.report = GenerationReport()
+
+    # -- accounting ---------------------------------------------------------------------------
+
+    def _cost(self, prompt_tokens: float, completion_tokens: float) -> float:
+        if self.price is None:
+            return 0.0
+        return (
+            prompt_tokens * self.price.prompt_per_million
+            + completion_tokens * self.price.completion_per_million
+        ) / 1e6
+
+    def _over_budget(self, estimate: float, max_tokens: int) -> bool:
+        r, b = self.report, self.budget
+        if b.max_tokens is not None:
+            spent = r.prompt_tokens + r.completion_tokens
+            if spent + self._reserved + estimate > b.max_tokens:
+                return True
+        if b.max_cost_usd is not None:
+            spent_usd = r.cost_usd + self._cost(self._reserved, 0)
+            if spent_usd + self._cost(estimate - max_tokens, max_tokens) > b.max_cost_usd:
+                return True
+        return False
+
+    def _estimate(self, request: GenerationRequest) -> float:
+        """Prompt tokens (tiktoken) plus the completion cap: an upper bound, as OpenAI counts."""
+        if not self._needs_estimate:
+            return 0.0
+        text = "\n".join(m.content for m in request.messages)
+        prompt = self._count_tokens(text) if self._count_tokens else len(text) / 4
+        return prompt + 4 * len(request.messages) + request.sampling.max_tokens
+
+    # -- one request ----------------------------------------------------------------------------
+
+    def _wait(self, state: RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        asked = retry_after_s(exc)
+        if asked is not None:
+            return asked + random.uniform(0, 0.1 * asked + 0.05)
+        ep = self.endpoint
+        cap = min(ep.backoff_max_s, ep.backoff_base_s * 2**state.attempt_number)
+        return random.uniform(0, cap)  # full jitter
+
+    async def _complete(
+        self, api: openai.AsyncOpenAI, request: GenerationRequest, estimate: float
+    ) -> GenerationResult:
+        attempts = 0
+        started = time.perf_counter()
+
+        async def attempt() -> GenerationResult:
+            nonlocal attempts
+            attempts += 1
+            if attempts > 1:
+                self.report.retries += 1
+            if self._rpm:
+                await self._rpm.acquire()
+            if self._tpm and estimate:
+                await self._tpm.acquire(min(estimate, self._tpm.max_rate))
+            self.report.requests += 1
+            s = request.sampling
+            response = await api.chat.completions.create(
+                model=request.model,
+                messages=[m.model_dump() for m in request.messages],  # type: ignore[misc]
+                max_tokens=s.max_tokens,
+                temperature=s.temperature,
+                top_p=s.top_p,
+                seed=s.seed,
+            )
+            if not response.choices:
+                raise _Transient("no choices in the response")
+            choice = response.choices[0]
+            if choice.finish_reason == "content_filter":
+                raise _Permanent("content_filter")
+            usage = response.usage
+            return GenerationResult(
+                request_id=request.id,
+                text=choice.message.content or "",
+                finish_reason=choice.finish_reason,
+                prompt_tokens=usage.prompt_tokens if usage else 0,
+                completion_tokens=usage.completion_tokens if usage else 0,
+                model=response.model or request.model,
+                backend=self.endpoint.backend,
+                attempts=attempts,
+            )
+
+        try:
+            async for retrying in AsyncRetrying(
+                stop=stop_after_attempt(self.endpoint.max_retries + 1),
+                wait=self._wait,
+                retry=retry_if_exception(_is_transient),
+                reraise=True,
+            ):
+                with retrying:
+                    result = await attempt()
+        except Exception as exc:
+            permanent = not _is_transient(exc)
+            reason = _failure_reason(exc)
+            if not permanent:
+                reason = f"retries_exhausted:{reason}"
+            result = GenerationResult(
+                request_id=request.id,
+                error=reason,
+                backend=self.endpoint.backend,
+                model=request.model,
+                attempts=attempts,
+            )
+            if self.cache:
+                self.cache.record_failure(result, run_id=self.run_id, permanent=permanent)
+        result.latency_s = time.perf_counter() - started
+        return result
+
+    def _account(self, result: GenerationResult, *, cached: bool) -> None:
+        r = self.report
+        if result.ok:
+            r.completed += 1
+            r.truncated += result.truncated
+            r.empty += result.empty
+            if cached:
+                r.cached += 1
+            else:
+                r.prompt_tokens += result.prompt_tokens
+                r.completion_tokens += result.completion_tokens
+                r.cost_usd += self._cost(result.prompt_tokens, result.completion_tokens)
+        else:
+            r.failed += 1
+            r.failures[result.error or "unknown"] += 1
+        r.results.append(result)
+        if self.on_result:
+            self.on_result(result, r)
+
+    # -- the stage ------------------------------------------------------------------------------
+
+    async def run(self, requests: Sequence[GenerationRequest]) -> GenerationReport:
+        """Generate every request (or find it in the cache); returns the report with results in
+        completion order. Every request ends as a result, a failure, or skipped by the budget."""
+        self.report = report = GenerationReport(planned=len(requests))
+        started = time.perf_counter()
+        queue: asyncio.Queue[GenerationRequest] = asyncio.Queue()
+        for req in requests:
+            cached = self.cache.get(req.id) if self.cache else None
+            if cached is None and self.cache and not self.retry_failed:
+                cached = self.cache.permanent_failure(req.id)
+            if cached is not None:
+                self._account(cached, cached=cached.ok)
+            else:
+                queue.put_nowait(req)
+        if queue.empty():
+            report.elapsed_s = time.perf_counter() - started
+            return report
+        n = self.endpoint.max_concurrency
+        http = openai.DefaultAsyncHttpxClient(
+            limits=httpx2.Limits(max_connections=n, max_keepalive_connections=n)
+        )
+        api = openai.AsyncOpenAI(
+            base_url=self.endpoint.base_url,
+            api_key=self.endpoint.api_key,
+            max_retries=0,  # retries are ours: Retry-After, jitter, failure accounting
+            timeout=self.endpoint.timeout_s,
+            http_client=http,
+        )
+
+        async def worker() -> None:
+            while not queue.empty():
+                req = queue.get_nowait()
+                if report.budget_exhausted:
+                    report.skipped_budget += 1
+                    continue
+                estimate = self._estimate(req)
+                if self._needs_estimate and self._over_budget(estimate, req.sampling.max_tokens):
+                    report.budget_exhausted = True
+                    report.skipped_budget += 1
+                    continue
+                self._reserved += estimate
+                try:
+                    result = await self._complete(api, req, estimate)
+                finally:
+                    self._reserved -= estimate
+                if result.ok and self.cache:
+                    self.cache.put(result)
+                self._account(result, cached=False)
+
+        try:
+            await asyncio.gather(*(worker() for _ in range(min(n, queue.qsize()))))
+        finally:
+            await api.close()
+        report.elapsed_s = time.perf_counter() - started
+        return report

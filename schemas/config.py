@@ -1,0 +1,161 @@
+"""The run configuration: one YAML file, validated by pydantic, every option defaulted.
+
+`booksmith run` with no config works on the embedded defaults. Errors name the file, the key
+(dotted path), its line in the YAML file, and what was expected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from schemas.records import Sampling, canonical_json
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message names the file, key and expectation."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Price(_Strict):
+    """US dollars per million tokens."""
+
+    prompt_per_million: float = Field(ge=0)
+    completion_per_million: float = Field(ge=0)
+
+
+class Budget(_Strict):
+    """Caps for one run; generation stops cleanly when one is reached, keeping what it has."""
+
+    max_tokens: int | None = Field(default=None, gt=0)  # prompt + completion tokens
+    max_cost_usd: float | None = Field(default=None, gt=0)
+
+
+class EmbeddedSettings(_Strict):
+    """The embedded llama.cpp server (the default backend)."""
+
+    model_path: Path | None = None  # None: the bundled SmolLM2-135M-Instruct, re-quantized to Q8_0
+    n_parallel: int = Field(default=8, ge=1, le=64)  # sequences decoded together
+    n_threads: int | None = Field(default=None, ge=1)  # None: every core
+    ctx_per_seq: int = Field(default=2048, ge=256)
+    startup_timeout_s: float = Field(default=180, gt=0)
+
+
+class GenerationSettings(_Strict):
+    backend: Literal["embedded", "openai"] = "embedded"
+    base_url: str | None = None  # any OpenAI-compatible endpoint (vLLM, Ollama, OpenAI, ...)
+    model: str | None = None  # None: the embedded model's name
+    api_key_env: str = "OPENAI_API_KEY"  # the key is read from this variable, never from config
+    api_key_secret: str | None = None  # or from this Prefect Secret block
+    max_concurrency: int = Field(default=8, ge=1)
+    requests_per_minute: float | None = Field(default=None, gt=0)
+    tokens_per_minute: float | None = Field(default=None, gt=0)
+    timeout_s: float = Field(default=300, gt=0)
+    max_retries: int = Field(default=6, ge=0)
+    retry_failed: bool = False  # retry requests that failed permanently in an earlier run
+    sampling: Sampling = Field(default_factory=Sampling)
+    prices: dict[str, Price] = Field(default_factory=dict)  # by model name
+    budget: Budget = Field(default_factory=Budget)
+
+
+class PlanSettings(_Strict):
+    template: str = "textbook"
+    samples_per_topic: int = Field(default=1, ge=1)
+    limit: int | None = Field(default=24, ge=1)  # stratified sample of the plan; None: all
+    system_prompt: str | None = None
+
+
+class OutputSettings(_Strict):
+    dir: Path = Path("out")
+    shard_rows: int = Field(default=50_000, ge=1)
+    encoding: str = "cl100k_base"  # the primary encoding that `n_tokens` counts in
+
+
+class RunConfig(_Strict):
+    seed: int | None = None  # None: derived from the run's UTC date, so each night differs
+    topics: Path | None = None  # None: the bundled default seeds
+    plan: PlanSettings = Field(default_factory=PlanSettings)
+    generation: GenerationSettings = Field(default_factory=GenerationSettings)
+    embedded: EmbeddedSettings = Field(default_factory=EmbeddedSettings)
+    output: OutputSettings = Field(default_factory=OutputSettings)
+
+    def config_hash(self) -> str:
+        """Hash of what shapes the output (paths excluded), recorded in the manifest."""
+        data = self.model_dump(mode="json", exclude={"output": {"dir"}})
+        return hashlib.sha256(canonical_json(data).encode()).hexdigest()[:16]
+
+
+def _key_lines(node: yaml.Node, prefix: tuple[str | int, ...] = ()) -> dict[tuple, int]:
+    """Map every key path in a YAML document to its 1-based line, for error messages."""
+    lines: dict[tuple, int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            path = (*prefix, key_node.value)
+            lines[path] = key_node.start_mark.line + 1
+            lines.update(_key_lines(value_node, path))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            lines[(*prefix, i)] = item.start_mark.line + 1
+            lines.update(_key_lines(item, (*prefix, i)))
+    return lines
+
+
+def format_validation_error(
+    err: ValidationError, source: str, lines: dict[tuple, int] | None = None
+) -> str:
+    parts = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        key = ".".join(str(p) for p in loc) or "<top level>"
+        line = (lines or {}).get(loc) or (lines or {}).get(loc[:-1])
+        where = f"{source}:{line}" if line else source
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see `booksmith config show` for every key)"
+        else:
+            msg = f"{e['msg']} (got {e.get('input')!r})"
+        parts.append(f"{where}: {key}: {msg}")
+    return "\n".join(parts)
+
+
+def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Read and validate a YAML config; `overrides` (dotted keys) win over the file."""
+    data: dict[str, Any] = {}
+    lines: dict[tuple, int] = {}
+    source = str(path) if path else "<defaults>"
+    if path is not None:
+        try:
+            raw = Path(path).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
+        try:
+            node = yaml.compose(raw)
+            loaded = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark else str(path)
+            raise ConfigError(f"{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of settings at the top level")
+        data = loaded or {}
+        lines = _key_lines(node) if node is not None else {}
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        target = data
+        *parents, last = dotted.split(".")
+        for p in parents:
+            target = target.setdefault(p, {})
+        target[last] = value
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, source, lines)) from None

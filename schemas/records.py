@@ -1,0 +1,224 @@
+"""Records exchanged between stages: seeds -> requests -> results -> documents.
+
+Each is a pydantic model; the Arrow schema of the Parquet files that hold them is derived
+from the model by `schemas.arrow.arrow_schema`, so a column is declared exactly once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# Bumped whenever a column is added, removed or changes meaning; written into every manifest.
+SCHEMA_VERSION = 1
+
+
+def canonical_json(value: Any) -> str:
+    """Stable JSON for hashing: sorted keys, no whitespace, UTF-8 kept as is."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def sha256_hex(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+class TopicSeed(BaseModel):
+    """One topic to write about, as read from a seed file."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    topic: str = Field(min_length=1)
+    subject: str | None = None
+    path: list[str] = Field(default_factory=list)  # ancestors, root first, topic excluded
+    weight: float = Field(default=1.0, gt=0)
+
+    @property
+    def topic_path(self) -> list[str]:
+        return [*self.path, self.topic]
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class Sampling(BaseModel):
+    """Sampling parameters sent with a request. `seed` is derived per sample (see build)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_tokens: int = Field(default=600, gt=0)
+    temperature: float = Field(default=0.8, ge=0, le=2)
+    top_p: float = Field(default=0.95, gt=0, le=1)
+    seed: int | None = None
+
+
+class GenerationRequest(BaseModel):
+    """One chat completion to make. `id` is the hash of its request key (model, messages,
+    sampling, sample index): the same plan yields the same ids and the same cache keys."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str
+    model: str
+    messages: list[Message]
+    sampling: Sampling
+    sample_index: int = 0
+    topic: str = ""
+    topic_path: list[str] = Field(default_factory=list)
+    subject: str | None = None
+    audience: str = ""
+    style: str = ""
+    format: str = ""
+    seed_words: list[str] = Field(default_factory=list)
+    template: str = ""
+
+    @staticmethod
+    def key_payload(
+        model: str, messages: list[Message], sampling: Sampling, sample_index: int
+    ) -> dict[str, Any]:
+        return {
+            "model": model,
+            "messages": [m.model_dump() for m in messages],
+            "sampling": sampling.model_dump(),
+            "sample_index": sample_index,
+        }
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        messages: list[Message] | list[dict[str, str]],
+        model: str,
+        sampling: Sampling,
+        sample_index: int = 0,
+        **metadata: Any,
+    ) -> GenerationRequest:
+        """Make a request whose id and sampling seed follow from its content.
+
+        Different sample indexes of one prompt get different seeds, so n samples stay distinct;
+        an explicit `sampling.seed` is kept (it is part of the key)."""
+        msgs = [m if isinstance(m, Message) else Message(**m) for m in messages]
+        if sampling.seed is None:
+            unseeded = canonical_json(cls.key_payload(model, msgs, sampling, sample_index))
+            sampling = sampling.model_copy(update={"seed": int(sha256_hex(unseeded)[:8], 16)})
+        key = canonical_json(cls.key_payload(model, msgs, sampling, sample_index))
+        return cls(
+            id=sha256_hex(key)[:32],
+            model=model,
+            messages=msgs,
+            sampling=sampling,
+            sample_index=sample_index,
+            **metadata,
+        )
+
+    @property
+    def prompt(self) -> str:
+        """The user-visible prompt (last user message), stored with the document."""
+        users = [m.content for m in self.messages if m.role == "user"]
+        return users[-1] if users else ""
+
+
+FinishReason = Literal["stop", "length", "content_filter", "tool_calls", "function_call", "error"]
+
+
+class GenerationResult(BaseModel):
+    """What came back for one request: a completion, or a recorded failure."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    request_id: str
+    text: str = ""
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    model: str = ""  # as reported by the endpoint
+    backend: str = ""
+    attempts: int = 1
+    latency_s: float = 0.0
+    error: str | None = None  # failure reason; None for a completion
+    created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def truncated(self) -> bool:
+        return self.finish_reason == "length"
+
+    @property
+    def empty(self) -> bool:
+        return self.ok and not self.text.strip()
+
+
+class Document(BaseModel):
+    """One generated text with its provenance: a row of the text shards."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    text_sha256: str
+    text: str
+    topic: str
+    topic_path: list[str]
+    subject: str | None = None
+    audience: str
+    style: str
+    format: str
+    seed_words: list[str]
+    prompt: str
+    model: str
+    backend: str
+    sampling: str  # JSON of the sampling parameters
+    seed: int
+    sample_index: int
+    finish_reason: str | None
+    truncated: bool
+    n_tokens: int
+    lang: str | None = None
+    lang_score: float | None = None
+    quality_score: float | None = None
+    run_id: str
+    created_at: datetime
+
+    @classmethod
+    def from_generation(
+        cls, request: GenerationRequest, result: GenerationResult, *, run_id: str, n_tokens: int
+    ) -> Document:
+        return cls(
+            id=request.id,
+            text_sha256=sha256_hex(result.text),
+            text=result.text,
+            topic=request.topic,
+            topic_path=request.topic_path,
+            subject=request.subject,
+            audience=request.audience,
+            style=request.style,
+            format=request.format,
+            seed_words=request.seed_words,
+            prompt=request.prompt,
+            model=result.model or request.model,
+            backend=result.backend,
+            sampling=canonical_json(request.sampling.model_dump()),
+            seed=request.sampling.seed or 0,
+            sample_index=request.sample_index,
+            finish_reason=result.finish_reason,
+            truncated=result.truncated,
+            n_tokens=n_tokens,
+            run_id=run_id,
+            created_at=result.created_at,
+        )
+
+
+class Rejected(Document):
+    """A document a stage dropped, with why (`<family>:<rule>`) and, for duplicates, of what."""
+
+    reason: str
+    duplicate_of: str | None = None
