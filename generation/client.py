@@ -284,7 +284,7 @@ class GenerationClient:
                 model=request.model,
                 attempts=attempts,
             )
-            if self.cache:
+            if self.cache is not None:
                 self.cache.record_failure(result, run_id=self.run_id, permanent=permanent)
         result.latency_s = time.perf_counter() - started
         return result
@@ -317,8 +317,8 @@ class GenerationClient:
         started = time.perf_counter()
         queue: asyncio.Queue[GenerationRequest] = asyncio.Queue()
         for req in requests:
-            cached = self.cache.get(req.id) if self.cache else None
-            if cached is None and self.cache and not self.retry_failed:
+            cached = self.cache.get(req.id) if self.cache is not None else None
+            if cached is None and self.cache is not None and not self.retry_failed:
                 cached = self.cache.permanent_failure(req.id)
             if cached is not None:
                 self._account(cached, cached=cached.ok)
@@ -355,7 +355,7 @@ class GenerationClient:
                     result = await self._complete(api, req, estimate)
                 finally:
                     self._reserved -= estimate
-                if result.ok and self.cache:
+                if result.ok and self.cache is not None:
                     self.cache.put(result)
                 self._account(result, cached=False)
 

@@ -72,7 +72,11 @@ def _yaml_items(path: Path, text: str) -> Iterator[tuple[int, Any]]:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = mark.line + 1 if mark else None
-        raise SeedFileError(path, line, f"invalid YAML: {getattr(e, 'problem', e)}") from None
+        msg = f"invalid YAML: {getattr(e, 'problem', e)}"
+        context = getattr(e, "context_mark", None)
+        if context is not None and context.line + 1 != line:
+            msg += f" ({getattr(e, 'context', 'started')} at line {context.line + 1})"
+        raise SeedFileError(path, line, msg) from None
     if data is None or node is None:
         return
     if isinstance(data, dict):

@@ -1,0 +1,55 @@
+"""Shared fixtures: one Prefect test harness per session, fake OpenAI-compatible servers,
+and helpers to write configs."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from flows.runtime import configure_prefect
+
+configure_prefect(quiet=True)
+os.environ.setdefault("PREFECT_LOGGING_TO_API_ENABLED", "false")
+
+
+@pytest.fixture(scope="session")
+def prefect_api() -> Iterator[str]:
+    """A real Prefect server on a temporary database, started once per test session.
+    Yields its API URL so subprocesses (the CLI) can use the same server."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield str(PREFECT_API_URL.value())
+
+
+@pytest.fixture
+def write_config(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """Write a YAML config into tmp_path and return its path."""
+
+    def write(data: dict[str, Any], name: str = "config.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        return path
+
+    return write
+
+
+def fake_backend_config(base_url: str, out: Path, **generation: Any) -> dict[str, Any]:
+    """A run config that points the openai backend at a test server."""
+    gen: dict[str, Any] = {
+        "backend": "openai",
+        "base_url": base_url,
+        "model": "fake-model",
+        "max_concurrency": 8,
+        "timeout_s": 2.0,
+        "max_retries": 4,
+        "sampling": {"max_tokens": 64},
+    }
+    gen.update(generation)
+    return {"seed": 7, "generation": gen, "output": {"dir": str(out)}, "plan": {"limit": 12}}
