@@ -1,0 +1,141 @@
+"""The `booksmith` command: bad input fails in one line naming the file and key and writes
+nothing; a run killed with SIGKILL and started again requests nothing twice."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from flows.cli import app
+from schemas import GenerationRequest, Message, Sampling
+from shards.version import list_versions, read_manifest
+from tests.conftest import fake_backend_config
+from tests.fakeserver import FakeServer, request_key
+
+runner = CliRunner()
+BOOKSMITH = [sys.executable, "-m", "flows.cli"]
+
+
+def test_unknown_config_key_names_file_line_and_key(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("seed: 1\ngeneration:\n  max_concurency: 4\n")
+    result = runner.invoke(app, ["run", "--config", str(config), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2
+    assert f"{config}:3: generation.max_concurency: unknown key" in result.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_wrong_type_names_the_key_and_expectation(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("generation:\n  sampling:\n    temperature: hot\n")
+    result = runner.invoke(app, ["run", "--config", str(config)])
+    assert result.exit_code == 2
+    assert "generation.sampling.temperature" in result.output
+    assert "valid number" in result.output
+
+
+def test_bad_topics_file_fails_before_anything_is_written(tmp_path: Path) -> None:
+    topics = tmp_path / "t.jsonl"
+    topics.write_text('{"topic": "ok"}\n{"topic": "{{ secrets }}"}\n')
+    out = tmp_path / "o"
+    result = runner.invoke(app, ["run", "--topics", str(topics), "--out", str(out)])
+    assert result.exit_code == 2
+    assert f"{topics}:2:" in result.output and "template syntax" in result.output
+    assert not out.exists()
+
+
+def test_config_show_prints_every_default() -> None:
+    result = runner.invoke(app, ["config", "show"])
+    assert result.exit_code == 0
+    for key in ("generation:", "max_concurrency:", "embedded:", "n_parallel:", "output:"):
+        assert key in result.output
+
+
+def test_topics_show_prints_the_tree() -> None:
+    from generation.seeds import default_seeds_path
+
+    result = runner.invoke(app, ["topics", "show", str(default_seeds_path())])
+    assert result.exit_code == 0
+    assert "Mathematics" in result.output and "The Pythagorean theorem" in result.output
+
+
+def _server_key(row: dict) -> str:
+    req = GenerationRequest(**{**row, "messages": [Message(**m) for m in row["messages"]]})
+    s: Sampling = req.sampling
+    body = {
+        "model": req.model,
+        "messages": [m.model_dump() for m in req.messages],
+        "max_tokens": s.max_tokens,
+        "temperature": s.temperature,
+        "top_p": s.top_p,
+        "seed": s.seed,
+    }
+    return request_key(body)
+
+
+@pytest.mark.slow
+def test_sigkill_during_generation_then_rerun(
+    prefect_api: str, tmp_path: Path, write_config
+) -> None:
+    out = tmp_path / "out"
+    env = {**os.environ, "PREFECT_API_URL": prefect_api}
+    with FakeServer({"latency_s": 0.25, "rate_limit": 0.1, "retry_after_s": 0.05}) as server:
+        cfg = fake_backend_config(server.base_url, out, max_concurrency=2)
+        cfg["plan"]["limit"] = 24
+        config = write_config(cfg)
+        cache_db = out / "_state" / "responses.sqlite"
+
+        proc = subprocess.Popen(
+            [*BOOKSMITH, "run", "--config", str(config)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 120
+        done_at_kill: set[str] = set()
+        while time.monotonic() < deadline:
+            try:
+                with sqlite3.connect(cache_db) as db:
+                    n = db.execute("SELECT count(*) FROM responses").fetchone()[0]
+            except sqlite3.OperationalError:  # not created yet
+                n = 0
+            if n >= 6:
+                break
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert list_versions(out) == [], "a killed run must not leave a dataset"
+        with sqlite3.connect(cache_db) as db:
+            done_at_kill = {r[0] for r in db.execute("SELECT request_id FROM responses")}
+        assert 6 <= len(done_at_kill) < 24
+        attempts_at_kill = server.stats()["by_key"]
+
+        rerun = subprocess.run(
+            [*BOOKSMITH, "run", "--config", str(config)], env=env, capture_output=True, text=True
+        )
+        assert rerun.returncode == 0, rerun.stderr
+        (version,) = list_versions(out)
+        assert rerun.stdout.strip().endswith(str(version))
+        stats = server.stats()
+
+    plan = pq.read_table(version / "plan.parquet").to_pylist()
+    assert len(plan) == 24
+    keys = {row["id"]: _server_key(row) for row in plan}
+    for rid in done_at_kill:  # finished before the kill: never requested again
+        assert stats["by_key"][keys[rid]] == attempts_at_kill[keys[rid]], rid
+    assert all(stats["completed_by_key"].get(k, 0) >= 1 for k in keys.values())
+    ids = pq.read_table(version / "text").column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == 24, "every document exactly once"
+    gen = read_manifest(version)["counts"]["generate"]
+    assert gen["cached"] == len(done_at_kill) and gen["completed"] == 24

@@ -1,0 +1,128 @@
+"""The nightly flow end to end on a real Prefect server, against the fault-injecting endpoint;
+outputs read back with pyarrow and DuckDB."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import duckdb
+import pyarrow.parquet as pq
+import pytest
+
+from schemas import Document, arrow_schema
+from shards.version import list_versions, read_manifest
+from shards.writer import file_sha256
+from tests.conftest import fake_backend_config
+from tests.fakeserver import FakeServer
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[FakeServer]:
+    faults = {
+        "rate_limit": 0.1,
+        "retry_after_s": 0.05,
+        "server_error": 0.1,
+        "drop": 0.05,
+        "truncated": 0.1,
+        "empty": 0.1,
+        "bad_request": 0.1,
+    }
+    with FakeServer(faults) as s:
+        yield s
+
+
+def run_flow(config: Path) -> Path:
+    from flows.nightly import nightly
+
+    return Path(nightly(config=str(config)))
+
+
+def test_nightly_writes_a_complete_dataset_version(
+    prefect_api: str, server: FakeServer, tmp_path: Path, write_config
+) -> None:
+    server.reset()
+    out = tmp_path / "out"
+    cfg = fake_backend_config(server.base_url, out)
+    cfg["plan"]["limit"] = 30
+    version = run_flow(write_config(cfg))
+
+    assert list_versions(out) == [version]
+    manifest = read_manifest(version)
+    for key in ("run_id", "counts", "shards", "tokens", "config_hash", "code_version"):
+        assert key in manifest
+    assert manifest["schema_version"] == 1 and manifest["run_id"] == version.name
+    gen = manifest["counts"]["generate"]
+    # every planned request is a document, a rejected document or a recorded failure
+    assert gen["planned"] == 30 == gen["completed"] + gen["failed"]
+    assert manifest["documents"] + manifest["counts"]["rejected"] == gen["completed"]
+    assert gen["failed"] > 0 and gen["retries"] > 0 and gen["empty"] > 0
+    assert manifest["counts"]["filter"]["empty"]["empty:no_text"] == gen["empty"]
+
+    # every shard is where the manifest says, with its rows, bytes and checksum
+    for shard in manifest["shards"]:
+        path = version / shard["path"]
+        assert path.stat().st_size == shard["bytes"]
+        assert file_sha256(path) == shard["sha256"]
+        assert pq.ParquetFile(path).metadata.num_rows == shard["rows"]
+    assert not list(version.rglob(".*tmp*")), "temporary files left behind"
+
+    text = pq.read_table(version / "text")
+    assert text.schema.equals(arrow_schema(Document))
+    assert text.num_rows == manifest["documents"]
+    assert text.column("id").to_pylist() == list(dict.fromkeys(text.column("id").to_pylist()))
+    assert all(t.strip() for t in text.column("text").to_pylist())
+    assert sum(text.column("n_tokens").to_pylist()) == manifest["tokens"]["cl100k_base"]["tokens"]
+    assert set(text.column("backend").to_pylist()) == {"openai"}
+    truncated = [r for r in text.to_pylist() if r["truncated"]]
+    assert truncated and all(r["finish_reason"] == "length" for r in truncated)
+
+    rejected = pq.read_table(version / "rejected").to_pylist()
+    assert {r["reason"] for r in rejected} == {"empty:no_text"}
+    failures = pq.read_table(version / "failures.parquet").to_pylist()
+    assert len(failures) == gen["failed"] and all(f["error"] == "http_400" for f in failures)
+
+    plan = pq.read_table(version / "plan.parquet")
+    assert plan.num_rows == 30
+    assert set(text.column("id").to_pylist()) <= set(plan.column("id").to_pylist())
+
+    # DuckDB reads the shards as they are
+    con = duckdb.connect()
+    n, topics = con.execute(
+        f"SELECT count(*), count(DISTINCT topic) FROM read_parquet('{version}/text/*.parquet')"
+    ).fetchone()
+    assert n == manifest["documents"] and topics > 1
+    assert json.loads(text.column("sampling")[0].as_py())["max_tokens"] == 64
+
+
+def test_same_config_and_seed_rerun_is_identical_and_requests_nothing(
+    prefect_api: str, server: FakeServer, tmp_path: Path, write_config
+) -> None:
+    out = tmp_path / "out"
+    config = write_config(fake_backend_config(server.base_url, out))
+    first = run_flow(config)
+    requests_before = server.stats()["requests"]
+    second = run_flow(config)
+    assert server.stats()["requests"] == requests_before  # all from the response cache
+    assert first != second and list_versions(out) == [first, second]
+    a = pq.read_table(first / "text").select(["id", "text_sha256"]).to_pylist()
+    b = pq.read_table(second / "text").select(["id", "text_sha256"]).to_pylist()
+    assert a == b and len(a) > 0
+    assert pq.read_table(first / "plan.parquet").equals(pq.read_table(second / "plan.parquet"))
+    gen = read_manifest(second)["counts"]["generate"]
+    assert gen["cached"] == gen["completed"] and gen["requests"] == 0
+
+
+def test_a_different_seed_plans_different_requests(
+    prefect_api: str, server: FakeServer, tmp_path: Path, write_config
+) -> None:
+    cfg = fake_backend_config(server.base_url, tmp_path / "out")
+    a = run_flow(write_config(cfg, "a.yaml"))
+    cfg["seed"] = 8
+    b = run_flow(write_config(cfg, "b.yaml"))
+    ids_a = set(pq.read_table(a / "plan.parquet").column("id").to_pylist())
+    ids_b = set(pq.read_table(b / "plan.parquet").column("id").to_pylist())
+    assert ids_a.isdisjoint(ids_b)
