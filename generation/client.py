@@ -252,6 +252,10 @@ class GenerationClient:
             if choice.finish_reason == "content_filter":
                 raise _Permanent("content_filter")
             usage = response.usage
+            if self._tpm and usage and usage.total_tokens > estimate:
+                # The estimate was low (it is an upper bound unless the server pads): pay the
+                # difference, so the limiter tracks the tokens actually used.
+                await self._tpm.acquire(min(usage.total_tokens - estimate, self._tpm.max_rate))
             return GenerationResult(
                 request_id=request.id,
                 text=choice.message.content or "",
