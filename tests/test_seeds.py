@@ -43,7 +43,8 @@ def test_yaml_jsonl_csv_read_the_same_fields(tmp_path: Path) -> None:
     j = write(
         tmp_path,
         "t.jsonl",
-        '"Photosynthesis"\n\n{"topic": "Limits", "subject": "Math", "path": "Math > Calculus", "weight": 2}\n',
+        '"Photosynthesis"\n\n'
+        '{"topic": "Limits", "subject": "Math", "path": "Math > Calculus", "weight": 2}\n',
     )
     c = write(
         tmp_path,
