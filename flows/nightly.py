@@ -15,6 +15,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
 
 from filters import ChainResult, default_chain, run_chain
 from generation import progress
@@ -155,7 +156,9 @@ def nightly(
 ) -> str:
     """Generate one dataset version; returns its directory."""
     cfg = resolve_config(config, topics, out, limit, seed)
-    run_seed = cfg.seed if cfg.seed is not None else seed_for(datetime.now(UTC).date())
+    # A scheduled run's date is its scheduled time (a late start still plans its own night).
+    started = flow_run.scheduled_start_time or datetime.now(UTC)
+    run_seed = cfg.seed if cfg.seed is not None else seed_for(started.astimezone(UTC).date())
     logger = get_run_logger()
     seeds = load_topics(cfg)
     plan = plan_requests(seeds, cfg, run_seed)

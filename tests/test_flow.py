@@ -126,3 +126,18 @@ def test_a_different_seed_plans_different_requests(
     ids_a = set(pq.read_table(a / "plan.parquet").column("id").to_pylist())
     ids_b = set(pq.read_table(b / "plan.parquet").column("id").to_pylist())
     assert ids_a.isdisjoint(ids_b)
+
+
+def test_without_a_seed_the_run_date_decides_the_plan(
+    prefect_api: str, server: FakeServer, tmp_path: Path, write_config
+) -> None:
+    from datetime import UTC, datetime
+
+    from flows.nightly import seed_for
+
+    cfg = fake_backend_config(server.base_url, tmp_path / "out")
+    del cfg["seed"]
+    cfg["plan"]["limit"] = 2
+    version = run_flow(write_config(cfg))
+    assert read_manifest(version)["seed"] == seed_for(datetime.now(UTC).date())
+    assert seed_for(datetime(2026, 1, 2).date()) != seed_for(datetime(2026, 1, 3).date())
