@@ -1,0 +1,653 @@
+"""A deterministic, fault-injecting OpenAI-compatible server for tests and benchmarks.
+
+Endpoints: POST /v1/chat/completions, GET /v1/models, GET /health, and the controls
+GET /stats and POST /reset.
+
+- The answer to a request is a pure function of its key fields (model, messages, temperature,
+  top_p, max_tokens, seed): English-like words seeded from their sha256, so two runs can be
+  compared for equality.
+- Each request key draws one fault kind (or none) from the configured fractions, from a hash of
+  the same fields: the fault plan is fixed by the config, whatever the order of the requests.
+  Transient faults (429, 500/503, a reply held past `timeout_s`, a dropped connection) hit the
+  first `transient_attempts` attempts of a key, then it succeeds; permanent (400,
+  content_filter) and output (truncated, empty) faults hit every attempt.
+- `--fast` answers every completion with one prebuilt reply from a bare asyncio protocol (no
+  uvicorn, no hashing, no faults), so the server costs as little as possible in throughput
+  benchmarks; /health, /v1/models, /stats (requests, completed) and /reset still answer.
+
+Run: `python -m tests.fakeserver --port 0 --config faults.json --port-file PATH`, or use the
+`FakeServer` context manager, which does that in a subprocess.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import importlib.util
+import json
+import math
+import os
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+TRANSIENT = ("rate_limit", "server_error", "timeout", "drop")
+PERMANENT = ("bad_request", "content_filter")
+OUTPUT = ("truncated", "empty")
+FAULT_KINDS = TRANSIENT + PERMANENT + OUTPUT
+
+DEFAULT_MODEL = "fake-model"
+DEFAULT_MAX_TOKENS = 256
+CREATED = 1_700_000_000  # a fixed timestamp keeps identical requests byte-identical
+
+
+@dataclass
+class FaultConfig:
+    """Fractions of request keys that get each fault; they must sum to at most 1."""
+
+    rate_limit: float = 0.0
+    retry_after_s: float = 0.2
+    server_error: float = 0.0
+    timeout: float = 0.0
+    timeout_s: float = 3.0  # how long a "timeout" reply is held (set the client's timeout lower)
+    drop: float = 0.0
+    truncated: float = 0.0
+    empty: float = 0.0
+    bad_request: float = 0.0
+    content_filter: float = 0.0
+    transient_attempts: int = 1
+    latency_s: float = 0.0
+    latency_jitter_s: float = 0.0
+    # request key -> fault kind (or "none"): pins a key's fault whatever the fractions draw
+    overrides: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        total = sum(getattr(self, kind) for kind in FAULT_KINDS)
+        if any(getattr(self, kind) < 0 for kind in FAULT_KINDS) or total > 1 + 1e-9:
+            raise ValueError(f"fault fractions must be >= 0 and sum to <= 1, got {total:.3f}")
+        for key, kind in self.overrides.items():
+            if kind not in (*FAULT_KINDS, "none"):
+                raise ValueError(f"overrides[{key!r}]: unknown fault kind {kind!r}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FaultConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown FaultConfig keys {unknown}; expected some of {sorted(known)}"
+            )
+        return cls(**data)
+
+    def fault_for(self, key: str) -> str | None:
+        """The fault kind planned for a request key, or None for a clean answer."""
+        if key in self.overrides:
+            kind = self.overrides[key]
+            return None if kind == "none" else kind
+        # An independent draw (salted hash), so the fault does not correlate with the text.
+        u = _unit(f"fault:{key}")
+        edge = 0.0
+        for kind in FAULT_KINDS:
+            edge += getattr(self, kind)
+            if u < edge:
+                return kind
+        return None
+
+
+def _unit(text: str) -> float:
+    """A uniform number in [0, 1) from a string, stable across processes and Python versions."""
+    return int(hashlib.sha256(text.encode()).hexdigest()[:13], 16) / 16**13
+
+
+def key_fields(body: dict[str, Any]) -> dict[str, Any]:
+    """The fields that decide the answer; numbers normalised so 1 and 1.0 are the same key."""
+
+    def num(value: Any) -> float | None:
+        return None if value is None else float(value)
+
+    max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
+    return {
+        "model": body.get("model"),
+        "messages": body.get("messages"),
+        "temperature": num(body.get("temperature")),
+        "top_p": num(body.get("top_p")),
+        "max_tokens": max_tokens,
+        "seed": body.get("seed"),
+    }
+
+
+def request_key(body: dict[str, Any]) -> str:
+    """The request key of a chat-completions body, as /stats reports it."""
+    canonical = json.dumps(key_fields(body), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:24]
+
+
+# -- the text ------------------------------------------------------------------------------------
+
+# Function words at a natural share keep the text plausible to the heuristic filters (stop-word
+# ratio, mean word length); a few hundred content words keep distinct documents distinct.
+_FUNCTION_TEXT = (
+    "the of and to a in is that for it as with was on be by this are or from at which an but "
+    "not have has can its we they their these more also when one all so if each into than then"
+)
+_CONTENT_TEXT = (
+    "energy matter system process value function change number example model theory force "
+    "motion light water heat cell plant animal market price trade history culture language "
+    "word sentence story author reader problem solution method result data pattern shape "
+    "angle line point circle square triangle area volume length time speed rate growth "
+    "population city river mountain climate weather season planet star orbit gravity mass "
+    "atom molecule reaction element compound acid base solution mixture layer surface "
+    "structure design tool machine engine circuit current voltage signal wave sound music "
+    "rhythm color image picture map scale measure unit fraction ratio percent equation graph "
+    "table chart variable constant factor product sum difference order sequence series limit "
+    "proof idea concept principle rule law right duty citizen government vote economy money "
+    "budget cost benefit choice decision risk chance probability sample survey evidence claim "
+    "argument reason cause effect question answer lesson student teacher school class course "
+    "practice skill habit memory attention emotion behavior society community family group "
+    "member role network program code computer algorithm input output memory storage file "
+    "record field object class method loop branch condition test error bug feature version "
+    "simple careful basic important common natural small large early modern ancient central "
+    "local global clear useful different similar careful strong weak quick slow bright "
+    "explains shows describes compares measures builds changes moves grows forms carries "
+    "connects divides combines produces supports follows predicts tests observes records "
+    "notices finds keeps gives takes makes uses needs helps allows creates reduces increases"
+)
+_FUNCTION = _FUNCTION_TEXT.split()
+_CONTENT = _CONTENT_TEXT.split()
+
+
+def completion_text(key_digest: str, n_words: int) -> str:
+    """`n_words` English-like words in sentences, a pure function of the digest."""
+    rng = random.Random(int(key_digest, 16))
+    words: list[str] = []
+    sentence_left = rng.randint(6, 16)
+    start = True
+    for _ in range(n_words):
+        word = rng.choice(_FUNCTION) if rng.random() < 0.4 else rng.choice(_CONTENT)
+        if start:
+            word = word.capitalize()
+            start = False
+        sentence_left -= 1
+        if sentence_left == 0:
+            word += "."
+            sentence_left = rng.randint(6, 16)
+            start = True
+        words.append(word)
+    text = " ".join(words)
+    return text if text.endswith(".") else text + "."
+
+
+# -- responses -----------------------------------------------------------------------------------
+
+Headers = list[tuple[bytes, bytes]]
+
+
+def _json_body(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def _error(message: str, err_type: str, code: str | None = None) -> bytes:
+    return _json_body(
+        {"error": {"message": message, "type": err_type, "param": None, "code": code}}
+    )
+
+
+def _completion(
+    key: str,
+    model: str,
+    content: str | None,
+    finish_reason: str,
+    prompt_tokens: int,
+    completion_tokens: int,
+) -> bytes:
+    return _json_body(
+        {
+            "id": f"chatcmpl-{key}",
+            "object": "chat.completion",
+            "created": CREATED,
+            "model": model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": content},
+                    "finish_reason": finish_reason,
+                    "logprobs": None,
+                }
+            ],
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
+        }
+    )
+
+
+async def _respond(send: Send, status: int, body: bytes, headers: Headers | None = None) -> None:
+    base: Headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": base + (headers or [])})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _read_body(receive: Receive) -> bytes | None:
+    """The whole request body, or None if the client went away first."""
+    chunks: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+async def _hold(receive: Receive, delay_s: float) -> bool:
+    """Wait `delay_s`; True if the client disconnected meanwhile (it timed out or was killed).
+
+    Once the body is read, receive() only returns on disconnect, so it doubles as a watch."""
+    if delay_s <= 0:
+        return False
+    try:
+        message = await asyncio.wait_for(receive(), delay_s)
+    except TimeoutError:
+        return False
+    return message["type"] == "http.disconnect"
+
+
+async def _drop(send: Send) -> None:
+    """Close the connection with no HTTP response at all.
+
+    ASGI has no verb for this, so we reach the transport through uvicorn's request cycle (the
+    owner of the bound `send`). Yielding lets connection_lost mark the cycle disconnected, so
+    uvicorn does not write a 500 of its own."""
+    transport = getattr(getattr(send, "__self__", None), "transport", None)
+    if not isinstance(transport, asyncio.Transport):
+        raise RuntimeError("cannot drop the connection: the server's transport is not reachable")
+    transport.abort()
+    for _ in range(3):
+        await asyncio.sleep(0)
+
+
+# -- the app -------------------------------------------------------------------------------------
+
+
+class Stats:
+    def __init__(self) -> None:
+        self.requests = 0
+        self.completed = 0
+        self.by_key: Counter[str] = Counter()
+        self.completed_by_key: Counter[str] = Counter()
+        self.answered_by_key: Counter[str] = Counter()  # any 200 reply, faulty output included
+        self.faults: Counter[str] = Counter()
+        self.abandoned = 0  # replies the client did not wait for
+        self.connections = 0  # TCP connections opened (fast mode only): shows pool churn
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "requests": self.requests,
+            "completed": self.completed,
+            "by_key": dict(self.by_key),
+            "completed_by_key": dict(self.completed_by_key),
+            "answered_by_key": dict(self.answered_by_key),
+            "faults": dict(self.faults),
+            "abandoned": self.abandoned,
+            "connections": self.connections,
+        }
+
+
+class FakeApp:
+    """The ASGI app; one instance per server process, its state lives in memory."""
+
+    def __init__(self, faults: FaultConfig | None = None, *, models: list[str] | None) -> None:
+        self.faults = faults or FaultConfig()
+        self.models = models or [DEFAULT_MODEL]
+        self.stats = Stats()
+
+    def control(self, method: str, path: str) -> tuple[int, bytes]:
+        """Every route but chat completions: status and JSON body."""
+        if path == "/health":
+            return 200, b'{"status":"ok"}'
+        if path == "/v1/models":
+            data = [
+                {"id": m, "object": "model", "created": CREATED, "owned_by": "fake"}
+                for m in self.models
+            ]
+            return 200, _json_body({"object": "list", "data": data})
+        if path == "/stats":
+            return 200, _json_body(self.stats.as_dict())
+        if path == "/reset" and method == "POST":
+            self.stats = Stats()
+            return 200, b'{"status":"reset"}'
+        return 404, _error(f"no route {method} {path}", "not_found")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        method, path = scope["method"], scope["path"]
+        if path == "/v1/chat/completions" and method == "POST":
+            await self._chat(receive, send)
+        else:
+            await _respond(send, *self.control(method, path))
+
+    async def _chat(self, receive: Receive, send: Send) -> None:
+        stats, cfg = self.stats, self.faults
+        stats.requests += 1
+        raw = await _read_body(receive)
+        if raw is None:
+            return
+        try:
+            body = json.loads(raw)
+            if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
+                raise ValueError("expected an object with a 'messages' list")
+        except ValueError as exc:
+            await _respond(send, 400, _error(f"bad body: {exc}", "invalid_request_error"))
+            return
+
+        key = request_key(body)
+        stats.by_key[key] += 1
+        attempt = stats.by_key[key]
+        fault = cfg.fault_for(key)
+        if fault in TRANSIENT and attempt > cfg.transient_attempts:
+            fault = None
+        info: Headers = [
+            (b"x-fake-key", key.encode()),
+            (b"x-fake-attempt", str(attempt).encode()),
+            (b"x-fake-fault", (fault or "none").encode()),
+        ]
+
+        delay = cfg.latency_s + cfg.latency_jitter_s * _unit(f"latency:{key}:{attempt}")
+        if await _hold(receive, delay):
+            stats.abandoned += 1
+            return
+        if fault is not None:
+            stats.faults[fault] += 1
+
+        if fault == "rate_limit":
+            retry = f"{cfg.retry_after_s:g}".encode()
+            ms = str(round(cfg.retry_after_s * 1000)).encode()
+            headers = [(b"retry-after", retry), (b"retry-after-ms", ms), *info]
+            body_429 = _error("Rate limit reached (fake).", "rate_limit_exceeded", "rate_limit")
+            await _respond(send, 429, body_429, headers)
+            return
+        if fault == "server_error":
+            status = 503 if _unit(f"status:{key}") < 0.5 else 500
+            await _respond(send, status, _error("Server error (fake).", "server_error"), info)
+            return
+        if fault == "timeout":
+            if await _hold(receive, cfg.timeout_s):
+                return  # the client gave up, as intended
+            await _respond(send, 504, _error("Held past timeout (fake).", "timeout"), info)
+            return
+        if fault == "drop":
+            await _drop(send)
+            return
+        if fault == "bad_request":
+            message = "Invalid request (fake permanent fault)."
+            await _respond(send, 400, _error(message, "invalid_request_error"), info)
+            return
+
+        model = str(body.get("model") or self.models[0])
+        max_tokens = int(key_fields(body)["max_tokens"] or DEFAULT_MAX_TOKENS)
+        prompt_words = sum(
+            len(str(m.get("content") or "").split())
+            for m in body["messages"]
+            if isinstance(m, dict)
+        )
+        prompt_tokens = max(1, round(prompt_words * 1.3))
+        digest = hashlib.sha256(f"text:{key}".encode()).hexdigest()
+        n_words = max(1, int(max_tokens * 0.75))
+        if fault == "content_filter":
+            reply = _completion(key, model, None, "content_filter", prompt_tokens, 0)
+        elif fault == "empty":
+            reply = _completion(key, model, "", "stop", prompt_tokens, 0)
+        elif fault == "truncated":
+            # Cut mid-word at about 60% of the text, as a model that ran out of tokens does.
+            text = completion_text(digest, n_words)
+            cut = text[: max(1, int(len(text) * 0.6))]
+            reply = _completion(key, model, cut, "length", prompt_tokens, max_tokens)
+        else:
+            text = completion_text(digest, n_words)
+            tokens = min(max_tokens, math.ceil(n_words / 0.75))
+            reply = _completion(key, model, text, "stop", prompt_tokens, tokens)
+        await _respond(send, 200, reply, info)
+        stats.answered_by_key[key] += 1
+        if fault is None:
+            stats.completed += 1
+            stats.completed_by_key[key] += 1
+
+
+# -- running it ----------------------------------------------------------------------------------
+
+
+def _http_impl() -> str:
+    return "httptools" if importlib.util.find_spec("httptools") else "h11"
+
+
+class FastProtocol(asyncio.Protocol):
+    """Fast mode: HTTP/1.1 keep-alive with just enough parsing for the OpenAI client
+    (Content-Length bodies, no chunked uploads; pipelined requests are answered in order).
+
+    A completion costs a find() and one write() of prebuilt bytes: this serves over 50k req/s
+    on one core where uvicorn/h11 serves about 1.4k, so a benchmark on a small machine measures
+    the client, not us."""
+
+    def __init__(self, app: FakeApp, reply: bytes) -> None:
+        self.app = app
+        self.reply = reply
+        self.buf = bytearray()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.app.stats.connections += 1
+
+    def data_received(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.buf += data
+        while (end := self.buf.find(b"\r\n\r\n")) >= 0:
+            head = bytes(self.buf[:end]).lower()
+            length = 0
+            if (i := head.find(b"\r\ncontent-length:")) >= 0:
+                j = head.find(b"\r\n", i + 2)
+                length = int(head[i + 17 : j if j >= 0 else len(head)])
+            if len(self.buf) < end + 4 + length:
+                return  # the body is still arriving
+            del self.buf[: end + 4 + length]
+            method, path = head.split(b" ", 2)[:2]
+            if path == b"/v1/chat/completions":
+                self.app.stats.requests += 1
+                self.app.stats.completed += 1
+                self.transport.write(self.reply)
+            else:
+                status, body = self.app.control(method.decode().upper(), path.decode())
+                self.transport.write(_http_response(status, body))
+            if b"\r\nconnection: close" in head:
+                self.transport.close()
+                return
+
+
+def _http_response(status: int, body: bytes) -> bytes:
+    reason = {200: b"OK", 404: b"Not Found"}.get(status, b"")
+    head = b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n"
+    return head % (status, reason, len(body)) + body
+
+
+def _write_port(port_file: Path | None, port: int) -> None:
+    if port_file is not None:
+        tmp = port_file.with_name(port_file.name + ".tmp")
+        tmp.write_text(str(port))
+        os.replace(tmp, port_file)  # atomic: the parent never reads a half-written port
+
+
+async def serve(
+    app: FakeApp,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    port_file: Path | None = None,
+    *,
+    fast: bool = False,
+) -> None:
+    # Bind ourselves so that --port 0 gives us the port to report.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    bound = sock.getsockname()[1]
+    if fast:
+        text = "This is a fixed fast completion."
+        reply = _http_response(200, _completion("fast", app.models[0], text, "stop", 8, 8))
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(lambda: FastProtocol(app, reply), sock=sock, backlog=4096)
+        _write_port(port_file, bound)
+        await server.serve_forever()
+        return
+
+    import uvicorn
+
+    config = uvicorn.Config(
+        app,
+        http=_http_impl(),
+        loop="asyncio",
+        lifespan="off",
+        access_log=False,
+        log_level="warning",
+        backlog=4096,
+        timeout_keep_alive=30,
+    )
+    userver = uvicorn.Server(config)
+    task = asyncio.create_task(userver.serve(sockets=[sock]))
+    while not userver.started and not task.done():
+        await asyncio.sleep(0.01)
+    if userver.started:
+        _write_port(port_file, bound)
+    await task
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--config", type=Path, help="JSON file of FaultConfig fields")
+    parser.add_argument("--port-file", type=Path, help="write the bound port here once listening")
+    parser.add_argument("--fast", action="store_true", help="one prebuilt reply, no faults")
+    parser.add_argument("--model", action="append", help="model name(s) for /v1/models")
+    args = parser.parse_args(argv)
+    faults = FaultConfig.from_dict(json.loads(args.config.read_text())) if args.config else None
+    app = FakeApp(faults, models=args.model)
+    asyncio.run(serve(app, args.host, args.port, args.port_file, fast=args.fast))
+
+
+class FakeServer:
+    """Runs the fake server in a subprocess for the length of a `with` block.
+
+    >>> with FakeServer({"rate_limit": 0.1}) as server:
+    ...     client = AsyncOpenAI(base_url=server.base_url, api_key="x")
+    """
+
+    def __init__(
+        self,
+        faults: FaultConfig | dict[str, Any] | None = None,
+        fast: bool = False,
+        *,
+        startup_timeout_s: float = 30.0,
+    ) -> None:
+        if isinstance(faults, dict):
+            faults = FaultConfig.from_dict(faults)
+        self.faults = faults or FaultConfig()
+        self.fast = fast
+        self.startup_timeout_s = startup_timeout_s
+        self.port = 0
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.url}/v1"
+
+    def start(self) -> FakeServer:
+        self._tmp = tempfile.TemporaryDirectory(prefix="fakeserver-")
+        tmp = Path(self._tmp.name)
+        (tmp / "faults.json").write_text(json.dumps(asdict(self.faults)))
+        port_file = tmp / "port"
+        root = Path(__file__).resolve().parents[1]
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+        cmd = [sys.executable, "-m", "tests.fakeserver", "--port", "0"]
+        cmd += ["--config", str(tmp / "faults.json"), "--port-file", str(port_file)]
+        if self.fast:
+            cmd.append("--fast")
+        self._proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + self.startup_timeout_s
+        while not port_file.exists():
+            if self._proc.poll() is not None:
+                self.kill()
+                raise RuntimeError(f"fake server exited with {self._proc.returncode} at start")
+            if time.monotonic() > deadline:
+                self.kill()
+                raise TimeoutError("fake server did not start in time")
+            time.sleep(0.02)
+        self.port = int(port_file.read_text())
+        self._get("/health")
+        return self
+
+    def _get(self, path: str, method: str = "GET") -> dict[str, Any]:
+        req = urllib.request.Request(
+            self.url + path, method=method, data=b"" if method == "POST" else None
+        )
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            data: dict[str, Any] = json.loads(resp.read())
+        return data
+
+    def stats(self) -> dict[str, Any]:
+        return self._get("/stats")
+
+    def reset(self) -> None:
+        self._get("/reset", method="POST")
+
+    def kill(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+        if self._tmp is not None:
+            with contextlib.suppress(OSError):
+                self._tmp.cleanup()
+            self._tmp = None
+
+    def __enter__(self) -> FakeServer:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.kill()
+
+
+if __name__ == "__main__":
+    main()
