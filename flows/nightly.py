@@ -63,14 +63,15 @@ def load_topics(cfg: RunConfig) -> list[TopicSeed]:
 def plan_requests(seeds: list[TopicSeed], cfg: RunConfig, seed: int) -> list[GenerationRequest]:
     return build_plan(
         seeds,
-        PromptLibrary(),
+        PromptLibrary(cfg.plan.axes, cfg.plan.templates),
         model=model_name(cfg.generation),
         sampling=cfg.generation.sampling,
         seed=seed,
         samples_per_topic=cfg.plan.samples_per_topic,
-        template=cfg.plan.template,
-        system_prompt=cfg.plan.system_prompt,
         limit=cfg.plan.limit,
+        seed_words=cfg.plan.seed_words,
+        covered_units=cfg.plan.covered_units,
+        system_prompt=cfg.plan.system_prompt,
     )
 
 

@@ -1,18 +1,21 @@
-"""The plan stage: one GenerationRequest per (topic x sampled audience, style, format x sample).
+"""The plan stage: one GenerationRequest per (topic x sample), with audience, style, format,
+seed words and the covered-units list sampled per request.
 
 Deterministic from the run seed: the same seeds, config and seed give the same requests, in the
-same order, with the same ids. Axis values are drawn by weight with a running quota, so every
-value appears in proportion to its weight and no combination dominates a small plan.
+same order, with the same ids (and so the same plan.parquet, byte for byte). Axis values are
+drawn by weight with a running quota (each value stays close to its share of the plan), and
+formats also avoid repeating the same (audience, format) pair, so no combination dominates.
 """
 
 from __future__ import annotations
 
 import random
 from collections import Counter, defaultdict
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 
-from prompts import AxisValue, PromptLibrary
+from prompts import PromptLibrary, load_seed_words
+from prompts import _Axis as AxisValue
 from schemas import GenerationRequest, Message, Sampling, TopicSeed
 
 
@@ -20,21 +23,32 @@ from schemas import GenerationRequest, Message, Sampling, TopicSeed
 class QuotaSampler:
     """Weighted choice that tracks what it gave: picks the value furthest below its share."""
 
-    values: dict[str, AxisValue]
+    values: Mapping[str, AxisValue]
     rng: random.Random
+    counts: Counter[str] = field(default_factory=Counter)
 
     def __post_init__(self) -> None:
         total = sum(v.weight for v in self.values.values())
         self.share = {k: v.weight / total for k, v in self.values.items()}
-        self.counts: Counter[str] = Counter()
         self.n = 0
 
-    def draw(self) -> str:
+    def draw(
+        self, allowed: Iterable[str] | None = None, penalty: Mapping[str, float] | None = None
+    ) -> str:
+        names = list(allowed) if allowed is not None else list(self.share)
+        assert names, "no axis value is allowed here"
         self.n += 1
-        # Deficit against the expected count, plus jitter so ties and order do not bias.
+        penalty = penalty or {}
+        # Deficit against the expected count, minus a penalty for overused combinations, plus
+        # jitter so that ties and the order of the values do not bias the draw.
         name = max(
-            self.share,
-            key=lambda k: self.share[k] * self.n - self.counts[k] + self.rng.random() * 0.5,
+            names,
+            key=lambda k: (
+                self.share[k] * self.n
+                - self.counts[k]
+                - penalty.get(k, 0.0)
+                + self.rng.random() * 0.5
+            ),
         )
         self.counts[name] += 1
         return name
@@ -48,32 +62,54 @@ def build_plan(
     sampling: Sampling,
     seed: int,
     samples_per_topic: int = 1,
-    template: str = "textbook",
-    system_prompt: str | None = None,
     limit: int | None = None,
+    seed_words: int = 3,
+    covered_units: int = 6,
+    system_prompt: str | None = None,
+    vocabulary: Sequence[str] | None = None,
 ) -> list[GenerationRequest]:
     rng = random.Random(f"booksmith-plan-{seed}")
+    covered = _covered_units(seeds, covered_units)
     # Slots first (topic x sample, weighted), then the limit, then the axes: so the quotas hold
     # over the requests the run actually makes.
-    slots = [t for t in seeds for _ in range(max(1, round(samples_per_topic * t.weight)))]
+    slots = [
+        i for i, t in enumerate(seeds) for _ in range(max(1, round(samples_per_topic * t.weight)))
+    ]
     if limit is not None and limit < len(slots):
-        slots = stratified_sample(slots, limit, rng)
+        slots = stratified_sample(seeds, slots, limit, rng)
+    words = list(vocabulary) if vocabulary is not None else load_seed_words()
     axes = library.axes
     audiences = QuotaSampler(axes.audiences, rng)
     styles = QuotaSampler(axes.styles, rng)
     formats = QuotaSampler(axes.formats, rng)
+    pairs: Counter[tuple[str, str]] = Counter()
+    formats_for: dict[str | None, list[str]] = {}
     seen_prompts: Counter[str] = Counter()
     plan: list[GenerationRequest] = []
-    for topic in slots:
-        audience, style, fmt = audiences.draw(), styles.draw(), formats.draw()
+    for index in slots:
+        topic = seeds[index]
+        audience, style = audiences.draw(), styles.draw()
+        if topic.subject not in formats_for:
+            allowed = [k for k, f in axes.formats.items() if f.applies_to(topic.subject)]
+            if not allowed:
+                raise ValueError(f"no format in the axes applies to subject {topic.subject!r}")
+            formats_for[topic.subject] = allowed
+        fmt = formats.draw(
+            formats_for[topic.subject], {k: pairs[(audience, k)] * 0.5 for k in axes.formats}
+        )
+        pairs[(audience, fmt)] += 1
+        chosen_words = rng.sample(words, seed_words) if seed_words else []
+        format_value = axes.formats[fmt]
         prompt = library.render(
-            template,
+            format_value.template,
             topic=topic.topic,
             path=topic.path,
+            subject=topic.subject,
             audience=axes.audiences[audience],
             style=axes.styles[style],
-            format=axes.formats[fmt],
-            seed_words=[],
+            format=format_value,
+            seed_words=chosen_words,
+            covered=covered.get(index, []),
         )
         messages = [Message(role="user", content=prompt)]
         if system_prompt:
@@ -92,23 +128,42 @@ def build_plan(
                 audience=audience,
                 style=style,
                 format=fmt,
-                seed_words=[],
-                template=template,
+                seed_words=chosen_words,
+                template=format_value.template,
             )
         )
     return plan
 
 
-def stratified_sample(slots: Sequence[TopicSeed], n: int, rng: random.Random) -> list[TopicSeed]:
-    """Take n slots spread evenly over subjects (round-robin over shuffled groups)."""
-    groups: dict[str, list[TopicSeed]] = defaultdict(list)
+def _covered_units(seeds: Sequence[TopicSeed], n: int) -> dict[int, list[str]]:
+    """For each topic, up to n earlier topics under the same parent: the units already covered,
+    so sections written for siblings do not repeat each other."""
+    if n <= 0:
+        return {}
+    by_parent: dict[tuple[str, ...], list[str]] = defaultdict(list)
+    out: dict[int, list[str]] = {}
+    for i, s in enumerate(seeds):
+        siblings = by_parent[tuple(s.path)]
+        if s.path:
+            out[i] = siblings[-n:]
+        siblings.append(s.topic)
+    return out
+
+
+def stratified_sample(
+    seeds: Sequence[TopicSeed], slots: Sequence[int], n: int, rng: random.Random
+) -> list[int]:
+    """Take n slots (indexes into seeds) spread evenly over subjects (round-robin over
+    shuffled groups)."""
+    groups: dict[str, list[int]] = defaultdict(list)
     for slot in slots:
-        groups[slot.subject or (slot.path[0] if slot.path else "")].append(slot)
+        seed = seeds[slot]
+        groups[seed.subject or (seed.path[0] if seed.path else "")].append(slot)
     order = sorted(groups)
     rng.shuffle(order)
     for key in order:
         rng.shuffle(groups[key])
-    picked: list[TopicSeed] = []
+    picked: list[int] = []
     while len(picked) < n:
         for key in order:
             if groups[key] and len(picked) < n:

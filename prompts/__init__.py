@@ -1,58 +1,112 @@
 """The prompt library: Jinja2 templates and the prompt axes (audiences, styles, formats) as data.
 
-Templates render in a sandboxed environment with StrictUndefined: a missing variable is an
-error, and topic text is passed as data, never evaluated as template code.
+Templates render in a sandboxed environment with StrictUndefined, and are checked when the
+library loads: a template that uses a variable the plan does not provide, or an axis field that
+does not exist, fails then, naming the template and the variable. Topic text is passed as data,
+never evaluated as template code.
 """
 
 from __future__ import annotations
 
+from functools import cached_property
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
-from jinja2 import StrictUndefined, TemplateError, TemplateNotFound
+from jinja2 import StrictUndefined, Template, TemplateError, meta
 from jinja2.sandbox import SandboxedEnvironment
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from schemas.config import format_validation_error
 
-__all__ = ["Axes", "AxisValue", "PromptError", "PromptLibrary"]
+__all__ = [
+    "TEMPLATE_VARIABLES",
+    "Audience",
+    "Axes",
+    "Format",
+    "PromptError",
+    "PromptLibrary",
+    "Style",
+    "load_seed_words",
+]
+
+# What the plan passes to every template.
+TEMPLATE_VARIABLES = frozenset(
+    {"topic", "path", "subject", "audience", "style", "format", "seed_words", "covered"}
+)
 
 
 class PromptError(ValueError):
     """A template or axis file that cannot be used; the message names the file and key."""
 
 
-class AxisValue(BaseModel):
+class _Axis(BaseModel):
+    """What every axis value has: its relative weight in a plan."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     weight: float = Field(default=1.0, gt=0)
+
+
+class Audience(_Axis):
+    reader: str = Field(min_length=1)
+    depth: str = Field(min_length=1)
+    vocabulary: str = Field(min_length=1)
+    examples: str = Field(min_length=1)
+    form: str = Field(min_length=1)
+
+
+class Style(_Axis):
     instructions: str = Field(min_length=1)
+
+
+class Format(_Axis):
+    instructions: str = Field(min_length=1)
+    rules: str = ""
+    template: str = "textbook"
+    subjects: list[str] | None = None  # only for topics of these subjects; None: every topic
+
+    def applies_to(self, subject: str | None) -> bool:
+        return self.subjects is None or subject in self.subjects
 
 
 class Axes(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    audiences: dict[str, AxisValue] = Field(min_length=1)
-    styles: dict[str, AxisValue] = Field(min_length=1)
-    formats: dict[str, AxisValue] = Field(min_length=1)
+    audiences: dict[str, Audience] = Field(min_length=1)
+    styles: dict[str, Style] = Field(min_length=1)
+    formats: dict[str, Format] = Field(min_length=1)
 
 
 def _package_dir() -> Path:
     return Path(str(resources.files("prompts")))
 
 
+def load_seed_words(path: Path | None = None) -> list[str]:
+    """The bundled vocabulary of common English words (see the file's header for its source)."""
+    path = path or _package_dir() / "seed_words.txt"
+    words = [
+        w.strip()
+        for w in path.read_text(encoding="utf-8").splitlines()
+        if w.strip() and not w.startswith("#")
+    ]
+    if not words:
+        raise PromptError(f"{path}: no seed words")
+    return words
+
+
 class PromptLibrary:
-    """Loads the axes and templates; `render` turns one plan row into a prompt."""
+    """Loads and checks the axes and templates; `render` turns one plan row into a prompt."""
 
     def __init__(self, axes_path: Path | None = None, templates_dir: Path | None = None) -> None:
         self.axes_path = axes_path or _package_dir() / "axes.yaml"
         self.templates_dir = templates_dir or _package_dir() / "templates"
         self.axes = self._load_axes(self.axes_path)
-        self.env = SandboxedEnvironment(
-            loader=None, undefined=StrictUndefined, autoescape=False, keep_trailing_newline=False
-        )
+        self.env = SandboxedEnvironment(undefined=StrictUndefined, autoescape=False)
+        self._templates: dict[str, Template] = {}
+        for fmt in self.axes.formats.values():
+            self._check(fmt.template)
 
     @staticmethod
     def _load_axes(path: Path) -> Axes:
@@ -65,21 +119,60 @@ class PromptLibrary:
         except ValidationError as e:
             raise PromptError(format_validation_error(e, str(path))) from None
 
-    def template_source(self, name: str) -> str:
+    def _source(self, name: str) -> tuple[Path, str]:
         path = self.templates_dir / f"{name}.j2"
         try:
-            return path.read_text(encoding="utf-8")
+            return path, path.read_text(encoding="utf-8")
         except FileNotFoundError:
             available = sorted(p.stem for p in self.templates_dir.glob("*.j2"))
             raise PromptError(
                 f"no template {name!r} in {self.templates_dir}; available: {available}"
             ) from None
 
-    def render(self, template: str, **variables: Any) -> str:
+    def _check(self, name: str) -> Template:
+        """Compile a template once, and prove it renders with every axis value."""
+        if name in self._templates:
+            return self._templates[name]
+        path, source = self._source(name)
         try:
-            tmpl = self.env.from_string(self.template_source(template))
-            return tmpl.render(**variables).strip()
-        except TemplateNotFound as e:
-            raise PromptError(f"template {template!r}: {e}") from None
+            unknown = meta.find_undeclared_variables(self.env.parse(source)) - TEMPLATE_VARIABLES
+            if unknown:
+                raise PromptError(
+                    f"{path}: template {name!r} uses undefined variable(s) {sorted(unknown)}; "
+                    f"templates get {sorted(TEMPLATE_VARIABLES)}"
+                )
+            template = self.env.from_string(source)
+            for audience in self.axes.audiences.values():  # catches unknown axis fields
+                for fmt in self.axes.formats.values():
+                    template.render(self._sample_vars(audience=audience, format=fmt))
+        except TemplateError as e:
+            raise PromptError(f"{path}: template {name!r}: {e}") from None
+        self._templates[name] = template
+        return template
+
+    def _sample_vars(self, **overrides: Any) -> dict[str, Any]:
+        axes = self.axes
+        values: dict[str, Any] = {
+            "topic": "Topic",
+            "path": ["Subject", "Area"],
+            "subject": "Subject",
+            "audience": next(iter(axes.audiences.values())),
+            "style": next(iter(axes.styles.values())),
+            "format": next(iter(axes.formats.values())),
+            "seed_words": ["word"],
+            "covered": ["Another topic"],
+        }
+        values.update(overrides)
+        return values
+
+    @cached_property
+    def template_names(self) -> list[str]:
+        return sorted({f.template for f in self.axes.formats.values()})
+
+    def render(self, template: str, **variables: Any) -> str:
+        """Render a template; every variable is plain data."""
+        compiled = self._check(template)
+        try:
+            return compiled.render(**variables).strip()
         except TemplateError as e:
             raise PromptError(f"template {template!r}: {e}") from None

@@ -66,9 +66,12 @@ class GenerationSettings(_Strict):
 
 
 class PlanSettings(_Strict):
-    template: str = "textbook"
     samples_per_topic: int = Field(default=1, ge=1)
     limit: int | None = Field(default=24, ge=1)  # stratified sample of the plan; None: all
+    seed_words: int = Field(default=3, ge=0, le=20)  # random common words per prompt
+    covered_units: int = Field(default=6, ge=0)  # earlier sibling topics listed as covered
+    axes: Path | None = None  # None: the bundled prompts/axes.yaml
+    templates: Path | None = None  # None: the bundled prompts/templates/
     system_prompt: str | None = None
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -10,7 +12,7 @@ import pytest
 
 from generation.plan import build_plan
 from generation.seeds import load_seeds
-from prompts import PromptError, PromptLibrary
+from prompts import PromptError, PromptLibrary, load_seed_words
 from schemas import Document, GenerationRequest, Rejected, Sampling, TopicSeed, arrow_schema
 from schemas.arrow import to_table
 from schemas.config import ConfigError, RunConfig, load_config
@@ -52,35 +54,119 @@ def test_full_plan_covers_every_topic_with_weights() -> None:
     assert len({r.sampling.seed for r in requests}) == 8
 
 
+def render_vars(lib: PromptLibrary, **kw: object) -> dict[str, object]:
+    ax = lib.axes
+    base: dict[str, object] = {
+        "topic": "Photosynthesis",
+        "path": ["Biology", "Cell biology"],
+        "subject": "Biology",
+        "audience": ax.audiences["college"],
+        "style": ax.styles["academic"],
+        "format": ax.formats["exercises"],
+        "seed_words": [],
+        "covered": [],
+    }
+    base.update(kw)
+    return base
+
+
 def test_topic_text_is_data_not_template_code() -> None:
     lib = PromptLibrary()
-    ax = lib.axes
-    out = lib.render(
-        "textbook",
-        topic="{{ 7 * 7 }} {% raw %}",
-        path=[],
-        audience=ax.audiences["college"],
-        style=ax.styles["academic"],
-        format=ax.formats["exercises"],
-        seed_words=[],
-    )
+    out = lib.render("textbook", **render_vars(lib, topic="{{ 7 * 7 }} {% raw %}"))
     assert "{{ 7 * 7 }} {% raw %}" in out and "49" not in out
 
 
-def test_missing_template_variable_and_unknown_template_fail_clearly(tmp_path: Path) -> None:
+def tokens(text: str) -> set[str]:
+    return set(re.findall(r"\w+", text.lower()))
+
+
+def test_audiences_really_differ() -> None:
+    """Any two audiences' prompts for one topic and format share under half their tokens."""
     lib = PromptLibrary()
-    with pytest.raises(PromptError, match="template 'textbook': 'format' is undefined"):
-        lib.render("textbook", topic="x", path=[], seed_words=[])
+    for fmt in lib.axes.formats.values():
+        prompts = [
+            lib.render("textbook", **render_vars(lib, audience=a, format=fmt))
+            for a in lib.axes.audiences.values()
+        ]
+        for x, y in itertools.combinations(prompts, 2):
+            jaccard = len(tokens(x) & tokens(y)) / len(tokens(x) | tokens(y))
+            assert jaccard < 0.5, (x, y)
+
+
+def test_template_errors_fail_when_the_library_loads(tmp_path: Path) -> None:
+    templates = tmp_path / "templates"
+    templates.mkdir()
+    (templates / "textbook.j2").write_text("{{ format.instructions }} {{ topik }}")
+    with pytest.raises(PromptError, match=r"textbook.*undefined variable\(s\) \['topik'\]"):
+        PromptLibrary(templates_dir=templates)
+    (templates / "textbook.j2").write_text("{{ audience.reeder }} {{ topic }}")
+    with pytest.raises(PromptError, match=r"textbook.*reeder"):
+        PromptLibrary(templates_dir=templates)
     with pytest.raises(PromptError, match="no template 'nope'"):
-        lib.render("nope")
+        PromptLibrary().render("nope")
 
 
 def test_axis_yaml_errors_name_the_key(tmp_path: Path) -> None:
     axes = tmp_path / "axes.yaml"
-    axes.write_text("audiences: {a: {weight: -1, instructions: x}}\nstyles: {}\nformats: {}\n")
+    axes.write_text("audiences: {a: {weight: -1, reader: x}}\nstyles: {}\nformats: {}\n")
     with pytest.raises(PromptError) as err:
         PromptLibrary(axes_path=axes)
-    assert "audiences.a.weight" in str(err.value) and "styles" in str(err.value)
+    message = str(err.value)
+    assert "audiences.a.weight" in message and "audiences.a.depth" in message
+    assert "styles" in message
+
+
+def test_default_run_uses_every_format_and_audience() -> None:
+    requests = plan(limit=24)
+    axes = PromptLibrary().axes
+    assert {r.audience for r in requests} == set(axes.audiences)
+    assert {r.format for r in requests} == set(axes.formats)
+    assert {r.style for r in requests} == set(axes.styles)
+    # a format restricted to some subjects only goes to those
+    for r in requests:
+        assert axes.formats[r.format].applies_to(r.subject), (r.format, r.subject)
+    assert any(r.format == "code_tutorial" for r in requests)
+
+
+def test_seed_words_and_covered_units_reach_the_prompt() -> None:
+    requests = plan(limit=None)
+    vocabulary = set(load_seed_words())
+    assert len(vocabulary) >= 2000
+    for r in requests:
+        assert len(r.seed_words) == 3 and set(r.seed_words) <= vocabulary
+        assert all(w in r.prompt for w in r.seed_words)
+    second = next(r for r in requests if r.topic == "Quadratic equations and the quadratic formula")
+    assert "Solving linear equations" in second.prompt  # an earlier sibling is covered
+    first = next(r for r in requests if r.topic == "Solving linear equations")
+    assert "already cover" not in first.prompt
+    none = plan(limit=5, seed_words=0, covered_units=0)
+    assert all(not r.seed_words and "already cover" not in r.prompt for r in none)
+
+
+def test_no_combination_dominates_a_large_plan() -> None:
+    requests = plan(limit=None, samples_per_topic=20)
+    pairs = Counter((r.audience, r.format) for r in requests)
+    general = [p for p in pairs if p[1] != "code_tutorial"]
+    axes = PromptLibrary().axes
+    assert len(general) == len(axes.audiences) * (len(axes.formats) - 1)
+    # each pair's count is within 25% of audience share x format share
+    n = len(requests)
+    a_total = sum(v.weight for v in axes.audiences.values())
+    aud = Counter(r.audience for r in requests)
+    fmt = Counter(r.format for r in requests)
+    for a, f in general:
+        expected = aud[a] * fmt[f] / n
+        assert abs(pairs[(a, f)] - expected) <= 0.25 * expected + 2, (a, f)
+    for a, value in axes.audiences.items():
+        assert abs(aud[a] / n - value.weight / a_total) < 0.01
+
+
+def test_plan_parquet_is_byte_identical_for_the_same_seed(tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    for name in ("a", "b"):
+        pq.write_table(to_table(plan(3), GenerationRequest), tmp_path / f"{name}.parquet")
+    assert (tmp_path / "a.parquet").read_bytes() == (tmp_path / "b.parquet").read_bytes()
 
 
 def test_arrow_schemas_derive_from_the_records() -> None:
