@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import json
 import random
 import time
 from collections import Counter
@@ -245,6 +246,11 @@ class GenerationClient:
                 temperature=s.temperature,
                 top_p=s.top_p,
                 seed=s.seed,
+                **(
+                    {"response_format": json.loads(request.response_format)}
+                    if request.response_format
+                    else {}
+                ),
             )
             if not response.choices:
                 raise _Transient("no choices in the response")

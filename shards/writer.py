@@ -1,7 +1,9 @@
 """Crash-safe Parquet writing: temporary name, fsync, rename; the manifest goes last.
 
 A reader never sees half a shard: until the rename, the file has a temporary name, and until
-the manifest exists, the directory is not a dataset.
+the manifest exists, the directory is not a dataset. `ShardWriter` streams tables into
+`part-NNNNN.parquet` files (ZSTD, row groups sized for streaming), starting a new shard when
+one reaches its row or byte limit.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -18,9 +20,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel
 
-from schemas.arrow import to_table
+from schemas.arrow import arrow_schema, to_table
 
 ROW_GROUP_ROWS = 2_000  # small enough to stream a shard, large enough to compress well
+ROW_GROUP_BYTES = 64 << 20  # and at most this much uncompressed Arrow data per row group
+DEFAULT_SHARD_BYTES = 256 << 20  # about 256 MB per shard on disk (checked after each row group)
+COMPRESSION = "zstd"
 
 
 @dataclass(frozen=True)
@@ -30,9 +35,11 @@ class ShardInfo:
     bytes: int
     sha256: str
     kind: str
+    encoding: str | None = None  # token shards: the encoding's name
+    stored_tokens: int | None = None  # token shards: tokens stored, end-of-text tokens included
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if v is not None}
 
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
@@ -43,7 +50,7 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -51,39 +58,153 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
+def tmp_name(path: Path) -> Path:
+    """The temporary name a file has until it is complete (hidden, so no glob matches it)."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def commit(tmp: Path, path: Path) -> None:
+    """fsync a finished temporary file and give it its final name."""
+    with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_name(path)
+    with open(tmp, "wb") as f:
+        f.write(data)
+    commit(tmp, path)
 
 
 def atomic_write_table(table: pa.Table, path: Path, *, root: Path, kind: str) -> ShardInfo:
     """Write one Parquet file (ZSTD) atomically and describe it for the manifest."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = tmp_name(path)
     pq.write_table(
-        table,
-        tmp,
-        compression="zstd",
-        row_group_size=ROW_GROUP_ROWS,
-        write_page_index=True,
+        table, tmp, compression=COMPRESSION, row_group_size=ROW_GROUP_ROWS, write_page_index=True
     )
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    commit(tmp, path)
+    return describe(path, root=root, rows=table.num_rows, kind=kind)
+
+
+def describe(path: Path, *, root: Path, rows: int, kind: str, **extra: Any) -> ShardInfo:
     return ShardInfo(
         path=path.relative_to(root).as_posix(),
-        rows=table.num_rows,
+        rows=rows,
         bytes=path.stat().st_size,
         sha256=file_sha256(path),
         kind=kind,
+        **extra,
     )
+
+
+class ShardWriter:
+    """Stream tables into `root/subdir/part-NNNNN.parquet`, each shard closing at `max_rows`
+    rows or once it holds `max_bytes` on disk (checked after each row group, so a shard can
+    overshoot by at most one row group). Each shard is written under a temporary name and
+    renamed when complete. `close()` returns the shards; with no rows at all it writes one
+    empty shard, so readers always find the schema."""
+
+    def __init__(
+        self,
+        root: Path,
+        subdir: str,
+        schema: pa.Schema,
+        *,
+        kind: str,
+        max_rows: int | None = None,
+        max_bytes: int | None = DEFAULT_SHARD_BYTES,
+        row_group_rows: int = ROW_GROUP_ROWS,
+        extra: dict[str, Any] | None = None,
+        count: Callable[[pa.Table], dict[str, int]] | None = None,
+    ) -> None:
+        self.root, self.dir, self.schema, self.kind = root, root / subdir, schema, kind
+        self.max_rows, self.max_bytes = max_rows, max_bytes
+        self.row_group_rows = min(row_group_rows, max_rows or row_group_rows)
+        self.extra = extra or {}
+        self.count = count  # per-shard totals for the manifest (e.g. tokens), from each chunk
+        self.shards: list[ShardInfo] = []
+        self._writer: pq.ParquetWriter | None = None
+        self._sink: pa.NativeFile | None = None
+        self._tmp: Path | None = None
+        self._rows = 0
+        self._counters: dict[str, int] = {}
+
+    def _path(self, index: int) -> Path:
+        return self.dir / f"part-{index:05d}.parquet"
+
+    def _open(self) -> pq.ParquetWriter:
+        if self._writer is None:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self._tmp = tmp_name(self._path(len(self.shards)))
+            self._sink = pa.OSFile(str(self._tmp), "wb")
+            self._writer = pq.ParquetWriter(
+                self._sink, self.schema, compression=COMPRESSION, write_page_index=True
+            )
+            self._rows = 0
+            self._counters = {}
+        return self._writer
+
+    def _finish(self) -> None:
+        assert self._writer is not None and self._sink is not None and self._tmp is not None
+        self._writer.close()
+        self._sink.close()
+        path = self._path(len(self.shards))
+        commit(self._tmp, path)
+        extra = {**self.extra, **self._counters}
+        self.shards.append(describe(path, root=self.root, rows=self._rows, kind=self.kind, **extra))
+        self._writer = self._sink = self._tmp = None
+
+    def write(self, table: pa.Table) -> None:
+        """Append rows, rolling over to a new shard whenever one is full."""
+        table = table.cast(self.schema) if table.schema != self.schema else table
+        start = 0
+        while start < table.num_rows:
+            writer = self._open()
+            room = self.row_group_rows
+            if self.max_rows is not None:
+                room = min(room, self.max_rows - self._rows)
+            chunk = table.slice(start, room)
+            if chunk.nbytes > ROW_GROUP_BYTES and chunk.num_rows > 1:
+                chunk = chunk.slice(0, max(1, chunk.num_rows * ROW_GROUP_BYTES // chunk.nbytes))
+            writer.write_table(chunk, row_group_size=chunk.num_rows)
+            self._rows += chunk.num_rows
+            start += chunk.num_rows
+            if self.count is not None:
+                for key, value in self.count(chunk).items():
+                    self._counters[key] = self._counters.get(key, 0) + value
+            assert self._sink is not None
+            full_rows = self.max_rows is not None and self._rows >= self.max_rows
+            full_bytes = self.max_bytes is not None and self._sink.tell() >= self.max_bytes
+            if full_rows or full_bytes:
+                self._finish()
+
+    def close(self) -> list[ShardInfo]:
+        if self._writer is not None:
+            self._finish()
+        if not self.shards:
+            self._open()
+            self._finish()
+        return self.shards
+
+    def abort(self) -> None:
+        """Drop the shard being written (its temporary file); finished shards stay."""
+        if self._writer is not None:
+            self._writer.close()
+            assert self._sink is not None and self._tmp is not None
+            self._sink.close()
+            self._tmp.unlink(missing_ok=True)
+            self._writer = self._sink = self._tmp = None
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        if exc_type is not None:
+            self.abort()
 
 
 def write_shards(
@@ -93,17 +214,17 @@ def write_shards(
     root: Path,
     subdir: str,
     kind: str,
-    shard_rows: int,
+    shard_rows: int | None,
+    shard_bytes: int | None = DEFAULT_SHARD_BYTES,
 ) -> list[ShardInfo]:
-    """Write records as `root/subdir/part-NNNNN.parquet`, at most `shard_rows` rows each.
-    An empty input still writes one empty shard, so readers always find the schema."""
-    infos = []
-    starts = range(0, max(len(records), 1), shard_rows)
-    for i, start in enumerate(starts):
-        table = to_table(records[start : start + shard_rows], model)
-        path = root / subdir / f"part-{i:05d}.parquet"
-        infos.append(atomic_write_table(table, path, root=root, kind=kind))
-    return infos
+    """Write records as `root/subdir/part-NNNNN.parquet`, each shard closing at `shard_rows`
+    rows or `shard_bytes` bytes on disk, whichever comes first (None: no such limit)."""
+    with ShardWriter(
+        root, subdir, arrow_schema(model), kind=kind, max_rows=shard_rows, max_bytes=shard_bytes
+    ) as writer:
+        for start in range(0, len(records), ROW_GROUP_ROWS):
+            writer.write(to_table(records[start : start + ROW_GROUP_ROWS], model))
+        return writer.close()
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
