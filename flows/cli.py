@@ -154,6 +154,48 @@ def config_show(
     print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
 
 
+@topics_app.command("expand")
+def topics_expand(
+    topics: Annotated[list[str], typer.Argument(help="Seed topics to expand.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Topic file to write (JSONL).")],
+    depth: Annotated[int, typer.Option(help="Levels of subtopics.", min=1, max=6)] = 2,
+    breadth: Annotated[int, typer.Option(help="Subtopics per topic.", min=1, max=50)] = 8,
+    config: Annotated[Path | None, typer.Option(help="YAML config (backend, budget).")] = None,
+    existing: Annotated[
+        Path | None, typer.Option(help="A topic file whose topics must not be repeated.")
+    ] = None,
+    leaves_only: Annotated[bool, typer.Option(help="Write only the leaves of the tree.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Prefect's logs.")] = False,
+) -> None:
+    """Expand seed topics into a topic tree with the LLM; writes a file `booksmith run` reads."""
+    configure_prefect(quiet=not verbose)
+    from generation.seeds import load_seeds
+    from schemas.config import load_config
+
+    try:
+        load_config(config)
+        if existing:
+            load_seeds(existing)
+        from flows.expand import expand_topics
+
+        counts = expand_topics(
+            topics=topics,
+            output=str(output),
+            depth=depth,
+            breadth=breadth,
+            config=str(config) if config else None,
+            existing=str(existing) if existing else None,
+            leaves_only=leaves_only,
+        )
+    except _user_errors() as e:
+        _fail(str(e))
+        return
+    table = Table(title=f"topics expanded into {output}", show_header=False)
+    for key, value in counts.items():
+        table.add_row(key, str(value))
+    console.print(table)
+
+
 @topics_app.command("show")
 def topics_show(file: Annotated[Path, typer.Argument(help="Topic seed file.")]) -> None:
     """Print the topics of a seed file as a tree."""

@@ -179,6 +179,8 @@ class GenerationClient:
             endpoint.tpm or self.budget.max_tokens or self.budget.max_cost_usd
         )
         self._reserved = 0.0  # estimated tokens of requests in flight (budget check)
+        self._spent_tokens = 0  # across every run of this client
+        self._spent_usd = 0.0
         self.report = GenerationReport()
 
     # -- accounting ---------------------------------------------------------------------------
@@ -192,13 +194,14 @@ class GenerationClient:
         ) / 1e6
 
     def _over_budget(self, estimate: float, max_tokens: int) -> bool:
-        r, b = self.report, self.budget
-        if b.max_tokens is not None:
-            spent = r.prompt_tokens + r.completion_tokens
-            if spent + self._reserved + estimate > b.max_tokens:
-                return True
+        """The budget is the client's: it spans every `run` call (topic expansion makes one per
+        level)."""
+        b = self.budget
+        spent = self._spent_tokens + self._reserved
+        if b.max_tokens is not None and spent + estimate > b.max_tokens:
+            return True
         if b.max_cost_usd is not None:
-            spent_usd = r.cost_usd + self._cost(self._reserved, 0)
+            spent_usd = self._spent_usd + self._cost(self._reserved, 0)
             if spent_usd + self._cost(estimate - max_tokens, max_tokens) > b.max_cost_usd:
                 return True
         return False
@@ -308,9 +311,12 @@ class GenerationClient:
             if cached:
                 r.cached += 1
             else:
+                cost = self._cost(result.prompt_tokens, result.completion_tokens)
                 r.prompt_tokens += result.prompt_tokens
                 r.completion_tokens += result.completion_tokens
-                r.cost_usd += self._cost(result.prompt_tokens, result.completion_tokens)
+                r.cost_usd += cost
+                self._spent_tokens += result.prompt_tokens + result.completion_tokens
+                self._spent_usd += cost
         else:
             r.failed += 1
             r.failures[result.error or "unknown"] += 1

@@ -75,6 +75,16 @@ class PlanSettings(_Strict):
     system_prompt: str | None = None
 
 
+class ExpansionSettings(_Strict):
+    """`booksmith topics expand`: growing seed topics into a tree with the LLM."""
+
+    relevance_check: bool = True  # ask the LLM whether each child belongs under its parent
+    structured_output: bool = False  # send a JSON schema (response_format); vLLM and OpenAI do
+    sampling: Sampling = Field(
+        default_factory=lambda: Sampling(max_tokens=256, temperature=0.7, top_p=0.95)
+    )
+
+
 class OutputSettings(_Strict):
     dir: Path = Path("out")
     shard_rows: int = Field(default=50_000, ge=1)
@@ -87,6 +97,7 @@ class RunConfig(_Strict):
     plan: PlanSettings = Field(default_factory=PlanSettings)
     generation: GenerationSettings = Field(default_factory=GenerationSettings)
     embedded: EmbeddedSettings = Field(default_factory=EmbeddedSettings)
+    expansion: ExpansionSettings = Field(default_factory=ExpansionSettings)
     output: OutputSettings = Field(default_factory=OutputSettings)
 
     def config_hash(self) -> str:

@@ -1,0 +1,109 @@
+"""The topic-expansion flow: seed topics -> a topic tree -> a topic file `booksmith run` reads.
+
+Requests go through the generation client and the response cache under `<out>/_state/`, so an
+expansion killed half-way and started again asks nothing twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from generation.backends import open_endpoint
+from generation.cache import ResponseCache
+from generation.client import GenerationClient
+from generation.topics import ExpansionReport, TopicExpander, TopicNode, write_topic_file
+from schemas import GenerationRequest, GenerationResult
+from schemas.config import RunConfig, load_config
+from shards.encodings import get_encoding
+from shards.version import state_dir
+
+# The JSON schema sent as structured output where the endpoint supports it.
+SUBTOPICS_SCHEMA: dict[str, Any] = {
+    "type": "json_schema",
+    "json_schema": {
+        "name": "subtopics",
+        "schema": {
+            "type": "object",
+            "properties": {"subtopics": {"type": "array", "items": {"type": "string"}}},
+            "required": ["subtopics"],
+            "additionalProperties": False,
+        },
+        "strict": True,
+    },
+}
+
+
+@task(retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def expand(
+    roots: list[str], depth: int, breadth: int, cfg: RunConfig, existing: list[str]
+) -> tuple[list[TopicNode], ExpansionReport]:
+    cache = ResponseCache(state_dir(cfg.output.dir) / "responses.sqlite")
+    encoding = get_encoding(cfg.output.encoding)
+    try:
+        with open_endpoint(cfg.generation, cfg.embedded) as endpoint:
+            client = GenerationClient(
+                endpoint,
+                cache=cache,
+                run_id="topics",
+                prices=cfg.generation.prices,
+                budget=cfg.generation.budget,
+                token_counter=lambda text: len(encoding.encode_ordinary(text)),
+            )
+
+            async def complete(
+                requests: Sequence[GenerationRequest],
+            ) -> dict[str, GenerationResult]:
+                report = await client.run(requests)
+                return {r.request_id: r for r in report.results}
+
+            expander = TopicExpander(
+                complete=complete,
+                model=endpoint.model,
+                breadth=breadth,
+                depth=depth,
+                relevance_check=cfg.expansion.relevance_check,
+                sampling=cfg.expansion.sampling,
+                response_format=SUBTOPICS_SCHEMA if cfg.expansion.structured_output else None,
+            )
+            nodes = asyncio.run(expander.expand(roots, existing))
+            return nodes, expander.report
+    finally:
+        cache.close()
+
+
+@flow(name="booksmith-expand-topics", log_prints=True)
+def expand_topics(
+    topics: list[str],
+    output: str,
+    depth: int = 2,
+    breadth: int = 8,
+    config: str | None = None,
+    existing: str | None = None,
+    leaves_only: bool = False,
+) -> dict[str, Any]:
+    """Expand topics into a tree and write it as a JSONL topic file; returns the counts."""
+    from generation.seeds import load_seeds
+
+    cfg = load_config(Path(config) if config else None)
+    known = [s.topic for s in load_seeds(existing)] if existing else []
+    nodes, report = expand(list(topics), depth, breadth, cfg, known)
+    written = write_topic_file(nodes, Path(output), leaves_only=leaves_only)
+    counts = {
+        "topics_written": written,
+        "nodes": len(nodes),
+        "requests": report.requests,
+        "proposed": report.proposed,
+        "kept": report.kept,
+        "dropped": dict(report.dropped),
+        "answers_unparsed": report.answers_unparsed,
+        "answers_failed": report.answers_failed,
+        "relevance": dict(report.relevance),
+    }
+    get_run_logger().info("expanded %s into %d topics: %s", topics, written, counts)
+    return counts

@@ -1,0 +1,180 @@
+"""Topic expansion: tolerant parsing, dropping junk and repeats, relevance, the tree."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from generation.seeds import load_seeds
+from generation.topics import (
+    TopicExpander,
+    junk_reason,
+    parse_subtopics,
+    parse_yes_no,
+    similar,
+    write_topic_file,
+)
+from schemas import GenerationRequest, GenerationResult
+
+
+@pytest.mark.parametrize(
+    ("answer", "expected"),
+    [
+        ('["Alkanes", "Alkenes"]', ["Alkanes", "Alkenes"]),
+        ('Here you go: ["Alkanes", "Alkenes"] hope it helps', ["Alkanes", "Alkenes"]),
+        ('[{"title": "Alkanes"}, {"topic": "Alkenes"}]', ["Alkanes", "Alkenes"]),
+        ('{"subtopics": ["Alkanes", "Alkenes"]}', ["Alkanes", "Alkenes"]),
+        ("1. Alkanes\n2) Alkenes\n", ["Alkanes", "Alkenes"]),
+        (
+            "Sure! Here are some subtopics:\n- **Alkanes**: saturated chains\n"
+            "* Alkenes - double bonds",
+            ["Alkanes", "Alkenes"],
+        ),
+        ("Subtopics:\n• Alkanes\n• Alkenes.", ["Alkanes", "Alkenes"]),
+        ("", None),
+    ],
+)
+def test_parse_subtopics_is_tolerant(answer: str, expected: list[str] | None) -> None:
+    assert parse_subtopics(answer) == expected
+
+
+def test_junk_and_similarity_rules() -> None:
+    assert junk_reason("") == "empty"
+    assert junk_reason("word " * 20) == "too_long"
+    assert junk_reason("see https://example.com") == "junk"
+    assert junk_reason("{{ config }}") == "junk"
+    assert junk_reason("1234") == "junk"
+    assert junk_reason("Sure, here are the topics") == "junk"
+    assert junk_reason("Stereochemistry") is None
+    assert junk_reason("Introduction") == "generic" and junk_reason("Chapter 3") == "generic"
+    assert similar("The Krebs cycle", "Krebs cycle")
+    assert similar("Acids and bases", "acid and base")
+    assert not similar("Alkanes", "Alkenes")
+    assert parse_yes_no("Yes.") is True and parse_yes_no("no, it is not") is False
+    assert parse_yes_no("Maybe") is None
+
+
+class Scripted:
+    """A fault-injecting stand-in for the generation client: answers by prompt."""
+
+    def __init__(self, answers: dict[str, str | None], relevance: dict[str, str | None]) -> None:
+        self.answers, self.relevance = answers, relevance
+        self.calls = 0
+
+    async def __call__(self, requests: Sequence[GenerationRequest]) -> dict[str, GenerationResult]:
+        self.calls += 1
+        out = {}
+        for req in requests:
+            prompt = req.messages[0].content
+            table = self.relevance if prompt.startswith("Is ") else self.answers
+            key = prompt.split('"')[1]
+            text = table.get(key, "")
+            if text is None:  # a failed request
+                out[req.id] = GenerationResult(request_id=req.id, error="http_400")
+            else:
+                out[req.id] = GenerationResult(request_id=req.id, text=text, finish_reason="stop")
+        return out
+
+
+async def test_expansion_builds_a_clean_tree_and_counts_every_drop() -> None:
+    complete = Scripted(
+        answers={
+            "Organic chemistry": json.dumps(
+                [
+                    "Alkanes",
+                    "alkanes",  # repeats a sibling
+                    "Organic Chemistry",  # repeats the parent
+                    "",
+                    "Click here: https://spam.example",
+                    "Stereochemistry",
+                    "Reaction mechanisms",
+                    "Football",  # off-topic: the LLM says no
+                    "Polymers",  # the LLM gives no usable answer: lexical fallback keeps it
+                    "Summary",  # a section name, not a topic
+                    " ".join(["very"] * 30),
+                ]
+            ),
+            "Alkanes": "1. Combustion of alkanes\n2. Naming alkanes\n3. Stereochemistry",
+            "Stereochemistry": "I cannot help with that, it is a complicated field of study.",
+            "Reaction mechanisms": None,  # the request failed
+        },
+        relevance={
+            "Football": "No.",
+            "Polymers": "hmm",
+            "Naming alkanes": "yes",
+            "Combustion of alkanes": "Yes",
+        },
+    )
+    expander = TopicExpander(complete=complete, model="m", breadth=8, depth=2)
+    nodes = await expander.expand(["Organic chemistry"])
+    tree = {(tuple(n.path), n.topic) for n in nodes}
+    assert ((), "Organic chemistry") in tree
+    level1 = {n.topic for n in nodes if n.depth == 1}
+    assert level1 == {"Alkanes", "Stereochemistry", "Reaction mechanisms", "Polymers"}
+    level2 = {n.topic for n in nodes if n.depth == 2}
+    assert level2 == {"Combustion of alkanes", "Naming alkanes"}
+    assert all(n.path == ["Organic chemistry", "Alkanes"] for n in nodes if n.depth == 2)
+    r = expander.report
+    assert r.dropped["duplicate_sibling"] == 1 and r.dropped["repeats_parent"] == 1
+    assert r.dropped["empty"] == 1 and r.dropped["junk"] == 1 and r.dropped["too_long"] == 1
+    assert r.dropped["off_topic"] == 1  # Football: the LLM said no
+    assert r.dropped["generic"] == 1
+    assert r.dropped["duplicate_existing"] == 1  # Stereochemistry again under Alkanes
+    assert r.relevance["llm_no"] == 1 and r.relevance["lexical"] >= 1
+    assert r.answers_failed == 1
+    assert r.answers_unparsed == 2  # the refusal is not a list, nor is an empty answer
+    assert r.proposed == r.kept + sum(r.dropped.values())
+
+
+async def test_breadth_caps_children_and_huge_answers_do_not_crash() -> None:
+    many = json.dumps([f"Topic number {i} about cells" for i in range(500)])
+    complete = Scripted(answers={"Cells": many}, relevance={})
+    expander = TopicExpander(complete=complete, model="m", breadth=4, depth=1)
+    nodes = await expander.expand(["Cells"])
+    assert len([n for n in nodes if n.depth == 1]) == 4
+
+
+def test_topic_file_round_trips_through_the_seed_loader(tmp_path: Path) -> None:
+    from generation.topics import TopicNode
+
+    nodes = [
+        TopicNode("Chemistry", [], 0),
+        TopicNode("Acids", ["Chemistry"], 1),
+        TopicNode("Strong acids", ["Chemistry", "Acids"], 2),
+        TopicNode("Bases", ["Chemistry"], 1),
+    ]
+    out = tmp_path / "topics.jsonl"
+    assert write_topic_file(nodes, out) == 4
+    seeds = load_seeds(out)
+    assert [s.topic_path for s in seeds][2] == ["Chemistry", "Acids", "Strong acids"]
+    assert {s.subject for s in seeds} == {"Chemistry"}
+    assert write_topic_file(nodes, out, leaves_only=True) == 2
+    assert {s.topic for s in load_seeds(out)} == {"Strong acids", "Bases"}
+
+
+@pytest.mark.slow
+def test_expand_flow_on_the_fault_injecting_server(
+    prefect_api: str, tmp_path: Path, write_config
+) -> None:
+    from flows.expand import expand_topics
+    from tests.conftest import fake_backend_config
+    from tests.fakeserver import FakeServer
+
+    faults = {"rate_limit": 0.2, "retry_after_s": 0.05, "server_error": 0.2, "bad_request": 0.2}
+    with FakeServer(faults) as server:
+        config = write_config(fake_backend_config(server.base_url, tmp_path / "out"))
+        out = tmp_path / "topics.jsonl"
+        args = {"topics": ["Optics", "Genetics", "Poetry"], "output": str(out), "depth": 2}
+        counts = expand_topics(**args, breadth=3, config=str(config))
+        requests = server.stats()["requests"]
+        again = expand_topics(**args, breadth=3, config=str(config))
+        assert server.stats()["requests"] == requests, "a rerun asked again"
+    assert again == counts
+    # the fake server's prose is not a list: every answer is accounted for, nothing crashes
+    assert counts["answers_unparsed"] + counts["answers_failed"] == 3
+    assert counts["answers_failed"] >= 0 and counts["requests"] == 3
+    seeds = load_seeds(out)
+    assert [s.topic for s in seeds] == ["Optics", "Genetics", "Poetry"]
