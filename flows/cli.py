@@ -137,6 +137,35 @@ def run(
     print(version_dir)  # stdout: the run directory, for scripts
 
 
+@app.command()
+def report(
+    dataset: Annotated[Path, typer.Argument(help="A dataset version directory.")],
+) -> None:
+    """Print a dataset version's counts and diversity, and write report/ (markdown and plots)."""
+    from flows.report import render_report
+    from shards.version import read_manifest
+
+    try:
+        manifest = read_manifest(dataset)
+        path = render_report(dataset)
+    except (FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+        return
+    div = manifest.get("diversity") or {}
+    table = Table(title=f"dataset {manifest['run_id']}", show_header=False)
+    table.add_row("documents", str(manifest.get("documents", 0)))
+    for key in ("distinct_1", "distinct_2", "distinct_3", "top_opener_share"):
+        if key in div:
+            table.add_row(key, f"{div[key]:.4f}")
+    if div:
+        table.add_row("compression_ratio", f"{div['compression_ratio']:.3f}")
+        table.add_row("mean_pairwise_minhash", f"{div['mean_pairwise_minhash']:.4f}")
+        for axis, cov in div.get("axis_coverage", {}).items():
+            table.add_row(f"{axis} coverage", f"{cov['covered']:.0%}  {cov['counts']}")
+    Console().print(table)
+    console.print(f"report: {path}")
+
+
 @config_app.command("show")
 def config_show(
     config: Annotated[

@@ -18,10 +18,12 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from filters import ChainResult, default_chain, run_chain
+from flows.report import render_report
 from generation import progress
 from generation.backends import model_name, open_endpoint
 from generation.cache import ResponseCache
 from generation.client import GenerationClient, GenerationReport
+from generation.diversity import diversity_report
 from generation.documents import to_documents
 from generation.plan import build_plan
 from generation.seeds import load_seeds
@@ -124,6 +126,16 @@ def write_dataset(
     chain: ChainResult,
     failures: list[GenerationResult],
 ) -> dict[str, Any]:
+    library = PromptLibrary(cfg.plan.axes, cfg.plan.templates)
+    diversity = diversity_report(
+        [d.text for d in chain.kept],
+        [{"audience": d.audience, "style": d.style, "format": d.format} for d in chain.kept],
+        {
+            "audience": list(library.axes.audiences),
+            "style": list(library.axes.styles),
+            "format": list(library.axes.formats),
+        },
+    )
     counts = {
         "plan": {"requests": len(plan)},
         "generate": report.summary(),
@@ -143,7 +155,7 @@ def write_dataset(
         config=cfg.model_dump(mode="json"),
         config_hash=cfg.config_hash(),
         counts=counts,
-        extra={"seed": seed},
+        extra={"seed": seed, "diversity": diversity},
     )
 
 
@@ -171,5 +183,6 @@ def nightly(
     chain = filter_documents(docs)
     manifest = write_dataset(cfg, run_id, run_seed, plan, report, chain, failures)
     version_dir = cfg.output.dir / run_id
+    render_report(version_dir)
     logger.info("wrote %s: %d documents", version_dir, manifest["documents"])
     return str(version_dir)

@@ -97,6 +97,20 @@ def test_nightly_writes_a_complete_dataset_version(
     assert n == manifest["documents"] and topics > 1
     assert json.loads(text.column("sampling")[0].as_py())["max_tokens"] == 64
 
+    # the diversity report is in the manifest and the rendered report
+    div = manifest["diversity"]
+    for key in ("distinct_1", "distinct_2", "distinct_3", "top_opener_share"):
+        assert 0 < div[key] <= 1
+    assert div["compression_ratio"] > 1 and div["documents"] == manifest["documents"]
+    assert sum(div["axis_coverage"]["format"]["counts"].values()) == manifest["documents"]
+    assert (version / "report" / "report.md").read_text().count("distinct-") == 3
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    shown = CliRunner().invoke(app, ["report", str(version)])
+    assert shown.exit_code == 0 and "distinct_2" in shown.output
+
 
 def test_same_config_and_seed_rerun_is_identical_and_requests_nothing(
     prefect_api: str, server: FakeServer, tmp_path: Path, write_config

@@ -1,0 +1,114 @@
+"""Diversity of a generated corpus: the numbers that tell whether prompts really varied.
+
+- distinct_n (n = 1, 2, 3): distinct word n-grams / all word n-grams over the corpus (Li et al.
+  2016); low values mean the model keeps saying the same things.
+- top_opener_share: share of documents opening with the most common first five words (59% of
+  TinyStories-style stories open "Once upon a time").
+- compression_ratio: raw bytes / zlib-compressed bytes of the corpus (Shaib et al. 2024);
+  higher means more redundant text.
+- mean_pairwise_minhash: mean estimated Jaccard similarity of word 5-gram sets over all pairs
+  of a sample of documents (datasketch MinHash, 128 permutations).
+- axis_coverage: documents per audience, style and format, and the share of each axis's values
+  that appear at all.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import re
+import zlib
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from datasketch import MinHash
+
+_WORD = re.compile(r"\w+")
+OPENER_WORDS = 5
+MINHASH_SAMPLE = 200
+SHINGLE = 5
+
+
+def words(text: str) -> list[str]:
+    return _WORD.findall(text.casefold())
+
+
+def distinct_n(texts: Sequence[str], n: int) -> float:
+    total, seen = 0, set()
+    for text in texts:
+        w = words(text)
+        grams = [tuple(w[i : i + n]) for i in range(len(w) - n + 1)]
+        total += len(grams)
+        seen.update(grams)
+    return len(seen) / total if total else 0.0
+
+
+def openers(texts: Sequence[str], k: int = OPENER_WORDS) -> Counter[str]:
+    return Counter(" ".join(words(t)[:k]) for t in texts if words(t))
+
+
+def top_opener_share(texts: Sequence[str]) -> float:
+    counts = openers(texts)
+    return counts.most_common(1)[0][1] / sum(counts.values()) if counts else 0.0
+
+
+def compression_ratio(texts: Sequence[str]) -> float:
+    raw = "\n".join(texts).encode("utf-8")
+    return len(raw) / len(zlib.compress(raw, 9)) if raw else 0.0
+
+
+def _minhash(text: str) -> MinHash:
+    w = words(text)
+    shingles = {" ".join(w[i : i + SHINGLE]) for i in range(max(1, len(w) - SHINGLE + 1))}
+    m = MinHash(num_perm=128, seed=1)
+    m.update_batch([s.encode("utf-8") for s in shingles])
+    return m
+
+
+def mean_pairwise_minhash(
+    texts: Sequence[str], sample: int = MINHASH_SAMPLE, seed: int = 0
+) -> float:
+    """Mean estimated Jaccard over all pairs of a seeded sample (0 with fewer than 2 texts)."""
+    chosen = [t for t in texts if t.strip()]
+    if len(chosen) > sample:
+        chosen = random.Random(seed).sample(chosen, sample)
+    if len(chosen) < 2:
+        return 0.0
+    sigs = [_minhash(t) for t in chosen]
+    pairs = list(itertools.combinations(sigs, 2))
+    return sum(a.jaccard(b) for a, b in pairs) / len(pairs)
+
+
+def axis_coverage(
+    rows: Sequence[Mapping[str, str]], axes: Mapping[str, Sequence[str]]
+) -> dict[str, dict[str, Any]]:
+    """For each axis (e.g. "audience" -> its configured values): counts and covered share."""
+    out: dict[str, dict[str, Any]] = {}
+    for axis, values in axes.items():
+        counts = Counter(row[axis] for row in rows)
+        out[axis] = {
+            "counts": {v: counts.get(v, 0) for v in values},
+            "covered": sum(1 for v in values if counts.get(v)) / len(values) if values else 0.0,
+        }
+    return out
+
+
+def diversity_report(
+    texts: Sequence[str],
+    rows: Sequence[Mapping[str, str]] = (),
+    axes: Mapping[str, Sequence[str]] | None = None,
+) -> dict[str, Any]:
+    """Every metric above, as the manifest's `diversity` section."""
+    return {
+        "documents": len(texts),
+        "distinct_1": round(distinct_n(texts, 1), 4),
+        "distinct_2": round(distinct_n(texts, 2), 4),
+        "distinct_3": round(distinct_n(texts, 3), 4),
+        "top_opener_share": round(top_opener_share(texts), 4),
+        "top_openers": openers(texts).most_common(10),
+        "compression_ratio": round(compression_ratio(texts), 4),
+        "mean_pairwise_minhash": round(mean_pairwise_minhash(texts), 4),
+        "minhash_sample": min(len(texts), MINHASH_SAMPLE),
+        "axis_coverage": axis_coverage(rows, axes or {}),
+    }
