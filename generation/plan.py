@@ -79,6 +79,15 @@ def build_plan(
         slots = stratified_sample(seeds, slots, limit, rng)
     words = list(vocabulary) if vocabulary is not None else load_seed_words()
     axes = library.axes
+    # Plain dicts render faster in the sandbox than models (no attribute safety checks).
+    as_data = {
+        kind: {k: v.model_dump() for k, v in values.items()}
+        for kind, values in (
+            ("audience", axes.audiences),
+            ("style", axes.styles),
+            ("format", axes.formats),
+        )
+    }
     audiences = QuotaSampler(axes.audiences, rng)
     styles = QuotaSampler(axes.styles, rng)
     formats = QuotaSampler(axes.formats, rng)
@@ -105,9 +114,9 @@ def build_plan(
             topic=topic.topic,
             path=topic.path,
             subject=topic.subject,
-            audience=axes.audiences[audience],
-            style=axes.styles[style],
-            format=format_value,
+            audience=as_data["audience"][audience],
+            style=as_data["style"][style],
+            format=as_data["format"][fmt],
             seed_words=chosen_words,
             covered=covered.get(index, []),
         )
