@@ -1,0 +1,75 @@
+"""End to end on the real embedded model: llama.cpp serving SmolLM2-135M, started by booksmith,
+driven by the real CLI against a real Prefect server. Small max_tokens keep it quick."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from generation.seeds import load_seeds
+from shards.version import list_versions, read_manifest
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+
+def booksmith(*args: str, api: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PREFECT_API_URL": api}
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_run_on_the_embedded_model(prefect_api: str, tmp_path: Path, write_config) -> None:
+    out = tmp_path / "out"
+    config = write_config(
+        {"seed": 11, "plan": {"limit": 4}, "generation": {"sampling": {"max_tokens": 32}}}
+    )
+    result = booksmith("run", "--config", str(config), "--out", str(out), api=prefect_api)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (version,) = list_versions(out)
+    assert result.stdout.strip() == str(version)
+    manifest = read_manifest(version)
+    gen = manifest["counts"]["generate"]
+    assert gen["planned"] == 4 == gen["completed"] + gen["failed"]
+    assert gen["completion_tokens"] > 0 and gen["failed"] == 0
+    rows = pq.read_table(version / "text").to_pylist()
+    assert len(rows) >= 3
+    for row in rows:
+        assert row["backend"] == "embedded" and row["model"]
+        assert len(row["text"].split()) >= 5  # real generated words
+        assert 0 < row["n_tokens"] <= 60
+        assert row["finish_reason"] in ("stop", "length")
+    assert any(r["finish_reason"] == "length" and r["truncated"] for r in rows)
+
+
+def test_topics_expand_on_the_embedded_model(
+    prefect_api: str, tmp_path: Path, write_config
+) -> None:
+    config = write_config(
+        {
+            "output": {"dir": str(tmp_path / "out")},
+            "expansion": {"sampling": {"max_tokens": 96, "temperature": 0.3}},
+        }
+    )
+    topics = tmp_path / "topics.jsonl"
+    result = booksmith(
+        "topics", "expand", "Photosynthesis", "--depth", "1", "--breadth", "4",
+        "-o", str(topics), "--config", str(config),
+        api=prefect_api,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    seeds = load_seeds(topics)
+    assert seeds[0].topic == "Photosynthesis" and seeds[0].path == []
+    children = seeds[1:]
+    assert len(children) <= 4
+    assert all(s.path == ["Photosynthesis"] for s in children)
+    assert "requests" in result.stderr  # the summary table
