@@ -2,8 +2,9 @@
 
     python -m benchmarks.embedded_generation [--requests 16 --concurrency 8 --max-tokens 256]
 
-booksmith: EmbeddedServer (continuous batching, the prepared Q8_0 file) with `concurrency`
-requests in flight through openai.AsyncOpenAI; server start-up is not timed.
+booksmith: its generation stage (GenerationClient, with the response cache and accounting on)
+against EmbeddedServer (continuous batching, the prepared Q8_0 file) with `concurrency`
+requests in flight; server start-up is not timed.
 baseline (llama_cpp_direct): the bundled Q4_1 file through llama-cpp-python's high-level
 `Llama(...).create_chat_completion`, one request after another, as a user would drive it.
 Both sides get the same prompts, sampling settings and max_tokens; the figure is generated
@@ -49,29 +50,31 @@ class Figure:
 async def _booksmith_requests(
     base_url: str, model: str, texts: list[str], concurrency: int, max_tokens: int
 ) -> Figure:
-    import openai
+    """booksmith's own generation stage (GenerationClient: cache, limits, accounting on)."""
+    import tempfile
 
-    client = openai.AsyncOpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=3600)
-    gate = asyncio.Semaphore(concurrency)
+    from generation.cache import ResponseCache
+    from generation.client import Endpoint, GenerationClient
+    from schemas import GenerationRequest, Sampling
 
-    async def one(i: int, text: str) -> int:
-        async with gate:
-            response = await client.chat.completions.create(
-                model=model,
-                messages=[{"role": "user", "content": text}],
-                max_tokens=max_tokens,
-                temperature=TEMPERATURE,
-                top_p=TOP_P,
-                seed=i,
-            )
-        assert response.usage is not None
-        return response.usage.completion_tokens
-
-    start = time.perf_counter()
-    counts = await asyncio.gather(*(one(i, t) for i, t in enumerate(texts)))
-    elapsed = time.perf_counter() - start
-    await client.close()
-    return Figure(sum(counts), elapsed)
+    requests = [
+        GenerationRequest.build(
+            messages=[{"role": "user", "content": text}],
+            model=model,
+            sampling=Sampling(max_tokens=max_tokens, temperature=TEMPERATURE, top_p=TOP_P, seed=i),
+        )
+        for i, text in enumerate(texts)
+    ]
+    endpoint = Endpoint(
+        base_url=base_url, model=model, backend="embedded", max_concurrency=concurrency
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        client = GenerationClient(endpoint, cache=ResponseCache(Path(tmp) / "cache.sqlite"))
+        start = time.perf_counter()
+        report = await client.run(requests)
+        elapsed = time.perf_counter() - start
+    assert report.completed == len(texts) and report.cached == 0, report.summary()
+    return Figure(report.completion_tokens, elapsed)
 
 
 def run_booksmith(texts: list[str], concurrency: int, max_tokens: int, threads: int) -> Figure:
