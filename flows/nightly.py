@@ -9,11 +9,19 @@ that finished.
 from __future__ import annotations
 
 import asyncio
+import time
 from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
+from uuid import UUID
 
 from prefect import flow, get_run_logger, task
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
@@ -33,6 +41,8 @@ from schemas.config import RunConfig, load_config
 from shards.dataset import write_version
 from shards.encodings import get_encoding
 from shards.version import new_run_id, state_dir
+
+PROGRESS_EVERY_S = 5.0
 
 
 def seed_for(day: date) -> int:
@@ -83,8 +93,19 @@ def generate(plan: list[GenerationRequest], cfg: RunConfig, run_id: str) -> Gene
     cache = ResponseCache(state_dir(cfg.output.dir) / "responses.sqlite")
     encoding = get_encoding(cfg.output.encoding)
 
+    # A progress artifact in the Prefect UI, updated at most every few seconds.
+    artifact = cast(UUID, create_progress_artifact(0.0, description=f"generation of run {run_id}"))
+    last_update = [time.monotonic()]
+
     def on_result(result: GenerationResult, report: GenerationReport) -> None:
         progress.emit("generation", result=result, report=report)
+        done = report.completed + report.failed + report.skipped_budget
+        now = time.monotonic()
+        if now - last_update[0] >= PROGRESS_EVERY_S or done == report.planned:
+            last_update[0] = now
+            share = 100.0 * done / max(1, report.planned)
+            # _sync: we are inside the client's event loop; a short blocking call is fine here
+            update_progress_artifact(artifact, share, _sync=True)  # type: ignore[call-arg]
 
     progress.emit("plan", total=len(plan))
     try:
@@ -159,6 +180,23 @@ def write_dataset(
     )
 
 
+def publish_artifacts(report_md: Path, failures: list[GenerationResult], run_id: str) -> None:
+    """The run report and the failures table as Prefect artifacts (the UI's view of a run)."""
+    create_markdown_artifact(
+        report_md.read_text(encoding="utf-8"),
+        key="booksmith-run-report",
+        description=f"booksmith run {run_id}",
+    )
+    rows = [
+        {"request_id": f.request_id, "reason": f.error, "attempts": f.attempts} for f in failures
+    ]
+    create_table_artifact(
+        rows or [{"request_id": "", "reason": "no failures", "attempts": 0}],
+        key="booksmith-run-failures",
+        description=f"failed requests of run {run_id}",
+    )
+
+
 @flow(name="booksmith-nightly", log_prints=True)
 def nightly(
     config: str | None = None,
@@ -183,6 +221,7 @@ def nightly(
     chain = filter_documents(docs)
     manifest = write_dataset(cfg, run_id, run_seed, plan, report, chain, failures)
     version_dir = cfg.output.dir / run_id
-    render_report(version_dir)
+    report_md = render_report(version_dir)
+    publish_artifacts(report_md, failures, run_id)
     logger.info("wrote %s: %d documents", version_dir, manifest["documents"])
     return str(version_dir)

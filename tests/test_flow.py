@@ -155,3 +155,24 @@ def test_without_a_seed_the_run_date_decides_the_plan(
     version = run_flow(write_config(cfg))
     assert read_manifest(version)["seed"] == seed_for(datetime.now(UTC).date())
     assert seed_for(datetime(2026, 1, 2).date()) != seed_for(datetime(2026, 1, 3).date())
+
+
+def test_run_publishes_report_failures_and_progress_artifacts(
+    prefect_api: str, server: FakeServer, tmp_path: Path, write_config
+) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterType
+
+    version = run_flow(write_config(fake_backend_config(server.base_url, tmp_path / "out")))
+    run_id = version.name
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                type=ArtifactFilterType(any_=["markdown", "table", "progress"])
+            )
+        )
+    mine = [a for a in artifacts if run_id in (a.description or "")]
+    kinds = {a.type: a for a in mine}
+    assert set(kinds) == {"markdown", "table", "progress"}
+    assert f"# Run {run_id}" in str(kinds["markdown"].data)
+    assert kinds["progress"].data == 100.0
