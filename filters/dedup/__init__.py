@@ -1,0 +1,108 @@
+"""Deduplication: exact and MinHash near-duplicates, within a run and against every earlier run.
+
+For the nightly flow (DESIGN.md's commit order):
+
+    index = open_index(cfg.dedup, cfg.output.dir)          # None when dedup.index == "none"
+    chain = [ExactDedup(index), ..., MinHashDedup(cfg.dedup, index)]   # read the index only
+    ... write shards, then the manifest ...
+    commit(index, run_id, kept_docs, cfg.dedup)            # only now add this run's documents
+
+`remove_run(index, run_id)` takes a deleted dataset version's documents back out, and
+`reconcile(index, out, prune=True)` (at the start of a run) indexes versions whose commit never
+happened and drops entries of versions deleted from `out`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from filters.dedup.engine import EXACT, MINHASH, Verdict, find_duplicates, index_entries
+from filters.dedup.exact import ExactDedup
+from filters.dedup.index import DedupIndex, DedupIndexError, FileIndex, Match, RedisIndex
+from filters.dedup.minhash import MinHashParams, signatures, to_lean
+from filters.dedup.near import MinHashDedup
+from filters.dedup.settings import DedupSettings
+from filters.dedup.sync import Reconciled, reconcile
+from schemas import Document
+
+STATE_SUBDIR = "minhash"
+
+
+def default_index_path(out: Path) -> Path:
+    from shards.version import state_dir
+
+    return state_dir(out) / STATE_SUBDIR
+
+
+def open_index(settings: DedupSettings, out: Path | None = None) -> DedupIndex | None:
+    """The persistent index the settings name (file under `<out>/_state/minhash/`, or Redis)."""
+    if settings.index == "none":
+        return None
+    if settings.index == "redis":
+        assert settings.redis_url is not None  # checked by DedupSettings
+        return RedisIndex(settings.redis_url, settings.redis_basename, settings.params)
+    path = settings.index_path
+    if path is None:
+        if out is None:
+            raise ValueError("dedup.index 'file' needs dedup.index_path or an output directory")
+        path = default_index_path(out)
+    return FileIndex(path, settings.params)
+
+
+def open_index_spec(spec: str, settings: DedupSettings | None = None) -> DedupIndex:
+    """An index from a command-line spec: a directory, or redis://host:port/db[?basename=NAME]."""
+    from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
+
+    params = (settings or DedupSettings()).params
+    if spec.startswith(("redis://", "rediss://", "unix://")):
+        parts = urlsplit(spec)
+        query = parse_qs(parts.query)
+        basename = query.pop("basename", ["booksmith"])[0]
+        url = urlunsplit(parts._replace(query=urlencode(query, doseq=True)))
+        return RedisIndex(url, basename, params)
+    return FileIndex(Path(spec), params)
+
+
+def commit(
+    index: DedupIndex | None,
+    run_id: str,
+    docs: Sequence[Document],
+    settings: DedupSettings | None = None,
+) -> int:
+    """Add a finished run's kept documents to the index (after its manifest is written)."""
+    if index is None:
+        return 0
+    ids, sigs, exact = index_entries([d.id for d in docs], [d.text for d in docs], settings)
+    return index.add(run_id, ids, sigs, exact)
+
+
+def remove_run(index: DedupIndex | None, run_id: str) -> int:
+    """Remove one run's entries (e.g. when its dataset version is deleted)."""
+    return 0 if index is None else index.remove_run(run_id)
+
+
+__all__ = [
+    "EXACT",
+    "MINHASH",
+    "DedupIndex",
+    "DedupIndexError",
+    "DedupSettings",
+    "ExactDedup",
+    "FileIndex",
+    "Match",
+    "MinHashDedup",
+    "MinHashParams",
+    "Reconciled",
+    "RedisIndex",
+    "Verdict",
+    "commit",
+    "default_index_path",
+    "find_duplicates",
+    "open_index",
+    "open_index_spec",
+    "reconcile",
+    "remove_run",
+    "signatures",
+    "to_lean",
+]

@@ -1,0 +1,591 @@
+"""The persistent dedup index: every earlier run's kept documents, so a run can drop what an
+earlier night already produced.
+
+Two stores with one interface (`DedupIndex`):
+
+- `FileIndex`, the default: a directory beside the datasets (`<out>/_state/minhash/`).
+  `index.json` (format name, version, parameters, generation, segment list with rows, bytes and
+  sha256) plus one immutable Parquet segment per run: id, a 64-bit exact-text key and the full
+  112 x uint32 signature (448 bytes; about 500 bytes per document with its id). Band keys are
+  recomputed and sorted in memory at load, so a million documents load in seconds. Writes take
+  a lock file, write the segment under a new name, then replace `index.json` atomically: a crash
+  leaves the old index whole. A corrupt or foreign `index.json` or segment is an error naming the
+  file; nothing is then written, so the index is never replaced by less than it held.
+- `RedisIndex`, for many workers: datasketch's own `MinHashLSH` with
+  `storage_config={"type": "redis", "basename": ...}` holds the band buckets; beside it, under
+  `<basename>:bk:*`, signatures, exact keys and each run's members (for `remove_run`). Keys are
+  raw bytes (`prepickle=False`): nothing read from a shared server is ever unpickled.
+
+Entries are tagged with their run id; adding a run that is already there replaces it, so a
+commit can be retried. Documents without words are never indexed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from filters.dedup.lsh import band_keys, pair_jaccard
+from filters.dedup.minhash import SCHEME, MinHashParams
+from filters.dedup.normalize import NORMALIZER_VERSION
+
+FORMAT = "booksmith-minhash-index"
+VERSION = 1
+MANIFEST = "index.json"
+_MAX_BUCKET = 256  # entries checked per (query, band): any one near-duplicate is enough
+
+
+class DedupIndexError(ValueError):
+    """An index that cannot be used (corrupt, foreign, other parameters); names the file or key."""
+
+
+@dataclass(frozen=True)
+class Match:
+    id: str
+    run_id: str
+    jaccard: float
+
+
+def index_params(params: MinHashParams) -> dict[str, Any]:
+    """What must agree between an index and the signatures checked against it."""
+    return {**asdict(params), "scheme": SCHEME, "normalizer": NORMALIZER_VERSION}
+
+
+class DedupIndex(Protocol):
+    params: MinHashParams
+
+    def lookup_exact(self, keys: np.ndarray) -> list[Match | None]: ...
+
+    def lookup_near(self, sigs: np.ndarray, threshold: float) -> list[Match | None]: ...
+
+    def add(self, run_id: str, ids: Sequence[str], sigs: np.ndarray, exact: np.ndarray) -> int: ...
+
+    def remove_run(self, run_id: str) -> int: ...
+
+    def runs(self) -> dict[str, int]: ...
+
+    def close(self) -> None: ...
+
+
+# ---------------------------------------------------------------- file index
+
+
+_SEGMENT_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("exact", pa.uint64(), nullable=False),
+        pa.field("sig", pa.binary(448), nullable=False),  # replaced per num_perm in _schema
+    ]
+)
+
+
+def _schema(num_perm: int) -> pa.Schema:
+    return _SEGMENT_SCHEMA.set(2, pa.field("sig", pa.binary(4 * num_perm), nullable=False))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class FileIndex:
+    """A MinHash index in a local directory (see the module docstring)."""
+
+    def __init__(self, path: Path, params: MinHashParams | None = None) -> None:
+        self.path = Path(path)
+        self.params = params or MinHashParams()
+        self._loaded = False
+        self._manifest = self._read_manifest()
+
+    # -- manifest
+
+    def _read_manifest(self) -> dict[str, Any]:
+        path = self.path
+        if path.exists() and not path.is_dir():
+            raise DedupIndexError(f"{path}: is a file, not a booksmith MinHash index directory")
+        manifest_path = path / MANIFEST
+        if not manifest_path.exists():
+            if path.is_dir() and any(p.name != ".lock" for p in path.iterdir()):
+                raise DedupIndexError(
+                    f"{path}: has files but no {MANIFEST}: not a booksmith MinHash index, or its "
+                    "manifest was lost; refusing to start a new index over it"
+                )
+            return self._empty_manifest()
+        try:
+            data = json.loads(manifest_path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise DedupIndexError(f"{manifest_path}: corrupt index manifest ({e})") from None
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise DedupIndexError(
+                f"{manifest_path}: not a booksmith MinHash index (format != {FORMAT})"
+            )
+        if not isinstance(data.get("version"), int) or data["version"] > VERSION:
+            raise DedupIndexError(
+                f"{manifest_path}: index version {data.get('version')!r}; this booksmith reads "
+                f"version {VERSION}: upgrade booksmith"
+            )
+        expected = index_params(self.params)
+        if data.get("params") != expected:
+            raise DedupIndexError(
+                f"{manifest_path}: built with parameters {data.get('params')}, but this run uses "
+                f"{expected}; signatures are not comparable (use another index path)"
+            )
+        segments = data.get("segments")
+        if not isinstance(segments, list) or not all(
+            isinstance(s, dict) and {"run_id", "file", "rows"} <= s.keys() for s in segments
+        ):
+            raise DedupIndexError(f"{manifest_path}: corrupt index manifest (bad 'segments')")
+        return data
+
+    def _empty_manifest(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "params": index_params(self.params),
+            "generation": 0,
+            "entries": 0,
+            "segments": [],
+        }
+
+    def _write_manifest(self, data: dict[str, Any], old: dict[str, Any]) -> None:
+        kept = {s["run_id"] for s in data["segments"]}
+        assert all(s["run_id"] in kept or s.get("_removing") for s in old["segments"]), (
+            "an index write must keep every run it does not replace or remove"
+        )
+        body = json.dumps(data, indent=1, ensure_ascii=False) + "\n"
+        tmp = self.path / f".{MANIFEST}.tmp-{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(body)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path / MANIFEST)
+        _fsync_dir(self.path)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[dict[str, Any]]:
+        """Exclusive writer lock; yields the manifest as it is now on disk."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        with open(self.path / ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                manifest = self._read_manifest()
+                for seg in manifest["segments"]:
+                    if not (self.path / seg["file"]).is_file():
+                        raise DedupIndexError(
+                            f"{self.path / seg['file']}: segment listed in {MANIFEST} is missing"
+                        )
+                yield manifest
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+        self._manifest = self._read_manifest()
+        self._loaded = False
+
+    # -- writes
+
+    def add(self, run_id: str, ids: Sequence[str], sigs: np.ndarray, exact: np.ndarray) -> int:
+        """Add (or replace) one run's entries; returns how many were added."""
+        if len(ids) != sigs.shape[0] or len(ids) != exact.shape[0]:
+            raise ValueError("ids, signatures and exact keys differ in length")
+        if sigs.shape[1:] != (self.params.num_perm,):
+            raise ValueError(f"signatures must have {self.params.num_perm} values")
+        with self._locked() as manifest:
+            generation = int(manifest["generation"]) + 1
+            safe = re.sub(r"[^A-Za-z0-9._-]", "_", run_id)[:80]
+            rel = f"segments/{generation:08d}-{safe}.parquet"
+            target = self.path / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            table = pa.table(
+                {
+                    "id": pa.array([str(i) for i in ids], pa.string()),
+                    "exact": pa.array(np.asarray(exact, dtype=np.uint64)),
+                    "sig": pa.FixedSizeBinaryArray.from_buffers(
+                        pa.binary(4 * self.params.num_perm),
+                        len(ids),
+                        [None, pa.py_buffer(np.ascontiguousarray(sigs, dtype="<u4").tobytes())],
+                    ),
+                },
+                schema=_schema(self.params.num_perm),
+            )
+            tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+            # Signatures are random bytes: compressing them costs time and saves nothing.
+            pq.write_table(
+                table,
+                tmp,
+                compression={"id": "zstd", "exact": "none", "sig": "none"},
+                use_dictionary=False,
+            )
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+            replaced = [s for s in manifest["segments"] if s["run_id"] == run_id]
+            for s in replaced:
+                s["_removing"] = True
+            segments = [s for s in manifest["segments"] if s["run_id"] != run_id]
+            segments.append(
+                {
+                    "run_id": run_id,
+                    "file": rel,
+                    "rows": len(ids),
+                    "bytes": target.stat().st_size,
+                    "sha256": _sha256(target),
+                }
+            )
+            new = {
+                **manifest,
+                "generation": generation,
+                "segments": segments,
+                "entries": sum(int(s["rows"]) for s in segments),
+            }
+            self._write_manifest(new, manifest)
+            # Replaced segments, and any left by a write that crashed before its manifest.
+            listed = {s["file"] for s in segments}
+            for path in (self.path / "segments").iterdir():
+                if f"segments/{path.name}" not in listed:
+                    path.unlink(missing_ok=True)
+        return len(ids)
+
+    def remove_run(self, run_id: str) -> int:
+        """Remove one run's entries; returns how many were removed (0 if it was not there)."""
+        if not (self.path / MANIFEST).exists():
+            return 0
+        with self._locked() as manifest:
+            gone = [s for s in manifest["segments"] if s["run_id"] == run_id]
+            if not gone:
+                return 0
+            for s in gone:
+                s["_removing"] = True
+            segments = [s for s in manifest["segments"] if s["run_id"] != run_id]
+            new = {
+                **manifest,
+                "generation": int(manifest["generation"]) + 1,
+                "segments": segments,
+                "entries": sum(int(s["rows"]) for s in segments),
+            }
+            self._write_manifest(new, manifest)
+            for s in gone:
+                (self.path / s["file"]).unlink(missing_ok=True)
+            return sum(int(s["rows"]) for s in gone)
+
+    # -- reads
+
+    def runs(self) -> dict[str, int]:
+        return {s["run_id"]: int(s["rows"]) for s in self._manifest["segments"]}
+
+    def __len__(self) -> int:
+        return int(self._manifest.get("entries", 0))
+
+    def verify(self) -> None:
+        """Check every segment's sha256 against the manifest (slow: reads every byte)."""
+        for seg in self._manifest["segments"]:
+            path = self.path / seg["file"]
+            if not path.is_file() or _sha256(path) != seg.get("sha256"):
+                raise DedupIndexError(f"{path}: segment does not match its sha256 in {MANIFEST}")
+
+    def _load(self) -> None:
+        if self._loaded:
+            return
+        num_perm = self.params.num_perm
+        ids: list[pa.Array] = []
+        sigs: list[np.ndarray] = []
+        exact: list[np.ndarray] = []
+        run_of: list[np.ndarray] = []
+        run_names: list[str] = []
+        for seg in self._manifest["segments"]:
+            path = self.path / seg["file"]
+            try:
+                table = pq.read_table(path)
+            except (OSError, pa.ArrowException) as e:
+                raise DedupIndexError(f"{path}: unreadable index segment ({e})") from None
+            if not table.schema.equals(_schema(num_perm)) or table.num_rows != int(seg["rows"]):
+                raise DedupIndexError(
+                    f"{path}: index segment does not match {MANIFEST} (schema or row count)"
+                )
+            sig_col = table.column("sig").combine_chunks()
+            data = np.frombuffer(sig_col.buffers()[1], dtype="<u4")
+            start = sig_col.offset * num_perm
+            sigs.append(data[start : start + table.num_rows * num_perm].reshape(-1, num_perm))
+            exact.append(table.column("exact").to_numpy())
+            ids.extend(table.column("id").chunks)
+            run_of.append(np.full(table.num_rows, len(run_names), dtype=np.int32))
+            run_names.append(seg["run_id"])
+        n = sum(len(s) for s in sigs)
+        self._sigs = (
+            np.concatenate(sigs).astype(np.uint32, copy=False)
+            if sigs
+            else np.empty((0, num_perm), dtype=np.uint32)
+        )
+        self._exact = np.concatenate(exact) if exact else np.empty(0, dtype=np.uint64)
+        self._ids = pa.chunked_array(ids, pa.string()) if ids else pa.chunked_array([], pa.string())
+        self._run_of = np.concatenate(run_of) if run_of else np.empty(0, dtype=np.int32)
+        self._run_names = run_names
+        self._exact_order = np.argsort(self._exact, kind="stable")
+        self._exact_sorted = self._exact[self._exact_order]
+        keys = band_keys(self._sigs, self.params.bands, self.params.rows)
+        self._band_order = [np.argsort(keys[:, b], kind="stable") for b in range(keys.shape[1])]
+        self._band_sorted = [keys[order, b] for b, order in enumerate(self._band_order)]
+        assert len(self._ids) == n
+        self._loaded = True
+
+    def _match(self, row: int, jaccard: float) -> Match:
+        return Match(
+            id=str(self._ids[row].as_py()),
+            run_id=self._run_names[int(self._run_of[row])],
+            jaccard=jaccard,
+        )
+
+    def lookup_exact(self, keys: np.ndarray) -> list[Match | None]:
+        self._load()
+        keys = np.asarray(keys, dtype=np.uint64)
+        out: list[Match | None] = [None] * len(keys)
+        if self._exact.size == 0:
+            return out
+        pos = np.searchsorted(self._exact_sorted, keys)
+        pos = np.minimum(pos, self._exact_sorted.size - 1)
+        for i in np.flatnonzero(self._exact_sorted[pos] == keys).tolist():
+            out[i] = self._match(int(self._exact_order[pos[i]]), 1.0)
+        return out
+
+    def lookup_near(self, sigs: np.ndarray, threshold: float) -> list[Match | None]:
+        """For each signature, the most similar entry with estimated Jaccard >= threshold."""
+        self._load()
+        n = sigs.shape[0]
+        out: list[Match | None] = [None] * n
+        if n == 0 or self._sigs.shape[0] == 0:
+            return out
+        keys = band_keys(sigs, self.params.bands, self.params.rows)
+        qs: list[np.ndarray] = []
+        es: list[np.ndarray] = []
+        bands = zip(self._band_sorted, self._band_order, strict=True)
+        for b, (sorted_keys, order) in enumerate(bands):
+            lo = np.searchsorted(sorted_keys, keys[:, b], side="left")
+            hi = np.searchsorted(sorted_keys, keys[:, b], side="right")
+            count = np.minimum(hi - lo, _MAX_BUCKET)
+            if not count.any():
+                continue
+            q = np.repeat(np.arange(n), count)
+            within = np.arange(int(count.sum())) - np.repeat(np.cumsum(count) - count, count)
+            qs.append(q)
+            es.append(order[np.repeat(lo, count) + within])
+        if not qs:
+            return out
+        pairs = np.unique(np.stack([np.concatenate(qs), np.concatenate(es)], axis=1), axis=0)
+        est = pair_jaccard(sigs, pairs[:, 0], self._sigs, pairs[:, 1])
+        ok = est >= threshold
+        pairs, est = pairs[ok], est[ok]
+        if len(pairs) == 0:
+            return out
+        # Best entry per query: sort by (query, -jaccard) and take each query's first.
+        order = np.lexsort((-est, pairs[:, 0]))
+        pairs, est = pairs[order], est[order]
+        first = np.concatenate([[True], pairs[1:, 0] != pairs[:-1, 0]]).astype(bool)
+        for (q, e), j in zip(pairs[first].tolist(), est[first].tolist(), strict=True):
+            out[q] = self._match(e, j)
+        return out
+
+    def close(self) -> None:
+        self._loaded = False
+
+
+# ---------------------------------------------------------------- Redis index
+
+
+class RedisIndex:
+    """A MinHash index on a Redis server, shared by every worker (see the module docstring)."""
+
+    def __init__(self, url: str, basename: str, params: MinHashParams | None = None) -> None:
+        import redis
+        from datasketch import MinHashLSH
+
+        self.params = params = params or MinHashParams()
+        self.url = url
+        self.basename = basename
+        try:
+            kwargs = redis.connection.parse_url(url)
+        except ValueError as e:
+            raise DedupIndexError(f"{url}: not a Redis URL ({e})") from None
+        self._r: Any = redis.Redis(**kwargs)  # replies are bytes (no decode_responses)
+        self._p = f"{basename}:bk:"
+        try:
+            meta: Any = self._r.hgetall(self._p + "meta")
+            foreign = not meta and bool(self._r.exists(basename.encode() + b"_keys"))
+        except redis.RedisError as e:
+            raise DedupIndexError(f"{url}: cannot reach Redis ({e})") from None
+        expected = json.dumps(index_params(params), sort_keys=True)
+        if foreign:
+            raise DedupIndexError(
+                f"{url} basename {basename!r}: holds a datasketch index booksmith did not write"
+            )
+        if meta:
+            if meta.get(b"format") != FORMAT.encode():
+                raise DedupIndexError(f"{url} key {self._p}meta: not a booksmith MinHash index")
+            if int(meta.get(b"version", b"0")) > VERSION:
+                raise DedupIndexError(
+                    f"{url} key {self._p}meta: newer index version; upgrade booksmith"
+                )
+            if meta.get(b"params", b"").decode() != expected:
+                raise DedupIndexError(
+                    f"{url} key {self._p}meta: built with parameters {meta.get(b'params')!r}, "
+                    f"this run uses {expected}"
+                )
+        self._meta: dict[str | bytes, str | bytes] = {
+            "format": FORMAT,
+            "version": str(VERSION),
+            "params": expected,
+        }
+        self.lsh = MinHashLSH(
+            num_perm=params.num_perm,
+            params=(params.bands, params.rows),
+            storage_config={"type": "redis", "basename": basename.encode(), "redis": kwargs},
+            prepickle=False,
+        )
+
+    @staticmethod
+    def _key(run_id: str, doc_id: str) -> bytes:
+        return f"{run_id}\x00{doc_id}".encode()
+
+    def _band_hashes(self, sig: np.ndarray) -> list[bytes]:
+        # datasketch's own band key: the band's hash values, byte-swapped, as bytes.
+        r = self.params.rows
+        return [bytes(sig[b * r : (b + 1) * r].byteswap().data) for b in range(self.params.bands)]
+
+    def _decode(self, key: bytes, value: bytes) -> tuple[Match, np.ndarray]:
+        run_id, doc_id = key.decode().split("\x00", 1)
+        sig = np.frombuffer(value[: 4 * self.params.num_perm], dtype="<u4")
+        return Match(id=doc_id, run_id=run_id, jaccard=0.0), sig
+
+    def lookup_exact(self, keys: np.ndarray) -> list[Match | None]:
+        if len(keys) == 0:
+            return []
+        fields = [int(k).to_bytes(8, "little") for k in np.asarray(keys, dtype=np.uint64)]
+        hits = self._r.hmget(self._p + "exact", fields)
+        out: list[Match | None] = []
+        for hit in hits:
+            if hit is None:
+                out.append(None)
+                continue
+            run_id, doc_id = hit.decode().split("\x00", 1)
+            out.append(Match(id=doc_id, run_id=run_id, jaccard=1.0))
+        return out
+
+    def lookup_near(self, sigs: np.ndarray, threshold: float) -> list[Match | None]:
+        n = sigs.shape[0]
+        out: list[Match | None] = [None] * n
+        if n == 0:
+            return out
+        sigs = np.asarray(sigs, dtype=np.uint32)
+        per_band = [self._band_hashes(s) for s in sigs]
+        candidates: list[set[bytes]] = [set() for _ in range(n)]
+        for b, table in enumerate(self.lsh.hashtables):  # one pipelined round trip per band
+            for i, found in enumerate(table.getmany(*(h[b] for h in per_band))):
+                candidates[i].update(found)
+        wanted = sorted(set().union(*candidates))
+        if not wanted:
+            return out
+        values = self._r.hmget(self._p + "sig", wanted)
+        stored = {
+            k: self._decode(k, v) for k, v in zip(wanted, values, strict=True) if v is not None
+        }
+        for i, keys in enumerate(candidates):
+            best: Match | None = None
+            for k in keys:
+                if k not in stored:
+                    continue  # an entry whose commit has not finished
+                match, sig = stored[k]
+                j = float((sig == sigs[i]).mean())
+                if j >= threshold and (best is None or j > best.jaccard):
+                    best = Match(match.id, match.run_id, j)
+            out[i] = best
+        return out
+
+    def add(self, run_id: str, ids: Sequence[str], sigs: np.ndarray, exact: np.ndarray) -> int:
+        from datasketch import LeanMinHash
+
+        if len(ids) != sigs.shape[0] or len(ids) != exact.shape[0]:
+            raise ValueError("ids, signatures and exact keys differ in length")
+        self.remove_run(run_id)  # replace: a retried commit never doubles a run
+        self._r.hset(self._p + "meta", mapping=self._meta)
+        keys = [self._key(run_id, str(i)) for i in ids]
+        # Order: members, then buckets, then signatures, then the run's count. A crash leaves a
+        # "pending" run whose entries queries ignore (no signature) and remove_run can clear.
+        self._r.hset(self._p + "runs", run_id, "pending")
+        if keys:
+            self._r.sadd(self._p + "run:" + run_id, *keys)
+        sigs = np.ascontiguousarray(sigs, dtype="<u4")
+        with self.lsh.insertion_session(buffer_size=10_000) as session:
+            for key, sig in zip(keys, sigs, strict=True):
+                session.insert(
+                    key,
+                    LeanMinHash(seed=self.params.seed, hashvalues=sig, scheme=SCHEME),
+                    check_duplication=False,
+                )
+        pipe = self._r.pipeline()
+        for start in range(0, len(keys), 10_000):
+            chunk = range(start, min(start + 10_000, len(keys)))
+            pipe.hset(
+                self._p + "sig",
+                mapping={
+                    keys[i]: sigs[i].tobytes() + int(exact[i]).to_bytes(8, "little") for i in chunk
+                },
+            )
+            pipe.hset(
+                self._p + "exact",
+                mapping={int(exact[i]).to_bytes(8, "little"): keys[i] for i in chunk},
+            )
+            pipe.execute()
+        self._r.hset(self._p + "runs", run_id, str(len(keys)))
+        return len(keys)
+
+    def remove_run(self, run_id: str) -> int:
+        members = list(self._r.smembers(self._p + "run:" + run_id))
+        if not members and not self._r.hexists(self._p + "runs", run_id):
+            return 0
+        with self.lsh.deletion_session(buffer_size=10_000) as session:
+            for key in members:
+                if key in self.lsh:
+                    session.remove(key)
+        values = self._r.hmget(self._p + "sig", members) if members else []
+        pipe = self._r.pipeline()
+        for key, value in zip(members, values, strict=True):
+            if value is not None:
+                exact_field = value[4 * self.params.num_perm :]
+                if self._r.hget(self._p + "exact", exact_field) == key:
+                    pipe.hdel(self._p + "exact", exact_field)
+        if members:
+            pipe.hdel(self._p + "sig", *members)
+        pipe.delete(self._p + "run:" + run_id)
+        pipe.hdel(self._p + "runs", run_id)
+        pipe.execute()
+        return len(members)
+
+    def runs(self) -> dict[str, int]:
+        raw = self._r.hgetall(self._p + "runs")
+        return {k.decode(): int(v) if v.isdigit() else -1 for k, v in raw.items()}
+
+    def __len__(self) -> int:
+        return int(self._r.hlen(self._p + "sig"))
+
+    def close(self) -> None:
+        self._r.close()

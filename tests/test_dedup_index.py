@@ -1,0 +1,308 @@
+"""The persistent dedup index, on local files and on a real redis-server: commit order,
+remove_run, replace on retry, corrupt and foreign indexes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from filters import run_chain
+from filters.dedup import (
+    DedupIndexError,
+    DedupSettings,
+    ExactDedup,
+    FileIndex,
+    MinHashDedup,
+    RedisIndex,
+    commit,
+    open_index,
+    remove_run,
+)
+from filters.dedup.engine import index_entries
+from tests.dedup_corpus import make_corpus
+from tests.test_dedup_core import doc
+
+# -- a real redis-server per module, stopped by its pid
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def redis_url() -> Iterator[str]:
+    server = shutil.which("redis-server")
+    if server is None:
+        pytest.skip("redis-server not installed (apt-get install redis-server)")
+    port = _free_port()
+    proc = subprocess.Popen(
+        [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        import redis
+
+        client = redis.Redis(host="127.0.0.1", port=port)
+        for _ in range(100):
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        else:
+            raise RuntimeError("redis-server did not start")
+        client.close()
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+_basenames = iter(range(10_000))
+
+
+@pytest.fixture(params=["file", "redis"])
+def make_index(request, tmp_path: Path):
+    """A factory opening the same index again (as another process or worker would)."""
+    if request.param == "file":
+        return lambda: FileIndex(tmp_path / "_state" / "minhash")
+    url = request.getfixturevalue("redis_url")
+    basename = f"test{next(_basenames)}"
+    return lambda: RedisIndex(url, basename)
+
+
+def _docs(texts: list[str], prefix: str) -> list:
+    return [doc(f"{prefix}{i}", t) for i, t in enumerate(texts)]
+
+
+def _nightly(index, run_id: str, docs: list) -> list:
+    """What the flow does: filter (reading the index), write the version, then commit."""
+    result = run_chain(docs, [ExactDedup(index), MinHashDedup(DedupSettings(), index)])
+    commit(index, run_id, result.kept)
+    return result.rejected
+
+
+CORPUS = make_corpus(60, 0, words_per_doc=200, seed=2)
+
+
+def test_second_run_drops_what_the_first_kept(make_index) -> None:
+    index = make_index()
+    assert _nightly(index, "run1", _docs(CORPUS.texts[:40], "a")) == []
+    assert index.runs() == {"run1": 40}
+    # Run 2: 20 repeats (exact or edited) of run 1 and 20 new documents.
+    repeats = [t.upper() for t in CORPUS.texts[:10]] + [
+        t.replace(" ", "  ", 3) + " one more sentence here." for t in CORPUS.texts[10:20]
+    ]
+    docs2 = _docs(repeats + CORPUS.texts[40:60], "b")
+    rejected = _nightly(make_index(), "run2", docs2)
+    assert sorted(r.id for r in rejected) == sorted(f"b{i}" for i in range(20))
+    assert {r.reason for r in rejected[:10]} == {"dedup_exact"}
+    assert {r.duplicate_of for r in rejected} == {f"a{i}" for i in range(20)}
+    assert make_index().runs() == {"run1": 40, "run2": 20}
+
+
+def test_a_run_killed_before_commit_does_not_find_itself(make_index) -> None:
+    index = make_index()
+    docs = _docs(CORPUS.texts[:30], "a")
+    # The run filtered, then died before its manifest: nothing was committed.
+    run_chain(docs, [ExactDedup(index), MinHashDedup(DedupSettings(), index)])
+    assert _nightly(make_index(), "run1", docs) == []
+
+
+def test_remove_run_and_retried_commit(make_index) -> None:
+    index = make_index()
+    commit(index, "run1", _docs(CORPUS.texts[:10], "a"))
+    commit(index, "run2", _docs(CORPUS.texts[10:20], "b"))
+    commit(index, "run2", _docs(CORPUS.texts[10:15], "b"))  # a retry replaces, never doubles
+    assert make_index().runs() == {"run1": 10, "run2": 5}
+    assert remove_run(make_index(), "run1") == 10
+    assert remove_run(make_index(), "missing") == 0
+    again = make_index()
+    assert again.runs() == {"run2": 5}
+    _, sigs, exact = index_entries(["q0", "q1"], [CORPUS.texts[0], CORPUS.texts[12]])
+    assert again.lookup_exact(exact)[0] is None  # run1's document is gone
+    near = again.lookup_near(sigs, 0.72)
+    assert near[0] is None
+    assert near[1] is not None and (near[1].id, near[1].run_id) == ("b2", "run2")
+    assert near[1].jaccard == 1.0
+
+
+def test_documents_without_words_are_not_indexed(make_index) -> None:
+    index = make_index()
+    assert commit(index, "r", _docs(["", "  ?! ", CORPUS.texts[0]], "a")) == 1
+
+
+def test_redis_index_is_shared_by_two_workers(redis_url: str) -> None:
+    worker_a = RedisIndex(redis_url, "shared")
+    worker_b = RedisIndex(redis_url, "shared")
+    commit(worker_a, "nightA", _docs(CORPUS.texts[:5], "a"))
+    _, sigs, _ = index_entries(["x"], [CORPUS.texts[3]])
+    match = worker_b.lookup_near(sigs, 0.72)[0]
+    assert match is not None and match.id == "a3"
+    other_corpus = RedisIndex(redis_url, "other")  # another basename: another corpus
+    assert other_corpus.lookup_near(sigs, 0.72)[0] is None
+
+
+def test_redis_index_refuses_foreign_or_mismatched_state(redis_url: str) -> None:
+    from datasketch import MinHashLSH
+
+    from filters.dedup import to_lean
+
+    foreign = MinHashLSH(
+        num_perm=112,
+        params=(14, 8),
+        storage_config={
+            "type": "redis",
+            "basename": b"foreign",
+            "redis": {"host": "127.0.0.1", "port": int(redis_url.rsplit(":", 1)[1].split("/")[0])},
+        },
+    )
+    _, sigs, _ = index_entries(["x"], [CORPUS.texts[0]])
+    foreign.insert("k", to_lean(sigs[0]))
+    with pytest.raises(DedupIndexError, match="did not write"):
+        RedisIndex(redis_url, "foreign")
+    commit(RedisIndex(redis_url, "params"), "r", _docs(CORPUS.texts[:2], "a"))
+    with pytest.raises(DedupIndexError, match="parameters"):
+        RedisIndex(redis_url, "params", DedupSettings(num_perm=128).params)
+    with pytest.raises(DedupIndexError, match="cannot reach"):
+        RedisIndex(f"redis://127.0.0.1:{_free_port()}/0", "x")
+
+
+# -- file index: format, atomicity, corruption
+
+
+def test_file_index_layout_and_size(tmp_path: Path) -> None:
+    index = open_index(DedupSettings(), tmp_path)
+    assert isinstance(index, FileIndex) and index.path == tmp_path / "_state" / "minhash"
+    commit(index, "20260101T000000Z", _docs(CORPUS.texts, "doc-0123456789abcdef0123456789ab"))
+    manifest = json.loads((index.path / "index.json").read_text())
+    assert manifest["format"] == "booksmith-minhash-index" and manifest["version"] == 1
+    assert manifest["entries"] == 60 and manifest["params"]["num_perm"] == 112
+    (segment,) = manifest["segments"]
+    assert segment["run_id"] == "20260101T000000Z"
+    assert (index.path / segment["file"]).stat().st_size / 60 < 1024
+    index.verify()
+
+
+def test_corrupt_or_foreign_index_is_an_error_and_never_overwritten(tmp_path: Path) -> None:
+    path = tmp_path / "idx"
+    commit(FileIndex(path), "run1", _docs(CORPUS.texts[:10], "a"))
+    manifest = path / "index.json"
+    good = manifest.read_bytes()
+    manifest.write_bytes(good[: len(good) // 2])  # torn / corrupted
+    with pytest.raises(DedupIndexError, match="corrupt index manifest"):
+        FileIndex(path)
+    assert manifest.read_bytes() == good[: len(good) // 2]
+    manifest.write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(DedupIndexError, match="not a booksmith MinHash index"):
+        FileIndex(path)
+    manifest.write_bytes(good)
+    with pytest.raises(DedupIndexError, match="parameters"):
+        FileIndex(path, DedupSettings(bands=8, rows=14).params)
+    # A manifest whose segment is damaged: reads fail clearly, writes refuse.
+    seg = path / json.loads(good)["segments"][0]["file"]
+    seg.write_bytes(b"not parquet")
+    with pytest.raises(DedupIndexError, match="unreadable index segment"):
+        FileIndex(path).lookup_near(np.zeros((1, 112), dtype=np.uint32), 0.7)
+    with pytest.raises(DedupIndexError, match="sha256"):
+        FileIndex(path).verify()
+    seg.unlink()
+    with pytest.raises(DedupIndexError, match="missing"):
+        commit(FileIndex(path), "run2", _docs(CORPUS.texts[10:12], "b"))
+    assert manifest.read_bytes() == good  # untouched
+    # A directory of other files, or a plain file, is not taken over.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "data.txt").write_text("mine")
+    with pytest.raises(DedupIndexError, match="refusing"):
+        FileIndex(other)
+    (tmp_path / "plain").write_text("x")
+    with pytest.raises(DedupIndexError, match="is a file"):
+        FileIndex(tmp_path / "plain")
+
+
+def test_file_index_replaced_atomically_on_crash(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "idx"
+    commit(FileIndex(path), "run1", _docs(CORPUS.texts[:10], "a"))
+    before = (path / "index.json").read_bytes()
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("filters.dedup.index.os.replace", crash)
+    with pytest.raises(OSError, match="disk full"):
+        commit(FileIndex(path), "run2", _docs(CORPUS.texts[10:20], "b"))
+    monkeypatch.undo()
+    assert (path / "index.json").read_bytes() == before
+    assert FileIndex(path).runs() == {"run1": 10}
+    commit(FileIndex(path), "run3", _docs(CORPUS.texts[20:22], "c"))
+    files = sorted(p.name for p in (path / "segments").iterdir())
+    assert len(files) == 2 and not any(".tmp-" in f for f in files)  # crash debris swept
+
+
+@pytest.mark.slow
+def test_file_index_with_a_million_entries_loads(tmp_path: Path) -> None:
+    """Size per entry at 1M synthetic signatures (load time is in the benchmark)."""
+    rng = np.random.default_rng(0)
+    n = 1_000_000
+    index = FileIndex(tmp_path / "big")
+    sigs = rng.integers(0, 2**32, size=(n, 112), dtype=np.uint32)
+    index.add(
+        "big", [f"{i:032x}" for i in range(n)], sigs, rng.integers(0, 2**63, n).astype(np.uint64)
+    )
+    size = sum(p.stat().st_size for p in (tmp_path / "big").rglob("*") if p.is_file())
+    assert size / n < 1024
+    again = FileIndex(tmp_path / "big")
+    probe = sigs[[5, 999_999]].copy()
+    probe[0, :20] += 1
+    matches = again.lookup_near(probe, 0.72)
+    assert [m.id if m else None for m in matches] == [f"{5:032x}", f"{999_999:032x}"]
+
+
+def _write_version(out: Path, run_id: str, docs: list) -> Path:
+    from shards.dataset import write_version
+
+    write_version(
+        out / run_id,
+        run_id=run_id,
+        plan=[],
+        kept=docs,
+        rejected=[],
+        failures=[],
+        shard_rows=1000,
+        encoding="cl100k_base",
+        config={},
+        config_hash="x",
+        counts={},
+    )
+    return out / run_id
+
+
+def test_reconcile_indexes_uncommitted_versions_and_prunes_deleted_ones(tmp_path: Path) -> None:
+    from filters.dedup import reconcile
+
+    out = tmp_path / "out"
+    v1 = _write_version(out, "20260101T000000Z", _docs(CORPUS.texts[:10], "a"))
+    _write_version(out, "20260102T000000Z", _docs(CORPUS.texts[10:20], "b"))
+    (out / "20260103T000000Z").mkdir()  # a run that died before its manifest
+    index = open_index(DedupSettings(), out)
+    assert index is not None
+    commit(index, "20260101T000000Z", _docs(CORPUS.texts[:10], "a"))
+    # Run 2 wrote its manifest, then died before its commit.
+    done = reconcile(index, out, prune=True)
+    assert done.added == {"20260102T000000Z": 10} and done.removed == {}
+    shutil.rmtree(v1)  # a deleted dataset version
+    done = reconcile(index, out, prune=True)
+    assert done.added == {} and done.removed == {"20260101T000000Z": 10}
+    assert FileIndex(out / "_state" / "minhash").runs() == {"20260102T000000Z": 10}
