@@ -1,0 +1,171 @@
+"""An LLM judge scores documents for educational value on an additive 0-5 rubric.
+
+Source: FineWeb-Edu (Penedo et al. 2024) prompted Llama-3-70B with an additive rubric (one point
+per criterion met, "Educational score: <points>" at the end); Phi-1 asked GPT-4 a similar
+question. Requests go through `generation.client.GenerationClient`: any OpenAI-compatible
+backend, the durable response cache (a rerun asks nothing twice), limits, retries, budget.
+
+A reply without a parsable score is kept with `score = None` and its `error`, never dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, Field
+
+from generation.cache import ResponseCache
+from generation.client import Endpoint, GenerationClient, GenerationReport
+from schemas import Document, GenerationRequest, Sampling
+from schemas.arrow import arrow_schema, to_table
+from schemas.config import Budget
+from shards.writer import atomic_write_table
+
+RUBRIC_VERSION = "edu-additive-v1"
+RUBRIC = """Below is an extract from a textbook-style document. Evaluate whether it has a high \
+educational value and could be useful in an educational setting for teaching, using the \
+additive 5-point scoring system described below. Points accumulate for each criterion met:
+
+- Add 1 point if the extract provides some basic information relevant to educational topics, \
+even if it includes some irrelevant or non-academic content such as advertisements.
+- Add another point if the extract addresses certain elements pertinent to education but does \
+not align closely with educational standards: it might mix educational content with \
+non-educational material, or present topics superficially.
+- Award a third point if the extract is appropriate for educational use and introduces key \
+concepts relevant to school curricula. It is coherent though it may not be comprehensive.
+- Grant a fourth point if the extract is highly relevant and beneficial for educational \
+purposes, with a clear and consistent writing style, like a chapter of a textbook or a \
+tutorial, with substantial educational content and minimal irrelevant information.
+- Bestow a fifth point if the extract is outstanding in its educational value, perfectly \
+suited for teaching, with detailed reasoning, clear explanations and exercises or examples.
+
+The extract:
+<extract>
+{text}
+</extract>
+
+After examining the extract, briefly justify your total score in up to 100 words, then give \
+the score in the format: "Educational score: <total points>"."""
+
+_SCORE = re.compile(r"educational score\W{0,5}([0-5])\b", re.IGNORECASE)
+_LOOSE = re.compile(r"\bscore\W{0,5}([0-5])\b", re.IGNORECASE)
+
+
+class Annotation(BaseModel):
+    """One judgement: a row of `_state/quality/annotations.parquet`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    text: str
+    score: int | None  # 0-5; None when the reply had no score
+    judge: str  # model name
+    backend: str
+    rubric_version: str
+    request_id: str
+    response: str
+    error: str | None = None
+    created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+
+
+def parse_score(reply: str) -> int | None:
+    """The score the judge gave: "Educational score: N" (the last one), else "score: N"."""
+    found = _SCORE.findall(reply) or _LOOSE.findall(reply)
+    return int(found[-1]) if found else None
+
+
+def sample(docs: Sequence[Document], n: int, seed: int = 0) -> list[Document]:
+    """A deterministic sample of n documents (by a seeded hash of their ids)."""
+
+    def key(doc: Document) -> str:
+        return hashlib.sha256(f"{seed}:{doc.id}".encode()).hexdigest()
+
+    return sorted(docs, key=key)[:n]
+
+
+def build_requests(
+    docs: Sequence[Document], model: str, *, max_tokens: int = 256, max_chars: int = 6_000
+) -> list[GenerationRequest]:
+    sampling = Sampling(max_tokens=max_tokens, temperature=0.0, top_p=1.0, seed=0)
+    return [
+        GenerationRequest.build(
+            messages=[{"role": "user", "content": RUBRIC.format(text=doc.text[:max_chars])}],
+            model=model,
+            sampling=sampling,
+            topic=doc.id,
+            template=RUBRIC_VERSION,
+        )
+        for doc in docs
+    ]
+
+
+def annotate(
+    docs: Sequence[Document],
+    endpoint: Endpoint,
+    *,
+    cache: ResponseCache | None = None,
+    budget: Budget | None = None,
+    max_tokens: int = 256,
+    max_chars: int = 6_000,
+    run_id: str = "annotate",
+) -> tuple[list[Annotation], GenerationReport]:
+    """Judge every document; returns one Annotation per document answered, and the report.
+
+    Documents the budget skipped or whose request failed get an Annotation with `error` set."""
+    requests = build_requests(docs, endpoint.model, max_tokens=max_tokens, max_chars=max_chars)
+    client = GenerationClient(endpoint, cache=cache, run_id=run_id, budget=budget)
+    report = asyncio.run(client.run(requests))
+    by_request = {r.request_id: r for r in report.results}
+    out = []
+    for doc, req in zip(docs, requests, strict=True):
+        result = by_request.get(req.id)
+        if result is None:
+            error: str | None = "skipped_budget"
+            reply, score = "", None
+        elif not result.ok:
+            error, reply, score = result.error, "", None
+        else:
+            reply = result.text
+            score = parse_score(reply)
+            error = None if score is not None else "no_score_in_reply"
+        out.append(
+            Annotation(
+                id=doc.id,
+                text=doc.text,
+                score=score,
+                judge=endpoint.model,
+                backend=endpoint.backend,
+                rubric_version=RUBRIC_VERSION,
+                request_id=req.id,
+                response=reply,
+                error=error,
+            )
+        )
+    return out, report
+
+
+def save_annotations(path: Path, annotations: Sequence[Annotation]) -> int:
+    """Merge into the annotations file (a newer judgement of an id replaces the older one);
+    returns the number of rows now in it. Written atomically."""
+    merged: dict[str, Annotation] = {}
+    if path.is_file():
+        for row in pq.read_table(path, schema=arrow_schema(Annotation)).to_pylist():
+            merged[row["id"]] = Annotation.model_validate(row)
+    for a in annotations:
+        merged[a.id] = a
+    rows = list(merged.values())
+    atomic_write_table(to_table(rows, Annotation), path, root=path.parent, kind="annotations")
+    return len(rows)
+
+
+def load_annotations(path: Path) -> list[Annotation]:
+    return [
+        Annotation.model_validate(r)
+        for r in pq.read_table(path, schema=arrow_schema(Annotation)).to_pylist()
+    ]

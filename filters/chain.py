@@ -1,0 +1,67 @@
+"""The quality part of the filter chain, in order: cheap rules first, models last.
+
+empty -> generation artifacts -> Gopher quality -> Gopher repetition -> lines (C4/FineWeb)
+-> language id -> decontamination (when benchmarks are configured) -> quality classifier (when a
+model is configured or trained). Exact and MinHash dedup are added around it by the dedup stage.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from filters.base import Filter
+from filters.decontam import BenchmarkIndex, DecontamFilter, build_index
+from filters.empty import EmptyFilter
+from filters.generation_artifacts import GenerationArtifactFilter
+from filters.gopher_quality import GopherQualityFilter
+from filters.gopher_repetition import GopherRepetitionFilter
+from filters.langid import LangIdFilter
+from filters.lines import LineFilter
+from filters.quality import MODEL_FILE, QualityFilter
+from filters.settings import FilterError, FilterSettings
+
+
+def quality_model_path(settings: FilterSettings, state: Path | None) -> Path | None:
+    """The configured model, else the one `booksmith quality train` left in `state`, else None."""
+    if settings.quality.model_path is not None:
+        return settings.quality.model_path
+    if state is not None and (state / "quality" / MODEL_FILE).is_file():
+        return state / "quality" / MODEL_FILE
+    return None
+
+
+def build_chain(
+    settings: FilterSettings | None = None,
+    *,
+    state: Path | None = None,
+    index: BenchmarkIndex | None = None,
+) -> list[Filter]:
+    """The filters `settings` ask for. `state` is `<out>/_state` (for a trained quality model);
+    `index` a prebuilt benchmark index (else built from `settings.decontam.benchmarks`).
+
+    Raises FilterError for a missing or corrupt model, or a bad benchmark file."""
+    s = settings or FilterSettings()
+    chain: list[Filter] = [EmptyFilter()]
+    if s.artifacts.enabled:
+        chain.append(GenerationArtifactFilter(s.artifacts))
+    if s.gopher_quality.enabled:
+        chain.append(GopherQualityFilter(s.gopher_quality))
+    if s.gopher_repetition.enabled:
+        chain.append(GopherRepetitionFilter(s.gopher_repetition))
+    if s.lines.enabled:
+        chain.append(LineFilter(s.lines))
+    if s.langid.enabled:
+        chain.append(LangIdFilter(s.langid))
+    if index is None and s.decontam.benchmarks:
+        index = build_index(s.decontam)
+    if index is not None:
+        if not len(index):
+            raise FilterError(
+                f"decontamination: no benchmark item of {s.decontam.min_item_words}+ words in "
+                f"{', '.join(s.decontam.benchmarks) or 'the index'}"
+            )
+        chain.append(DecontamFilter(index))
+    model = quality_model_path(s, state)
+    if model is not None:
+        chain.append(QualityFilter.from_settings(s.quality, model))
+    return chain

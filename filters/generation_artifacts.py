@@ -1,0 +1,84 @@
+"""Generation artifacts: truncated outputs, too few tokens, refusals, assistant boilerplate,
+leftover chat-template tokens.
+
+Sources: Cosmopedia (Ben Allal et al. 2024) dropped completions under 150 tokens and those cut
+off by the token limit; refusal and boilerplate phrases are the ones instruction-tuned models
+wrap their answers in ("As an AI language model", "I'm sorry, but", "Sure! Here's").
+
+Rules (reason, default):
+- `truncated:finish_length`             finish_reason == "length" (drop_truncated: true)
+- `too_short:tokens`                    n_tokens < 150
+- `quality_rule:chat_template_token`    any of <|im_start|>, <|im_end|>, <|endoftext|>, [INST], ...
+- `refusal:<name>`                      a refusal pattern (as_an_ai, apology, cannot_help)
+                                        within the first 300 characters
+- `quality_rule:assistant_<name>`       an assistant preamble in the first 300 characters
+                                        ("Sure! Here's ...": `preamble`; a text opening "Here's a
+                                        textbook section on ...": `here_is`), or a sign-off ("I
+                                        hope this helps": `sign_off`) anywhere
+Patterns are case-insensitive regular expressions in the settings, named by their key.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from filters.scored import ScoredOutput
+from filters.settings import ArtifactSettings, FilterError
+from schemas import Document
+
+
+def _compile(key: str, patterns: dict[str, str]) -> list[tuple[str, re.Pattern[str]]]:
+    compiled = []
+    for name, pattern in patterns.items():
+        try:
+            compiled.append((name, re.compile(pattern, re.IGNORECASE | re.MULTILINE)))
+        except re.error as e:
+            raise FilterError(
+                f"filters.artifacts.{key}.{name}: invalid regular expression: {e}"
+            ) from None
+    return compiled
+
+
+class GenerationArtifactFilter:
+    name = "generation_artifacts"
+
+    def __init__(self, settings: ArtifactSettings | None = None) -> None:
+        self.settings = s = settings or ArtifactSettings()
+        self._refusals = _compile("refusal_patterns", s.refusal_patterns)
+        self._boilerplate = _compile("boilerplate_patterns", s.boilerplate_patterns)
+        self._sign_offs = _compile("sign_off_patterns", s.sign_off_patterns)
+        chat = "|".join(re.escape(t) for t in s.chat_tokens)
+        self._chat = re.compile(chat) if s.chat_tokens else None
+
+    def check(self, doc: Document) -> tuple[str, dict[str, Any]] | None:
+        s = self.settings
+        if s.drop_truncated and doc.finish_reason == "length":
+            return "truncated:finish_length", {"finish_reason": doc.finish_reason}
+        if doc.n_tokens < s.min_tokens:
+            return "too_short:tokens", {"tokens": doc.n_tokens, "min": s.min_tokens}
+        text = doc.text
+        if self._chat is not None and (m := self._chat.search(text)):
+            return "quality_rule:chat_template_token", {"token": m.group(0), "at": m.start()}
+        head = text[: s.head_chars]
+        for name, pattern in self._refusals:
+            if m := pattern.search(head):
+                return f"refusal:{name}", {"match": m.group(0), "at": m.start()}
+        for name, pattern in self._boilerplate:
+            if m := pattern.search(head):
+                return f"quality_rule:assistant_{name}", {"match": m.group(0), "at": m.start()}
+        for name, pattern in self._sign_offs:
+            if m := pattern.search(text):
+                return f"quality_rule:assistant_{name}", {"match": m.group(0), "at": m.start()}
+        return None
+
+    def run(self, docs: Sequence[Document]) -> ScoredOutput:
+        out = ScoredOutput()
+        for doc in docs:
+            broken = self.check(doc)
+            if broken is None:
+                out.kept.append(doc)
+            else:
+                out.reject(doc, broken[0], detail=broken[1])
+        return out
