@@ -21,6 +21,7 @@ import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -115,9 +116,7 @@ def build_smollm2(gguf_path: Path | None = None) -> tiktoken.Encoding:
             for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1])
         )
         atomic_write_bytes(cached, body)
-        atomic_write_bytes(
-            special_file, "".join(f"{n} {i}\n" for n, i in special.items()).encode()
-        )
+        atomic_write_bytes(special_file, "".join(f"{n} {i}\n" for n, i in special.items()).encode())
     return tiktoken.Encoding(
         name=SMOLLM2,
         pat_str=SMOLLM2_PAT,
@@ -224,3 +223,19 @@ def count_tokens(texts: list[str], name: str = PRIMARY) -> list[int]:
     """Token counts under an encoding (ordinary text: special-token strings count as text)."""
     enc = get_encoding(name)
     return [len(ids) for ids in enc.encode_ordinary_batch(texts, num_threads=2)]
+
+
+@dataclass(frozen=True)
+class EncodingSpec:
+    """An encoding to tokenize with: a name, and for one not available offline its BPE file."""
+
+    name: str
+    bpe_file: Path | None = None
+    sha256: str | None = None
+
+    @classmethod
+    def of(cls, value: EncodingSpec | str) -> EncodingSpec:
+        return value if isinstance(value, EncodingSpec) else cls(value)
+
+    def load(self) -> tiktoken.Encoding:
+        return get_encoding(self.name, bpe_file=self.bpe_file, sha256=self.sha256)

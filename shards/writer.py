@@ -26,6 +26,27 @@ ROW_GROUP_ROWS = 2_000  # small enough to stream a shard, large enough to compre
 ROW_GROUP_BYTES = 64 << 20  # and at most this much uncompressed Arrow data per row group
 DEFAULT_SHARD_BYTES = 256 << 20  # about 256 MB per shard on disk (checked after each row group)
 COMPRESSION = "zstd"
+# min/max statistics of whole documents would bloat every footer and prune nothing
+NO_STATISTICS = frozenset({"text", "prompt", "sampling", "input_ids"})
+
+
+def _statistics_columns(schema: pa.Schema) -> list[str]:
+    """Leaf column paths that get min/max statistics (all but NO_STATISTICS)."""
+    paths: list[str] = []
+
+    def walk(prefix: str, dtype: pa.DataType) -> None:
+        if pa.types.is_struct(dtype):
+            for f in dtype:
+                walk(f"{prefix}.{f.name}", f.type)
+        elif isinstance(dtype, pa.ListType | pa.LargeListType | pa.FixedSizeListType):
+            walk(f"{prefix}.list.element", dtype.value_type)
+        else:
+            paths.append(prefix)
+
+    for f in schema:
+        if f.name not in NO_STATISTICS:
+            walk(f.name, f.type)
+    return paths
 
 
 @dataclass(frozen=True)
@@ -124,6 +145,9 @@ class ShardWriter:
         self.root, self.dir, self.schema, self.kind = root, root / subdir, schema, kind
         self.max_rows, self.max_bytes = max_rows, max_bytes
         self.row_group_rows = min(row_group_rows, max_rows or row_group_rows)
+        # a row group's uncompressed size stays under the shard's byte limit, so that one
+        # row group never overshoots a shard by more than the limit itself
+        self.row_group_bytes = min(ROW_GROUP_BYTES, max_bytes or ROW_GROUP_BYTES)
         self.extra = extra or {}
         self.count = count  # per-shard totals for the manifest (e.g. tokens), from each chunk
         self.shards: list[ShardInfo] = []
@@ -142,7 +166,11 @@ class ShardWriter:
             self._tmp = tmp_name(self._path(len(self.shards)))
             self._sink = pa.OSFile(str(self._tmp), "wb")
             self._writer = pq.ParquetWriter(
-                self._sink, self.schema, compression=COMPRESSION, write_page_index=True
+                self._sink,
+                self.schema,
+                compression=COMPRESSION,
+                write_page_index=True,
+                write_statistics=_statistics_columns(self.schema),
             )
             self._rows = 0
             self._counters = {}
@@ -168,8 +196,9 @@ class ShardWriter:
             if self.max_rows is not None:
                 room = min(room, self.max_rows - self._rows)
             chunk = table.slice(start, room)
-            if chunk.nbytes > ROW_GROUP_BYTES and chunk.num_rows > 1:
-                chunk = chunk.slice(0, max(1, chunk.num_rows * ROW_GROUP_BYTES // chunk.nbytes))
+            if chunk.nbytes > self.row_group_bytes and chunk.num_rows > 1:
+                rows = chunk.num_rows * self.row_group_bytes // chunk.nbytes
+                chunk = chunk.slice(0, max(1, rows))
             writer.write_table(chunk, row_group_size=chunk.num_rows)
             self._rows += chunk.num_rows
             start += chunk.num_rows

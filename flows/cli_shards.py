@@ -1,0 +1,260 @@
+"""`booksmith verify`, `booksmith export` and `booksmith datasets ...`: the shards' commands.
+
+Registered on the main app by flows/cli.py; `python -m flows.cli_shards` runs them alone.
+Exit codes: 0 success, 1 a version that fails verification (each problem names its file),
+2 a usage error (one line naming the file, key or URL).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+console = Console(stderr=True)
+app = typer.Typer(help="Dataset versions: verify, export, list, retire, take down.")
+datasets_app = typer.Typer(help="Dataset versions under an output directory.", no_args_is_help=True)
+app.add_typer(datasets_app, name="datasets")
+
+
+def _fail(message: str) -> None:
+    console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from shards.encodings import EncodingUnavailable
+    from shards.export import ExportError
+
+    errors: tuple[type[Exception], ...] = (
+        FileNotFoundError,
+        NotADirectoryError,
+        PermissionError,
+        ValueError,
+        EncodingUnavailable,
+        ExportError,
+    )
+    try:  # S3 errors (credentials, endpoint, bucket): botocore is there when S3 is
+        from botocore.exceptions import BotoCoreError, ClientError
+    except ImportError:
+        return errors
+    return (*errors, BotoCoreError, ClientError)
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+@app.command()
+def verify(
+    location: Annotated[str, typer.Argument(help="Version directory or URL (s3://, gs://...).")],
+    sample: Annotated[int, typer.Option(help="Documents to round-trip per encoding.", min=0)] = 64,
+) -> None:
+    """Check a dataset version: schemas, row counts, sha256s, token round trip on a sample."""
+    from shards.verify import verify as run_verify
+
+    try:
+        report = run_verify(location, sample=sample)
+    except _user_errors() as e:
+        _fail(f"{location}: {_one_line(e)}")
+        return
+    for note in report.notes:
+        console.print(f"note: {escape(note)}", highlight=False)
+    if not report.ok:
+        for problem in report.problems:
+            console.print(f"[red]FAIL[/red] {escape(problem)}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+    print(f"ok: {location}: {report.shards_checked} files, {report.round_trips} round trips")
+
+
+@app.command()
+def export(
+    version: Annotated[Path, typer.Argument(help="Dataset version directory.")],
+    to: Annotated[str, typer.Option("--to", help="Destination root: s3://bucket/prefix, ...")],
+    workers: Annotated[int, typer.Option(help="Parallel uploads.", min=1)] = 8,
+    part_size_mb: Annotated[int, typer.Option(help="S3 multipart part size.", min=5)] = 64,
+    check: Annotated[bool, typer.Option("--verify/--no-verify", help="Verify there.")] = True,
+) -> None:
+    """Copy a version to an object store (the URL becomes its root), manifest last;
+    rerun to resume. AWS_ENDPOINT_URL and the other AWS variables configure S3."""
+    from shards.export import export as run_export
+    from shards.verify import verify as run_verify
+
+    try:
+        report = run_export(version, to, workers=workers, part_size=part_size_mb << 20)
+        console.print(
+            f"uploaded {len(report.uploaded)} files ({report.bytes_uploaded:,} bytes, "
+            f"{report.parts_uploaded} parts, {report.parts_reused} parts resumed), "
+            f"{len(report.skipped)} already there",
+            highlight=False,
+        )
+        if check:
+            result = run_verify(report.url)
+            if not result.ok:
+                for problem in result.problems:
+                    console.print(f"[red]FAIL[/red] {escape(problem)}", highlight=False)
+                raise typer.Exit(1)
+    except _user_errors() as e:
+        _fail(f"{version} -> {to}: {_one_line(e)}")
+        return
+    print(report.url)
+
+
+@datasets_app.command("list")
+def datasets_list(
+    out: Annotated[Path, typer.Argument(help="Output directory holding dataset versions.")],
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+) -> None:
+    """List versions, oldest first, with documents, sizes and token counts."""
+    from shards.versions import summarize
+
+    if not out.is_dir():
+        _fail(f"{out}: no such directory")
+    rows = summarize(out)
+    if as_json:
+        for row in rows:
+            print(json.dumps(row.to_json()))
+        return
+    table = Table(title=str(out))
+    table.add_column("run id", no_wrap=True)
+    for col in ("documents", "rejected", "MB", "tokens"):
+        table.add_column(col, justify="left" if col == "tokens" else "right")
+    for r in rows:
+        tokens = "\n".join(f"{k} {v:,}" for k, v in r.tokens.items())
+        table.add_row(
+            r.run_id,
+            str(r.documents),
+            str(r.rejected),
+            f"{r.bytes / 1e6:.1f}",
+            tokens,
+        )
+    Console().print(table)
+
+
+@datasets_app.command("rm")
+def datasets_rm(
+    out: Annotated[Path, typer.Argument(help="Output directory.")],
+    run_id: Annotated[str, typer.Argument(help="The version to retire.")],
+    index: Annotated[
+        str | None,
+        typer.Option(
+            help="MinHash index: a directory or redis://... (default: OUT/_state/minhash)."
+        ),
+    ] = None,
+) -> None:
+    """Retire a version: its manifest, its files, and its MinHash index entries."""
+    from filters.dedup import default_index_path, open_index_spec, remove_run
+    from shards.versions import retire
+
+    try:
+        retire(out, run_id)
+        spec = index or str(default_index_path(out))
+        dropped = 0
+        if index is not None or Path(spec).is_dir():
+            dropped = remove_run(open_index_spec(spec), run_id)
+    except _user_errors() as e:
+        _fail(_one_line(e))
+        return
+    console.print(f"retired {run_id}; {dropped} MinHash index entries removed")
+
+
+@datasets_app.command("takedown")
+def datasets_takedown(
+    out: Annotated[Path, typer.Argument(help="Output directory.")],
+    ids: Annotated[list[str] | None, typer.Argument(help="Document ids.")] = None,
+    ids_file: Annotated[Path | None, typer.Option("--ids-file", help="One id per line.")] = None,
+) -> None:
+    """Remove documents by id from every version, rewriting shards and manifests safely."""
+    from shards.versions import takedown
+
+    wanted = list(ids or [])
+    try:
+        if ids_file is not None:
+            wanted += ids_file.read_text(encoding="utf-8").split()
+        if not wanted:
+            raise ValueError("no document ids given (arguments or --ids-file)")
+        results = takedown(out, wanted)
+    except _user_errors() as e:
+        _fail(_one_line(e))
+        return
+    for run_id, n in results.items():
+        console.print(f"{run_id}: removed {n} rows")
+    print(json.dumps({"removed": results}))
+
+
+@datasets_app.command("corpus")
+def datasets_corpus(
+    out: Annotated[Path, typer.Argument(help="Output directory.")],
+    version: Annotated[
+        list[str] | None, typer.Option("--version", help="Run ids (default: every version).")
+    ] = None,
+    encoding: Annotated[str, typer.Option(help="Token encoding.")] = "cl100k_base",
+) -> None:
+    """Print (JSON) the token shards of the chosen versions, unioned for training."""
+    from shards.versions import corpus
+
+    try:
+        view = corpus(out, encoding, version or None)
+    except _user_errors() as e:
+        _fail(_one_line(e))
+        return
+    print(json.dumps(view.to_json(), indent=2))
+
+
+@datasets_app.command("tokenize")
+def datasets_tokenize(
+    version: Annotated[Path, typer.Argument(help="Dataset version directory.")],
+    encoding: Annotated[str, typer.Option(help="Encoding name (e.g. smollm2, o200k_base).")],
+    bpe_file: Annotated[Path | None, typer.Option(help="The encoding's .tiktoken file.")] = None,
+    sha256: Annotated[str | None, typer.Option(help="Expected sha256 of --bpe-file.")] = None,
+    pack: Annotated[int | None, typer.Option(help="Also write packed rows of N+1.", min=1)] = None,
+) -> None:
+    """Add token shards under one more encoding to an existing version."""
+    from shards.dataset import add_encoding
+    from shards.encodings import EncodingSpec
+
+    try:
+        manifest = add_encoding(
+            version, EncodingSpec(encoding, bpe_file, sha256), pack_seq_len=pack
+        )
+    except _user_errors() as e:
+        _fail(_one_line(e))
+        return
+    print(json.dumps(manifest["tokens"]))
+
+
+@datasets_app.command("bin")
+def datasets_bin(
+    version: Annotated[Path, typer.Argument(help="Dataset version directory.")],
+    out: Annotated[Path, typer.Option("--out", help="Directory for the .bin files.")],
+    encoding: Annotated[str, typer.Option(help="A uint16 encoding.")] = "smollm2",
+    fmt: Annotated[str, typer.Option("--format", help="llmc (with header) or nanogpt.")] = "llmc",
+    shard_tokens: Annotated[int, typer.Option(help="Tokens per llmc shard.", min=1)] = 100_000_000,
+) -> None:
+    """Write the token stream as uint16 .bin files for nanoGPT or llm.c."""
+    from shards.binexport import export_bin
+
+    try:
+        if fmt not in ("llmc", "nanogpt"):
+            raise ValueError(f"--format: expected llmc or nanogpt, got {fmt!r}")
+        paths = export_bin(
+            version,
+            out,
+            encoding=encoding,
+            fmt=fmt,  # type: ignore[arg-type]
+            shard_tokens=shard_tokens,
+        )
+    except _user_errors() as e:
+        _fail(_one_line(e))
+        return
+    for path in paths:
+        print(path)
+
+
+if __name__ == "__main__":
+    app(prog_name="booksmith")

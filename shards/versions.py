@@ -1,0 +1,296 @@
+"""Dataset versions under an output directory: list them, union them for training, retire one,
+and take documents down from every version.
+
+Each nightly run is one version, `<out>/<run_id>/`. A takedown rebuilds each affected version
+beside it (`<out>/.takedown-<run_id>/`, unchanged files hard-linked), then swaps it in with
+two renames; `recover()` finishes or discards a swap a crash interrupted, so a version is always
+either the old complete one, the new complete one, or (between the renames) not visible.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from shards.dataset import commit_manifest, shard_paths
+from shards.encodings import get_encoding
+from shards.tokens import (
+    Packer,
+    arrow_token_type,
+    count_stored_tokens,
+    packed_dir,
+    packed_schema,
+)
+from shards.version import MANIFEST, STATE_DIR, is_dataset, list_versions, read_manifest
+from shards.writer import DEFAULT_SHARD_BYTES, ShardInfo, ShardWriter, fsync_dir
+
+TAKEDOWN_PREFIX = ".takedown-"
+RETIRED_PREFIX = ".retired-"
+
+# Called with (out, run_id) when a version is retired: the MinHash index registers a function
+# here that drops the version's entries, so a retired version no longer counts as "seen".
+RETIRE_HOOKS: list[Callable[[Path, str], Any]] = []
+
+
+@dataclass(frozen=True)
+class VersionSummary:
+    run_id: str
+    path: Path
+    created_at: str
+    documents: int
+    rejected: int
+    bytes: int
+    tokens: dict[str, int]  # text tokens per encoding
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.__dict__, "path": str(self.path)}
+
+
+def summarize(out: Path) -> list[VersionSummary]:
+    """Every version under `out`, oldest first, with its size and token counts."""
+    recover(out)
+    rows = []
+    for path in list_versions(out):
+        m = read_manifest(path)
+        rows.append(
+            VersionSummary(
+                run_id=m["run_id"],
+                path=path,
+                created_at=str(m.get("created_at", "")),
+                documents=int(m.get("documents", 0)),
+                rejected=int(m.get("counts", {}).get("rejected", 0)),
+                bytes=sum(int(s["bytes"]) for s in m["shards"]),
+                tokens={k: int(v.get("tokens", 0)) for k, v in m.get("tokens", {}).items()},
+            )
+        )
+    return rows
+
+
+def _version_dir(out: Path, run_id: str) -> Path:
+    if run_id in ("", ".", "..") or "/" in run_id or run_id == STATE_DIR:
+        raise ValueError(f"{run_id!r} is not a run id")
+    path = out / run_id
+    if not is_dataset(path):
+        raise FileNotFoundError(f"{path}: no such dataset version (no {MANIFEST})")
+    return path
+
+
+def retire(out: Path, run_id: str) -> None:
+    """Remove a version: its manifest first (from then on it is not a dataset), then its files,
+    then its entries in the MinHash index (RETIRE_HOOKS)."""
+    path = _version_dir(out, run_id)
+    (path / MANIFEST).unlink()
+    fsync_dir(path)
+    parked = out / f"{RETIRED_PREFIX}{run_id}"
+    os.replace(path, parked)
+    shutil.rmtree(parked)
+    for hook in RETIRE_HOOKS:
+        hook(out, run_id)
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """Chosen versions' token shards under one encoding, as one training corpus."""
+
+    encoding: str
+    versions: list[str]
+    files: list[Path]
+    documents: int
+    tokens: int  # stored tokens, end-of-text included
+
+    def dataset(self) -> pads.Dataset:
+        """A pyarrow dataset over every shard (stream it with `.to_batches()`)."""
+        return pads.dataset([str(f) for f in self.files], format="parquet")
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.__dict__, "files": [str(f) for f in self.files]}
+
+
+def corpus(
+    out: Path, encoding: str = "cl100k_base", run_ids: Iterable[str] | None = None
+) -> Corpus:
+    """The union of the chosen versions (all by default) for training under `encoding`."""
+    recover(out)
+    chosen = list(run_ids) if run_ids is not None else [p.name for p in list_versions(out)]
+    files: list[Path] = []
+    documents = tokens = 0
+    for run_id in chosen:
+        path = _version_dir(out, run_id)
+        m = read_manifest(path)
+        entry = m.get("tokens", {}).get(encoding)
+        if entry is None:
+            raise ValueError(
+                f"{path / MANIFEST}: tokens: no {encoding!r} token shards in this version "
+                f"(it has {sorted(m.get('tokens', {}))}); add them with `booksmith datasets "
+                f"tokenize {path} --encoding {encoding}`"
+            )
+        files += [path / p for p in shard_paths(m, "tokens", encoding)]
+        documents += int(entry["documents"])
+        tokens += int(entry["stored_tokens"])
+    return Corpus(encoding, chosen, files, documents, tokens)
+
+
+def recover(out: Path) -> None:
+    """Finish or discard takedown swaps and retirements a crash interrupted."""
+    if not out.is_dir():
+        return
+    for staged in out.glob(f"{TAKEDOWN_PREFIX}*"):
+        run_id = staged.name.removeprefix(TAKEDOWN_PREFIX)
+        old = out / f"{RETIRED_PREFIX}{run_id}"
+        if not (out / run_id).exists() and is_dataset(staged):
+            os.replace(staged, out / run_id)  # crashed between the two renames: finish
+        else:
+            shutil.rmtree(staged)  # crashed while building: the old version still stands
+        if old.exists() and (out / run_id).exists():
+            shutil.rmtree(old)
+    for parked in out.glob(f"{RETIRED_PREFIX}*"):
+        if (out / parked.name.removeprefix(RETIRED_PREFIX)).exists() or not is_dataset(parked):
+            shutil.rmtree(parked)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _filter_shards(
+    src: Path, dst: Path, paths: list[str], kind: str, drop: set[str], extra: dict[str, Any]
+) -> tuple[list[ShardInfo], int]:
+    """Rewrite one group of shards without the dropped ids; (new shards, rows removed)."""
+    first = pq.ParquetFile(src / paths[0])
+    subdir = Path(paths[0]).parent.as_posix()
+    writer = ShardWriter(
+        dst,
+        subdir,
+        first.schema_arrow,
+        kind=kind,
+        max_rows=max(pq.ParquetFile(src / p).metadata.num_rows for p in paths) or None,
+        max_bytes=DEFAULT_SHARD_BYTES,
+        extra=extra,
+        count=count_stored_tokens if kind == "tokens" else None,
+    )
+    removed = 0
+    keep_set = pa.array(sorted(drop), pa.string())
+    for p in paths:
+        table = pq.read_table(src / p)
+        mask = pc.invert(pc.is_in(table.column("id"), value_set=keep_set))
+        kept = table.filter(mask)
+        removed += table.num_rows - kept.num_rows
+        if kept.num_rows:
+            writer.write(kept)
+    return writer.close(), removed
+
+
+def _takedown_version(out: Path, path: Path, drop: set[str]) -> int:
+    """Rebuild one version without the given ids and swap it in; returns rows removed."""
+    m = read_manifest(path)
+    staged = out / f"{TAKEDOWN_PREFIX}{path.name}"
+    if staged.exists():
+        shutil.rmtree(staged)
+    new_shards: list[dict[str, Any]] = []
+    removed = {"text": 0, "rejected": 0}
+    groups: dict[tuple[str, str | None], list[str]] = {}
+    for s in m["shards"]:
+        if s["kind"] in ("text", "rejected", "tokens"):
+            groups.setdefault((s["kind"], s.get("encoding")), []).append(s["path"])
+        elif s["kind"] != "packed":
+            _link_or_copy(path / s["path"], staged / s["path"])
+            new_shards.append(s)
+    for (kind, enc_name), paths in groups.items():
+        extra = {"encoding": enc_name} if enc_name else {}
+        shards, n = _filter_shards(path, staged, paths, kind, drop, extra)
+        new_shards += [s.to_json() for s in shards]
+        if kind in removed:
+            removed[kind] += n
+        if kind == "tokens" and enc_name is not None:
+            entry = m["tokens"][enc_name]
+            table = pads.dataset([str(staged / s.path) for s in shards]).to_table(
+                columns=["n_tokens"]
+            )
+            entry["documents"] = table.num_rows
+            entry["tokens"] = int(pc.sum(table.column("n_tokens")).as_py() or 0)
+            entry["stored_tokens"] = entry["tokens"] + entry["documents"]
+            if packed := entry.get("packed"):
+                # packed rows cross document boundaries: rebuild them from the token shards
+                repacked, stats = _repack(staged, shards, enc_name, int(packed["seq_len"]))
+                new_shards += [s.to_json() for s in repacked]
+                entry["packed"] = {**packed, **stats}
+    m["shards"] = new_shards
+    m["documents"] = m.get("documents", 0) - removed["text"]
+    if isinstance(m.get("counts", {}).get("rejected"), int):
+        m["counts"]["rejected"] -= removed["rejected"]
+    m.setdefault("takedowns", []).append({"removed": removed, "ids": len(drop)})
+    commit_manifest(staged, m)
+    # swap: old out of the way, new in; recover() completes this if a crash comes between
+    old = out / f"{RETIRED_PREFIX}{path.name}"
+    os.replace(path, old)
+    os.replace(staged, path)
+    fsync_dir(out)
+    shutil.rmtree(old)
+    return removed["text"] + removed["rejected"]
+
+
+def _repack(
+    staged: Path, shards: list[ShardInfo], enc_name: str, seq_len: int
+) -> tuple[list[ShardInfo], dict[str, int]]:
+    """Packed rows from the (already filtered) token shards, without re-encoding any text."""
+    enc = get_encoding(enc_name)
+    writer = ShardWriter(
+        staged,
+        packed_dir(enc_name, seq_len),
+        packed_schema(arrow_token_type(enc), seq_len),
+        kind="packed",
+        max_bytes=DEFAULT_SHARD_BYTES,
+        extra={"encoding": enc_name},
+        count=lambda t: {"stored_tokens": t.num_rows * (seq_len + 1)},
+    )
+    packer = Packer(writer, enc, seq_len)
+    for s in shards:
+        for batch in pq.ParquetFile(staged / s.path).iter_batches(columns=["input_ids"]):
+            packer.feed(pa.Table.from_batches([batch]))
+    return writer.close(), {"rows": packer.rows, "dropped_tokens": packer.dropped}
+
+
+def takedown(out: Path, ids: Iterable[str]) -> dict[str, int]:
+    """Remove documents by id from every version (text, token, packed and rejected shards);
+    returns rows removed per affected run id."""
+    recover(out)
+    drop = {i.strip() for i in ids if i.strip()}
+    results: dict[str, int] = {}
+    if not drop:
+        return results
+    for path in list_versions(out):
+        m = read_manifest(path)
+        hit = False
+        for rel in shard_paths(m, "text") + shard_paths(m, "rejected"):
+            ids_col = pq.read_table(path / rel, columns=["id"]).column("id")
+            if pc.any(pc.is_in(ids_col, value_set=pa.array(sorted(drop)))).as_py():
+                hit = True
+                break
+        if hit:
+            results[path.name] = _takedown_version(out, path, drop)
+    return results
+
+
+__all__ = [
+    "RETIRE_HOOKS",
+    "Corpus",
+    "VersionSummary",
+    "corpus",
+    "recover",
+    "retire",
+    "summarize",
+    "takedown",
+]

@@ -1,0 +1,304 @@
+"""Export to S3 through moto's standalone server (the real HTTP S3 protocol) and to other
+fsspec URLs; verify there; resume a killed export without re-sending finished parts."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import boto3
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from flows.cli_shards import app
+from shards.export import MIN_PART_SIZE, export
+from shards.verify import verify
+from shards.version import read_manifest
+from tests.test_shards_dataset import make_version
+
+pytestmark = pytest.mark.e2e
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint() -> Iterator[str]:
+    """moto_server on 127.0.0.1, with the standard AWS variables pointing at it."""
+    port = _free_port()
+    exe = Path(sys.executable).with_name("moto_server")
+    proc = subprocess.Popen(
+        [str(exe), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    saved = {k: os.environ.get(k) for k in _AWS_ENV}
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(url, timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError("moto_server did not start") from None
+                time.sleep(0.2)
+        os.environ.update(
+            AWS_ENDPOINT_URL=url,
+            AWS_ACCESS_KEY_ID="testing",
+            AWS_SECRET_ACCESS_KEY="testing",
+            AWS_DEFAULT_REGION="us-east-1",
+        )
+        os.environ.pop("AWS_PROFILE", None)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+_AWS_ENV = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_DEFAULT_REGION",
+    "AWS_PROFILE",
+)
+
+
+@pytest.fixture
+def bucket(s3_endpoint: str, request: pytest.FixtureRequest) -> str:
+    name = f"bs-{request.node.name.replace('_', '-')[:40].lower()}"
+    boto3.client("s3").create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture
+def version(tmp_path: Path) -> Path:
+    root = tmp_path / "out" / "20261126T000000Z"
+    make_version(root, 40, encodings=["smollm2"], pack_seq_len=64)
+    # a large file, so that the export takes the multipart path (3 parts of 5 MiB)
+    (root / "report").mkdir()
+    (root / "report" / "blob.bin").write_bytes(os.urandom(2 * MIN_PART_SIZE + 12345))
+    return root
+
+
+def test_export_to_s3_then_verify_and_read_back(version: Path, bucket: str) -> None:
+    url = f"s3://{bucket}/datasets/v1"
+    report = export(version, url, part_size=MIN_PART_SIZE, workers=4)
+    assert report.parts_uploaded == 3 and not report.skipped
+    s3 = boto3.client("s3")
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]}
+    manifest = read_manifest(version)
+    assert {f"datasets/v1/{s['path']}" for s in manifest["shards"]} <= keys
+    assert {"datasets/v1/manifest.json", "datasets/v1/README.md"} <= keys
+    # sha256 in each object's metadata, equal to the manifest's
+    for s in manifest["shards"]:
+        head = s3.head_object(Bucket=bucket, Key=f"datasets/v1/{s['path']}")
+        assert head["Metadata"]["sha256"] == s["sha256"]
+    head = s3.head_object(Bucket=bucket, Key="datasets/v1/report/blob.bin")
+    assert "-3" in head["ETag"]  # a multipart ETag: not an MD5 of the object
+
+    checked = verify(url)
+    assert checked.ok, checked.problems
+    assert checked.round_trips > 0
+
+    # pyarrow's own S3 filesystem (it ignores AWS_ENDPOINT_URL: pass endpoint_override)
+    from pyarrow import fs as pafs
+
+    s3fs = pafs.S3FileSystem(
+        endpoint_override=os.environ["AWS_ENDPOINT_URL"],
+        access_key="testing",
+        secret_key="testing",
+        region="us-east-1",
+        scheme="http",
+    )
+    table = pq.read_table(f"{bucket}/datasets/v1/text", filesystem=s3fs)
+    assert table.num_rows == 40
+    import polars as pl
+
+    frame = pl.read_parquet(
+        f"s3://{bucket}/datasets/v1/tokens/smollm2/*.parquet",
+        storage_options={
+            "aws_endpoint_url": os.environ["AWS_ENDPOINT_URL"],
+            "aws_access_key_id": "testing",
+            "aws_secret_access_key": "testing",
+            "aws_region": "us-east-1",
+            "aws_allow_http": "true",
+        },
+    )
+    assert frame.height == 40
+
+    # a rerun uploads nothing
+    again = export(version, url, part_size=MIN_PART_SIZE)
+    assert not again.uploaded and again.parts_uploaded == 0
+
+
+def test_killed_export_resumes_parts_and_publishes_manifest_last(
+    version: Path, bucket: str
+) -> None:
+    url = f"s3://{bucket}/v"
+    sent: list[tuple[str, int]] = []
+
+    def die_after_two(rel: str, part: int) -> None:
+        sent.append((rel, part))
+        if len(sent) == 2:
+            raise KeyboardInterrupt("killed mid-upload")
+
+    with pytest.raises(KeyboardInterrupt):
+        export(version, url, part_size=MIN_PART_SIZE, workers=1, on_part=die_after_two)
+    s3 = boto3.client("s3")
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket).get("Contents", [])}
+    assert "v/manifest.json" not in keys and "v/report/blob.bin" not in keys
+    assert not verify(url).ok  # no manifest there: not a dataset yet
+    state_files = list((version.parent / "_state" / "exports").glob("*.json"))
+    assert len(state_files) == 1 and "upload_id" in state_files[0].read_text()
+
+    resent: list[tuple[str, int]] = []
+    report = export(
+        version, url, part_size=MIN_PART_SIZE, on_part=lambda r, p: resent.append((r, p))
+    )
+    assert report.parts_reused == 2 and report.parts_uploaded == 1
+    assert resent == [("report/blob.bin", 3)]
+    assert verify(url).ok
+    body = s3.get_object(Bucket=bucket, Key="v/report/blob.bin")["Body"].read()
+    assert body == (version / "report" / "blob.bin").read_bytes()
+    assert "upload_id" not in state_files[0].read_text()
+
+
+def test_reexport_over_another_version_unpublishes_it_first(
+    version: Path, bucket: str, tmp_path: Path
+) -> None:
+    url = f"s3://{bucket}/same"
+    export(version, url, part_size=MIN_PART_SIZE)
+    other = tmp_path / "out" / "other"
+    make_version(other, 10)
+    seen: list[bool] = []
+    s3 = boto3.client("s3")
+
+    def manifest_present(rel: str, part: int) -> None:  # only called for multipart parts
+        keys = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]}
+        seen.append("same/manifest.json" in keys)
+
+    (other / "big.bin").write_bytes(os.urandom(MIN_PART_SIZE + 1))
+    report = export(other, url, part_size=MIN_PART_SIZE, on_part=manifest_present)
+    assert seen and not any(seen)
+    assert "text/part-00001.parquet" in report.deleted  # the old version's shards only
+    assert read_manifest(other)["run_id"] == "other"
+    assert verify(url).ok
+
+
+def test_corrupted_remote_object_fails_verify(version: Path, bucket: str) -> None:
+    url = f"s3://{bucket}/c"
+    export(version, url, part_size=MIN_PART_SIZE)
+    key = "c/text/part-00001.parquet"
+    s3 = boto3.client("s3")
+    data = bytearray(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+    data[100] ^= 0xFF
+    s3.put_object(Bucket=bucket, Key=key, Body=bytes(data))
+    result = CliRunner().invoke(app, ["verify", url])
+    assert result.exit_code == 1 and "text/part-00001.parquet" in result.stderr
+
+
+def test_cli_export_to_s3_and_to_a_local_url(version: Path, bucket: str, tmp_path: Path) -> None:
+    runner = CliRunner()
+    result = runner.invoke(
+        app, ["export", str(version), "--to", f"s3://{bucket}/cli", "--part-size-mb", "5"]
+    )
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == f"s3://{bucket}/cli"
+
+    target = tmp_path / "copy"
+    result = runner.invoke(app, ["export", str(version), "--to", target.as_uri()])
+    assert result.exit_code == 0, result.output
+    assert verify(target).ok
+    # the copy is a version on its own: paths are relative
+    moved = tmp_path / "moved"
+    shutil.move(str(target), moved)
+    assert verify(moved).ok
+
+    bad = runner.invoke(app, ["export", str(tmp_path / "nope"), "--to", f"s3://{bucket}/x"])
+    assert bad.exit_code == 2 and "no manifest" in bad.stderr
+    no_bucket = runner.invoke(app, ["export", str(version), "--to", "s3://no-such-bucket/x"])
+    assert no_bucket.exit_code == 2 and "NoSuchBucket" in no_bucket.stderr
+    assert len(no_bucket.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_sigkilled_cli_export_resumes(tmp_path: Path, bucket: str) -> None:
+    """A real `kill -9` in the middle of a multipart upload, then the same command again."""
+    root = tmp_path / "out" / "big"
+    make_version(root, 10)
+    (root / "report").mkdir()
+    (root / "report" / "blob.bin").write_bytes(os.urandom(12 * MIN_PART_SIZE))
+    url = f"s3://{bucket}/k"
+    cmd = [sys.executable, "-m", "flows.cli_shards", "export", str(root), "--to", url]
+    cmd += ["--part-size-mb", "5", "--workers", "1"]
+    s3 = boto3.client("s3")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        parts: list[dict[str, object]] = []
+        deadline = time.monotonic() + 60
+        while not parts and time.monotonic() < deadline and proc.poll() is None:
+            uploads = s3.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
+            if uploads:
+                up = uploads[0]
+                parts = s3.list_parts(Bucket=bucket, Key=up["Key"], UploadId=up["UploadId"]).get(
+                    "Parts", []
+                )
+            time.sleep(0.01)
+        assert proc.poll() is None, "the export finished before it could be killed"
+        proc.kill()
+    finally:
+        proc.kill()
+        proc.wait()
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket).get("Contents", [])}
+    assert "k/manifest.json" not in keys
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr
+    resumed = re.search(r"(\d+)\s+parts\s+resumed", rerun.stderr)
+    assert resumed and int(resumed.group(1)) >= len(parts), rerun.stderr
+    assert verify(url).ok
+
+
+def test_export_through_a_pyarrow_filesystem(version: Path, tmp_path: Path) -> None:
+    from shards import export as export_mod
+    from shards.fs import arrow_filesystem, filesystem
+
+    fs, _ = arrow_filesystem((tmp_path / "arrow").as_uri())
+    assert type(fs).__name__ == "ArrowFSWrapper"
+    with pytest.raises(ValueError, match="no filesystem reaches"):
+        filesystem("nosuchscheme://bucket/x")
+
+    class ArrowTarget(export_mod._FsTarget):
+        def __init__(self, url: str) -> None:
+            self.fs, self.root = arrow_filesystem(url)
+
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(export_mod, "_FsTarget", ArrowTarget)
+    try:
+        export(version, (tmp_path / "arrow").as_uri())
+    finally:
+        monkey.undo()
+    assert verify(tmp_path / "arrow").ok
