@@ -1,0 +1,124 @@
+"""`booksmith train`: train the bundled Phi model, export checkpoints, compare runs.
+
+booksmith train --data DATASET --config trainer/configs/tiny.yaml --out DIR [--max-steps N]
+booksmith train export CKPT DIR
+booksmith train compare RUN...
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+app = typer.Typer(
+    help="Train the bundled Phi-style model on token shards.",
+    invoke_without_command=True,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+
+
+def _fail(message: str) -> None:
+    console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from schemas.config import ConfigError
+    from trainer.checkpoint import CheckpointError
+    from trainer.data import DataError
+
+    return (ConfigError, DataError, CheckpointError, FileNotFoundError)
+
+
+@app.callback()
+def train(
+    ctx: typer.Context,
+    data: Annotated[
+        str | None, typer.Option(help="Dataset version, shard directory, glob or URL.")
+    ] = None,
+    config: Annotated[Path | None, typer.Option(help="Trainer YAML (trainer/configs/).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Run directory; resumes from latest/.")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Override train.max_steps.", min=1)] = None,
+    nproc_per_node: Annotated[
+        int, typer.Option(help="Processes (GPUs) on this machine: >1 runs DDP via torchrun.")
+    ] = 1,
+) -> None:
+    """Train on DATA; checkpoints in OUT/step-NNNNNN/, the newest also in OUT/latest/."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if data is None or out is None:
+        _fail("booksmith train needs --data and --out (see --help)")
+        return
+    from trainer.config import load_train_config
+
+    try:
+        cfg = load_train_config(config, {"train.max_steps": max_steps})
+        if nproc_per_node > 1:
+            cmd = [
+                sys.executable, "-m", "torch.distributed.run", "--standalone",
+                f"--nproc_per_node={nproc_per_node}", "-m", "trainer",
+                "--data", data, "--out", str(out),
+            ]  # fmt: skip
+            cmd += ["--config", str(config)] if config else []
+            cmd += ["--max-steps", str(max_steps)] if max_steps else []
+            rc = subprocess.run(cmd, env=os.environ.copy()).returncode
+            if rc:
+                raise typer.Exit(rc)
+            print(out / "latest")
+            return
+        from trainer.train import train as run_training
+
+        summary = run_training(cfg, data, out, log=lambda m: console.print(m, highlight=False))
+    except _user_errors() as e:
+        _fail(str(e))
+        return
+    print(summary["checkpoint"] or out)  # stdout: the newest checkpoint, for scripts
+
+
+@app.command("export")
+def export(
+    ckpt: Annotated[Path, typer.Argument(help="A checkpoint directory (OUT/latest, step-N).")],
+    out_dir: Annotated[Path, typer.Argument(help="Directory to write the Hugging Face model.")],
+) -> None:
+    """Write config.json and model.safetensors that transformers loads (PhiForCausalLM)."""
+    from trainer.export import export_hf
+
+    try:
+        path = export_hf(ckpt, out_dir)
+    except _user_errors() as e:
+        _fail(str(e))
+        return
+    print(path)
+
+
+@app.command("compare")
+def compare(
+    runs: Annotated[list[Path], typer.Argument(help="Training run directories.")],
+) -> None:
+    """Eval loss by tokens seen across runs, on their shared reference eval set."""
+    from trainer.compare import compare_runs
+
+    try:
+        c = compare_runs(runs)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        _fail(str(e))
+        return
+    table = Table(title="eval loss by tokens seen")
+    table.add_column("tokens", justify="right")
+    for run, data in zip(c.runs, c.data, strict=True):
+        table.add_column(f"{run}\n[dim]{data}[/dim]", justify="right")
+    for t in c.tokens:
+        table.add_row(f"{t:,}", *(f"{v:.4f}" if v is not None else "-" for v in c.loss[t]))
+    table.add_row("final", *(f"{v:.4f}" if v is not None else "-" for v in c.final), style="bold")
+    Console(width=200).print(table)
+    for w in c.warnings:
+        console.print(f"[yellow]warning:[/yellow] {w}")

@@ -1,0 +1,50 @@
+"""The Prefect `train` flow: train the bundled Phi model on a dataset version.
+
+One process in-process by default; `nproc_per_node > 1` launches torchrun (DDP). The nightly
+flow calls `train_flow` after writing a version when its config asks for it.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
+
+@task(cache_policy=NO_CACHE)
+def train_model(
+    data: str, config: str | None, out: str, max_steps: int | None, nproc_per_node: int
+) -> dict[str, Any]:
+    from trainer.config import load_train_config
+    from trainer.train import train
+
+    cfg = load_train_config(Path(config) if config else None, {"train.max_steps": max_steps})
+    if nproc_per_node <= 1:
+        return train(cfg, data, Path(out))
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        f"--nproc_per_node={nproc_per_node}", "-m", "trainer",
+        "--data", data, "--out", out,
+    ]  # fmt: skip
+    if config:
+        cmd += ["--config", config]
+    if max_steps:
+        cmd += ["--max-steps", str(max_steps)]
+    subprocess.run(cmd, check=True)
+    return {"checkpoint": str(Path(out) / "latest"), "nproc_per_node": nproc_per_node}
+
+
+@flow(name="train", log_prints=True)
+def train_flow(
+    data: str,
+    config: str | None = None,
+    out: str = "runs/train",
+    max_steps: int | None = None,
+    nproc_per_node: int = 1,
+) -> dict[str, Any]:
+    """Train on `data` (a dataset version, shard directory or URL); checkpoints under `out`."""
+    return train_model(data, config, out, max_steps, nproc_per_node)

@@ -1,0 +1,46 @@
+"""`python -m trainer` and `torchrun --nproc_per_node N -m trainer`: see trainer/train.py."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from schemas.config import ConfigError
+from trainer.checkpoint import CheckpointError
+from trainer.config import load_train_config
+from trainer.data import DataError
+from trainer.train import train
+
+
+def _shutdown_process_group() -> None:
+    """Tear DDP down before the interpreter exits: gloo's threads still running at exit abort
+    the process ("terminate called without an active exception") after a good run."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m trainer", description=__doc__)
+    p.add_argument("--data", required=True, help="dataset version, directory, glob or URL")
+    p.add_argument("--config", type=Path, default=None, help="trainer YAML (trainer/configs/)")
+    p.add_argument("--out", type=Path, required=True, help="run directory (resumes from latest/)")
+    p.add_argument("--max-steps", type=int, default=None, help="override train.max_steps")
+    args = p.parse_args(argv)
+    try:
+        cfg = load_train_config(args.config, {"train.max_steps": args.max_steps})
+        summary = train(cfg, args.data, args.out)
+    except (ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        _shutdown_process_group()
+    if summary["rank"] == 0:
+        print(f"done: step {summary['step']}, checkpoint {summary['checkpoint']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

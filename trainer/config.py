@@ -1,0 +1,112 @@
+"""The trainer's YAML config (trainer/configs/*.yaml): model shape, optimisation, data, logging.
+
+Every key has a default; unknown keys are errors that name the file, line and key. The
+vocabulary is not configured: it comes from the token shards' encoding, padded to 64.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from schemas.config import ConfigError, _key_lines, format_validation_error
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSection(_Strict):
+    n_layer: int = Field(2, ge=1)
+    n_head: int = Field(4, ge=1)
+    n_embd: int = Field(64, ge=8)
+    intermediate_size: int = Field(0, ge=0, description="0 means 4 * n_embd")
+    rotary_pct: float = Field(0.5, gt=0, le=1)
+    rope_theta: float = 10000.0
+    qk_layernorm: bool = False
+    max_seq_len: int = Field(2048, ge=8)
+    embd_pdrop: float = Field(0.0, ge=0, lt=1)
+    attn_pdrop: float = Field(0.0, ge=0, lt=1)
+    resid_pdrop: float = Field(0.0, ge=0, lt=1)
+
+
+class TrainSection(_Strict):
+    seq_len: int = Field(32, ge=2)
+    batch_size: int = Field(8, ge=1, description="micro-batch per rank")
+    grad_accum: int = Field(1, ge=1)
+    max_steps: int = Field(200, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    min_lr: float = Field(3e-4, ge=0)
+    warmup_steps: int = Field(20, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
+    seed: int = 1337
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    compile: bool = False
+    eval_every: int = Field(50, ge=0, description="0: only at the end")
+    eval_batches: int = Field(8, ge=1)
+    ckpt_every: int = Field(100, ge=0, description="0: only at the end and on SIGTERM")
+    log_every: int = Field(10, ge=1)
+
+
+class DataSection(_Strict):
+    encoding: str | None = None  # None: the dataset's only encoding
+    num_workers: int = Field(0, ge=0)
+    shuffle_block: int = Field(8, ge=1, description="row groups shuffled together")
+    eval_fraction: float = Field(0.01, ge=0, lt=1, description="documents held out for eval")
+    eval_max_docs: int = Field(512, ge=1)
+    eval_data: str | None = None  # token shards to evaluate on instead of a held-out slice
+
+
+class TrainConfig(_Strict):
+    model: ModelSection = ModelSection()
+    train: TrainSection = TrainSection()
+    data: DataSection = DataSection()
+
+
+def load_train_config(path: Path | None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Read and validate a trainer YAML; `overrides` are dotted keys (e.g. train.max_steps)."""
+    data: dict[str, Any] = {}
+    lines: dict[tuple, int] = {}
+    source = str(path) if path else "<defaults>"
+    if path is not None:
+        try:
+            raw = Path(path).read_text(encoding="utf-8")
+            node, loaded = yaml.compose(raw), yaml.safe_load(raw)
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: trainer config not found") from None
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark else str(path)
+            raise ConfigError(f"{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of settings at the top level")
+        data = loaded or {}
+        lines = _key_lines(node) if node is not None else {}
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        target = data
+        *parents, last = dotted.split(".")
+        for p in parents:
+            target = target.setdefault(p, {})
+        target[last] = value
+    try:
+        cfg = TrainConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, source, lines)) from None
+    if cfg.train.seq_len > cfg.model.max_seq_len:
+        raise ConfigError(
+            f"{source}: train.seq_len {cfg.train.seq_len} exceeds model.max_seq_len "
+            f"{cfg.model.max_seq_len}"
+        )
+    if cfg.model.n_embd % cfg.model.n_head:
+        raise ConfigError(f"{source}: model.n_embd must be a multiple of model.n_head")
+    return cfg

@@ -1,0 +1,191 @@
+"""The Phi model (Phi-1, Phi-1.5, Phi-2), as Hugging Face transformers' PhiForCausalLM defines it.
+
+One block is parallel: a single LayerNorm feeds attention and the MLP side by side,
+
+    x = x + dropout(attn(ln(x))) + dropout(mlp(ln(x)))
+
+Attention has biases on q/k/v/dense, rotary embeddings on the first `rotary_pct` of each head's
+dimensions (0.5 for phi-1.5, 0.4 for phi-2; theta 10000) and optional LayerNorms on q and k.
+The MLP is fc1 -> gelu (tanh form, "gelu_new") -> fc2 at 4x width. A final LayerNorm and an
+untied LM head with a bias close the model.
+
+Two things differ from transformers' code without changing the maths:
+- q, k, v and fc1 all read the same ln(x), so they are one matrix multiply (`in_proj`);
+  `trainer.export` splits it back into transformers' q_proj/k_proj/v_proj/fc1.
+- training computes the LM head and the cross-entropy chunk by chunk, gradients included
+  (`trainer.loss.linear_cross_entropy`), so the (tokens x vocab) logits never exist in full.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainer.loss import linear_cross_entropy
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 256  # padded to a multiple of 64 by `padded_vocab`
+    n_layer: int = 2
+    n_head: int = 4
+    n_embd: int = 64
+    intermediate_size: int = 0  # 0 means 4 * n_embd
+    rotary_pct: float = 0.5  # partial_rotary_factor
+    rope_theta: float = 10000.0
+    max_seq_len: int = 2048
+    qk_layernorm: bool = False
+    layer_norm_eps: float = 1e-5
+    embd_pdrop: float = 0.0
+    attn_pdrop: float = 0.0
+    resid_pdrop: float = 0.0
+    init_std: float = 0.02
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.intermediate_size == 0:
+            self.intermediate_size = 4 * self.n_embd
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd {self.n_embd} is not a multiple of n_head {self.n_head}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.rotary_pct)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def padded_vocab(n_vocab: int, multiple: int = 64) -> int:
+    """Round the encoding's vocabulary up to a multiple of 64 (faster matmuls, room to spare)."""
+    return (n_vocab + multiple - 1) // multiple * multiple
+
+
+class Rotary(nn.Module):
+    """cos/sin tables for the rotated part of each head, computed once for max_seq_len."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        dim = cfg.rotary_dim
+        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+        freqs = torch.outer(torch.arange(cfg.max_seq_len, dtype=torch.float), inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (T, rotary_dim), halves as transformers does
+        self.register_buffer("cos", emb.cos(), persistent=False)
+        self.register_buffer("sin", emb.sin(), persistent=False)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first rotary_dim channels of x (B, H, T, hd); the rest pass through."""
+    d = cos.shape[-1]
+    rot, rest = x[..., :d], x[..., d:]
+    x1, x2 = rot[..., : d // 2], rot[..., d // 2 :]
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return torch.cat((rot * cos + rotated * sin, rest), dim=-1)
+
+
+class Block(nn.Module):
+    """One Phi decoder layer: parallel attention and MLP over one LayerNorm."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d, ff = cfg.n_embd, cfg.intermediate_size
+        self.ln = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
+        self.in_proj = nn.Linear(d, 3 * d + ff)  # [q | k | v | fc1], all with biases
+        self.dense = nn.Linear(d, d)  # attention output projection
+        self.fc2 = nn.Linear(ff, d)
+        if cfg.qk_layernorm:
+            self.q_ln = nn.LayerNorm(cfg.head_dim, eps=cfg.layer_norm_eps)
+            self.k_ln = nn.LayerNorm(cfg.head_dim, eps=cfg.layer_norm_eps)
+        self.resid_drop = nn.Dropout(cfg.resid_pdrop)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        B, T, D = x.shape
+        h = self.in_proj(self.ln(x))
+        q, k, v, ff = h.split([D, D, D, cfg.intermediate_size], dim=-1)
+        q, k, v = (t.view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2) for t in (q, k, v))
+        if cfg.qk_layernorm:
+            q, k = self.q_ln(q), self.k_ln(k)
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)  # bf16 under autocast, like q and k
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        # flash / memory-efficient kernels on GPU, a fused kernel on CPU
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=cfg.attn_pdrop if self.training else 0.0
+        )
+        y = self.dense(y.transpose(1, 2).reshape(B, T, D))
+        m = self.fc2(F.gelu(ff, approximate="tanh"))
+        return x + self.resid_drop(y) + self.resid_drop(m)
+
+
+class Phi(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.embed_drop = nn.Dropout(cfg.embd_pdrop)
+        self.rotary = Rotary(cfg)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.final_ln = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size)  # untied, with a bias
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # transformers' PhiPreTrainedModel: normal(0, 0.02) weights, zero biases
+        if isinstance(module, nn.Linear | nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def hidden(self, idx: torch.Tensor) -> torch.Tensor:
+        """Final-LayerNorm hidden states (B, T, n_embd)."""
+        T = idx.shape[1]
+        if self.cfg.max_seq_len < T:
+            raise ValueError(f"sequence of {T} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
+        x = self.embed_drop(self.embed(idx))
+        cos, sin = self.rotary.cos[:T], self.rotary.sin[:T]
+        for block in self.layers:
+            x = block(x, cos, sin)
+        return self.final_ln(x)
+
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, fused_loss: bool = True
+    ) -> torch.Tensor:
+        """Logits (B, T, V) without targets; the mean cross-entropy with them."""
+        h = self.hidden(idx)
+        if targets is None:
+            return self.lm_head(h)
+        if fused_loss:
+            return linear_cross_entropy(h, self.lm_head.weight, self.lm_head.bias, targets)
+        logits = self.lm_head(h).float()
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.embed.weight.numel() if non_embedding else n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6N for the matmuls (N excludes the embedding lookup) plus
+        the attention scores and values, 12 * layers * d * T (the PaLM appendix B count)."""
+        cfg = self.cfg
+        return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_embd * seq_len
+
+    def optim_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        """Decay matrices (linear and embedding weights); never biases or LayerNorm params."""
+        decay = [p for p in self.parameters() if p.requires_grad and p.dim() >= 2]
+        rest = [p for p in self.parameters() if p.requires_grad and p.dim() < 2]
+        return [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": rest, "weight_decay": 0.0},
+        ]

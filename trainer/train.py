@@ -1,0 +1,464 @@
+"""The training loop: one process, or one per device under torchrun (DDP).
+
+    python -m trainer --data DATASET --config trainer/configs/tiny.yaml --out runs/tiny
+    torchrun --nproc_per_node 8 -m trainer --data s3://bucket/v1 --config small.yaml --out runs/s
+    torchrun --nnodes 4 --node_rank R --rdzv_backend c10d --rdzv_endpoint HOST:29500 \\
+        --nproc_per_node 8 -m trainer ...      (multi-node: torchrun's rendezvous flags)
+
+AdamW (fused where available) with decay on matrices only, linear warmup then cosine decay to
+min_lr, gradient accumulation, clipping, bf16 autocast on CUDA and fp32 on CPU, optional
+torch.compile. Every `eval_every` steps: loss on the reference eval set. Every `ckpt_every`
+steps, at the end and on SIGTERM: a checkpoint with the loader's position, so a resumed run
+continues with the same batches and the same losses. Logs go to the console,
+OUT/metrics.jsonl and OUT/loss.png.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader
+
+from trainer import checkpoint
+from trainer.config import TrainConfig
+from trainer.data import (
+    DataError,
+    TokenSource,
+    TokenWindows,
+    collate,
+    eval_windows,
+    held_out,
+    open_source,
+    read_units,
+)
+from trainer.mfu import device_peak
+from trainer.model import ModelConfig, Phi, padded_vocab
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = field(
+        default_factory=lambda: torch.device("cpu")
+    )  # collectives' tensors
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed() -> tuple[Dist, torch.device]:
+    """DDP when launched by torchrun (NCCL on CUDA, gloo on CPU); a single process otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 leftovers outside autocast
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        device = torch.device("cpu")
+    d = Dist(int(os.environ.get("RANK", "0")), world, local_rank, device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return d, device
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to lr, then cosine decay to min_lr at max_steps."""
+    t = cfg.train
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    span = max(1, t.max_steps - t.warmup_steps)
+    progress = min(1.0, (step - t.warmup_steps) / span)
+    return t.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (t.lr - t.min_lr)
+
+
+def _sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def reference_eval(src: TokenSource, cfg: TrainConfig, out: Path, master: bool) -> dict[str, Any]:
+    """The fixed eval set: `data.eval_data` if given; else a held-out slice of the corpus, chosen
+    once and kept under `<datasets>/_state/trainer/` beside a dataset version (so later versions
+    are judged on the same documents), or in the run directory for bare shards."""
+    d = cfg.data
+    if d.eval_data:
+        esrc = open_source(d.eval_data, d.encoding or src.encoding)
+        tokens = read_units(esrc, esrc.units)
+        ids: list[str] = []
+        origin = d.eval_data
+    else:
+        kept = None
+        if src.root is not None:
+            kept = Path(src.root).parent / "_state" / "trainer" / f"eval-{src.encoding}.parquet"
+        if kept is not None and kept.is_file():
+            table = pq.read_table(kept)
+            ids = [str(i) for i in table.column("ids")[0].as_py()]
+            tokens = table.column("input_ids")[0].values.to_numpy().astype(np.int64)
+            origin = str(kept)
+        else:
+            ids, tokens = held_out(src, d.eval_fraction, d.eval_max_docs)
+            origin = f"held out of {src.uri} (fraction {d.eval_fraction})"
+            if kept is not None and master and ids:
+                _write_eval(kept, ids, tokens)
+                origin = str(kept)
+    if tokens.size and tokens.max() >= src.n_vocab:
+        raise DataError(f"{origin}: eval token ids outside the vocabulary ({src.n_vocab})")
+    sha = _sha256_bytes(tokens.astype(np.int64).tobytes())
+    return {"ids": frozenset(ids), "tokens": tokens, "origin": origin, "sha256": sha}
+
+
+def _write_eval(path: Path, ids: list[str], tokens: np.ndarray) -> None:
+    # One row: the held-out document ids and their tokens in order.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.table(
+        {
+            "ids": pa.array([ids], pa.list_(pa.string())),
+            "input_ids": pa.array([tokens.tolist()], pa.list_(pa.uint32())),
+        }
+    )
+    tmp = path.with_suffix(".tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+class Metrics:
+    """metrics.jsonl (every record) and loss.png, written by rank 0."""
+
+    def __init__(self, out: Path, enabled: bool, resume_step: int | None) -> None:
+        self.path, self.enabled = out / "metrics.jsonl", enabled
+        self.records: list[dict[str, Any]] = []
+        if self.path.exists() and resume_step is None and enabled:
+            self.path.unlink()  # a fresh run in a reused directory starts a fresh log
+        if self.path.exists():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                r = json.loads(line)
+                if resume_step is not None and r["step"] <= resume_step:
+                    self.records.append(r)
+            if enabled:  # drop what was logged after the checkpoint we resume from
+                self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+
+    def log(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+        if self.enabled:
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def plot(self) -> None:
+        if not self.enabled:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        train = [r for r in self.records if r["kind"] == "train"]
+        evals = [r for r in self.records if r["kind"] == "eval"]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot([r["tokens"] for r in train], [r["loss"] for r in train], label="train")
+        if evals:
+            ax.plot(
+                [r["tokens"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval"
+            )
+        ax.set_xlabel("tokens seen")
+        ax.set_ylabel("cross-entropy (nats)")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(self.path.parent / "loss.png", dpi=100)
+        plt.close(fig)
+
+
+def _batches(loader: DataLoader, states: dict[int, dict[str, Any]]) -> Iterator[torch.Tensor]:
+    """Windows from the loader; records each stream's newest position in `states`."""
+    for windows, stream, state in loader:
+        states[stream] = state
+        yield windows
+
+
+def train(
+    cfg: TrainConfig,
+    data: str,
+    out: Path,
+    *,
+    stop_after: int | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Train (or resume from OUT/latest) until train.max_steps, or `stop_after` steps, or
+    SIGTERM; returns a summary (steps, last losses, checkpoint path)."""
+    dd, device = setup_distributed()
+    t = cfg.train
+    out.mkdir(parents=True, exist_ok=True)
+    src = open_source(data, cfg.data.encoding)
+    mcfg = ModelConfig(**cfg.model.model_dump(), vocab_size=padded_vocab(src.n_vocab))
+    ev = reference_eval(src, cfg, out, dd.master)
+    ev_windows = eval_windows(ev["tokens"], t.seq_len, t.eval_batches * t.batch_size)
+
+    torch.manual_seed(t.seed + dd.rank)
+    raw_model = Phi(mcfg).to(device)
+    use_bf16 = t.dtype == "bfloat16" or (t.dtype == "auto" and device.type == "cuda")
+    # The chunked fused loss computes its gradients in fp32; under bf16 autocast the plain loss
+    # (fused by torch.compile) is the better choice.
+    fused_loss = not use_bf16
+    optimizer = torch.optim.AdamW(
+        raw_model.optim_groups(t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), fused=True
+    )
+
+    step, tokens_seen, loader_states, batches_done = 0, 0, {}, 0
+    resume_from = out / "latest"
+    if resume_from.exists():
+        meta = checkpoint.read_meta(resume_from)
+        _check_resume(meta, mcfg, cfg, dd, resume_from)
+        state, _ = checkpoint.load_model_state(resume_from)
+        raw_model.load_state_dict(state)
+        ts = checkpoint.load_train_state(resume_from)
+        optimizer.load_state_dict(ts["optimizer"])
+        step, tokens_seen = ts["step"], ts["tokens_seen"]
+        loader_states = {int(k): v for k, v in ts["loader"]["streams"].items()}
+        batches_done = ts["loader"]["batches"]
+        torch.set_rng_state(ts["rng"][dd.rank])
+        log(f"resumed from {resume_from} at step {step}")
+
+    metrics = Metrics(out, dd.master, step if resume_from.exists() else None)
+    if dd.master:
+        _write_run_info(out, cfg, data, src, mcfg, ev, dd)
+
+    model: Any = raw_model
+    if t.compile:
+        model = torch.compile(model)
+    if dd.world > 1:
+        model = DDP(model, device_ids=[dd.local_rank] if device.type == "cuda" else None)
+
+    n_workers = cfg.data.num_workers
+    dataset = TokenWindows(
+        src,
+        t.seq_len,
+        seed=t.seed,
+        rank=dd.rank,
+        world_size=dd.world,
+        shuffle_block=cfg.data.shuffle_block,
+        exclude=ev["ids"],
+        states=loader_states,
+        worker_offset=batches_done % max(1, n_workers),
+    )
+    loader = DataLoader(
+        dataset,
+        batch_size=t.batch_size,
+        num_workers=n_workers,
+        collate_fn=collate,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=4 if n_workers else None,
+    )
+    batches = _batches(loader, loader_states)
+
+    stop = {"flag": False}
+    # Signal handlers can only be set from the main thread (a Prefect task may run elsewhere).
+    main_thread = threading.current_thread() is threading.main_thread()
+    if main_thread:
+        old_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
+    peak = device_peak(device)
+    flops_tok = raw_model.flops_per_token(t.seq_len)
+    tokens_per_step = t.batch_size * t.seq_len * t.grad_accum * dd.world
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+    )
+    end = t.max_steps if stop_after is None else min(t.max_steps, step + stop_after)
+    last_ckpt: Path | None = None
+    losses: list[float] = []
+    t0 = time.perf_counter()
+    steps_timed = 0
+
+    def evaluate() -> float:
+        raw_model.eval()
+        total, n = 0.0, 0
+        with torch.no_grad(), autocast:
+            for i in range(0, ev_windows.shape[0], t.batch_size):
+                w = ev_windows[i : i + t.batch_size].to(device)
+                total += float(raw_model(w[:, :-1], w[:, 1:], fused_loss=fused_loss)) * w.shape[0]
+                n += w.shape[0]
+        raw_model.train()
+        return total / n
+
+    def save() -> Path | None:
+        streams = _gather(loader_states, dd)
+        rng = _gather_list(torch.get_rng_state(), dd)
+        if not dd.master:
+            return None
+        ts = {
+            "optimizer": optimizer.state_dict(),
+            "step": step,
+            "tokens_seen": tokens_seen,
+            "loader": {"streams": streams, "batches": batches_done},
+            "rng": rng,
+        }
+        meta = {
+            "model": mcfg.to_dict(),
+            "config": cfg.model_dump(),
+            "data": data,
+            "encoding": src.encoding,
+            "n_vocab": src.n_vocab,
+            "eot_token": src.eot_token,
+            "world_size": dd.world,
+            "num_workers": n_workers,
+            "tokens_seen": tokens_seen,
+            "eval_sha256": ev["sha256"],
+        }
+        path = checkpoint.save(out, step, raw_model.state_dict(), ts, meta)
+        metrics.plot()
+        log(f"checkpoint {path}")
+        return path
+
+    model.train()
+    try:
+        while step < end:
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = 0.0
+            for micro in range(t.grad_accum):
+                w = next(batches).to(device, non_blocking=True)
+                batches_done += 1
+                sync = micro == t.grad_accum - 1 or dd.world == 1
+                ctx = model.no_sync() if not sync else contextlib.nullcontext()
+                with ctx, autocast:
+                    loss = model(w[:, :-1], w[:, 1:], fused_loss=fused_loss) / t.grad_accum
+                loss.backward()
+                loss_sum += loss.detach()
+            if t.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            steps_timed += 1
+            tokens_seen += tokens_per_step
+            if step % t.log_every == 0 or step == end:
+                loss_val = _mean(float(loss_sum), dd)
+                losses.append(loss_val)
+                dt = time.perf_counter() - t0
+                tps = tokens_per_step * steps_timed / dt
+                mfu = flops_tok * tps / (peak * dd.world) if peak else None
+                metrics.log(
+                    {"kind": "train", "step": step, "tokens": tokens_seen, "loss": loss_val,
+                     "lr": lr, "tok_per_s": tps, "mfu": mfu}
+                )  # fmt: skip
+                mfu_s = f" | mfu {100 * mfu:.1f}%" if mfu is not None else ""
+                log(f"step {step} | loss {loss_val:.4f} | lr {lr:.2e} | {tps:,.0f} tok/s{mfu_s}")
+                t0, steps_timed = time.perf_counter(), 0
+            if (t.eval_every and step % t.eval_every == 0) or step == end:
+                el = evaluate()
+                metrics.log({"kind": "eval", "step": step, "tokens": tokens_seen, "eval_loss": el})
+                log(f"step {step} | eval loss {el:.4f}")
+            if _any(stop["flag"], dd):
+                log(f"SIGTERM: checkpointing at step {step}")
+                last_ckpt = save()
+                break
+            if (t.ckpt_every and step % t.ckpt_every == 0) or step == end:
+                last_ckpt = save()
+            if steps_timed == 0:  # eval and checkpoints do not count against tokens/s
+                t0 = time.perf_counter()
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, old_handler)
+        del batches, loader
+    return {
+        "step": step,
+        "tokens_seen": tokens_seen,
+        "losses": losses,
+        "checkpoint": str(last_ckpt) if last_ckpt else None,
+        "interrupted": stop["flag"],
+        "rank": dd.rank,
+    }
+
+
+def _check_resume(
+    meta: dict[str, Any], mcfg: ModelConfig, cfg: TrainConfig, dd: Dist, path: Path
+) -> None:
+    if meta["model"] != mcfg.to_dict():
+        raise checkpoint.CheckpointError(
+            f"{path}: the checkpoint's model ({meta['model']}) differs from the config's "
+            "(model section or the dataset's vocabulary); use another --out"
+        )
+    old, new = meta.get("config", {}).get("train", {}), cfg.train.model_dump()
+    for key in ("seq_len", "batch_size", "grad_accum", "seed"):
+        if old.get(key) != new[key]:
+            raise checkpoint.CheckpointError(
+                f"{path}: train.{key} was {old.get(key)} when checkpointed, now {new[key]}: "
+                "an exact resume needs the same value"
+            )
+    for key, now in (("world_size", dd.world), ("num_workers", cfg.data.num_workers)):
+        if meta.get(key) != now:
+            raise checkpoint.CheckpointError(
+                f"{path}: checkpointed with {key}={meta.get(key)}, now {now}: "
+                "an exact resume needs the same value"
+            )
+
+
+def _write_run_info(
+    out: Path, cfg: TrainConfig, data: str, src: TokenSource, mcfg: ModelConfig, ev: dict, dd: Dist
+) -> None:
+    info = {
+        "data": data,
+        "encoding": src.encoding,
+        "n_vocab": src.n_vocab,
+        "model": mcfg.to_dict(),
+        "params": Phi.__name__,
+        "config": cfg.model_dump(),
+        "world_size": dd.world,
+        "eval": {"origin": ev["origin"], "sha256": ev["sha256"], "tokens": int(ev["tokens"].size)},
+    }
+    (out / "run.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+
+
+def _mean(x: float, dd: Dist) -> float:
+    if dd.world == 1:
+        return x
+    t = torch.tensor([x], dtype=torch.float64, device=dd.device)
+    dist.all_reduce(t)
+    return float(t.item()) / dd.world
+
+
+def _any(flag: bool, dd: Dist) -> bool:
+    if dd.world == 1:
+        return flag
+    t = torch.tensor([int(flag)], device=dd.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _gather(states: dict[int, dict[str, Any]], dd: Dist) -> dict[int, dict[str, Any]]:
+    if dd.world == 1:
+        return dict(states)
+    parts: list[Any] = [None] * dd.world
+    dist.all_gather_object(parts, states)
+    merged: dict[int, dict[str, Any]] = {}
+    for p in parts:
+        merged.update(p)
+    return merged
+
+
+def _gather_list(x: torch.Tensor, dd: Dist) -> list[torch.Tensor]:
+    if dd.world == 1:
+        return [x]
+    parts: list[Any] = [None] * dd.world
+    dist.all_gather_object(parts, x)
+    return parts
