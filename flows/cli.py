@@ -249,6 +249,23 @@ def topics_show(file: Annotated[Path, typer.Argument(help="Topic seed file.")]) 
     console.print(f"{len(seeds)} topics")
 
 
+def _register_stage_commands() -> None:
+    """Each stage's commands live beside it in flows/cli_<stage>.py."""
+    from flows import cli_dedup, cli_quality, cli_shards, cli_train
+
+    app.command("dedup")(cli_dedup.dedup)
+    app.add_typer(cli_dedup.index_app, name="dedup-index")
+    app.command("filter")(cli_quality.filter_command)
+    app.add_typer(cli_quality.quality_app, name="quality")
+    app.command("verify")(cli_shards.verify)
+    app.command("export")(cli_shards.export)
+    app.add_typer(cli_shards.datasets_app, name="datasets")
+    app.add_typer(cli_train.app, name="train")
+
+
+_register_stage_commands()
+
+
 def main() -> None:
     app(prog_name="booksmith")
 

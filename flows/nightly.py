@@ -1,4 +1,4 @@
-"""The nightly flow: seeds -> plan -> generate -> filter -> dataset version.
+"""The nightly flow: seeds -> plan -> generate -> filter -> dataset version -> index commit.
 
 A flow wires stages; each stage is a plain function in its own package. Tasks declare their
 retries and cache policies here. Generation is idempotent (the durable response cache under
@@ -25,7 +25,8 @@ from prefect.artifacts import (
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from filters import ChainResult, default_chain, run_chain
+from filters import ChainResult, nightly_chain, run_chain
+from filters.dedup import commit, open_index, reconcile
 from flows.report import render_report
 from generation import progress
 from generation.backends import model_name, open_endpoint
@@ -37,9 +38,9 @@ from generation.plan import build_plan
 from generation.seeds import load_seeds
 from prompts import PromptLibrary
 from schemas import Document, GenerationRequest, GenerationResult, TopicSeed
-from schemas.config import RunConfig, load_config
+from schemas.config import EncodingFile, RunConfig, load_config
 from shards.dataset import write_version
-from shards.encodings import get_encoding
+from shards.encodings import EncodingSpec, get_encoding
 from shards.version import new_run_id, state_dir
 
 PROGRESS_EVERY_S = 5.0
@@ -48,6 +49,12 @@ PROGRESS_EVERY_S = 5.0
 def seed_for(day: date) -> int:
     """A scheduled run's seed comes from its date, so each night plans new text."""
     return int(day.strftime("%Y%m%d"))
+
+
+def encoding_spec(entry: str | EncodingFile) -> EncodingSpec:
+    if isinstance(entry, str):
+        return EncodingSpec(entry)
+    return EncodingSpec(entry.name, entry.bpe_file, entry.sha256)
 
 
 def resolve_config(
@@ -133,8 +140,43 @@ def make_documents(
 
 
 @task(cache_policy=NO_CACHE)
-def filter_documents(docs: list[Document]) -> ChainResult:
-    return run_chain(docs, default_chain())
+def sync_index(cfg: RunConfig) -> dict[str, Any]:
+    """Index versions whose commit a crash cut off; with a file index, also drop entries of
+    versions deleted by hand. (A shared Redis index serves other output directories too, so
+    it is never pruned from here.)"""
+    index = open_index(cfg.dedup, cfg.output.dir)
+    if index is None:
+        return {}
+    try:
+        done = reconcile(index, cfg.output.dir, cfg.dedup, prune=cfg.dedup.index == "file")
+    finally:
+        index.close()
+    return {"added": done.added, "removed": done.removed}
+
+
+@task(cache_policy=NO_CACHE)
+def filter_documents(docs: list[Document], cfg: RunConfig) -> ChainResult:
+    """Exact dedup, the quality chain, then MinHash dedup; the index is only read here."""
+    index = open_index(cfg.dedup, cfg.output.dir)
+    try:
+        chain = nightly_chain(cfg.filters, cfg.dedup, index, state=state_dir(cfg.output.dir))
+        return run_chain(docs, chain)
+    finally:
+        if index is not None:
+            index.close()
+
+
+@task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def commit_index(cfg: RunConfig, run_id: str, kept: list[Document]) -> int:
+    """Add this run's documents to the MinHash index: only after its manifest exists, so a run
+    killed before that never finds its own documents there when it is run again."""
+    index = open_index(cfg.dedup, cfg.output.dir)
+    if index is None:
+        return 0
+    try:
+        return commit(index, run_id, kept, cfg.dedup)
+    finally:
+        index.close()
 
 
 @task(retries=1, cache_policy=NO_CACHE)
@@ -172,7 +214,11 @@ def write_dataset(
         rejected=chain.rejected,
         failures=failures,
         shard_rows=cfg.output.shard_rows,
+        shard_bytes=cfg.output.shard_bytes,
         encoding=cfg.output.encoding,
+        encodings=[encoding_spec(e) for e in cfg.output.encodings],
+        pack_seq_len=cfg.output.pack_seq_len,
+        card=cfg.output.card.model_dump(exclude_none=True),
         config=cfg.model_dump(mode="json"),
         config_hash=cfg.config_hash(),
         counts=counts,
@@ -216,11 +262,15 @@ def nightly(
     cfg.output.dir.mkdir(parents=True, exist_ok=True)
     run_id = new_run_id(cfg.output.dir)
     logger.info("run %s: %d topics, %d requests, seed %d", run_id, len(seeds), len(plan), run_seed)
+    synced = sync_index(cfg)
+    if synced.get("added") or synced.get("removed"):
+        logger.info("dedup index reconciled with %s: %s", cfg.output.dir, synced)
     report = generate(plan, cfg, run_id)
     docs, failures = make_documents(plan, report, cfg, run_id)
-    chain = filter_documents(docs)
+    chain = filter_documents(docs, cfg)
     manifest = write_dataset(cfg, run_id, run_seed, plan, report, chain, failures)
     version_dir = cfg.output.dir / run_id
+    commit_index(cfg, run_id, chain.kept)
     report_md = render_report(version_dir)
     publish_artifacts(report_md, failures, run_id)
     logger.info("wrote %s: %d documents", version_dir, manifest["documents"])

@@ -13,6 +13,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from filters.dedup.settings import DedupSettings
+from filters.settings import FilterSettings
 from schemas.records import Sampling, canonical_json
 
 
@@ -85,10 +87,41 @@ class ExpansionSettings(_Strict):
     )
 
 
+class CardSettings(_Strict):
+    """What the dataset card (README.md front matter) says about the data."""
+
+    license: str = "other"  # the generator's license governs the text; say which
+    language: list[str] = Field(default_factory=lambda: ["en"])
+    pretty_name: str | None = None  # None: "booksmith <run_id>"
+
+
+class EncodingFile(_Strict):
+    """A tiktoken encoding whose BPE file is not bundled: supplied by path, its sha256 checked."""
+
+    name: str  # tiktoken's name for it, e.g. "o200k_base"
+    bpe_file: Path
+    sha256: str | None = None
+
+
 class OutputSettings(_Strict):
     dir: Path = Path("out")
-    shard_rows: int = Field(default=50_000, ge=1)
+    shard_rows: int | None = Field(default=50_000, ge=1)  # rows per shard (None: bytes only)
+    shard_bytes: int | None = Field(default=256 * 2**20, ge=1)  # about 256 MB of Parquet
     encoding: str = "cl100k_base"  # the primary encoding that `n_tokens` counts in
+    # More token shards: "smollm2" (the bundled model's BPE), any tiktoken name whose file is
+    # in tiktoken's cache, or {name, bpe_file, sha256} for a BPE file supplied by path.
+    encodings: list[str | EncodingFile] = Field(default_factory=list)
+    pack_seq_len: int | None = Field(default=None, ge=8)  # also write packed rows of this + 1
+    card: CardSettings = Field(default_factory=CardSettings)
+
+
+class TrainSettings(_Strict):
+    """Train the bundled Phi model on each new version (off by default: it is for evaluation)."""
+
+    enabled: bool = False
+    config: Path | None = None  # a trainer YAML; None: trainer/configs/tiny.yaml
+    out: Path | None = None  # None: <output.dir>/_train/<run_id>
+    max_steps: int | None = Field(default=None, ge=1)
 
 
 class RunConfig(_Strict):
@@ -99,6 +132,9 @@ class RunConfig(_Strict):
     embedded: EmbeddedSettings = Field(default_factory=EmbeddedSettings)
     expansion: ExpansionSettings = Field(default_factory=ExpansionSettings)
     output: OutputSettings = Field(default_factory=OutputSettings)
+    dedup: DedupSettings = Field(default_factory=DedupSettings)
+    filters: FilterSettings = Field(default_factory=FilterSettings)
+    train: TrainSettings = Field(default_factory=TrainSettings)
 
     def config_hash(self) -> str:
         """Hash of what shapes the output (paths excluded), recorded in the manifest."""

@@ -231,3 +231,4 @@ class Rejected(Document):
 
     reason: str
     duplicate_of: str | None = None
+    detail: str | None = None  # JSON: the figures that decided it (score, threshold, span)

@@ -49,7 +49,7 @@ def fake_backend_config(base_url: str, out: Path, **generation: Any) -> dict[str
         "max_concurrency": 8,
         "timeout_s": 2.0,
         "max_retries": 4,
-        "sampling": {"max_tokens": 64},
+        "sampling": {"max_tokens": 256},  # over the 150-token minimum of the filters
     }
     gen.update(generation)
     return {"seed": 7, "generation": gen, "output": {"dir": str(out)}, "plan": {"limit": 12}}

@@ -41,14 +41,19 @@ def test_run_on_the_embedded_model(prefect_api: str, tmp_path: Path, write_confi
     gen = manifest["counts"]["generate"]
     assert gen["planned"] == 4 == gen["completed"] + gen["failed"]
     assert gen["completion_tokens"] > 0 and gen["failed"] == 0
-    rows = pq.read_table(version / "text").to_pylist()
-    assert len(rows) >= 3
+    # 32 tokens make short, truncated texts: the default filters reject them, with reasons.
+    kept = pq.read_table(version / "text").to_pylist()
+    rejected = pq.read_table(version / "rejected").to_pylist()
+    rows = kept + rejected
+    assert len(rows) == 4 == manifest["documents"] + manifest["counts"]["rejected"]
     for row in rows:
         assert row["backend"] == "embedded" and row["model"]
         assert len(row["text"].split()) >= 5  # real generated words
         assert 0 < row["n_tokens"] <= 60
         assert row["finish_reason"] in ("stop", "length")
     assert any(r["finish_reason"] == "length" and r["truncated"] for r in rows)
+    for row in rejected:
+        assert row["reason"] in ("truncated:finish_length", "too_short:tokens"), row["reason"]
 
 
 def test_topics_expand_on_the_embedded_model(

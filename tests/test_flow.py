@@ -77,11 +77,15 @@ def test_nightly_writes_a_complete_dataset_version(
     assert all(t.strip() for t in text.column("text").to_pylist())
     assert sum(text.column("n_tokens").to_pylist()) == manifest["tokens"]["cl100k_base"]["tokens"]
     assert set(text.column("backend").to_pylist()) == {"openai"}
-    truncated = [r for r in text.to_pylist() if r["truncated"]]
-    assert truncated and all(r["finish_reason"] == "length" for r in truncated)
+    assert not any(text.column("truncated").to_pylist())  # dropped by default
 
     rejected = pq.read_table(version / "rejected").to_pylist()
-    assert {r["reason"] for r in rejected} == {"empty:no_text"}
+    by_reason = {r["reason"]: r for r in rejected}
+    assert set(by_reason) == {"empty:no_text", "truncated:finish_length"}
+    assert by_reason["truncated:finish_length"]["finish_reason"] == "length"
+    assert manifest["counts"]["filter"]["generation_artifacts"]["truncated:finish_length"] == sum(
+        r["reason"] == "truncated:finish_length" for r in rejected
+    )
     failures = pq.read_table(version / "failures.parquet").to_pylist()
     assert len(failures) == gen["failed"] and all(f["error"] == "http_400" for f in failures)
 
@@ -95,7 +99,7 @@ def test_nightly_writes_a_complete_dataset_version(
         f"SELECT count(*), count(DISTINCT topic) FROM read_parquet('{version}/text/*.parquet')"
     ).fetchone()
     assert n == manifest["documents"] and topics > 1
-    assert json.loads(text.column("sampling")[0].as_py())["max_tokens"] == 64
+    assert json.loads(text.column("sampling")[0].as_py())["max_tokens"] == 256
 
     # the diversity report is in the manifest and the rendered report
     div = manifest["diversity"]
@@ -115,8 +119,11 @@ def test_nightly_writes_a_complete_dataset_version(
 def test_same_config_and_seed_rerun_is_identical_and_requests_nothing(
     prefect_api: str, server: FakeServer, tmp_path: Path, write_config
 ) -> None:
+    # Without the cross-run index, a rerun writes the same documents again from the cache.
     out = tmp_path / "out"
-    config = write_config(fake_backend_config(server.base_url, out))
+    cfg = fake_backend_config(server.base_url, out)
+    cfg["dedup"] = {"index": "none"}
+    config = write_config(cfg)
     first = run_flow(config)
     requests_before = server.stats()["requests"]
     second = run_flow(config)
@@ -128,6 +135,32 @@ def test_same_config_and_seed_rerun_is_identical_and_requests_nothing(
     assert pq.read_table(first / "plan.parquet").equals(pq.read_table(second / "plan.parquet"))
     gen = read_manifest(second)["counts"]["generate"]
     assert gen["cached"] == gen["completed"] and gen["requests"] == 0
+
+
+def test_a_second_run_drops_what_earlier_runs_kept(
+    prefect_api: str, server: FakeServer, tmp_path: Path, write_config
+) -> None:
+    # With the default file index, the rerun's documents are the first run's: all dropped as
+    # exact duplicates of the documents already in the first version.
+    out = tmp_path / "out"
+    config = write_config(fake_backend_config(server.base_url, out))
+    first = run_flow(config)
+    kept_first = pq.read_table(first / "text").column("id").to_pylist()
+    assert kept_first
+    second = run_flow(config)
+    assert pq.read_table(second / "text").num_rows == 0
+    rejected = pq.read_table(second / "rejected").to_pylist()
+    dups = {r["id"]: r for r in rejected if r["reason"] == "dedup_exact"}
+    assert set(dups) == set(kept_first)
+    assert all(r["duplicate_of"] == i for i, r in dups.items())  # the same document, earlier
+    assert read_manifest(second)["counts"]["filter"]["dedup_exact"]["dedup_exact"] == len(dups)
+
+    # A third run with a new seed plans new requests: kept, none of them a first-run document.
+    cfg = fake_backend_config(server.base_url, out)
+    cfg["seed"] = 8
+    third = run_flow(write_config(cfg, "third.yaml"))
+    kept_third = pq.read_table(third / "text").column("id").to_pylist()
+    assert kept_third and not set(kept_third) & set(kept_first)
 
 
 def test_a_different_seed_plans_different_requests(

@@ -174,7 +174,7 @@ def test_arrow_schemas_derive_from_the_records() -> None:
     assert schema.names == list(Document.model_fields)
     assert schema.field("topic_path").type == pa.list_(pa.string())
     assert schema.field("quality_score").nullable and not schema.field("text").nullable
-    assert arrow_schema(Rejected).names[-2:] == ["reason", "duplicate_of"]
+    assert arrow_schema(Rejected).names[-3:] == ["reason", "duplicate_of", "detail"]
     reqs = plan(limit=3)
     table = to_table(reqs, GenerationRequest)
     assert table.num_rows == 3
