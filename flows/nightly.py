@@ -39,9 +39,10 @@ from generation.seeds import load_seeds
 from prompts import PromptLibrary
 from schemas import Document, GenerationRequest, GenerationResult, TopicSeed
 from schemas.config import EncodingFile, RunConfig, load_config
+from schemas.crashpoints import crash_point
 from shards.dataset import write_version
 from shards.encodings import EncodingSpec, get_encoding
-from shards.version import new_run_id, state_dir
+from shards.version import claim_run_dir, release_run_dir, state_dir, sweep_abandoned
 
 PROGRESS_EVERY_S = 5.0
 
@@ -160,7 +161,9 @@ def filter_documents(docs: list[Document], cfg: RunConfig) -> ChainResult:
     index = open_index(cfg.dedup, cfg.output.dir)
     try:
         chain = nightly_chain(cfg.filters, cfg.dedup, index, state=state_dir(cfg.output.dir))
-        return run_chain(docs, chain)
+        result = run_chain(docs, chain)
+        crash_point("filter.done")
+        return result
     finally:
         if index is not None:
             index.close()
@@ -259,8 +262,10 @@ def nightly(
     logger = get_run_logger()
     seeds = load_topics(cfg)
     plan = plan_requests(seeds, cfg, run_seed)
-    cfg.output.dir.mkdir(parents=True, exist_ok=True)
-    run_id = new_run_id(cfg.output.dir)
+    abandoned = sweep_abandoned(cfg.output.dir)
+    if abandoned:
+        logger.info("removed the unfinished directories of killed runs: %s", abandoned)
+    run_id = claim_run_dir(cfg.output.dir)
     logger.info("run %s: %d topics, %d requests, seed %d", run_id, len(seeds), len(plan), run_seed)
     synced = sync_index(cfg)
     if synced.get("added") or synced.get("removed"):
@@ -270,7 +275,10 @@ def nightly(
     chain = filter_documents(docs, cfg)
     manifest = write_dataset(cfg, run_id, run_seed, plan, report, chain, failures)
     version_dir = cfg.output.dir / run_id
+    crash_point("index.commit")
     commit_index(cfg, run_id, chain.kept)
+    crash_point("index.committed")
+    release_run_dir(version_dir)
     report_md = render_report(version_dir)
     publish_artifacts(report_md, failures, run_id)
     logger.info("wrote %s: %d documents", version_dir, manifest["documents"])

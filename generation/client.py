@@ -26,6 +26,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_aft
 from generation.cache import ResponseCache
 from schemas import GenerationRequest, GenerationResult
 from schemas.config import Budget, Price
+from schemas.crashpoints import crash_point
 
 
 @dataclass(frozen=True)
@@ -373,6 +374,7 @@ class GenerationClient:
                     self._reserved -= estimate
                 if result.ok and self.cache is not None:
                     self.cache.put(result)
+                    crash_point("generate.result")
                 self._account(result, cached=False)
 
         try:

@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 
 from schemas import SCHEMA_VERSION, Document, GenerationRequest, GenerationResult, Rejected
 from schemas.arrow import to_table
+from schemas.crashpoints import crash_point
 from shards.card import render_card
 from shards.encodings import EncodingSpec
 from shards.tokens import write_token_shards
@@ -171,6 +172,7 @@ def write_version(
         "shards": [s.to_json() for s in shards],
         **(extra or {}),
     }
+    crash_point("shards.manifest")
     commit_manifest(root, manifest)  # last: only now is the directory a dataset
     return manifest
 

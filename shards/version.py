@@ -7,12 +7,16 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import socket
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 MANIFEST = "manifest.json"
 STATE_DIR = "_state"
+OWNER = ".owner"  # {host, pid} of the run writing a version, until its manifest exists
 
 
 def state_dir(out: Path) -> Path:
@@ -28,6 +32,59 @@ def new_run_id(out: Path, now: datetime | None = None) -> str:
         n += 1
         run_id = f"{base}-{n}"
     return run_id
+
+
+def claim_run_dir(out: Path, now: datetime | None = None) -> str:
+    """A new run id whose directory this process now owns (mkdir is atomic, so two runs that
+    start in the same second get different ids). The owner file lets a later run tell an
+    abandoned directory (its process is gone) from one still being written."""
+    out.mkdir(parents=True, exist_ok=True)
+    while True:
+        run_id = new_run_id(out, now)
+        try:
+            (out / run_id).mkdir()
+        except FileExistsError:
+            continue
+        owner = {"host": socket.gethostname(), "pid": os.getpid()}
+        (out / run_id / OWNER).write_text(json.dumps(owner), encoding="utf-8")
+        return run_id
+
+
+def release_run_dir(root: Path) -> None:
+    (root / OWNER).unlink(missing_ok=True)
+
+
+def _owner_gone(root: Path) -> bool:
+    try:
+        owner = json.loads((root / OWNER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False  # no owner file: not ours to judge
+    if owner.get("host") != socket.gethostname():
+        return False  # another machine's run: we cannot see its process
+    try:
+        os.kill(int(owner["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, KeyError, ValueError):
+        return False
+    return False
+
+
+def sweep_abandoned(out: Path) -> list[str]:
+    """Remove the directories of runs killed before their manifest (never datasets, so no
+    reader saw them); returns their names. Runs still writing are left alone."""
+    removed = []
+    for path in sorted(out.iterdir()) if out.is_dir() else []:
+        if not path.is_dir() or path.name == STATE_DIR or not (path / OWNER).exists():
+            continue
+        if is_dataset(path):
+            if _owner_gone(path):
+                release_run_dir(path)  # killed between its manifest and the release
+            continue
+        if _owner_gone(path):
+            shutil.rmtree(path)
+            removed.append(path.name)
+    return removed
 
 
 def is_dataset(path: Path) -> bool:

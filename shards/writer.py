@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel
 
 from schemas.arrow import arrow_schema, to_table
+from schemas.crashpoints import crash_point
 
 ROW_GROUP_ROWS = 2_000  # small enough to stream a shard, large enough to compress well
 ROW_GROUP_BYTES = 64 << 20  # and at most this much uncompressed Arrow data per row group
@@ -90,6 +91,7 @@ def commit(tmp: Path, path: Path) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_dir(path.parent)
+    crash_point("shards.file")
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
