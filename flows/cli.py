@@ -57,18 +57,21 @@ class _GenerationProgress:
             transient=False,
         )
         self.task = self.progress.add_task("generate", total=None, rate=0.0, failed=0)
+        self.parts: dict[tuple[str, int], Any] = {}
 
     def __call__(self, event: str, data: dict[str, Any]) -> None:
         if event == "plan":
             self.progress.update(self.task, total=data["total"])
         elif event == "generation":
+            # Partitions (and fill rounds) report separately: sum the latest of each.
             report = data["report"]
-            done = report.completed + report.failed + report.skipped_budget
+            self.parts[(data.get("part", ""), id(report))] = report
+            reports = self.parts.values()
             self.progress.update(
                 self.task,
-                completed=done,
-                rate=report.completion_tokens_per_s_live(),
-                failed=report.failed,
+                completed=sum(r.completed + r.failed + r.skipped_budget for r in reports),
+                rate=sum(r.completion_tokens_per_s_live() for r in reports),
+                failed=sum(r.failed for r in reports),
             )
 
 
@@ -99,12 +102,13 @@ def run(
         )
         load_seeds(cfg.topics)
         from flows.nightly import nightly
+        from flows.runners import with_runner
 
         bar = _GenerationProgress()
         unsubscribe = progress.subscribe(bar)
         try:
             with bar.progress:
-                version_dir = nightly(
+                version_dir = with_runner(nightly, cfg)(
                     config=str(config) if config else None,
                     topics=str(topics) if topics else None,
                     out=str(out) if out else None,

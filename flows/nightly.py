@@ -27,24 +27,42 @@ from prefect.runtime import flow_run
 
 from filters import ChainResult, nightly_chain, run_chain
 from filters.dedup import commit, open_index, reconcile
+from flows.export import export_version
 from flows.report import render_report
 from generation import progress
-from generation.backends import model_name, open_endpoint
+from generation.backends import model_name, open_endpoints
 from generation.cache import ResponseCache
-from generation.client import GenerationClient, GenerationReport
+from generation.client import Endpoint, GenerationClient, GenerationReport
+from generation.coverage import deficit, seeds_for, select_topics
 from generation.diversity import diversity_report
 from generation.documents import to_documents
 from generation.plan import build_plan
+from generation.scaleout import assign, merge_reports, partition, share_budget
 from generation.seeds import load_seeds
 from prompts import PromptLibrary
 from schemas import Document, GenerationRequest, GenerationResult, TopicSeed
-from schemas.config import EncodingFile, RunConfig, load_config
+from schemas.config import Budget, EncodingFile, FillSettings, RunConfig, load_config
 from schemas.crashpoints import crash_point
 from shards.dataset import write_version
 from shards.encodings import EncodingSpec, get_encoding
 from shards.version import claim_run_dir, release_run_dir, state_dir, sweep_abandoned
 
 PROGRESS_EVERY_S = 5.0
+
+
+def _stop_reason(
+    fill: FillSettings, need: dict[str, int], report: GenerationReport, rounds: int
+) -> str | None:
+    """Why the run stops planning more (None: plan another round)."""
+    if not fill.enabled:
+        return "single_round"
+    if not need:
+        return "target_met"
+    if report.budget_exhausted:
+        return "budget_exhausted"
+    if rounds >= fill.max_rounds:
+        return "max_rounds"
+    return None
 
 
 def seed_for(day: date) -> int:
@@ -75,38 +93,65 @@ def resolve_config(
 
 
 @task(cache_policy=NO_CACHE)
-def load_topics(cfg: RunConfig) -> list[TopicSeed]:
-    return load_seeds(cfg.topics)
+def load_topics(cfg: RunConfig) -> tuple[list[TopicSeed], dict[str, Any]]:
+    """The seed file's topics, narrowed to this run's share when `plan.topics_per_run` is set."""
+    return select_topics(load_seeds(cfg.topics), cfg.plan, cfg.output.dir)
 
 
-@task(cache_policy=NO_CACHE)
-def plan_requests(seeds: list[TopicSeed], cfg: RunConfig, seed: int) -> list[GenerationRequest]:
+def _plan(seeds: list[TopicSeed], cfg: RunConfig, seed: int, **kw: Any) -> list[GenerationRequest]:
     return build_plan(
         seeds,
         PromptLibrary(cfg.plan.axes, cfg.plan.templates),
         model=model_name(cfg.generation),
         sampling=cfg.generation.sampling,
         seed=seed,
-        samples_per_topic=cfg.plan.samples_per_topic,
-        limit=cfg.plan.limit,
         seed_words=cfg.plan.seed_words,
         covered_units=cfg.plan.covered_units,
         system_prompt=cfg.plan.system_prompt,
+        **kw,
     )
 
 
+@task(cache_policy=NO_CACHE)
+def plan_requests(seeds: list[TopicSeed], cfg: RunConfig, seed: int) -> list[GenerationRequest]:
+    return _plan(
+        seeds, cfg, seed, samples_per_topic=cfg.plan.samples_per_topic, limit=cfg.plan.limit
+    )
+
+
+@task(cache_policy=NO_CACHE)
+def plan_fill_round(
+    wanted: list[tuple[TopicSeed, int]], cfg: RunConfig, seed: int, round_no: int,
+    planned: set[str],
+) -> list[GenerationRequest]:  # fmt: skip
+    """More requests for the topics whose targets the kept documents have not met yet."""
+    seeds = [t.model_copy(update={"weight": float(n)}) for t, n in wanted]
+    plan = _plan(seeds, cfg, seed, samples_per_topic=1, salt=f"-fill-{round_no}")
+    return [r for r in plan if r.id not in planned]
+
+
 @task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
-def generate(plan: list[GenerationRequest], cfg: RunConfig, run_id: str) -> GenerationReport:
+def generate(
+    plan: list[GenerationRequest],
+    endpoint: Endpoint,
+    cfg: RunConfig,
+    run_id: str,
+    budget: Budget,
+    part: str = "",
+) -> GenerationReport:
+    """One partition of the plan against one endpoint (a run has one partition unless
+    `generation.partitions` or several endpoints ask for more)."""
     gen = cfg.generation
     cache = ResponseCache(state_dir(cfg.output.dir) / "responses.sqlite")
     encoding = get_encoding(cfg.output.encoding)
 
     # A progress artifact in the Prefect UI, updated at most every few seconds.
-    artifact = cast(UUID, create_progress_artifact(0.0, description=f"generation of run {run_id}"))
+    label = f"generation{' ' + part if part else ''} of run {run_id}"
+    artifact = cast(UUID, create_progress_artifact(0.0, description=label))
     last_update = [time.monotonic()]
 
     def on_result(result: GenerationResult, report: GenerationReport) -> None:
-        progress.emit("generation", result=result, report=report)
+        progress.emit("generation", result=result, report=report, part=part)
         done = report.completed + report.failed + report.skipped_budget
         now = time.monotonic()
         if now - last_update[0] >= PROGRESS_EVERY_S or done == report.planned:
@@ -115,22 +160,48 @@ def generate(plan: list[GenerationRequest], cfg: RunConfig, run_id: str) -> Gene
             # _sync: we are inside the client's event loop; a short blocking call is fine here
             update_progress_artifact(artifact, share, _sync=True)  # type: ignore[call-arg]
 
-    progress.emit("plan", total=len(plan))
     try:
-        with open_endpoint(gen, cfg.embedded) as endpoint:
-            client = GenerationClient(
-                endpoint,
-                cache=cache,
-                run_id=run_id,
-                prices=gen.prices,
-                budget=gen.budget,
-                retry_failed=gen.retry_failed,
-                on_result=on_result,
-                token_counter=lambda text: len(encoding.encode_ordinary(text)),
-            )
-            return asyncio.run(client.run(plan))
+        client = GenerationClient(
+            endpoint,
+            cache=cache,
+            run_id=run_id,
+            prices=gen.prices,
+            budget=budget,
+            retry_failed=gen.retry_failed,
+            on_result=on_result,
+            token_counter=lambda text: len(encoding.encode_ordinary(text)),
+        )
+        return asyncio.run(client.run(plan))
     finally:
         cache.close()
+
+
+def generate_all(
+    plan: list[GenerationRequest], endpoints: list[Endpoint], cfg: RunConfig, run_id: str,
+    budget: Budget,
+) -> GenerationReport:  # fmt: skip
+    """Every partition as its own task, side by side on the flow's task runner."""
+    parts = partition(plan, cfg.generation.partitions or len(endpoints))
+    shares = assign(parts, endpoints)
+    each = share_budget(budget, len(parts))
+    if len(parts) == 1:
+        return generate(parts[0], shares[0], cfg, run_id, each)
+    futures = [
+        generate.submit(part, endpoint, cfg, run_id, each, f"part {k + 1}/{len(parts)}")
+        for k, (part, endpoint) in enumerate(zip(parts, shares, strict=True))
+    ]
+    return merge_reports([f.result() for f in futures])
+
+
+def remaining(budget: Budget, spent: GenerationReport) -> Budget:
+    """What the budget leaves after earlier rounds (None stays unlimited)."""
+    tokens = spent.prompt_tokens + spent.completion_tokens
+    return Budget(
+        max_tokens=max(1, budget.max_tokens - tokens) if budget.max_tokens else None,
+        max_cost_usd=max(1e-9, budget.max_cost_usd - spent.cost_usd)
+        if budget.max_cost_usd
+        else None,
+    )
 
 
 @task(cache_policy=NO_CACHE)
@@ -191,6 +262,8 @@ def write_dataset(
     report: GenerationReport,
     chain: ChainResult,
     failures: list[GenerationResult],
+    selection: dict[str, Any] | None = None,
+    fill: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     library = PromptLibrary(cfg.plan.axes, cfg.plan.templates)
     diversity = diversity_report(
@@ -203,7 +276,8 @@ def write_dataset(
         },
     )
     counts = {
-        "plan": {"requests": len(plan)},
+        "plan": {"requests": len(plan), "topics": selection or {}},
+        "fill": fill or {},
         "generate": report.summary(),
         "filter": chain.counts,
         "kept": len(chain.kept),
@@ -260,7 +334,7 @@ def nightly(
     started = flow_run.scheduled_start_time or datetime.now(UTC)
     run_seed = cfg.seed if cfg.seed is not None else seed_for(started.astimezone(UTC).date())
     logger = get_run_logger()
-    seeds = load_topics(cfg)
+    seeds, selection = load_topics(cfg)
     plan = plan_requests(seeds, cfg, run_seed)
     abandoned = sweep_abandoned(cfg.output.dir)
     if abandoned:
@@ -270,10 +344,43 @@ def nightly(
     synced = sync_index(cfg)
     if synced.get("added") or synced.get("removed"):
         logger.info("dedup index reconciled with %s: %s", cfg.output.dir, synced)
-    report = generate(plan, cfg, run_id)
-    docs, failures = make_documents(plan, report, cfg, run_id)
-    chain = filter_documents(docs, cfg)
-    manifest = write_dataset(cfg, run_id, run_seed, plan, report, chain, failures)
+
+    progress.emit("plan", total=len(plan))
+    docs: list[Document] = []
+    failures: list[GenerationResult] = []
+    reports: list[GenerationReport] = []
+    rounds: list[dict[str, Any]] = []
+    round_plan, fill = plan, cfg.fill
+    with open_endpoints(cfg.generation, cfg.embedded) as endpoints:
+        while True:
+            budget = remaining(cfg.generation.budget, merge_reports(reports))
+            report = generate_all(round_plan, endpoints, cfg, run_id, budget)
+            new_docs, new_failures = make_documents(round_plan, report, cfg, run_id)
+            reports.append(report)
+            docs += new_docs
+            failures += new_failures
+            # Each round filters every document so far: dedup sees all rounds together.
+            chain = filter_documents(docs, cfg)
+            need = deficit(fill, chain.kept, seeds) if fill.enabled else {}
+            rounds.append({"planned": len(round_plan), "kept_total": len(chain.kept)})
+            stop = _stop_reason(fill, need, report, len(rounds))
+            if stop is not None:
+                break
+            keep_rate = len(chain.kept) / max(1, len(plan))  # kept per request so far
+            wanted = seeds_for(need, seeds, keep_rate, fill.oversample)
+            round_plan = plan_fill_round(wanted, cfg, run_seed, len(rounds), {r.id for r in plan})
+            plan = plan + round_plan
+            progress.emit("plan", total=len(plan))
+            if not round_plan:
+                stop = "nothing_to_plan"
+                break
+    report = merge_reports(reports)
+    fill_account: dict[str, Any] = {"stopped": stop, "rounds": rounds, "short": need}
+    if fill.enabled:
+        logger.info("fill: %s after %d round(s); still short: %s", stop, len(rounds), need or "-")
+    manifest = write_dataset(
+        cfg, run_id, run_seed, plan, report, chain, failures, selection, fill_account
+    )
     version_dir = cfg.output.dir / run_id
     crash_point("index.commit")
     commit_index(cfg, run_id, chain.kept)
@@ -281,5 +388,18 @@ def nightly(
     release_run_dir(version_dir)
     report_md = render_report(version_dir)
     publish_artifacts(report_md, failures, run_id)
+    if cfg.export.to:
+        target = cfg.export.to.rstrip("/") + "/" + run_id
+        export_version(version_dir, target, cfg.export.workers, cfg.export.verify)
+    if cfg.train.enabled:
+        from flows.train import train_flow
+
+        train_out = cfg.train.out or state_dir(cfg.output.dir) / "train" / run_id
+        train_flow(
+            data=str(version_dir),
+            config=str(cfg.train.config) if cfg.train.config else None,
+            out=str(train_out),
+            max_steps=cfg.train.max_steps,
+        )
     logger.info("wrote %s: %d documents", version_dir, manifest["documents"])
     return str(version_dir)

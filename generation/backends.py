@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from generation.client import Endpoint
-from schemas.config import EmbeddedSettings, GenerationSettings
+from schemas.config import EmbeddedSettings, EndpointSettings, GenerationSettings
 
 EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
 
@@ -80,4 +80,34 @@ def open_endpoint(settings: GenerationSettings, embedded: EmbeddedSettings) -> I
         backend=settings.backend,
         max_concurrency=settings.max_concurrency,
         **common,  # type: ignore[arg-type]
+    )
+
+
+@contextmanager
+def open_endpoints(
+    settings: GenerationSettings, embedded: EmbeddedSettings
+) -> Iterator[list[Endpoint]]:
+    """Every endpoint the run may use: `generation.endpoints`, or the one `open_endpoint` gives
+    (the embedded server is started once here and shared by every generation task)."""
+    if not settings.endpoints:
+        with open_endpoint(settings, embedded) as endpoint:
+            yield [endpoint]
+        return
+    yield [_extra_endpoint(settings, e) for e in settings.endpoints]
+
+
+def _extra_endpoint(settings: GenerationSettings, e: EndpointSettings) -> Endpoint:
+    own = settings.model_copy(
+        update={"base_url": e.base_url, "api_key_env": e.api_key_env or settings.api_key_env}
+    )
+    return Endpoint(
+        base_url=e.base_url,
+        api_key=api_key(own),
+        backend=settings.backend,
+        model=model_name(settings),
+        max_concurrency=e.max_concurrency or settings.max_concurrency,
+        rpm=e.requests_per_minute or settings.requests_per_minute,
+        tpm=e.tokens_per_minute or settings.tokens_per_minute,
+        timeout_s=settings.timeout_s,
+        max_retries=settings.max_retries,
     )

@@ -67,8 +67,10 @@ def build_plan(
     covered_units: int = 6,
     system_prompt: str | None = None,
     vocabulary: Sequence[str] | None = None,
+    salt: str = "",
 ) -> list[GenerationRequest]:
-    rng = random.Random(f"booksmith-plan-{seed}")
+    """`salt` varies the draws for one seed (fill rounds plan again with the run's seed)."""
+    rng = random.Random(f"booksmith-plan-{seed}{salt}")
     covered = _covered_units(seeds, covered_units)
     # Slots first (topic x sample, weighted), then the limit, then the axes: so the quotas hold
     # over the requests the run actually makes.

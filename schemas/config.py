@@ -50,6 +50,16 @@ class EmbeddedSettings(_Strict):
     startup_timeout_s: float = Field(default=180, gt=0)
 
 
+class EndpointSettings(_Strict):
+    """One more server of the same model; unset fields come from `generation`."""
+
+    base_url: str
+    api_key_env: str | None = None
+    max_concurrency: int | None = Field(default=None, ge=1)
+    requests_per_minute: float | None = Field(default=None, gt=0)
+    tokens_per_minute: float | None = Field(default=None, gt=0)
+
+
 class GenerationSettings(_Strict):
     backend: Literal["embedded", "openai"] = "embedded"
     base_url: str | None = None  # any OpenAI-compatible endpoint (vLLM, Ollama, OpenAI, ...)
@@ -65,10 +75,19 @@ class GenerationSettings(_Strict):
     sampling: Sampling = Field(default_factory=Sampling)
     prices: dict[str, Price] = Field(default_factory=dict)  # by model name
     budget: Budget = Field(default_factory=Budget)
+    # Several servers of the same model share the load (each with its own limits); with
+    # `endpoints` set, `base_url` is not used.
+    endpoints: list[EndpointSettings] = Field(default_factory=list)
+    # Generation tasks per run (Dask or threads run them side by side); None: one per endpoint.
+    partitions: int | None = Field(default=None, ge=1)
 
 
 class PlanSettings(_Strict):
     samples_per_topic: int = Field(default=1, ge=1)
+    # Topics per run (None: all). Which: the least covered by earlier versions ("uncovered",
+    # topics never generated first), or a window that moves on each run ("window").
+    topics_per_run: int | None = Field(default=None, ge=1)
+    rotation: Literal["uncovered", "window"] = "uncovered"
     limit: int | None = Field(default=24, ge=1)  # stratified sample of the plan; None: all
     seed_words: int = Field(default=3, ge=0, le=20)  # random common words per prompt
     covered_units: int = Field(default=6, ge=0)  # earlier sibling topics listed as covered
@@ -115,6 +134,43 @@ class OutputSettings(_Strict):
     card: CardSettings = Field(default_factory=CardSettings)
 
 
+class DaskSettings(_Strict):
+    """`runner: dask`: Prefect's DaskTaskRunner, on a cluster at `address` or a local one."""
+
+    address: str | None = None  # tcp://scheduler:8786; None: a LocalCluster started per run
+    n_workers: int = Field(default=2, ge=1)
+    threads_per_worker: int = Field(default=1, ge=1)
+
+
+class FillSettings(_Strict):
+    """Keep going until the run keeps this much (after every filter), within the budget."""
+
+    documents: int | None = Field(default=None, ge=1)  # kept documents in the run
+    tokens: int | None = Field(default=None, ge=1)  # kept tokens (primary encoding)
+    documents_per_topic: int | None = Field(default=None, ge=1)
+    max_rounds: int = Field(default=4, ge=1)  # planning rounds, the first included
+    oversample: float = Field(default=1.25, ge=1)  # plan this much more than the expected need
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.documents or self.tokens or self.documents_per_topic)
+
+
+class ExportSettings(_Strict):
+    """Export each new version to an object store after it is written (off when `to` is unset)."""
+
+    to: str | None = None  # e.g. s3://bucket/booksmith: versions land at <to>/<run_id>/
+    workers: int = Field(default=8, ge=1)
+    verify: bool = True  # read the exported version back: schema, rows, sha256s
+
+
+class ScheduleSettings(_Strict):
+    """`booksmith serve`: when the nightly deployment runs."""
+
+    cron: str = "0 2 * * *"
+    timezone: str = "UTC"
+
+
 class TrainSettings(_Strict):
     """Train the bundled Phi model on each new version (off by default: it is for evaluation)."""
 
@@ -135,10 +191,25 @@ class RunConfig(_Strict):
     dedup: DedupSettings = Field(default_factory=DedupSettings)
     filters: FilterSettings = Field(default_factory=FilterSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
+    export: ExportSettings = Field(default_factory=ExportSettings)
+    fill: FillSettings = Field(default_factory=FillSettings)
+    runner: Literal["threads", "dask"] = "threads"  # where the generation tasks run
+    dask: DaskSettings = Field(default_factory=DaskSettings)
+    schedule: ScheduleSettings = Field(default_factory=ScheduleSettings)
 
     def config_hash(self) -> str:
         """Hash of what shapes the output (paths excluded), recorded in the manifest."""
-        data = self.model_dump(mode="json", exclude={"output": {"dir"}})
+        data = self.model_dump(
+            mode="json",
+            exclude={
+                "output": {"dir"},
+                "export": True,
+                "schedule": True,
+                "train": True,
+                "runner": True,
+                "dask": True,
+            },
+        )
         return hashlib.sha256(canonical_json(data).encode()).hexdigest()[:16]
 
 

@@ -1,0 +1,95 @@
+"""Which topics a run takes, and how much each still needs: the nightly rotation and fill targets.
+
+Coverage is read from the dataset versions already written (the `topic_path` column of their
+text shards), so it needs no state of its own and follows deletions and takedowns.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from schemas import Document, TopicSeed
+from schemas.config import FillSettings, PlanSettings
+from shards.version import list_versions, read_manifest
+
+
+def topic_key(path: Sequence[str]) -> str:
+    return " / ".join(path)
+
+
+def coverage(out: Path) -> Counter[str]:
+    """Kept documents per topic path over every dataset version under `out`."""
+    counts: Counter[str] = Counter()
+    for version in list_versions(out):
+        for shard in read_manifest(version)["shards"]:
+            if shard.get("kind") == "text":
+                column = pq.read_table(version / shard["path"], columns=["topic_path"])
+                counts.update(topic_key(p) for p in column.column(0).to_pylist())
+    return counts
+
+
+def select_topics(
+    seeds: Sequence[TopicSeed], plan: PlanSettings, out: Path
+) -> tuple[list[TopicSeed], dict[str, object]]:
+    """The run's topics and an account of the choice (for the manifest)."""
+    n = plan.topics_per_run
+    if n is None or n >= len(seeds):
+        return list(seeds), {"rotation": None, "topics": len(seeds)}
+    if plan.rotation == "window":
+        # The window moves by n per written version, wrapping around the topic list.
+        start = (len(list_versions(out)) * n) % len(seeds)
+        picked = [seeds[(start + i) % len(seeds)] for i in range(n)]
+        return picked, {"rotation": "window", "start": start, "topics": n}
+    have = coverage(out)
+    # Least covered first; ties keep the seed file's order (a stable sort).
+    order = sorted(range(len(seeds)), key=lambda i: have[topic_key(seeds[i].topic_path)])
+    picked = [seeds[i] for i in sorted(order[:n])]
+    uncovered = sum(1 for s in seeds if not have[topic_key(s.topic_path)])
+    return picked, {"rotation": "uncovered", "topics": n, "uncovered_before": uncovered}
+
+
+def deficit(
+    fill: FillSettings, kept: Sequence[Document], topics: Sequence[TopicSeed]
+) -> dict[str, int]:
+    """Documents still wanted, per topic key ("*" for run-wide targets); empty when met."""
+    need: dict[str, int] = {}
+    if fill.documents_per_topic:
+        per_topic = Counter(topic_key(d.topic_path) for d in kept)
+        for t in topics:
+            missing = fill.documents_per_topic - per_topic[topic_key(t.topic_path)]
+            if missing > 0:
+                need[topic_key(t.topic_path)] = missing
+    run_wide = 0
+    if fill.documents:
+        run_wide = max(run_wide, fill.documents - len(kept))
+    if fill.tokens:
+        tokens = sum(d.n_tokens for d in kept)
+        if tokens < fill.tokens:
+            mean = tokens / len(kept) if kept else 0
+            run_wide = max(run_wide, math.ceil((fill.tokens - tokens) / mean) if mean else 1)
+    if run_wide > sum(need.values()):
+        need["*"] = run_wide - sum(need.values())
+    return need
+
+
+def seeds_for(need: dict[str, int], topics: Sequence[TopicSeed], keep_rate: float,
+              oversample: float) -> list[tuple[TopicSeed, int]]:  # fmt: skip
+    """(topic, requests) for the next round: each topic's need over the rate at which
+    requests ended up kept so far, times the oversampling factor. Run-wide need is spread over
+    every topic in turn."""
+    factor = oversample / max(keep_rate, 0.05)
+    by_key = {topic_key(t.topic_path): t for t in topics}
+    out: Counter[str] = Counter()
+    for key, n in need.items():
+        if key != "*":
+            out[key] += math.ceil(n * factor)
+    if "*" in need and topics:
+        total = math.ceil(need["*"] * factor)
+        for i in range(total):
+            out[topic_key(topics[i % len(topics)].topic_path)] += 1
+    return [(by_key[k], n) for k, n in out.items() if k in by_key]

@@ -1,0 +1,88 @@
+"""Runs that fill a target: plan again for what the filters rejected, within the budget, and
+stop with an account when the target, the budget or the round ceiling is reached."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from shards.version import read_manifest
+from tests.conftest import fake_backend_config
+from tests.fakeserver import FakeServer
+
+
+@pytest.fixture(scope="module")
+def lossy() -> Iterator[FakeServer]:
+    # A third of the completions come back empty: the filters reject them.
+    with FakeServer({"empty": 0.34}) as s:
+        yield s
+
+
+def run(config: Path) -> Path:
+    from flows.nightly import nightly
+
+    return Path(nightly(config=str(config)))
+
+
+def _ids(version: Path, part: str) -> list[str]:
+    return pq.read_table(version / part, columns=["id"]).column("id").to_pylist()
+
+
+def test_fill_a_document_target_per_topic(
+    prefect_api: str, lossy: FakeServer, tmp_path: Path, write_config
+) -> None:
+    topics = tmp_path / "topics.csv"
+    topics.write_text("topic,subject\nFractions,Mathematics\nVolcanoes,Geology\nHaiku,Arts\n")
+    cfg = fake_backend_config(lossy.base_url, tmp_path / "out")
+    cfg["topics"] = str(topics)
+    cfg["plan"] = {"limit": None}  # one request per topic to start with
+    cfg["fill"] = {"documents_per_topic": 2, "max_rounds": 6}
+    version = run(write_config(cfg))
+    manifest = read_manifest(version)
+    fill = manifest["counts"]["fill"]
+    assert fill["stopped"] == "target_met" and fill["short"] == {}
+    assert len(fill["rounds"]) > 1  # the empties had to be made up for
+    kept = pq.read_table(version / "text", columns=["topic"]).column("topic").to_pylist()
+    per_topic = Counter(kept)
+    assert set(per_topic) == {"Fractions", "Volcanoes", "Haiku"}
+    assert min(per_topic.values()) >= 2
+    # every request of every round is in the plan once, and ends kept, rejected or failed
+    plan = _ids(version, "plan.parquet")
+    assert len(plan) == len(set(plan)) == sum(r["planned"] for r in fill["rounds"])
+    gen = manifest["counts"]["generate"]
+    assert gen["planned"] == len(plan) == gen["completed"] + gen["failed"]
+    rejected = _ids(version, "rejected")
+    assert len(plan) == manifest["documents"] + len(rejected) + gen["failed"]
+
+
+def test_fill_stops_at_the_budget_with_an_account(
+    prefect_api: str, lossy: FakeServer, tmp_path: Path, write_config
+) -> None:
+    cfg = fake_backend_config(lossy.base_url, tmp_path / "out")
+    cfg["plan"] = {"limit": 4}
+    cfg["fill"] = {"documents": 40, "max_rounds": 10}
+    # about 8 requests' worth of tokens: far short of 40 documents
+    cfg["generation"]["budget"] = {"max_tokens": 8 * 600}
+    version = run(write_config(cfg))
+    manifest = read_manifest(version)
+    fill, gen = manifest["counts"]["fill"], manifest["counts"]["generate"]
+    assert fill["stopped"] == "budget_exhausted"
+    assert fill["short"]["*"] == 40 - manifest["documents"] > 0
+    assert gen["skipped_budget"] > 0
+    assert gen["prompt_tokens"] + gen["completion_tokens"] <= 8 * 600
+
+
+def test_fill_stops_at_the_round_ceiling(prefect_api: str, tmp_path: Path, write_config) -> None:
+    with FakeServer({"empty": 1.0}) as nothing_useful:
+        cfg = fake_backend_config(nothing_useful.base_url, tmp_path / "out")
+        cfg["plan"] = {"limit": 3}
+        cfg["fill"] = {"tokens": 10_000, "max_rounds": 3}
+        version = run(write_config(cfg))
+    manifest = read_manifest(version)
+    fill = manifest["counts"]["fill"]
+    assert fill["stopped"] == "max_rounds" and len(fill["rounds"]) == 3
+    assert manifest["documents"] == 0 and fill["short"]["*"] > 0
