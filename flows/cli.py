@@ -253,6 +253,29 @@ def topics_show(file: Annotated[Path, typer.Argument(help="Topic seed file.")]) 
     console.print(f"{len(seeds)} topics")
 
 
+@app.command()
+def serve(
+    config: Annotated[Path | None, typer.Option(help="YAML config the nightly runs use.")] = None,
+    schedule: Annotated[
+        bool, typer.Option("--schedule/--no-schedule", help="Run nightly on the config's cron.")
+    ] = True,
+    limit: Annotated[int | None, typer.Option(help="Flow runs at once.", min=1)] = None,
+) -> None:
+    """Serve the nightly, expand-topics, export and train deployments from this process (set
+    PREFECT_API_URL to a Prefect server to see them in its UI)."""
+    configure_prefect()
+    from schemas.config import load_config
+
+    try:
+        cfg = load_config(config)
+    except _user_errors() as e:
+        _fail(str(e))
+        return
+    from flows.serve import serve as serve_deployments
+
+    serve_deployments(config, cfg, schedule=schedule, limit=limit)
+
+
 def _register_stage_commands() -> None:
     """Each stage's commands live beside it in flows/cli_<stage>.py."""
     from flows import cli_dedup, cli_quality, cli_shards, cli_train

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 from prefect import Flow
 
 from schemas.config import RunConfig
 
+F = TypeVar("F", bound=Flow[Any, Any])
 
-def with_runner(flow: Flow[Any, Any], cfg: RunConfig) -> Flow[Any, Any]:
+
+def with_runner(flow: F, cfg: RunConfig) -> F:
     """`flow` with the task runner the config asks for. On Dask, the generation partitions run
     on the cluster's workers; the other stages stay in the flow's process (they are cheap next
     to generation, and the dataset is written in one place)."""
@@ -28,4 +30,4 @@ def with_runner(flow: Flow[Any, Any], cfg: RunConfig) -> Flow[Any, Any]:
                 "dashboard_address": None,  # no web UI port per run
             }
         )
-    return flow.with_options(task_runner=runner)
+    return flow.with_options(task_runner=runner)  # type: ignore[arg-type,return-value]

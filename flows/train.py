@@ -38,7 +38,7 @@ def train_model(
     return {"checkpoint": str(Path(out) / "latest"), "nproc_per_node": nproc_per_node}
 
 
-@flow(name="train", log_prints=True)
+@flow(name="booksmith-train", log_prints=True)
 def train_flow(
     data: str,
     config: str | None = None,
