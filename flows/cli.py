@@ -276,6 +276,33 @@ def serve(
     serve_deployments(config, cfg, schedule=schedule, limit=limit)
 
 
+batches_app = typer.Typer(help="OpenAI Batch API jobs (generation.backend: batch).")
+app.add_typer(batches_app, name="batches")
+
+
+@batches_app.command("list")
+def batches_list(
+    config: Annotated[Path | None, typer.Option(help="YAML config file.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output directory.")] = None,
+) -> None:
+    """Every batch file and job this output directory has made, with its state."""
+    from flows.nightly import resolve_config
+    from generation.batch import list_batches
+    from shards.version import state_dir
+
+    try:
+        cfg = resolve_config(str(config) if config else None, out=str(out) if out else None)
+    except _user_errors() as e:
+        _fail(str(e))
+        return
+    folder = cfg.generation.batch.state_dir or state_dir(cfg.output.dir) / "batches"
+    table = Table("file", "run", "requests", "state", "batch", "status")
+    for r in list_batches(folder):
+        table.add_row(Path(r.path).name, r.run_id, str(r.n_requests), r.state, r.batch_id or "-",
+                      r.status or "-")  # fmt: skip
+    Console().print(table)
+
+
 def _register_stage_commands() -> None:
     """Each stage's commands live beside it in flows/cli_<stage>.py."""
     from flows import cli_dedup, cli_quality, cli_shards, cli_train

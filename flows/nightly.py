@@ -28,9 +28,10 @@ from prefect.runtime import flow_run
 from filters import ChainResult, nightly_chain, run_chain
 from filters.dedup import commit, open_index, reconcile
 from flows.export import export_version
-from flows.report import render_report
+from flows.report import quality_histogram, render_report
 from generation import progress
 from generation.backends import model_name, open_endpoints
+from generation.batch import BatchGenerationClient
 from generation.cache import ResponseCache
 from generation.client import Endpoint, GenerationClient, GenerationReport
 from generation.coverage import deficit, seeds_for, select_topics
@@ -160,17 +161,31 @@ def generate(
             # _sync: we are inside the client's event loop; a short blocking call is fine here
             update_progress_artifact(artifact, share, _sync=True)  # type: ignore[call-arg]
 
+    common: dict[str, Any] = {
+        "cache": cache,
+        "run_id": run_id,
+        "budget": budget,
+        "retry_failed": gen.retry_failed,
+        "on_result": on_result,
+        "token_counter": lambda text: len(encoding.encode_ordinary(text)),
+    }
     try:
-        client = GenerationClient(
-            endpoint,
-            cache=cache,
-            run_id=run_id,
-            prices=gen.prices,
-            budget=budget,
-            retry_failed=gen.retry_failed,
-            on_result=on_result,
-            token_counter=lambda text: len(encoding.encode_ordinary(text)),
-        )
+        client: GenerationClient | BatchGenerationClient
+        if gen.backend == "batch":
+            b = gen.batch
+            client = BatchGenerationClient(
+                endpoint,
+                state_dir=b.state_dir or state_dir(cfg.output.dir) / "batches",
+                prices={m: p.scaled(b.price_factor) for m, p in gen.prices.items()},
+                poll_interval_s=b.poll_interval_s,
+                completion_window=b.completion_window,
+                max_requests_per_file=b.max_requests_per_file,
+                max_bytes_per_file=b.max_bytes_per_file,
+                keep_files=b.keep_files,
+                **common,
+            )
+        else:
+            client = GenerationClient(endpoint, prices=gen.prices, **common)
         return asyncio.run(client.run(plan))
     finally:
         cache.close()
@@ -181,7 +196,9 @@ def generate_all(
     budget: Budget,
 ) -> GenerationReport:  # fmt: skip
     """Every partition as its own task, side by side on the flow's task runner."""
-    parts = partition(plan, cfg.generation.partitions or len(endpoints))
+    # One batch client per state directory: the Batch API backend runs as one partition.
+    wanted = 1 if cfg.generation.backend == "batch" else cfg.generation.partitions
+    parts = partition(plan, wanted or len(endpoints))
     shares = assign(parts, endpoints)
     each = share_budget(budget, len(parts))
     if len(parts) == 1:
@@ -299,7 +316,13 @@ def write_dataset(
         config=cfg.model_dump(mode="json"),
         config_hash=cfg.config_hash(),
         counts=counts,
-        extra={"seed": seed, "diversity": diversity},
+        extra={
+            "seed": seed,
+            "diversity": diversity,
+            "quality": quality_histogram(
+                [d.quality_score for d in chain.kept], [r.quality_score for r in chain.rejected]
+            ),
+        },
     )
 
 

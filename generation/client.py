@@ -153,6 +153,23 @@ def retry_after_s(exc: BaseException | None) -> float | None:
         return max(0.0, parsed.timestamp() - time.time()) if parsed else None
 
 
+def chat_body(request: GenerationRequest) -> dict[str, Any]:
+    """The chat.completions body of a request: what the live client sends, and what a Batch
+    API line carries (tests/test_batch.py checks both against a recording server)."""
+    s = request.sampling
+    body: dict[str, Any] = {
+        "model": request.model,
+        "messages": [m.model_dump() for m in request.messages],
+        "max_tokens": s.max_tokens,
+        "temperature": s.temperature,
+        "top_p": s.top_p,
+        "seed": s.seed,
+    }
+    if request.response_format:
+        body["response_format"] = json.loads(request.response_format)
+    return body
+
+
 class GenerationClient:
     def __init__(
         self,
@@ -242,20 +259,7 @@ class GenerationClient:
             if self._tpm and estimate:
                 await self._tpm.acquire(min(estimate, self._tpm.max_rate))
             self.report.requests += 1
-            s = request.sampling
-            response = await api.chat.completions.create(
-                model=request.model,
-                messages=[m.model_dump() for m in request.messages],  # type: ignore[misc]
-                max_tokens=s.max_tokens,
-                temperature=s.temperature,
-                top_p=s.top_p,
-                seed=s.seed,
-                **(
-                    {"response_format": json.loads(request.response_format)}
-                    if request.response_format
-                    else {}
-                ),
-            )
+            response = await api.chat.completions.create(**chat_body(request))
             if not response.choices:
                 raise _Transient("no choices in the response")
             choice = response.choices[0]

@@ -32,6 +32,12 @@ class Price(_Strict):
     prompt_per_million: float = Field(ge=0)
     completion_per_million: float = Field(ge=0)
 
+    def scaled(self, factor: float) -> Price:
+        return Price(
+            prompt_per_million=self.prompt_per_million * factor,
+            completion_per_million=self.completion_per_million * factor,
+        )
+
 
 class Budget(_Strict):
     """Caps for one run; generation stops cleanly when one is reached, keeping what it has."""
@@ -60,8 +66,22 @@ class EndpointSettings(_Strict):
     tokens_per_minute: float | None = Field(default=None, gt=0)
 
 
+class BatchSettings(_Strict):
+    """`backend: batch`: OpenAI's Batch API (JSONL files, half price, results within 24 h)."""
+
+    poll_interval_s: float = Field(default=60, gt=0)
+    completion_window: Literal["24h"] = "24h"
+    max_requests_per_file: int = Field(default=50_000, ge=1, le=50_000)
+    max_bytes_per_file: int = Field(default=200 * 2**20, ge=1024, le=200 * 2**20)
+    keep_files: bool = True  # keep the JSONL files under state_dir (vLLM's run_batch reads them)
+    state_dir: Path | None = None  # None: <output.dir>/_state/batches
+    price_factor: float = Field(default=0.5, gt=0, le=1)  # batch prices vs `prices`
+
+
 class GenerationSettings(_Strict):
-    backend: Literal["embedded", "openai"] = "embedded"
+    # embedded: the bundled model; openai: any OpenAI-compatible endpoint, live; batch: the
+    # OpenAI Batch API (resumable across restarts).
+    backend: Literal["embedded", "openai", "batch"] = "embedded"
     base_url: str | None = None  # any OpenAI-compatible endpoint (vLLM, Ollama, OpenAI, ...)
     model: str | None = None  # None: the embedded model's name
     api_key_env: str = "OPENAI_API_KEY"  # the key is read from this variable, never from config
@@ -80,6 +100,7 @@ class GenerationSettings(_Strict):
     endpoints: list[EndpointSettings] = Field(default_factory=list)
     # Generation tasks per run (Dask or threads run them side by side); None: one per endpoint.
     partitions: int | None = Field(default=None, ge=1)
+    batch: BatchSettings = Field(default_factory=BatchSettings)
 
 
 class PlanSettings(_Strict):
