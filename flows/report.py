@@ -9,10 +9,55 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
+
 # The object-oriented API needs no display backend and no global pyplot state.
 from matplotlib.figure import Figure
 
 from shards.version import read_manifest
+
+SAMPLES = 3  # documents shown in the report
+SAMPLE_CHARS = 600
+
+
+def quality_histogram(kept: list[float | None], rejected: list[float | None]) -> dict[str, Any]:
+    """Counts of quality scores in ten bins over [0, 1], kept and rejected (the manifest keeps
+    this, so the report can plot it without reading the shards)."""
+
+    def bins(scores: list[float | None]) -> list[int]:
+        out = [0] * 10
+        for x in scores:
+            if x is not None:
+                out[min(9, max(0, int(x * 10)))] += 1
+        return out
+
+    return {"edges": [i / 10 for i in range(11)], "kept": bins(kept), "rejected": bins(rejected)}
+
+
+def plot_quality(hist: dict[str, Any], path: Path) -> None:
+    fig = Figure(figsize=(6, 3.2))
+    ax = fig.subplots()
+    lefts = hist["edges"][:-1]
+    ax.bar(lefts, hist["kept"], width=0.1, align="edge", label="kept", color="#4c72b0")
+    ax.bar(
+        lefts, hist["rejected"], width=0.1, align="edge", bottom=hist["kept"],
+        label="rejected", color="#c44e52",
+    )  # fmt: skip
+    ax.set_xlabel("quality score (P(educational))")
+    ax.set_ylabel("documents")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def sample_documents(version: Path, manifest: dict[str, Any], n: int = SAMPLES) -> list[dict]:
+    """The first `n` kept documents (what a reader sees first when they open the shards)."""
+    for shard in manifest.get("shards", []):
+        if shard.get("kind") == "text" and shard.get("rows"):
+            columns = ["id", "topic", "audience", "style", "format", "n_tokens", "text"]
+            table = pq.read_table(version / shard["path"], columns=columns)
+            return table.slice(0, n).to_pylist()
+    return []
 
 
 def _table(rows: list[tuple[str, Any]]) -> str:
@@ -88,12 +133,19 @@ def render_report(version: Path) -> Path:
                 f"| {name} | {c.get('input', 0)} | {c.get('kept', 0)} | {reasons or '-'} |"
             )
         parts.append("")
+    elapsed = gen.get("elapsed_s") or 0
+    tokens = manifest.get("tokens", {})
     parts += [
         "## Generation",
         "",
         _table(
             [
                 ("HTTP requests", gen.get("requests", 0)),
+                ("wall time (s)", elapsed),
+                (
+                    "completion tokens/s",
+                    round(gen.get("completion_tokens", 0) / elapsed, 1) if elapsed else "-",
+                ),
                 ("retries", gen.get("retries", 0)),
                 ("prompt tokens", gen.get("prompt_tokens", 0)),
                 ("completion tokens", gen.get("completion_tokens", 0)),
@@ -107,6 +159,24 @@ def render_report(version: Path) -> Path:
         ),
         "",
     ]
+    if tokens:
+        parts += ["## Tokens", "", "| encoding | documents | tokens |", "| --- | ---: | ---: |"]
+        for name, entry in tokens.items():
+            parts.append(f"| {name} | {entry.get('documents', '-')} | {entry.get('tokens', '-')} |")
+        parts.append("")
+    fill = counts.get("fill") or {}
+    if fill.get("rounds") and fill.get("stopped") != "single_round":
+        parts += [
+            "## Fill",
+            "",
+            f"Stopped: **{fill['stopped']}** after {len(fill['rounds'])} round(s); still short: "
+            f"{fill.get('short') or 'nothing'}.",
+            "",
+        ]
+    quality = manifest.get("quality") or {}
+    if sum(quality.get("kept", [])) + sum(quality.get("rejected", [])):
+        plot_quality(quality, out / "quality.png")
+        parts += ["## Quality scores", "", "![quality scores](quality.png)", ""]
     if div:
         parts += [
             "## Diversity",
@@ -129,6 +199,19 @@ def render_report(version: Path) -> Path:
         plot_axis_coverage(div["axis_coverage"], out / "axis_coverage.png")
         plot_openers(div["top_openers"], div["documents"], out / "openers.png")
         parts += ["![axis coverage](axis_coverage.png)", "", "![openers](openers.png)", ""]
+    samples = sample_documents(version, manifest)
+    if samples:
+        parts += ["## Sample documents", ""]
+        for d in samples:
+            text = d["text"][:SAMPLE_CHARS] + ("..." if len(d["text"]) > SAMPLE_CHARS else "")
+            quoted = "\n".join("> " + line for line in text.splitlines())
+            parts += [
+                f"**{d['topic']}** ({d['audience']}, {d['style']}, {d['format']}; "
+                f"{d['n_tokens']} tokens; `{d['id']}`)",
+                "",
+                quoted,
+                "",
+            ]
     path = out / "report.md"
     path.write_text("\n".join(parts), encoding="utf-8")
     return path

@@ -107,7 +107,19 @@ def test_nightly_writes_a_complete_dataset_version(
         assert 0 < div[key] <= 1
     assert div["compression_ratio"] > 1 and div["documents"] == manifest["documents"]
     assert sum(div["axis_coverage"]["format"]["counts"].values()) == manifest["documents"]
-    assert (version / "report" / "report.md").read_text().count("distinct-") == 3
+    report_md = (version / "report" / "report.md").read_text()
+    assert report_md.count("distinct-") == 3
+    # tokens per encoding, throughput, and the first kept documents, quoted
+    assert f"| cl100k_base | {manifest['documents']} |" in report_md
+    assert "completion tokens/s" in report_md
+    first = text.slice(0, 1).to_pylist()[0]
+    assert (
+        f"`{first['id']}`" in report_md and "> " + first["text"].splitlines()[0][:40] in report_md
+    )
+    # no classifier configured: the quality histogram is empty and not plotted
+    assert (
+        sum(manifest["quality"]["kept"]) == 0 and not (version / "report" / "quality.png").exists()
+    )
     from typer.testing import CliRunner
 
     from flows.cli import app
