@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,45 +25,16 @@ from filters.dedup import (
 )
 from filters.dedup.engine import index_entries
 from tests.dedup_corpus import make_corpus
+from tests.services import free_port, redis_server
 from tests.test_dedup_core import doc
 
 # -- a real redis-server per module, stopped by its pid
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def redis_url() -> Iterator[str]:
-    server = shutil.which("redis-server")
-    if server is None:
-        pytest.skip("redis-server not installed (apt-get install redis-server)")
-    port = _free_port()
-    proc = subprocess.Popen(
-        [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        import redis
-
-        client = redis.Redis(host="127.0.0.1", port=port)
-        for _ in range(100):
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        else:
-            raise RuntimeError("redis-server did not start")
-        client.close()
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+    with redis_server() as url:
+        yield url
 
 
 _basenames = iter(range(10_000))
@@ -176,7 +144,7 @@ def test_redis_index_refuses_foreign_or_mismatched_state(redis_url: str) -> None
     with pytest.raises(DedupIndexError, match="parameters"):
         RedisIndex(redis_url, "params", DedupSettings(num_perm=128).params)
     with pytest.raises(DedupIndexError, match="cannot reach"):
-        RedisIndex(f"redis://127.0.0.1:{_free_port()}/0", "x")
+        RedisIndex(f"redis://127.0.0.1:{free_port()}/0", "x")
 
 
 # -- file index: format, atomicity, corruption

@@ -1,0 +1,114 @@
+"""Real services for tests, each started as its own process on a free loopback port and stopped
+when the `with` block ends: redis-server (Debian), moto's S3 server, a Prefect server."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait(
+    ready: Callable[[], bool], proc: subprocess.Popen[bytes], what: str, timeout: float
+) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode} at start")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not start in {timeout:.0f} s")
+        time.sleep(0.1)
+
+
+def _http_ok(url: str) -> Callable[[], bool]:
+    def ready() -> bool:
+        try:
+            urllib.request.urlopen(url, timeout=1).close()
+            return True
+        except OSError:
+            return False
+
+    return ready
+
+
+@contextmanager
+def _process(cmd: list[str], **kw: object) -> Iterator[subprocess.Popen[bytes]]:
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kw)  # type: ignore[call-overload]
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextmanager
+def redis_server() -> Iterator[str]:
+    """A throwaway redis-server (no persistence); yields its URL. Skips where it is missing."""
+    exe = shutil.which("redis-server")
+    if exe is None:
+        pytest.skip("redis-server not installed (apt-get install redis-server; .ci/run does)")
+    port = free_port()
+    cmd = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    with _process(cmd) as proc:
+        import redis
+
+        client = redis.Redis(host="127.0.0.1", port=port)
+
+        def ready() -> bool:
+            try:
+                return bool(client.ping())
+            except redis.ConnectionError:
+                return False
+
+        _wait(ready, proc, "redis-server", 10)
+        client.close()
+        yield f"redis://127.0.0.1:{port}/0"
+
+
+@contextmanager
+def moto_s3() -> Iterator[str]:
+    """moto's standalone server: the real S3 HTTP protocol on loopback; yields its URL."""
+    port = free_port()
+    exe = Path(sys.executable).with_name("moto_server")
+    with _process([str(exe), "-H", "127.0.0.1", "-p", str(port)]) as proc:
+        url = f"http://127.0.0.1:{port}"
+        _wait(_http_ok(url), proc, "moto_server", 60)
+        yield url
+
+
+@contextmanager
+def prefect_server(home: Path) -> Iterator[str]:
+    """`prefect server start` from the installed package, on its own SQLite database under
+    `home`; yields its API URL."""
+    port = free_port()
+    env = {
+        **__import__("os").environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_ENABLED": "false",
+    }
+    env.pop("PREFECT_API_URL", None)
+    exe = Path(sys.executable).with_name("prefect")
+    cmd = [str(exe), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    with _process(cmd, env=env) as proc:
+        api = f"http://127.0.0.1:{port}/api"
+        _wait(_http_ok(api + "/health"), proc, "prefect server", 180)
+        yield api
