@@ -145,6 +145,11 @@ class QualitySettings(_Strict):
 
 
 class AnnotateSettings(_Strict):
+    # The judge: by default the generation endpoint; a stronger model is better (Phi-1 used
+    # GPT-4, FineWeb-Edu Llama-3-70B), so any OpenAI-compatible server can be named here.
+    base_url: str | None = None
+    model: str | None = None
+    api_key_env: str | None = None
     sample: int = Field(default=500, ge=1)
     seed: int = 0
     max_tokens: int = Field(default=256, ge=1)

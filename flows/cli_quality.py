@@ -24,7 +24,7 @@ from rich.table import Table
 
 if TYPE_CHECKING:
     from filters.settings import FilterSettings
-    from schemas.config import RunConfig
+    from schemas.config import GenerationSettings, RunConfig
 
 quality_app = typer.Typer(
     help="The educational-value classifier: annotate with an LLM judge, train fastText.",
@@ -73,6 +73,22 @@ def _split(values: list[str] | None) -> list[str]:
 # -- stage functions (CLI and flows) --------------------------------------------------------------
 
 
+def judge_settings(cfg: RunConfig) -> GenerationSettings:
+    """The generation settings the judge runs on: `filters.annotate`'s endpoint when set."""
+    a = cfg.filters.annotate
+    if a.base_url is None:
+        return cfg.generation
+    return cfg.generation.model_copy(
+        update={
+            "backend": "openai",
+            "base_url": a.base_url,
+            "model": a.model or cfg.generation.model,
+            "api_key_env": a.api_key_env or cfg.generation.api_key_env,
+            "endpoints": [],
+        }
+    )
+
+
 def run_annotate(
     dataset: Path,
     config: Path | RunConfig | None = None,
@@ -97,7 +113,7 @@ def run_annotate(
     target = annotations or state / ANNOTATIONS
     cache = ResponseCache(state / "responses.sqlite")
     try:
-        with open_endpoint(cfg.generation, cfg.embedded) as endpoint:
+        with open_endpoint(judge_settings(cfg), cfg.embedded) as endpoint:
             judged, report = annotate(
                 chosen,
                 endpoint,

@@ -326,6 +326,28 @@ def write_dataset(
     )
 
 
+@task(cache_policy=NO_CACHE)
+def retrain_quality(cfg: RunConfig, version_dir: Path) -> dict[str, Any]:
+    """Re-annotate a sample of the new version with the judge and retrain the classifier when
+    `filters.quality.retrain_every_days` says it is due; the next run filters with the new
+    model. A failure here is logged, not raised: the version is already written."""
+    from flows.cli_quality import MODEL_DIR, retrain_due, run_annotate, run_train
+
+    every = cfg.filters.quality.retrain_every_days
+    if not retrain_due(state_dir(cfg.output.dir) / MODEL_DIR, every):
+        return {"retrained": False}
+    logger = get_run_logger()
+    try:
+        _, annotated = run_annotate(version_dir, cfg)
+        trained = run_train(cfg)
+    except Exception as e:  # e.g. a judge that gave only one class of scores
+        logger.warning("quality classifier not retrained: %s", e)
+        return {"retrained": False, "error": str(e)}
+    metrics = trained.card.get("metrics", {})
+    logger.info("quality classifier retrained on %s judged documents: %s", annotated, metrics)
+    return {"retrained": True, "annotated": annotated, "model": str(trained.model_path)}
+
+
 def publish_artifacts(report_md: Path, failures: list[GenerationResult], run_id: str) -> None:
     """The run report and the failures table as Prefect artifacts (the UI's view of a run)."""
     create_markdown_artifact(
@@ -411,6 +433,8 @@ def nightly(
     release_run_dir(version_dir)
     report_md = render_report(version_dir)
     publish_artifacts(report_md, failures, run_id)
+    if cfg.filters.quality.retrain_every_days:
+        retrain_quality(cfg, version_dir)
     if cfg.export.to:
         target = cfg.export.to.rstrip("/") + "/" + run_id
         export_version(version_dir, target, cfg.export.workers, cfg.export.verify)
