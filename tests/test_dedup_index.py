@@ -274,3 +274,11 @@ def test_reconcile_indexes_uncommitted_versions_and_prunes_deleted_ones(tmp_path
     done = reconcile(index, out, prune=True)
     assert done.added == {} and done.removed == {"20260101T000000Z": 10}
     assert FileIndex(out / "_state" / "minhash").runs() == {"20260102T000000Z": 10}
+
+
+def test_redis_url_defaults_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BOOKSMITH_REDIS_URL", "redis://redis:6379/0")
+    assert DedupSettings(index="redis").redis_url == "redis://redis:6379/0"
+    monkeypatch.delenv("BOOKSMITH_REDIS_URL")
+    with pytest.raises(ValueError, match="needs redis_url"):
+        DedupSettings(index="redis")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -26,7 +27,9 @@ class DedupSettings(BaseModel):
     # Where earlier runs' documents live: a directory ("file"), Redis, or nowhere ("none").
     index: Literal["file", "redis", "none"] = "file"
     index_path: Path | None = None  # "file": default <output.dir>/_state/minhash
-    redis_url: str | None = None  # "redis": e.g. redis://10.0.0.5:6379/0
+    # "redis": e.g. redis://10.0.0.5:6379/0; default from BOOKSMITH_REDIS_URL (the compose
+    # worker sets it), so one config serves every worker of a deployment.
+    redis_url: str | None = Field(default_factory=lambda: os.environ.get("BOOKSMITH_REDIS_URL"))
     redis_basename: str = Field(default="booksmith", min_length=1)  # one per corpus
 
     @model_validator(mode="after")
