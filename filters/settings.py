@@ -149,7 +149,7 @@ class AnnotateSettings(_Strict):
     # GPT-4, FineWeb-Edu Llama-3-70B), so any OpenAI-compatible server can be named here.
     base_url: str | None = None
     model: str | None = None
-    api_key_env: str | None = None
+    api_key_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     sample: int = Field(default=500, ge=1)
     seed: int = 0
     max_tokens: int = Field(default=256, ge=1)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -24,6 +24,13 @@ class ConfigError(ValueError):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+# The name of an environment variable, never its value: a key pasted here by mistake fails
+# validation (and the error does not echo it, see SECRET_HINTS) instead of reaching manifests.
+ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
+EnvVarName = Annotated[str, Field(pattern=ENV_NAME, max_length=128)]
+SECRET_HINTS = ("api_key", "secret", "password", "token")  # keys whose values are not echoed
 
 
 class Price(_Strict):
@@ -60,7 +67,7 @@ class EndpointSettings(_Strict):
     """One more server of the same model; unset fields come from `generation`."""
 
     base_url: str
-    api_key_env: str | None = None
+    api_key_env: EnvVarName | None = None
     max_concurrency: int | None = Field(default=None, ge=1)
     requests_per_minute: float | None = Field(default=None, gt=0)
     tokens_per_minute: float | None = Field(default=None, gt=0)
@@ -84,7 +91,7 @@ class GenerationSettings(_Strict):
     backend: Literal["embedded", "openai", "batch"] = "embedded"
     base_url: str | None = None  # any OpenAI-compatible endpoint (vLLM, Ollama, OpenAI, ...)
     model: str | None = None  # None: the embedded model's name
-    api_key_env: str = "OPENAI_API_KEY"  # the key is read from this variable, never from config
+    api_key_env: EnvVarName = "OPENAI_API_KEY"  # the key is read from this variable, never config
     api_key_secret: str | None = None  # or from this Prefect Secret block
     max_concurrency: int = Field(default=8, ge=1)
     requests_per_minute: float | None = Field(default=None, gt=0)
@@ -260,6 +267,8 @@ def format_validation_error(
         where = f"{source}:{line}" if line else source
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; see `booksmith config show` for every key)"
+        elif any(h in key.lower() for h in SECRET_HINTS):
+            msg = f"{e['msg']} (value not shown: this key names where a secret lives)"
         else:
             msg = f"{e['msg']} (got {e.get('input')!r})"
         parts.append(f"{where}: {key}: {msg}")
