@@ -165,6 +165,9 @@ def chat_body(request: GenerationRequest) -> dict[str, Any]:
         "top_p": s.top_p,
         "seed": s.seed,
     }
+    for name in ("frequency_penalty", "presence_penalty"):
+        if getattr(s, name) is not None:
+            body[name] = getattr(s, name)
     if request.response_format:
         body["response_format"] = json.loads(request.response_format)
     return body

@@ -57,6 +57,18 @@ class Sampling(BaseModel):
     temperature: float = Field(default=0.8, ge=0, le=2)
     top_p: float = Field(default=0.95, gt=0, le=1)
     seed: int | None = None
+    # OpenAI's penalties on tokens already generated (small models loop without them).
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+
+    def key_fields(self) -> dict[str, Any]:
+        """What enters the request key: penalties only when set, so requests that do not use
+        them keep the ids they had before penalties existed."""
+        data = self.model_dump()
+        for name in ("frequency_penalty", "presence_penalty"):
+            if data[name] is None:
+                del data[name]
+        return data
 
 
 class GenerationRequest(BaseModel):
@@ -91,7 +103,7 @@ class GenerationRequest(BaseModel):
         payload = {
             "model": model,
             "messages": [m.model_dump() for m in messages],
-            "sampling": sampling.model_dump(),
+            "sampling": sampling.key_fields(),
             "sample_index": sample_index,
         }
         if response_format is not None:  # only when set, so plain requests keep their ids

@@ -52,4 +52,10 @@ def fake_backend_config(base_url: str, out: Path, **generation: Any) -> dict[str
         "sampling": {"max_tokens": 256},  # over the 150-token minimum of the filters
     }
     gen.update(generation)
-    return {"seed": 7, "generation": gen, "output": {"dir": str(out)}, "plan": {"limit": 12}}
+    return {
+        "seed": 7,
+        "generation": gen,
+        "output": {"dir": str(out)},
+        "plan": {"limit": 12},
+        "fill": {"documents": None},  # tests count requests: one round unless they ask
+    }

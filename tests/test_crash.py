@@ -368,6 +368,7 @@ def test_sigkill_on_the_embedded_model_then_rerun(
             "plan": {"limit": planned},
             "generation": {"sampling": {"max_tokens": 48}},
             "output": {"dir": str(out)},
+            "fill": {"documents": None},
         }
     )
     killed = booksmith_run(config, prefect_api, crash="generate.result:2")

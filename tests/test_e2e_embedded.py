@@ -31,7 +31,12 @@ def booksmith(*args: str, api: str) -> subprocess.CompletedProcess[str]:
 def test_run_on_the_embedded_model(prefect_api: str, tmp_path: Path, write_config) -> None:
     out = tmp_path / "out"
     config = write_config(
-        {"seed": 11, "plan": {"limit": 4}, "generation": {"sampling": {"max_tokens": 32}}}
+        {
+            "seed": 11,
+            "plan": {"limit": 4},
+            "generation": {"sampling": {"max_tokens": 32}},
+            "fill": {"documents": None},
+        }
     )
     result = booksmith("run", "--config", str(config), "--out", str(out), api=prefect_api)
     assert result.returncode == 0, result.stderr[-3000:]

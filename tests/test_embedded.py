@@ -110,6 +110,27 @@ async def test_same_seed_same_text(server: EmbeddedServer) -> None:
     assert first.choices[0].message.content == second.choices[0].message.content
 
 
+async def test_frequency_penalty_breaks_greedy_loops(server: EmbeddedServer) -> None:
+    # Greedy decoding of a small model loops; penalising repeated tokens must change the text
+    # and leave fewer repeated words (the embedded default sampling relies on it).
+    client = _client(server)
+    kwargs: dict[str, Any] = {
+        "model": "m",
+        "messages": [{"role": "user", "content": "Write a long list of fruits."}],
+        "max_tokens": 96,
+        "temperature": 0.0,
+    }
+    plain, penalised = await asyncio.gather(
+        client.chat.completions.create(**kwargs),
+        client.chat.completions.create(**kwargs, frequency_penalty=1.5, presence_penalty=0.5),
+    )
+    await client.close()
+    a = (plain.choices[0].message.content or "").lower().split()
+    b = (penalised.choices[0].message.content or "").lower().split()
+    assert a != b and b
+    assert len(set(b)) / len(b) > len(set(a)) / len(a)
+
+
 async def test_stop_string(server: EmbeddedServer) -> None:
     client = _client(server)
     response = await client.chat.completions.create(
@@ -161,6 +182,7 @@ def _body(**fields: Any) -> bytes:
         (_body(max_tokens=0), "max_tokens"),
         (_body(temperature=9), "temperature"),
         (_body(stop=3), "stop"),
+        (_body(frequency_penalty=3), "frequency_penalty"),
     ],
 )
 def test_bad_requests_are_400(server: EmbeddedServer, data: bytes, param: str | None) -> None:

@@ -206,3 +206,26 @@ def test_config_defaults_and_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="invalid YAML"):
         load_config(path)
     assert load_config(None, {"plan.limit": 5, "seed": None}).plan.limit == 5
+
+
+_META = {
+    "topic": "Fractions",
+    "topic_path": ["Fractions"],
+    "audience": "a",
+    "style": "s",
+    "format": "f",
+    "seed_words": [],
+    "template": "t",
+}
+
+
+def test_penalties_enter_the_request_key_only_when_set() -> None:
+    msgs = [{"role": "user", "content": "Explain fractions."}]
+    plain = GenerationRequest.build(messages=msgs, model="m", sampling=Sampling(), **_META)
+    zero = Sampling(frequency_penalty=0.0)
+    assert "frequency_penalty" not in Sampling().key_fields()
+    assert zero.key_fields()["frequency_penalty"] == 0.0
+    penalised = GenerationRequest.build(messages=msgs, model="m", sampling=zero, **_META)
+    assert penalised.id != plain.id
+    again = GenerationRequest.build(messages=msgs, model="m", sampling=Sampling(), **_META)
+    assert again.id == plain.id

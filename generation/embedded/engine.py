@@ -48,6 +48,9 @@ class EngineClosedError(RuntimeError):
     """The engine was shut down before the request finished."""
 
 
+PENALTY_LAST_N = 256  # tokens the frequency and presence penalties look back over
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int | None = None  # None: until end of turn or the sequence's context is full
@@ -56,6 +59,8 @@ class SamplingParams:
     top_k: int = 40  # llama.cpp's default; also keeps sampling cheap over a 49k vocabulary
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -500,6 +505,20 @@ class Engine:
         if params.top_p < 1.0:
             llama_cpp.llama_sampler_chain_add(
                 chain, llama_cpp.llama_sampler_init_top_p(params.top_p, 1)
+            )
+        if params.frequency_penalty or params.presence_penalty:
+            # After top-k (llama.cpp warns that penalties over the whole vocabulary are slow):
+            # the kept candidates are penalised for their counts in the last PENALTY_LAST_N
+            # tokens (llama_sampler_sample accepts each token it draws).
+            llama_cpp.llama_sampler_chain_add(
+                chain,
+                llama_cpp.llama_sampler_init_penalties(
+                    llama_cpp.llama_vocab_n_tokens(self._vocab),
+                    PENALTY_LAST_N,
+                    1.0,
+                    params.frequency_penalty,
+                    params.presence_penalty,
+                ),
             )
         llama_cpp.llama_sampler_chain_add(
             chain, llama_cpp.llama_sampler_init_temp(params.temperature)

@@ -135,6 +135,8 @@ def parse_chat_request(body: Any) -> ChatRequest:
         top_k=top_k,
         seed=seed,
         stop=tuple(stop),
+        frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
+        presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
     )
     return ChatRequest(model=model, messages=messages, params=params)
 
