@@ -9,13 +9,13 @@ with spaces; a nested mapping contributes its strings (ARC's `choices.text`).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from filters.settings import FilterError
+from schemas.jsonl import iter_jsonl
 
 DEFAULT_FIELDS = (
     "question",
@@ -55,17 +55,8 @@ def _strings(value: Any) -> list[str]:
 
 
 def _rows_jsonl(path: Path) -> Iterator[dict[str, Any]]:
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise FilterError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise FilterError(f"{path}:{lineno}: expected a JSON object per line")
-            yield row
+    for _, row in iter_jsonl(path, FilterError):
+        yield row
 
 
 def _rows_table(path: Path, fmt: str) -> list[dict[str, Any]]:

@@ -21,10 +21,8 @@ Patterns are case-insensitive regular expressions in the settings, named by thei
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
-from typing import Any
 
-from filters.scored import ScoredOutput
+from filters.scored import RuleFilter, Verdict
 from filters.settings import ArtifactSettings, FilterError
 from schemas import Document
 
@@ -41,7 +39,7 @@ def _compile(key: str, patterns: dict[str, str]) -> list[tuple[str, re.Pattern[s
     return compiled
 
 
-class GenerationArtifactFilter:
+class GenerationArtifactFilter(RuleFilter):
     name = "generation_artifacts"
 
     def __init__(self, settings: ArtifactSettings | None = None) -> None:
@@ -52,7 +50,7 @@ class GenerationArtifactFilter:
         chat = "|".join(re.escape(t) for t in s.chat_tokens)
         self._chat = re.compile(chat) if s.chat_tokens else None
 
-    def check(self, doc: Document) -> tuple[str, dict[str, Any]] | None:
+    def check(self, doc: Document) -> Verdict:
         s = self.settings
         if s.drop_truncated and doc.finish_reason == "length":
             return "truncated:finish_length", {"finish_reason": doc.finish_reason}
@@ -72,13 +70,3 @@ class GenerationArtifactFilter:
             if m := pattern.search(text):
                 return f"quality_rule:assistant_{name}", {"match": m.group(0), "at": m.start()}
         return None
-
-    def run(self, docs: Sequence[Document]) -> ScoredOutput:
-        out = ScoredOutput()
-        for doc in docs:
-            broken = self.check(doc)
-            if broken is None:
-                out.kept.append(doc)
-            else:
-                out.reject(doc, broken[0], detail=broken[1])
-        return out

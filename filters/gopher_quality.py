@@ -19,10 +19,9 @@ Rules (reason, default threshold):
 from __future__ import annotations
 
 import string
-from collections.abc import Sequence
 from typing import Any
 
-from filters.scored import ScoredOutput
+from filters.scored import RuleFilter, Verdict
 from filters.settings import GopherQualitySettings
 from schemas import Document
 
@@ -92,18 +91,11 @@ def _has_letter(word: str) -> bool:
     return any(c.isalpha() for c in word)
 
 
-class GopherQualityFilter:
+class GopherQualityFilter(RuleFilter):
     name = "gopher_quality"
 
     def __init__(self, settings: GopherQualitySettings | None = None) -> None:
         self.settings = settings or GopherQualitySettings()
 
-    def run(self, docs: Sequence[Document]) -> ScoredOutput:
-        out = ScoredOutput()
-        for doc in docs:
-            broken = check(doc.text, self.settings)
-            if broken is None:
-                out.kept.append(doc)
-            else:
-                out.reject(doc, broken[0], detail=broken[1])
-        return out
+    def check(self, doc: Document) -> Verdict:
+        return check(doc.text, self.settings)

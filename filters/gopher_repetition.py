@@ -23,12 +23,11 @@ compared through 64-bit hashes of word ids, computed with NumPy for the whole do
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from filters.scored import ScoredOutput
+from filters.scored import RuleFilter, Verdict
 from filters.settings import GopherRepetitionSettings
 from filters.text import ngram_hashes, word_ids
 from schemas import Document
@@ -119,18 +118,11 @@ def check(text: str, s: GopherRepetitionSettings) -> tuple[str, dict[str, Any]] 
     return None
 
 
-class GopherRepetitionFilter:
+class GopherRepetitionFilter(RuleFilter):
     name = "gopher_repetition"
 
     def __init__(self, settings: GopherRepetitionSettings | None = None) -> None:
         self.settings = settings or GopherRepetitionSettings()
 
-    def run(self, docs: Sequence[Document]) -> ScoredOutput:
-        out = ScoredOutput()
-        for doc in docs:
-            broken = check(doc.text, self.settings)
-            if broken is None:
-                out.kept.append(doc)
-            else:
-                out.reject(doc, broken[0], detail=broken[1])
-        return out
+    def check(self, doc: Document) -> Verdict:
+        return check(doc.text, self.settings)

@@ -16,10 +16,9 @@ Rules (reason, default threshold):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
-from filters.scored import ScoredOutput
+from filters.scored import RuleFilter, Verdict
 from filters.settings import LineSettings
 from schemas import Document
 
@@ -50,18 +49,11 @@ def check(text: str, s: LineSettings) -> tuple[str, dict[str, Any]] | None:
     return None
 
 
-class LineFilter:
+class LineFilter(RuleFilter):
     name = "lines"
 
     def __init__(self, settings: LineSettings | None = None) -> None:
         self.settings = settings or LineSettings()
 
-    def run(self, docs: Sequence[Document]) -> ScoredOutput:
-        out = ScoredOutput()
-        for doc in docs:
-            broken = check(doc.text, self.settings)
-            if broken is None:
-                out.kept.append(doc)
-            else:
-                out.reject(doc, broken[0], detail=broken[1])
-        return out
+    def check(self, doc: Document) -> Verdict:
+        return check(doc.text, self.settings)

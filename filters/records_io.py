@@ -21,6 +21,7 @@ from filters.scored import DetailedChainResult
 from filters.settings import FilterError
 from schemas import Document, Rejected, arrow_schema
 from schemas.arrow import to_table
+from schemas.jsonl import iter_jsonl
 from schemas.records import sha256_hex
 from shards.writer import atomic_write_bytes, atomic_write_table
 
@@ -32,21 +33,8 @@ def _rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     """(where, row) for each record of a JSONL or Parquet file; `where` is `file:line`."""
     suffix = path.suffix.lower()
     if suffix in _JSONL:
-        try:
-            with open(path, encoding="utf-8") as f:
-                for lineno, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    where = f"{path}:{lineno}"
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise FilterError(f"{where}: invalid JSON ({e.msg})") from None
-                    if not isinstance(row, dict):
-                        raise FilterError(f"{where}: expected a JSON object")
-                    yield where, row
-        except UnicodeDecodeError as e:
-            raise FilterError(f"{path}: not UTF-8 text (byte {e.start})") from None
+        for lineno, row in iter_jsonl(path, FilterError):
+            yield f"{path}:{lineno}", row
     elif suffix in _PARQUET:
         try:
             table = pq.read_table(path)

@@ -36,6 +36,28 @@ class ScoredOutput(StageOutput):
             setattr(self.rejected[-1], "detail", json.dumps(detail, ensure_ascii=False))  # noqa: B010
 
 
+Verdict = tuple[str, dict[str, Any]] | None  # (reason, the figures that decided it), or keep
+
+
+class RuleFilter:
+    """A filter that judges one document at a time: subclasses give `name` and `check`."""
+
+    name: str
+
+    def check(self, doc: Document) -> Verdict:
+        raise NotImplementedError
+
+    def run(self, docs: Sequence[Document]) -> ScoredOutput:
+        out = ScoredOutput()
+        for doc in docs:
+            broken = self.check(doc)
+            if broken is None:
+                out.kept.append(doc)
+            else:
+                out.reject(doc, broken[0], detail=broken[1])
+        return out
+
+
 @dataclass
 class DetailedChainResult(ChainResult):
     details: list[str | None] = field(default_factory=list)  # JSON, parallel to `rejected`

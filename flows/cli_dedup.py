@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -29,6 +29,7 @@ from filters.dedup import (
 )
 from filters.dedup.engine import index_entries
 from filters.dedup.index import MANIFEST as INDEX_MANIFEST
+from schemas.jsonl import iter_jsonl
 
 index_app = typer.Typer(help="Inspect or edit a persistent dedup index.", no_args_is_help=True)
 
@@ -43,21 +44,7 @@ def _fail(message: str) -> None:
 
 
 def _read_jsonl(path: Path) -> pa.Table:
-    rows: list[dict[str, Any]] = []
-    with open(path, encoding="utf-8") as f:
-        try:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise InputError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-                if not isinstance(row, dict):
-                    raise InputError(f"{path}:{lineno}: expected a JSON object per line")
-                rows.append(row)
-        except UnicodeDecodeError:
-            raise InputError(f"{path}: not UTF-8 text") from None
+    rows = [row for _, row in iter_jsonl(path, InputError)]
     try:
         return pa.Table.from_pylist(rows)
     except (pa.ArrowException, TypeError) as e:

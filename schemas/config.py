@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -294,8 +294,14 @@ def format_validation_error(
     return "\n".join(parts)
 
 
-def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Read and validate a YAML config; `overrides` (dotted keys) win over the file."""
+M = TypeVar("M", bound=BaseModel)
+
+
+def load_yaml_model(
+    model: type[M], path: Path | None, overrides: dict[str, Any] | None = None, what: str = "config"
+) -> M:
+    """Read a YAML file into `model`; `overrides` (dotted keys) win over the file. Errors name
+    the file, the line and the key (ConfigError)."""
     data: dict[str, Any] = {}
     lines: dict[tuple, int] = {}
     source = str(path) if path else "<defaults>"
@@ -303,7 +309,7 @@ def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> R
         try:
             raw = Path(path).read_text(encoding="utf-8")
         except FileNotFoundError:
-            raise ConfigError(f"{path}: config file not found") from None
+            raise ConfigError(f"{path}: {what} file not found") from None
         except UnicodeDecodeError as e:
             raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
         try:
@@ -326,6 +332,11 @@ def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> R
             target = target.setdefault(p, {})
         target[last] = value
     try:
-        return RunConfig.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as e:
         raise ConfigError(format_validation_error(e, source, lines)) from None
+
+
+def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Read and validate a run config; `overrides` (dotted keys) win over the file."""
+    return load_yaml_model(RunConfig, path, overrides)

@@ -9,10 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from schemas.config import ConfigError, _key_lines, format_validation_error
+from schemas.config import ConfigError, load_yaml_model
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -73,35 +72,8 @@ class TrainConfig(_Strict):
 
 def load_train_config(path: Path | None, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """Read and validate a trainer YAML; `overrides` are dotted keys (e.g. train.max_steps)."""
-    data: dict[str, Any] = {}
-    lines: dict[tuple, int] = {}
     source = str(path) if path else "<defaults>"
-    if path is not None:
-        try:
-            raw = Path(path).read_text(encoding="utf-8")
-            node, loaded = yaml.compose(raw), yaml.safe_load(raw)
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: trainer config not found") from None
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f"{path}:{mark.line + 1}" if mark else str(path)
-            raise ConfigError(f"{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping of settings at the top level")
-        data = loaded or {}
-        lines = _key_lines(node) if node is not None else {}
-    for dotted, value in (overrides or {}).items():
-        if value is None:
-            continue
-        target = data
-        *parents, last = dotted.split(".")
-        for p in parents:
-            target = target.setdefault(p, {})
-        target[last] = value
-    try:
-        cfg = TrainConfig.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(format_validation_error(e, source, lines)) from None
+    cfg = load_yaml_model(TrainConfig, path, overrides, what="trainer config")
     if cfg.train.seq_len > cfg.model.max_seq_len:
         raise ConfigError(
             f"{source}: train.seq_len {cfg.train.seq_len} exceeds model.max_seq_len "
