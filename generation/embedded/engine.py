@@ -494,40 +494,36 @@ class Engine:
 
     def _make_sampler(self, params: SamplingParams) -> Any:
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
-        if params.temperature <= 0:
-            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
+
+        def add(sampler: Any) -> None:
+            llama_cpp.llama_sampler_chain_add(chain, sampler)
+
+        penalised = bool(params.frequency_penalty or params.presence_penalty)
+        if params.temperature <= 0 and not penalised:
+            add(llama_cpp.llama_sampler_init_greedy())
             return chain
         # llama.cpp's own order: truncate (top-k, top-p), then temperature, then draw.
         if params.top_k > 0:
-            llama_cpp.llama_sampler_chain_add(
-                chain, llama_cpp.llama_sampler_init_top_k(params.top_k)
-            )
-        if params.top_p < 1.0:
-            llama_cpp.llama_sampler_chain_add(
-                chain, llama_cpp.llama_sampler_init_top_p(params.top_p, 1)
-            )
-        if params.frequency_penalty or params.presence_penalty:
+            add(llama_cpp.llama_sampler_init_top_k(params.top_k))
+        if params.top_p < 1.0 and params.temperature > 0:
+            add(llama_cpp.llama_sampler_init_top_p(params.top_p, 1))
+        if penalised:
             # After top-k (llama.cpp warns that penalties over the whole vocabulary are slow):
             # the kept candidates are penalised for their counts in the last PENALTY_LAST_N
             # tokens (llama_sampler_sample accepts each token it draws).
-            llama_cpp.llama_sampler_chain_add(
-                chain,
+            n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
+            add(
                 llama_cpp.llama_sampler_init_penalties(
-                    llama_cpp.llama_vocab_n_tokens(self._vocab),
-                    PENALTY_LAST_N,
-                    1.0,
-                    params.frequency_penalty,
-                    params.presence_penalty,
-                ),
+                    n_vocab, PENALTY_LAST_N, 1.0, params.frequency_penalty, params.presence_penalty
+                )
             )
-        llama_cpp.llama_sampler_chain_add(
-            chain, llama_cpp.llama_sampler_init_temp(params.temperature)
-        )
+        if params.temperature <= 0:
+            add(llama_cpp.llama_sampler_init_greedy())
+            return chain
+        add(llama_cpp.llama_sampler_init_temp(params.temperature))
         # No seed given: a fresh one per request, so repeated prompts give different texts.
         seed = params.seed if params.seed is not None else time.time_ns() & 0xFFFFFFFF
-        llama_cpp.llama_sampler_chain_add(
-            chain, llama_cpp.llama_sampler_init_dist(seed & 0xFFFFFFFF)
-        )
+        add(llama_cpp.llama_sampler_init_dist(seed & 0xFFFFFFFF))
         return chain
 
     def _read_template(self) -> Any:
