@@ -48,6 +48,7 @@ from trainer.data import (
     open_source,
     read_units,
 )
+from trainer.loss import free_workspace
 from trainer.mfu import device_peak
 from trainer.model import ModelConfig, Phi, padded_vocab
 
@@ -380,6 +381,7 @@ def train(
         if main_thread:
             signal.signal(signal.SIGTERM, old_handler)
         del batches, loader
+        free_workspace()
     return {
         "step": step,
         "tokens_seen": tokens_seen,
