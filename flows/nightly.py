@@ -1,9 +1,12 @@
-"""The nightly flow: seeds -> plan -> generate -> filter -> dataset version -> index commit.
+"""The nightly flow: topics -> plan -> generate -> filter (exact dedup, quality rules, MinHash)
+-> dataset version -> index commit -> report; then, when configured, retrain the quality
+classifier, export the version and train on it.
 
 A flow wires stages; each stage is a plain function in its own package. Tasks declare their
 retries and cache policies here. Generation is idempotent (the durable response cache under
 `<out>/_state/`), so its task can retry, and a killed run started again re-requests nothing
-that finished.
+that finished. With fill targets the generate-and-filter part repeats in rounds; generation
+runs as partitions (one task each) on the flow's task runner, threads or Dask.
 """
 
 from __future__ import annotations
