@@ -4,7 +4,6 @@ the keep rule, bad input, and the filters in a chain."""
 from __future__ import annotations
 
 import random
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -27,32 +26,11 @@ from filters.dedup.minhash import MinHashParams, shingle_hash
 from filters.dedup.normalize import normalized_text, words
 from schemas import Document
 from tests.dedup_corpus import exact_jaccard, make_corpus
+from tests.filters_helpers import document
 
 
 def doc(id: str, text: str, quality: float | None = None) -> Document:
-    return Document(
-        id=id,
-        text_sha256="x",
-        text=text,
-        topic="t",
-        topic_path=["t"],
-        audience="a",
-        style="s",
-        format="f",
-        seed_words=[],
-        prompt="p",
-        model="m",
-        backend="b",
-        sampling="{}",
-        seed=0,
-        sample_index=0,
-        finish_reason="stop",
-        truncated=False,
-        n_tokens=1,
-        quality_score=quality,
-        run_id="r",
-        created_at=datetime.now(UTC),
-    )
+    return document(id, text, quality_score=quality)
 
 
 # -- normalisation

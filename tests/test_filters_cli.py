@@ -5,9 +5,7 @@ back with DuckDB, and one-line errors for bad input."""
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +22,7 @@ from shards.dataset import write_version
 from tests.conftest import fake_backend_config
 from tests.fakeserver import FakeServer
 from tests.filters_helpers import LABELLED, MMLU, TEXTBOOK, make_doc
+from tests.judge import judge_server
 
 app = typer.Typer()
 app.add_typer(cli_quality.quality_app, name="quality")
@@ -33,53 +32,11 @@ runner = CliRunner()
 LABELS = {row["text"]: row["score"] for row in map(json.loads, LABELLED.read_text().splitlines())}
 
 
-class _Judge(BaseHTTPRequestHandler):
-    """An OpenAI-compatible judge that knows the fixture's labels (a stand-in for a strong
-    model): it answers each rubric prompt with a justification and "Educational score: N"."""
-
-    def do_POST(self) -> None:
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        prompt = body["messages"][-1]["content"]
-        extract = prompt.split("<extract>\n", 1)[1].split("\n</extract>", 1)[0]
-        score = int(LABELS.get(extract, 2))
-        reply = f"The extract is {'clear' if score >= 3 else 'not'} teaching material.\n"
-        reply += f"Educational score: {score}"
-        data = json.dumps(
-            {
-                "id": "judge-1",
-                "object": "chat.completion",
-                "created": 1,
-                "model": body["model"],
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": reply},
-                        "finish_reason": "stop",
-                    }
-                ],
-                "usage": {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120},
-            }
-        ).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
 @pytest.fixture
 def judge() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Judge)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/v1"
-    finally:
-        server.shutdown()
-        server.server_close()
+    # A stand-in for a strong model: it knows the fixture's labels.
+    with judge_server(lambda extract: int(LABELS.get(extract, 2))) as (url, _):
+        yield url
 
 
 def _config(tmp_path: Path, base_url: str, **generation: Any) -> Path:
