@@ -3,7 +3,14 @@
 Planning must never be the bottleneck: it should plan requests far faster than the generation
 stage can even dispatch them to an infinitely fast endpoint. The baseline `generation_overhead`
 is booksmith's generation client against the fake server in fast mode (a fixed reply, so only
-the client's own per-request cost is measured), in the same process.
+the client's own per-request cost is measured), in the same process. A second baseline,
+`render_each`, renders and builds every planned request the plain way (one sandboxed Jinja
+render and GenerationRequest.build each, as the plan did before it spliced): the plan's output
+is checked equal to it on a sample.
+
+Two shapes of a million requests: `deep`, the 79 default topics with ~12,700 samples each, and
+`wide`, ~20,000 topics (each default topic split into 254 subtopics) with 50 samples each, the
+scale of Phi-1.5's topic list.
 
     python -m benchmarks.plan_throughput [--requests 1000000] [--generation-requests 5000]
 
@@ -14,27 +21,103 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import math
 import tempfile
 import time
+import tracemalloc
 from pathlib import Path
 
-from generation.plan import build_plan
+from generation.plan import _covered_units, build_plan
 from generation.seeds import load_seeds
 from prompts import PromptLibrary
-from schemas import Sampling
+from schemas import GenerationRequest, Message, Sampling, TopicSeed
+
+WIDE_SAMPLES = 50
 
 
-def plan_rate(n: int) -> tuple[float, int]:
-    seeds = load_seeds()
+def bytes_per_request(shape: str, n: int = 20_000) -> float:
+    """Memory held by a plan of n requests, per request (tracemalloc: slow, so a small plan)."""
+    seeds, per_topic = topics(shape, n)
     library = PromptLibrary()
-    per_topic = math.ceil(n / len(seeds))
+    tracemalloc.start()
+    plan = build_plan(
+        seeds, library, model="m", sampling=Sampling(), seed=1, samples_per_topic=per_topic
+    )
+    held = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    return held / len(plan)
+
+
+def topics(shape: str, n: int) -> tuple[list[TopicSeed], int]:
+    seeds = load_seeds()
+    if shape == "deep":
+        return seeds, math.ceil(n / len(seeds))
+    per = math.ceil(n / WIDE_SAMPLES / len(seeds))
+    wide = [
+        TopicSeed(topic=f"{s.topic}, part {j + 1}", subject=s.subject, path=[*s.path, s.topic])
+        for s in seeds
+        for j in range(per)
+    ]
+    return wide, WIDE_SAMPLES
+
+
+def plan_rate(shape: str, n: int) -> tuple[float, list[GenerationRequest], list[TopicSeed]]:
+    seeds, per_topic = topics(shape, n)
+    library = PromptLibrary()
+    gc.collect()
     started = time.perf_counter()
     plan = build_plan(
         seeds, library, model="m", sampling=Sampling(), seed=1, samples_per_topic=per_topic
     )
-    elapsed = time.perf_counter() - started
-    return len(plan) / elapsed, len(plan)
+    return len(plan) / (time.perf_counter() - started), plan, seeds
+
+
+def render_each_rate(plan: list[GenerationRequest], seeds: list[TopicSeed], n: int) -> float:
+    """Render and build the first n requests one by one; assert they equal the plan's. The
+    collector is paused as the plan pauses it: a million live requests would slow it down."""
+    library = PromptLibrary()
+    axes = library.axes
+    covered = _covered_units(seeds, 6)
+    index = {s.topic: i for i, s in enumerate(seeds)}
+    seen: dict[str, int] = {}
+    gc.disable()
+    started = time.perf_counter()
+    rebuilt = []
+    for request in plan[:n]:
+        i = index[request.topic]
+        prompt = library.render(
+            request.template,
+            topic=seeds[i].topic,
+            path=seeds[i].path,
+            subject=seeds[i].subject,
+            audience=axes.audiences[request.audience].model_dump(),
+            style=axes.styles[request.style].model_dump(),
+            format=axes.formats[request.format].model_dump(),
+            seed_words=request.seed_words,
+            covered=covered.get(i, []),
+        )
+        sample_index = seen[prompt] = seen.get(prompt, -1) + 1
+        rebuilt.append(
+            GenerationRequest.build(
+                messages=[Message(role="user", content=prompt)],
+                model="m",
+                sampling=Sampling(),
+                sample_index=sample_index,
+                topic=request.topic,
+                topic_path=request.topic_path,
+                subject=request.subject,
+                audience=request.audience,
+                style=request.style,
+                format=request.format,
+                seed_words=request.seed_words,
+                template=request.template,
+            )
+        )
+    rate = n / (time.perf_counter() - started)
+    gc.enable()
+    assert rebuilt == plan[:n], "the plan differs from rendering each request"
+    return rate
 
 
 async def generation_rate(n: int) -> float:
@@ -48,15 +131,33 @@ async def generation_rate(n: int) -> float:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=1_000_000)
+    parser.add_argument("--render-each", type=int, default=50_000, help="baseline sample size")
     parser.add_argument("--generation-requests", type=int, default=5_000)
     args = parser.parse_args(argv)
-    plan, planned = plan_rate(args.requests)
-    print(f"plan: {planned} requests at {plan:,.0f} req/s ({planned / plan:.1f} s)", flush=True)
+    rates = {}
+    for shape in ("deep", "wide"):
+        rate, plan, seeds = plan_rate(shape, args.requests)
+        slow = render_each_rate(plan, seeds, min(args.render_each, len(plan)))
+        print(
+            f"plan {shape}: {len(plan):,} requests over {len(seeds):,} topics in "
+            f"{len(plan) / rate:.1f} s ({rate:,.0f} req/s); rendering each request: "
+            f"{slow:,.0f} req/s ({rate / slow:.1f}x)",
+            flush=True,
+        )
+        print(
+            f"RESULT plan_throughput:render_each shape={shape} ratio={rate / slow:.2f} "
+            f"booksmith={rate:.0f} baseline={slow:.0f} unit=req/s",
+            flush=True,
+        )
+        rates[shape] = rate
+        del plan
+        print(f"memory {shape}: {bytes_per_request(shape) / 1024:.1f} KiB per planned request")
     gen = asyncio.run(generation_rate(args.generation_requests))
     print(f"generation stage overhead alone: {gen:,.0f} req/s", flush=True)
+    plan_rate_ = min(rates.values())
     print(
-        f"RESULT plan_throughput:generation_overhead ratio={plan / gen:.1f} "
-        f"booksmith={plan:.0f} baseline={gen:.0f} unit=req/s"
+        f"RESULT plan_throughput:generation_overhead ratio={plan_rate_ / gen:.1f} "
+        f"booksmith={plan_rate_:.0f} baseline={gen:.0f} unit=req/s"
     )
 
 

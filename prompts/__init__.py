@@ -8,7 +8,7 @@ never evaluated as template code.
 
 from __future__ import annotations
 
-from functools import cached_property
+from functools import cached_property, partial
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ from jinja2 import StrictUndefined, Template, TemplateError, meta
 from jinja2.sandbox import SandboxedEnvironment
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from prompts.splice import Splice, make_splice, spliceable
 from schemas.config import format_validation_error
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "Format",
     "PromptError",
     "PromptLibrary",
+    "Splice",
     "Style",
     "load_seed_words",
 ]
@@ -105,6 +107,7 @@ class PromptLibrary:
         self.axes = self._load_axes(self.axes_path)
         self.env = SandboxedEnvironment(undefined=StrictUndefined, autoescape=False)
         self._templates: dict[str, Template] = {}
+        self._spliceable: dict[str, bool] = {}
         for fmt in self.axes.formats.values():
             self._check(fmt.template)
 
@@ -135,13 +138,15 @@ class PromptLibrary:
             return self._templates[name]
         path, source = self._source(name)
         try:
-            unknown = meta.find_undeclared_variables(self.env.parse(source)) - TEMPLATE_VARIABLES
+            tree = self.env.parse(source)
+            unknown = meta.find_undeclared_variables(tree) - TEMPLATE_VARIABLES
             if unknown:
                 raise PromptError(
                     f"{path}: template {name!r} uses undefined variable(s) {sorted(unknown)}; "
                     f"templates get {sorted(TEMPLATE_VARIABLES)}"
                 )
             template = self.env.from_string(source)
+            self._spliceable[name] = spliceable(tree)
             for audience in self.axes.audiences.values():  # catches unknown axis fields
                 for fmt in self.axes.formats.values():
                     template.render(self._sample_vars(audience=audience, format=fmt))
@@ -176,3 +181,11 @@ class PromptLibrary:
             return compiled.render(**variables).strip()
         except TemplateError as e:
             raise PromptError(f"template {template!r}: {e}") from None
+
+    def splice(self, template: str, **variables: Any) -> Splice | None:
+        """`template` rendered once for these axis values and the shape of the per-request
+        values (prompts.splice); None when it must be rendered for each request instead."""
+        self._check(template)
+        if not self._spliceable[template]:
+            return None
+        return make_splice(partial(self.render, template), variables)

@@ -8,6 +8,7 @@ from schemas.records import (
     GenerationResult,
     Message,
     Rejected,
+    RequestBuilder,
     Sampling,
     TopicSeed,
 )
@@ -19,6 +20,7 @@ __all__ = [
     "GenerationResult",
     "Message",
     "Rejected",
+    "RequestBuilder",
     "Sampling",
     "TopicSeed",
     "arrow_schema",
