@@ -32,6 +32,7 @@ from generation.plan import _covered_units, build_plan
 from generation.seeds import load_seeds
 from prompts import PromptLibrary
 from schemas import GenerationRequest, Message, Sampling, TopicSeed
+from schemas.arrow import to_table
 
 WIDE_SAMPLES = 50
 
@@ -120,6 +121,19 @@ def render_each_rate(plan: list[GenerationRequest], seeds: list[TopicSeed], n: i
     return rate
 
 
+def write_seconds(plan: list[GenerationRequest]) -> float:
+    """plan.parquet as the dataset writes it: records to Arrow, then ZSTD Parquet, sha256."""
+    from shards.writer import atomic_write_table
+
+    with tempfile.TemporaryDirectory() as tmp:
+        started = time.perf_counter()
+        root = Path(tmp)
+        atomic_write_table(
+            to_table(plan, GenerationRequest), root / "plan.parquet", root=root, kind="plan"
+        )
+        return time.perf_counter() - started
+
+
 async def generation_rate(n: int) -> float:
     from benchmarks.client_overhead import booksmith
     from tests.fakeserver import FakeServer
@@ -137,11 +151,12 @@ def main(argv: list[str] | None = None) -> None:
     rates = {}
     for shape in ("deep", "wide"):
         rate, plan, seeds = plan_rate(shape, args.requests)
+        written = write_seconds(plan)
         slow = render_each_rate(plan, seeds, min(args.render_each, len(plan)))
         print(
             f"plan {shape}: {len(plan):,} requests over {len(seeds):,} topics in "
-            f"{len(plan) / rate:.1f} s ({rate:,.0f} req/s); rendering each request: "
-            f"{slow:,.0f} req/s ({rate / slow:.1f}x)",
+            f"{len(plan) / rate:.1f} s ({rate:,.0f} req/s), plan.parquet written in "
+            f"{written:.1f} s; rendering each request: {slow:,.0f} req/s ({rate / slow:.1f}x)",
             flush=True,
         )
         print(

