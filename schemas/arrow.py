@@ -71,7 +71,8 @@ def _column(values: list[Any], dtype: pa.DataType) -> pa.Array:
         mask = pa.array(missing, pa.bool_()) if any(missing) else None
         return pa.StructArray.from_arrays(children, fields=list(dtype), mask=mask)
     if pa.types.is_list(dtype) and pa.types.is_struct(dtype.value_type):
-        offsets, flat = [0], []
+        offsets: list[int] = [0]
+        flat: list[Any] = []
         for v in values:
             flat.extend(v or ())
             offsets.append(len(flat))
