@@ -28,10 +28,10 @@ import time
 import tracemalloc
 from pathlib import Path
 
-from generation.plan import _covered_units, build_plan
+from generation.plan import build_plan
 from generation.seeds import load_seeds
 from prompts import PromptLibrary
-from schemas import GenerationRequest, Message, Sampling, TopicSeed
+from schemas import GenerationRequest, Sampling, TopicSeed
 from schemas.arrow import to_table
 
 WIDE_SAMPLES = 50
@@ -77,44 +77,11 @@ def plan_rate(shape: str, n: int) -> tuple[float, list[GenerationRequest], list[
 def render_each_rate(plan: list[GenerationRequest], seeds: list[TopicSeed], n: int) -> float:
     """Render and build the first n requests one by one; assert they equal the plan's. The
     collector is paused as the plan pauses it: a million live requests would slow it down."""
-    library = PromptLibrary()
-    axes = library.axes
-    covered = _covered_units(seeds, 6)
-    index = {s.topic: i for i, s in enumerate(seeds)}
-    seen: dict[str, int] = {}
+    from tests.plan_reference import rebuild_plainly
+
     gc.disable()
     started = time.perf_counter()
-    rebuilt = []
-    for request in plan[:n]:
-        i = index[request.topic]
-        prompt = library.render(
-            request.template,
-            topic=seeds[i].topic,
-            path=seeds[i].path,
-            subject=seeds[i].subject,
-            audience=axes.audiences[request.audience].model_dump(),
-            style=axes.styles[request.style].model_dump(),
-            format=axes.formats[request.format].model_dump(),
-            seed_words=request.seed_words,
-            covered=covered.get(i, []),
-        )
-        sample_index = seen[prompt] = seen.get(prompt, -1) + 1
-        rebuilt.append(
-            GenerationRequest.build(
-                messages=[Message(role="user", content=prompt)],
-                model="m",
-                sampling=Sampling(),
-                sample_index=sample_index,
-                topic=request.topic,
-                topic_path=request.topic_path,
-                subject=request.subject,
-                audience=request.audience,
-                style=request.style,
-                format=request.format,
-                seed_words=request.seed_words,
-                template=request.template,
-            )
-        )
+    rebuilt = rebuild_plainly(plan[:n], seeds, PromptLibrary(), model="m", sampling=Sampling())
     rate = n / (time.perf_counter() - started)
     gc.enable()
     assert rebuilt == plan[:n], "the plan differs from rendering each request"

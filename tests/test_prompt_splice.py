@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from generation.plan import _covered_units, build_plan
+from generation.plan import build_plan
 from generation.seeds import load_seeds
 from prompts import PromptLibrary
 from prompts.splice import shape
 from schemas import GenerationRequest, Message, RequestBuilder, Sampling, TopicSeed
+from tests.plan_reference import rebuild_plainly
 
 # Values chosen to break a naive splice: format braces, template syntax, JSON escapes,
 # surrogate-free emoji, None and empty values, whitespace at the ends.
@@ -129,7 +130,6 @@ def assert_plan_matches_plain_rendering(lib: PromptLibrary, samples: int = 3, **
         TopicSeed(topic="{{ 6 * 7 }} child", subject=None, path=["Root {0}"]),
         TopicSeed(topic="Second child", subject="", path=["Root {0}"]),
     ]
-    covered = _covered_units(seeds, int(kw.get("covered_units", 6)))  # type: ignore[call-overload]
     sampling = kw.pop("sampling", Sampling())
     planned = build_plan(
         seeds,
@@ -140,41 +140,16 @@ def assert_plan_matches_plain_rendering(lib: PromptLibrary, samples: int = 3, **
         samples_per_topic=samples,
         **kw,  # type: ignore[arg-type]
     )
-    by_topic = {s.topic: i for i, s in enumerate(seeds)}
-    seen: dict[str, int] = {}
-    system = kw.get("system_prompt")
-    for request in planned:
-        index = by_topic[request.topic]
-        seed = seeds[index]
-        ax = lib.axes
-        prompt = lib.render(
-            request.template,
-            topic=seed.topic,
-            path=seed.path,
-            subject=seed.subject,
-            audience=ax.audiences[request.audience].model_dump(),
-            style=ax.styles[request.style].model_dump(),
-            format=ax.formats[request.format].model_dump(),
-            seed_words=request.seed_words,
-            covered=covered.get(index, []),
-        )
-        sample_index = seen[prompt] = seen.get(prompt, -1) + 1
-        messages = [Message(role="system", content=system)] if system else []
-        expected = GenerationRequest.build(
-            messages=[*messages, Message(role="user", content=prompt)],
-            model="m",
-            sampling=sampling,  # type: ignore[arg-type]
-            sample_index=sample_index,
-            topic=seed.topic,
-            topic_path=seed.topic_path,
-            subject=seed.subject,
-            audience=request.audience,
-            style=request.style,
-            format=request.format,
-            seed_words=request.seed_words,
-            template=request.template,
-        )
-        assert request == expected
+    expected = rebuild_plainly(
+        planned,
+        seeds,
+        lib,
+        model="m",
+        sampling=sampling,  # type: ignore[arg-type]
+        covered_units=kw.get("covered_units", 6),  # type: ignore[arg-type]
+        system_prompt=kw.get("system_prompt"),  # type: ignore[arg-type]
+    )
+    assert planned == expected
 
 
 def test_the_plan_equals_rendering_and_building_every_request() -> None:
