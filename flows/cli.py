@@ -142,6 +142,75 @@ def run(
 
 
 @app.command()
+def plan(
+    config: Annotated[Path | None, typer.Option(help="YAML config file.")] = None,
+    topics: Annotated[Path | None, typer.Option(help="Topic seeds (YAML, JSONL or CSV).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output directory of dataset versions.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Cap the number of requests.", min=1)] = None,
+    seed: Annotated[int | None, typer.Option(help="Run seed (default: from today's date).")] = None,
+    write: Annotated[
+        Path | None, typer.Option("--write", "-o", help="Write the plan to this Parquet file.")
+    ] = None,
+    show: Annotated[int, typer.Option(help="Print this many planned prompts.", min=0)] = 1,
+) -> None:
+    """Plan a run without generating: the requests `booksmith run` with the same options would
+    make first (before any fill round), how the axes are spread, and optionally the plan itself
+    as Parquet (plan.parquet's schema)."""
+    from collections import Counter
+    from datetime import UTC, datetime
+
+    from flows.nightly import make_plan, resolve_config, seed_for
+    from generation.coverage import select_topics
+    from generation.seeds import load_seeds
+    from schemas import GenerationRequest
+    from schemas.arrow import to_table
+    from shards.writer import atomic_write_table
+
+    try:
+        cfg = resolve_config(
+            str(config) if config else None,
+            str(topics) if topics else None,
+            str(out) if out else None,
+            limit,
+            seed,
+        )
+        run_seed = cfg.seed if cfg.seed is not None else seed_for(datetime.now(UTC).date())
+        seeds, selection = select_topics(load_seeds(cfg.topics), cfg.plan, cfg.output.dir)
+        requests = make_plan(
+            seeds, cfg, run_seed, samples_per_topic=cfg.plan.samples_per_topic,
+            limit=cfg.plan.limit,
+        )  # fmt: skip
+    except _user_errors() as e:
+        _fail(str(e))
+        return
+    table = Table(title=f"plan, seed {run_seed}", show_header=False)
+    prompts = [r.prompt for r in requests]
+    rows = [
+        ("topics", f"{len(seeds)} ({selection.get('rotation') or 'all'})"),
+        ("requests", len(requests)),
+        ("distinct prompts", len(set(prompts))),
+        ("prompt characters (mean)", f"{sum(map(len, prompts)) / max(1, len(prompts)):.0f}"),
+        ("completion tokens (at most)", len(requests) * cfg.generation.sampling.max_tokens),
+    ]
+    for axis in ("audience", "style", "format"):
+        counts = Counter(getattr(r, axis) for r in requests)
+        rows.append((axis, ", ".join(f"{k} {n}" for k, n in counts.most_common())))
+    for key, value in rows:
+        table.add_row(key, str(value))
+    console.print(table)
+    for request in requests[:show]:
+        console.print(f"[bold]{escape(request.topic)}[/bold] ({request.audience}, "
+                      f"{request.style}, {request.format}):", highlight=False)  # fmt: skip
+        console.print(escape(request.prompt), highlight=False, soft_wrap=True)
+    if write is not None:
+        path = write.resolve()
+        atomic_write_table(
+            to_table(requests, GenerationRequest), path, root=path.parent, kind="plan"
+        )
+        print(path)  # stdout: the file, for scripts
+
+
+@app.command()
 def report(
     dataset: Annotated[Path, typer.Argument(help="A dataset version directory.")],
 ) -> None:

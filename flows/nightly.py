@@ -102,7 +102,10 @@ def load_topics(cfg: RunConfig) -> tuple[list[TopicSeed], dict[str, Any]]:
     return select_topics(load_seeds(cfg.topics), cfg.plan, cfg.output.dir)
 
 
-def _plan(seeds: list[TopicSeed], cfg: RunConfig, seed: int, **kw: Any) -> list[GenerationRequest]:
+def make_plan(
+    seeds: list[TopicSeed], cfg: RunConfig, seed: int, **kw: Any
+) -> list[GenerationRequest]:
+    """The requests for these topics under the run config (also `booksmith plan`'s preview)."""
     return build_plan(
         seeds,
         PromptLibrary(cfg.plan.axes, cfg.plan.templates),
@@ -118,7 +121,7 @@ def _plan(seeds: list[TopicSeed], cfg: RunConfig, seed: int, **kw: Any) -> list[
 
 @task(cache_policy=NO_CACHE)
 def plan_requests(seeds: list[TopicSeed], cfg: RunConfig, seed: int) -> list[GenerationRequest]:
-    return _plan(
+    return make_plan(
         seeds, cfg, seed, samples_per_topic=cfg.plan.samples_per_topic, limit=cfg.plan.limit
     )
 
@@ -130,7 +133,7 @@ def plan_fill_round(
 ) -> list[GenerationRequest]:  # fmt: skip
     """More requests for the topics whose targets the kept documents have not met yet."""
     seeds = [t.model_copy(update={"weight": float(n)}) for t, n in wanted]
-    plan = _plan(seeds, cfg, seed, samples_per_topic=1, salt=f"-fill-{round_no}")
+    plan = make_plan(seeds, cfg, seed, samples_per_topic=1, salt=f"-fill-{round_no}")
     return [r for r in plan if r.id not in planned]
 
 

@@ -53,6 +53,23 @@ def test_bad_topics_file_fails_before_anything_is_written(tmp_path: Path) -> Non
     assert not out.exists()
 
 
+def test_plan_previews_without_generating_and_rejects_bad_input(tmp_path: Path) -> None:
+    out = tmp_path / "plan.parquet"
+    args = ["plan", "--seed", "3", "--limit", "10", "--show", "2", "-o", str(out)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    rows = pq.read_table(out).to_pylist()
+    assert len(rows) == 10 and len({r["id"] for r in rows}) == 10
+    for row in rows[:2]:  # the first prompts are printed whole
+        prompt = row["messages"][-1]["content"]
+        assert prompt.splitlines()[-1] in result.output
+    config = tmp_path / "c.yaml"
+    config.write_text("plan:\n  samples_per_topik: 2\n")
+    bad = runner.invoke(app, ["plan", "--config", str(config), "-o", str(tmp_path / "x.parquet")])
+    assert bad.exit_code == 2 and f"{config}:2: plan.samples_per_topik" in bad.output
+    assert not (tmp_path / "x.parquet").exists()
+
+
 def test_config_show_prints_every_default() -> None:
     result = runner.invoke(app, ["config", "show"])
     assert result.exit_code == 0

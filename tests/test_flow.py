@@ -178,8 +178,19 @@ def test_a_second_run_drops_what_earlier_runs_kept(
 def test_a_different_seed_plans_different_requests(
     prefect_api: str, server: FakeServer, tmp_path: Path, write_config
 ) -> None:
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
     cfg = fake_backend_config(server.base_url, tmp_path / "out")
-    a = run_flow(write_config(cfg, "a.yaml"))
+    config_a = write_config(cfg, "a.yaml")
+    # `booksmith plan` previews exactly the plan the run then writes, byte for byte.
+    written = tmp_path / "preview.parquet"
+    preview = CliRunner().invoke(app, ["plan", "--config", str(config_a), "-o", str(written)])
+    assert preview.exit_code == 0, preview.output
+    assert "requests" in preview.output and "completion tokens" in preview.output
+    a = run_flow(config_a)
+    assert written.read_bytes() == (a / "plan.parquet").read_bytes()
     cfg["seed"] = 8
     b = run_flow(write_config(cfg, "b.yaml"))
     ids_a = set(pq.read_table(a / "plan.parquet").column("id").to_pylist())
