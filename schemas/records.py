@@ -177,6 +177,8 @@ class RequestBuilder:
 
     def build(self, prompt: str, sample_index: int = 0, **metadata: Any) -> GenerationRequest:
         """The request `GenerationRequest.build` makes for this user prompt."""
+        if "response_format" in metadata:  # it would have to enter the key
+            raise TypeError("RequestBuilder does not take response_format; use build()")
         # The key up to the end of the prompt is hashed once for both the seed and the id.
         head = hashlib.sha256((self._head + canonical_json(prompt)[1:-1]).encode())
         seed = self.fixed_seed

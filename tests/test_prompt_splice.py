@@ -184,3 +184,9 @@ def test_request_builder_equals_build(system: str | None, sampling: Sampling) ->
             got = builder.build(prompt, index, topic="t")
             assert got == expected
             assert got.model_dump_json() == expected.model_dump_json()
+
+
+def test_request_builder_refuses_what_it_does_not_key() -> None:
+    builder = RequestBuilder(model="m", sampling=Sampling())
+    with pytest.raises(TypeError, match="response_format"):
+        builder.build("x", 0, response_format='{"type": "json_object"}')
