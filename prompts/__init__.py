@@ -8,6 +8,7 @@ never evaluated as template code.
 
 from __future__ import annotations
 
+import logging
 from functools import cached_property, partial
 from importlib import resources
 from pathlib import Path
@@ -18,8 +19,10 @@ from jinja2 import StrictUndefined, Template, TemplateError, meta
 from jinja2.sandbox import SandboxedEnvironment
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from prompts.splice import Splice, make_splice, spliceable
+from prompts.splice import Splice, make_splice, splice_blocker
 from schemas.config import format_validation_error
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "TEMPLATE_VARIABLES",
@@ -107,7 +110,8 @@ class PromptLibrary:
         self.axes = self._load_axes(self.axes_path)
         self.env = SandboxedEnvironment(undefined=StrictUndefined, autoescape=False)
         self._templates: dict[str, Template] = {}
-        self._spliceable: dict[str, bool] = {}
+        # Why a template must be rendered per request (None: it is spliced, prompts.splice).
+        self.splice_blockers: dict[str, str | None] = {}
         for fmt in self.axes.formats.values():
             self._check(fmt.template)
 
@@ -146,7 +150,9 @@ class PromptLibrary:
                     f"templates get {sorted(TEMPLATE_VARIABLES)}"
                 )
             template = self.env.from_string(source)
-            self._spliceable[name] = spliceable(tree)
+            blocker = self.splice_blockers[name] = splice_blocker(tree)
+            if blocker:
+                log.info("%s: rendered for each request, not spliced (%s)", path, blocker)
             for audience in self.axes.audiences.values():  # catches unknown axis fields
                 for fmt in self.axes.formats.values():
                     template.render(self._sample_vars(audience=audience, format=fmt))
@@ -186,6 +192,6 @@ class PromptLibrary:
         """`template` rendered once for these axis values and the shape of the per-request
         values (prompts.splice); None when it must be rendered for each request instead."""
         self._check(template)
-        if not self._spliceable[template]:
+        if self.splice_blockers[template]:
             return None
         return make_splice(partial(self.render, template), variables)

@@ -49,10 +49,11 @@ def shape(values: Mapping[str, Any]) -> tuple[Any, ...]:
     )
 
 
-def spliceable(tree: nodes.Template) -> bool:
-    """Whether every use of a per-request variable in the template is one the splice handles."""
+def splice_blocker(tree: nodes.Template) -> str | None:
+    """None when every use of a per-request variable in the template is one the splice
+    handles; otherwise the first use that is not, to tell the template's author."""
     if any(tree.find_all((nodes.Include, nodes.Import, nodes.FromImport, nodes.Extends))):
-        return False
+        return "it includes, imports or extends another template"
     for node, chain in _with_ancestors(tree):
         if not (isinstance(node, nodes.Name) and node.name in TEXT | LISTS):
             continue
@@ -75,8 +76,12 @@ def spliceable(tree: nodes.Template) -> bool:
             and isinstance(chain[-2], nodes.Output)
         )
         if not joined:
-            return False
-    return True
+            if isinstance(parent, nodes.Filter):
+                where = f"the `{parent.name}` filter"
+            else:
+                where = f"a `{type(parent).__name__}` node"
+            return f"line {node.lineno}: `{node.name}` is used in {where}"
+    return None
 
 
 def make_splice(render: Callable[..., str], values: Mapping[str, Any]) -> Splice | None:

@@ -61,6 +61,7 @@ def value_cases(rng: random.Random, n: int) -> list[dict[str, object]]:
 
 def test_the_bundled_template_splices_to_exactly_the_rendered_text() -> None:
     lib = PromptLibrary()
+    assert lib.splice_blockers == {"textbook": None}
     rng = random.Random(0)
     combos = list(itertools.product(lib.axes.audiences, lib.axes.styles, lib.axes.formats))
     splices = {}
@@ -90,9 +91,15 @@ def test_templates_that_depend_on_the_values_are_rendered_each_time(
     tmp_path: Path, source: str
 ) -> None:
     lib = library_with(tmp_path, source.replace("sep", "', '"))
+    assert lib.splice_blockers["textbook"]  # the author is told why, at load
     ax = first_axes(lib)
     assert lib.splice("textbook", **ax, **value_cases(random.Random(1), 1)[0]) is None
     assert_plan_matches_plain_rendering(lib, samples=2)
+
+
+def test_the_blocker_names_the_line_and_the_variable(tmp_path: Path) -> None:
+    lib = library_with(tmp_path, "Write about {{ topic }}.\n{{ seed_words | sort | join(', ') }}")
+    assert lib.splice_blockers["textbook"] == "line 2: `seed_words` is used in the `sort` filter"
 
 
 def test_a_value_at_either_end_of_the_text_is_not_spliced(tmp_path: Path) -> None:
