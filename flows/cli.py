@@ -4,7 +4,7 @@ runs a flow or a stage, and prints a summary; user errors end in one line and a 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 import yaml
@@ -15,6 +15,9 @@ from rich.table import Table
 from rich.tree import Tree
 
 from flows.runtime import configure_prefect
+
+if TYPE_CHECKING:
+    from schemas.config import RunConfig
 
 app = typer.Typer(
     help="booksmith: synthetic textbook-quality pretraining data.",
@@ -75,31 +78,46 @@ class _GenerationProgress:
             )
 
 
+# The options `run` and `plan` share: the same options plan the same requests.
+ConfigOption = Annotated[Path | None, typer.Option(help="YAML config file.")]
+TopicsOption = Annotated[Path | None, typer.Option(help="Topic seeds (YAML, JSONL or CSV).")]
+OutOption = Annotated[Path | None, typer.Option(help="Output directory of dataset versions.")]
+LimitOption = Annotated[int | None, typer.Option(help="Cap the number of requests.", min=1)]
+SeedOption = Annotated[int | None, typer.Option(help="Run seed (default: from today's date).")]
+
+
+def _run_config(
+    config: Path | None, topics: Path | None, out: Path | None, limit: int | None, seed: int | None
+) -> RunConfig:
+    from flows.nightly import resolve_config
+
+    return resolve_config(
+        str(config) if config else None,
+        str(topics) if topics else None,
+        str(out) if out else None,
+        limit,
+        seed,
+    )
+
+
 @app.command()
 def run(
-    config: Annotated[Path | None, typer.Option(help="YAML config file.")] = None,
-    topics: Annotated[Path | None, typer.Option(help="Topic seeds (YAML, JSONL or CSV).")] = None,
-    out: Annotated[Path | None, typer.Option(help="Output directory of dataset versions.")] = None,
-    limit: Annotated[int | None, typer.Option(help="Cap the number of requests.", min=1)] = None,
-    seed: Annotated[int | None, typer.Option(help="Run seed (default: from today's date).")] = None,
+    config: ConfigOption = None,
+    topics: TopicsOption = None,
+    out: OutOption = None,
+    limit: LimitOption = None,
+    seed: SeedOption = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Prefect's logs.")] = False,
 ) -> None:
     """Run the nightly flow once: plan, generate, filter, write a dataset version."""
     configure_prefect(quiet=not verbose)
-    from flows.nightly import resolve_config
     from generation import progress
     from generation.seeds import load_seeds
     from shards.version import read_manifest
 
     try:
         # Validate before starting Prefect, so bad input fails fast and writes nothing.
-        cfg = resolve_config(
-            str(config) if config else None,
-            str(topics) if topics else None,
-            str(out) if out else None,
-            limit,
-            seed,
-        )
+        cfg = _run_config(config, topics, out, limit, seed)
         load_seeds(cfg.topics)
         from flows.nightly import nightly
         from flows.runners import with_runner
@@ -143,11 +161,11 @@ def run(
 
 @app.command()
 def plan(
-    config: Annotated[Path | None, typer.Option(help="YAML config file.")] = None,
-    topics: Annotated[Path | None, typer.Option(help="Topic seeds (YAML, JSONL or CSV).")] = None,
-    out: Annotated[Path | None, typer.Option(help="Output directory of dataset versions.")] = None,
-    limit: Annotated[int | None, typer.Option(help="Cap the number of requests.", min=1)] = None,
-    seed: Annotated[int | None, typer.Option(help="Run seed (default: from today's date).")] = None,
+    config: ConfigOption = None,
+    topics: TopicsOption = None,
+    out: OutOption = None,
+    limit: LimitOption = None,
+    seed: SeedOption = None,
     write: Annotated[
         Path | None, typer.Option("--write", "-o", help="Write the plan to this Parquet file.")
     ] = None,
@@ -159,7 +177,7 @@ def plan(
     from collections import Counter
     from datetime import UTC, datetime
 
-    from flows.nightly import make_plan, resolve_config, seed_for
+    from flows.nightly import make_plan, seed_for
     from generation.coverage import select_topics
     from generation.seeds import load_seeds
     from schemas import GenerationRequest
@@ -167,13 +185,7 @@ def plan(
     from shards.writer import atomic_write_table
 
     try:
-        cfg = resolve_config(
-            str(config) if config else None,
-            str(topics) if topics else None,
-            str(out) if out else None,
-            limit,
-            seed,
-        )
+        cfg = _run_config(config, topics, out, limit, seed)
         run_seed = cfg.seed if cfg.seed is not None else seed_for(datetime.now(UTC).date())
         seeds, selection = select_topics(load_seeds(cfg.topics), cfg.plan, cfg.output.dir)
         requests = make_plan(
