@@ -273,6 +273,39 @@ def test_launcher_leaves_no_process(tmp_path: Path) -> None:
         urllib.request.urlopen(running.health_url, timeout=2)
 
 
+def test_a_killed_launcher_leaves_no_server_and_no_log() -> None:
+    """The server dies with its launcher (PR_SET_PDEATHSIG) and removes the temporary log."""
+    import subprocess
+    import sys
+    import time
+
+    script = (
+        "import time\n"
+        "from generation.embedded import EmbeddedServer\n"
+        "s = EmbeddedServer(n_parallel=1, ctx_per_seq=256).start()\n"
+        "print(s.process.pid, s.log_path, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    launcher = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert launcher.stdout is not None
+    pid_text, log_text = launcher.stdout.readline().split()
+    pid, log = int(pid_text), Path(log_text)
+    assert log.exists()
+    launcher.kill()
+    launcher.wait()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        pytest.fail("the server outlived its launcher")
+    assert not log.exists()
+
+
 def test_prepared_model_is_q8_0_and_loads() -> None:
     import gguf
     import llama_cpp

@@ -107,6 +107,8 @@ class EmbeddedServer:
             "--parallel", str(self.n_parallel), "--threads", str(self.n_threads),
             "--ctx-per-seq", str(self.ctx_per_seq),
         ]  # fmt: skip
+        if self._own_log:  # removed by the server too, should this process be killed
+            command += ["--remove-log", str(self.log_path)]
         env = dict(os.environ)
         # The child must import this package even when booksmith is not pip-installed.
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_REPO_ROOT), env.get("PYTHONPATH")]))

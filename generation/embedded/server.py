@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import socket
 import threading
 import time
 import uuid
@@ -279,13 +280,24 @@ class _Server(uvicorn.Server):
     """uvicorn, plus: on SIGTERM/SIGINT fail in-flight generations at once, so the graceful
     shutdown does not wait minutes for long completions nobody will read."""
 
-    def __init__(self, config: uvicorn.Config, holder: ModelHolder) -> None:
+    def __init__(
+        self, config: uvicorn.Config, holder: ModelHolder, remove_log: Path | None = None
+    ) -> None:
         super().__init__(config)
         self.holder = holder
+        self.remove_log = remove_log
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         threading.Thread(target=self.holder.close, name="engine-close", daemon=True).start()
         super().handle_exit(sig, frame)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().shutdown(sockets)
+        # Here, not after run(): uvicorn re-raises the stop signal once run() is done. Only a
+        # server that started gets here; one that failed keeps its log for the launcher to show.
+        # This also covers a killed launcher, whose death signal stops us.
+        if self.remove_log is not None:
+            self.remove_log.unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -298,6 +310,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--ctx-per-seq", type=int, default=2048, help="prompt + completion cap")
     parser.add_argument("--log-level", default="info")
+    parser.add_argument(
+        "--remove-log", type=Path, help="the launcher's temporary log: removed after serving"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
     config = EngineConfig(
@@ -312,7 +327,7 @@ def main(argv: list[str] | None = None) -> None:
         access_log=False,  # one line per request is noise at thousands of requests
         timeout_graceful_shutdown=5,
     )
-    _Server(uv_config, holder).run()
+    _Server(uv_config, holder, args.remove_log).run()
 
 
 if __name__ == "__main__":
