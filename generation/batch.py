@@ -39,7 +39,8 @@ from generation.batch_files import (
     write_batch_files,
 )
 from generation.cache import ResponseCache
-from generation.client import Endpoint, GenerationClient, GenerationReport
+from generation.client import Endpoint
+from generation.ledger import GenerationReport, Ledger
 from schemas import GenerationRequest, GenerationResult
 from schemas.config import Budget, Price
 
@@ -211,18 +212,14 @@ class BatchGenerationClient:
         max_bytes_per_file: int = MAX_BYTES_PER_FILE,
         keep_files: bool = True,
     ) -> None:
-        # The live client keeps the accounting, the budget and the cached-failure policy; we
-        # reuse it rather than copy it, so the two backends report alike.
-        self._live = GenerationClient(
-            endpoint,
-            cache=cache,
-            run_id=run_id,
-            prices=prices,
+        # The same ledger as the live client's: the two backends account and budget alike.
+        self.ledger = Ledger(
+            price=(prices or {}).get(endpoint.model),
             budget=budget,
-            retry_failed=retry_failed,
             on_result=on_result,
             token_counter=token_counter,
         )
+        self.retry_failed = retry_failed
         self.endpoint = endpoint
         self.cache = cache
         self.run_id = run_id
@@ -235,25 +232,21 @@ class BatchGenerationClient:
 
     @property
     def report(self) -> GenerationReport:
-        return self._live.report
+        return self.ledger.report
 
     # -- the stage ------------------------------------------------------------------------------
 
     async def run(self, requests: Sequence[GenerationRequest]) -> GenerationReport:
         """Generate every request (or find it in the cache) through batches; returns the report
         with results in the order their batches finished."""
-        live = self._live
-        live.report = report = GenerationReport(planned=len(requests))
+        report = self.ledger.start(planned=len(requests))
         started = time.perf_counter()
         self._pending: dict[str, GenerationRequest] = {}
         self._copies: Counter[str] = Counter()  # repeats of an id: accounted as cache hits
         for req in requests:
-            cached = self.cache.get(req.id) if self.cache is not None else None
-            if cached is None and self.cache is not None and not live.retry_failed:
-                cached = self.cache.permanent_failure(req.id)
-            if cached is not None:
-                live._account(cached, cached=cached.ok)
-            elif req.id in self._pending:
+            if self.ledger.from_cache(req, self.cache, self.retry_failed):
+                continue
+            if req.id in self._pending:
                 self._copies[req.id] += 1
             else:
                 self._pending[req.id] = req
@@ -296,28 +289,23 @@ class BatchGenerationClient:
         """Reserve each request's estimate; skip what the budget cannot cover, in plan order,
         as the live client does. Requests already in a submitted batch are paid for: reserved
         without a check. A request no batch server would accept fails here, permanently."""
-        live, report = self._live, self._live.report
         submit = []
         for cid, req in list(self._pending.items()):
-            estimate = live._estimate(req)
-            if cid not in in_flight:
-                try:  # the live client would get a 400 for it; one bad request fails alone
-                    encode_line(req, max_bytes=self.max_bytes_per_file)
-                except BatchFileError as exc:
-                    log.warning("batch: %s", exc)
-                    failed = GenerationResult(request_id=cid, error="batch:invalid_request")
-                    self._fail(failed, 0, 0.0, permanent=True)
-                    continue
-                if report.budget_exhausted:
-                    report.skipped_budget += 1 + self._copies[cid]
-                    continue
-                if live._needs_estimate and live._over_budget(estimate, req.sampling.max_tokens):
-                    report.budget_exhausted = True
-                    report.skipped_budget += 1 + self._copies[cid]
-                    continue
-                submit.append(req)
+            if cid in in_flight:
+                self._reserved[cid] = self.ledger.reserve_paid(req)
+                continue
+            try:  # the live client would get a 400 for it; one bad request fails alone
+                encode_line(req, max_bytes=self.max_bytes_per_file)
+            except BatchFileError as exc:
+                log.warning("batch: %s", exc)
+                failed = GenerationResult(request_id=cid, error="batch:invalid_request")
+                self._fail(failed, 0, 0.0, permanent=True)
+                continue
+            estimate = self.ledger.reserve(req, copies=self._copies[cid])
+            if estimate is None:  # over the budget: skipped, with its repeats
+                continue
             self._reserved[cid] = estimate
-            live._reserved += estimate
+            submit.append(req)
         return submit
 
     def _write(self, requests: list[GenerationRequest]) -> list[BatchRecord]:
@@ -487,7 +475,7 @@ class BatchGenerationClient:
         """Account a request's last outcome once (and its repeats in the plan as cache hits)."""
         cid = result.request_id
         self._pending.pop(cid)
-        self._live._reserved -= self._reserved.pop(cid, 0.0)
-        self._live._account(result, cached=False)
+        self.ledger.release(self._reserved.pop(cid, 0.0))
+        self.ledger.account(result, cached=False)
         for _ in range(self._copies[cid]):
-            self._live._account(result, cached=result.ok)
+            self.ledger.account(result, cached=result.ok)

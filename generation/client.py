@@ -13,9 +13,8 @@ import email.utils
 import json
 import random
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import httpx2  # openai 3 speaks httpx2
@@ -24,6 +23,7 @@ from aiolimiter import AsyncLimiter
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 
 from generation.cache import ResponseCache
+from generation.ledger import GenerationReport, Ledger
 from schemas import GenerationRequest, GenerationResult
 from schemas.config import Budget, Price
 from schemas.crashpoints import crash_point
@@ -45,57 +45,6 @@ class Endpoint:
 
     def __repr__(self) -> str:  # keep the key out of logs and tracebacks
         return f"Endpoint(base_url={self.base_url!r}, model={self.model!r}, {self.backend})"
-
-
-@dataclass
-class GenerationReport:
-    """Accounting for one run of the generation stage."""
-
-    planned: int = 0
-    completed: int = 0  # documents, fresh or from the cache
-    cached: int = 0  # completions found in the cache (not requested)
-    failed: int = 0
-    skipped_budget: int = 0
-    requests: int = 0  # HTTP attempts made
-    retries: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cost_usd: float = 0.0
-    truncated: int = 0
-    empty: int = 0
-    failures: Counter[str] = field(default_factory=Counter)
-    budget_exhausted: bool = False
-    elapsed_s: float = 0.0
-    results: list[GenerationResult] = field(default_factory=list, repr=False)
-
-    started_at: float = field(default_factory=time.perf_counter, repr=False)
-
-    @property
-    def completion_tokens_per_s(self) -> float:
-        return self.completion_tokens / self.elapsed_s if self.elapsed_s else 0.0
-
-    def completion_tokens_per_s_live(self) -> float:
-        elapsed = time.perf_counter() - self.started_at
-        return self.completion_tokens / elapsed if elapsed > 0 else 0.0
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            "planned": self.planned,
-            "completed": self.completed,
-            "cached": self.cached,
-            "failed": self.failed,
-            "skipped_budget": self.skipped_budget,
-            "requests": self.requests,
-            "retries": self.retries,
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "cost_usd": round(self.cost_usd, 6),
-            "truncated": self.truncated,
-            "empty": self.empty,
-            "failures": dict(self.failures),
-            "budget_exhausted": self.budget_exhausted,
-            "elapsed_s": round(self.elapsed_s, 3),
-        }
 
 
 class _Permanent(Exception):
@@ -189,51 +138,22 @@ class GenerationClient:
         self.endpoint = endpoint
         self.cache = cache
         self.run_id = run_id
-        self.price = (prices or {}).get(endpoint.model)
-        self.budget = budget or Budget()
         self.retry_failed = retry_failed
-        self.on_result = on_result
-        self._count_tokens = token_counter
         self._rpm = AsyncLimiter(endpoint.rpm, 60) if endpoint.rpm else None
         self._tpm = AsyncLimiter(endpoint.tpm, 60) if endpoint.tpm else None
-        self._needs_estimate = bool(
-            endpoint.tpm or self.budget.max_tokens or self.budget.max_cost_usd
+        # The budget is the client's: it spans every `run` call (topic expansion makes one per
+        # level).
+        self.ledger = Ledger(
+            price=(prices or {}).get(endpoint.model),
+            budget=budget,
+            rate_limited=bool(endpoint.tpm),
+            on_result=on_result,
+            token_counter=token_counter,
         )
-        self._reserved = 0.0  # estimated tokens of requests in flight (budget check)
-        self._spent_tokens = 0  # across every run of this client
-        self._spent_usd = 0.0
-        self.report = GenerationReport()
 
-    # -- accounting ---------------------------------------------------------------------------
-
-    def _cost(self, prompt_tokens: float, completion_tokens: float) -> float:
-        if self.price is None:
-            return 0.0
-        return (
-            prompt_tokens * self.price.prompt_per_million
-            + completion_tokens * self.price.completion_per_million
-        ) / 1e6
-
-    def _over_budget(self, estimate: float, max_tokens: int) -> bool:
-        """The budget is the client's: it spans every `run` call (topic expansion makes one per
-        level)."""
-        b = self.budget
-        spent = self._spent_tokens + self._reserved
-        if b.max_tokens is not None and spent + estimate > b.max_tokens:
-            return True
-        if b.max_cost_usd is not None:
-            spent_usd = self._spent_usd + self._cost(self._reserved, 0)
-            if spent_usd + self._cost(estimate - max_tokens, max_tokens) > b.max_cost_usd:
-                return True
-        return False
-
-    def _estimate(self, request: GenerationRequest) -> float:
-        """Prompt tokens (tiktoken) plus the completion cap: an upper bound, as OpenAI counts."""
-        if not self._needs_estimate:
-            return 0.0
-        text = "\n".join(m.content for m in request.messages)
-        prompt = self._count_tokens(text) if self._count_tokens else len(text) / 4
-        return prompt + 4 * len(request.messages) + request.sampling.max_tokens
+    @property
+    def report(self) -> GenerationReport:
+        return self.ledger.report
 
     # -- one request ----------------------------------------------------------------------------
 
@@ -310,43 +230,17 @@ class GenerationClient:
         result.latency_s = time.perf_counter() - started
         return result
 
-    def _account(self, result: GenerationResult, *, cached: bool) -> None:
-        r = self.report
-        if result.ok:
-            r.completed += 1
-            r.truncated += result.truncated
-            r.empty += result.empty
-            if cached:
-                r.cached += 1
-            else:
-                cost = self._cost(result.prompt_tokens, result.completion_tokens)
-                r.prompt_tokens += result.prompt_tokens
-                r.completion_tokens += result.completion_tokens
-                r.cost_usd += cost
-                self._spent_tokens += result.prompt_tokens + result.completion_tokens
-                self._spent_usd += cost
-        else:
-            r.failed += 1
-            r.failures[result.error or "unknown"] += 1
-        r.results.append(result)
-        if self.on_result:
-            self.on_result(result, r)
-
     # -- the stage ------------------------------------------------------------------------------
 
     async def run(self, requests: Sequence[GenerationRequest]) -> GenerationReport:
         """Generate every request (or find it in the cache); returns the report with results in
         completion order. Every request ends as a result, a failure, or skipped by the budget."""
-        self.report = report = GenerationReport(planned=len(requests))
+        ledger = self.ledger
+        report = ledger.start(planned=len(requests))
         started = time.perf_counter()
         queue: asyncio.Queue[GenerationRequest] = asyncio.Queue()
         for req in requests:
-            cached = self.cache.get(req.id) if self.cache is not None else None
-            if cached is None and self.cache is not None and not self.retry_failed:
-                cached = self.cache.permanent_failure(req.id)
-            if cached is not None:
-                self._account(cached, cached=cached.ok)
-            else:
+            if not ledger.from_cache(req, self.cache, self.retry_failed):
                 queue.put_nowait(req)
         if queue.empty():
             report.elapsed_s = time.perf_counter() - started
@@ -366,23 +260,17 @@ class GenerationClient:
         async def worker() -> None:
             while not queue.empty():
                 req = queue.get_nowait()
-                if report.budget_exhausted:
-                    report.skipped_budget += 1
+                estimate = ledger.reserve(req)
+                if estimate is None:  # over the budget: skipped
                     continue
-                estimate = self._estimate(req)
-                if self._needs_estimate and self._over_budget(estimate, req.sampling.max_tokens):
-                    report.budget_exhausted = True
-                    report.skipped_budget += 1
-                    continue
-                self._reserved += estimate
                 try:
                     result = await self._complete(api, req, estimate)
                 finally:
-                    self._reserved -= estimate
+                    ledger.release(estimate)
                 if result.ok and self.cache is not None:
                     self.cache.put(result)
                     crash_point("generate.result")
-                self._account(result, cached=False)
+                ledger.account(result, cached=False)
 
         try:
             await asyncio.gather(*(worker() for _ in range(min(n, queue.qsize()))))
