@@ -2,8 +2,8 @@
 
 Built on the official AsyncOpenAI client. Around each request: the durable response cache,
 bounded concurrency, requests- and tokens-per-minute limits, retries with exponential backoff
-and jitter that honour Retry-After, a failures table for what retrying cannot fix, accounting,
-and a budget that stops the run cleanly.
+and jitter that honour Retry-After, a failures table for what retrying cannot fix, and the
+ledger (generation/ledger.py): accounting, and a budget that stops the run cleanly.
 """
 
 from __future__ import annotations
