@@ -157,6 +157,9 @@ class AnnotateSettings(_Strict):
 
 
 class FilterSettings(_Strict):
+    # Worker processes for the quality chain of a run's chunks (None: one per core, at most 4;
+    # 1: in the run's own process). Small chunks are filtered in-process either way.
+    workers: int | None = Field(default=None, ge=1)
     artifacts: ArtifactSettings = Field(default_factory=ArtifactSettings)
     gopher_quality: GopherQualitySettings = Field(default_factory=GopherQualitySettings)
     gopher_repetition: GopherRepetitionSettings = Field(default_factory=GopherRepetitionSettings)

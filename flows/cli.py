@@ -61,21 +61,32 @@ class _GenerationProgress:
         )
         self.task = self.progress.add_task("generate", total=None, rate=0.0, failed=0)
         self.parts: dict[tuple[str, int], Any] = {}
+        self.done = {"completed": 0, "failed": 0}
 
     def __call__(self, event: str, data: dict[str, Any]) -> None:
         if event == "plan":
             self.progress.update(self.task, total=data["total"])
         elif event == "generation":
-            # Partitions (and fill rounds) report separately: sum the latest of each.
+            # Partitions report separately: sum the latest of each, plus finished chunks.
             report = data["report"]
             self.parts[(data.get("part", ""), id(report))] = report
-            reports = self.parts.values()
-            self.progress.update(
-                self.task,
-                completed=sum(r.completed + r.failed + r.skipped_budget for r in reports),
-                rate=sum(r.completion_tokens_per_s_live() for r in reports),
-                failed=sum(r.failed for r in reports),
-            )
+            self._show()
+        elif event == "generated":  # a chunk is done: keep its sums, drop its reports
+            report = data["report"]
+            self.done["completed"] += report.completed + report.failed + report.skipped_budget
+            self.done["failed"] += report.failed
+            self.parts.clear()
+            self._show()
+
+    def _show(self) -> None:
+        reports = self.parts.values()
+        self.progress.update(
+            self.task,
+            completed=self.done["completed"]
+            + sum(r.completed + r.failed + r.skipped_budget for r in reports),
+            rate=sum(r.completion_tokens_per_s_live() for r in reports),
+            failed=self.done["failed"] + sum(r.failed for r in reports),
+        )
 
 
 # The options `run` and `plan` share: the same options plan the same requests.

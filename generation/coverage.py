@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -57,21 +57,30 @@ def deficit(
     fill: FillSettings, kept: Sequence[Document], topics: Sequence[TopicSeed]
 ) -> dict[str, int]:
     """Documents still wanted, per topic key ("*" for run-wide targets); empty when met."""
+    per_topic = Counter(topic_key(d.topic_path) for d in kept)
+    return deficit_of(fill, per_topic, len(kept), sum(d.n_tokens for d in kept), topics)
+
+
+def deficit_of(
+    fill: FillSettings,
+    per_topic: Mapping[str, int],
+    documents: int,
+    tokens: int,
+    topics: Sequence[TopicSeed],
+) -> dict[str, int]:
+    """`deficit` from counts of what is kept (a streaming run holds no documents)."""
     need: dict[str, int] = {}
     if fill.documents_per_topic:
-        per_topic = Counter(topic_key(d.topic_path) for d in kept)
         for t in topics:
-            missing = fill.documents_per_topic - per_topic[topic_key(t.topic_path)]
+            missing = fill.documents_per_topic - per_topic.get(topic_key(t.topic_path), 0)
             if missing > 0:
                 need[topic_key(t.topic_path)] = missing
     run_wide = 0
     if fill.documents:
-        run_wide = max(run_wide, fill.documents - len(kept))
-    if fill.tokens:
-        tokens = sum(d.n_tokens for d in kept)
-        if tokens < fill.tokens:
-            mean = tokens / len(kept) if kept else 0
-            run_wide = max(run_wide, math.ceil((fill.tokens - tokens) / mean) if mean else 1)
+        run_wide = max(run_wide, fill.documents - documents)
+    if fill.tokens and tokens < fill.tokens:
+        mean = tokens / documents if documents else 0
+        run_wide = max(run_wide, math.ceil((fill.tokens - tokens) / mean) if mean else 1)
     if run_wide > sum(need.values()):
         need["*"] = run_wide - sum(need.values())
     return need

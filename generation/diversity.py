@@ -14,6 +14,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import heapq
 import itertools
 import random
 import re
@@ -112,3 +114,45 @@ def diversity_report(
         "minhash_sample": min(len(texts), MINHASH_SAMPLE),
         "axis_coverage": axis_coverage(rows, axes or {}),
     }
+
+
+class DiversitySample:
+    """Diversity of a stream of kept documents in bounded memory: axis coverage from exact
+    counters over every document, the text metrics (distinct-n, openers, compression, pairwise
+    MinHash) over a seeded sample of `k` documents: those whose id hashes lowest (a bottom-k
+    sample, so the same documents are chosen whatever order or chunking they stream in)."""
+
+    def __init__(self, axes: Mapping[str, Sequence[str]], k: int = 2_000) -> None:
+        self.axes, self.k = axes, k
+        self.documents = 0
+        self.axis_counts: dict[str, Counter[str]] = {axis: Counter() for axis in axes}
+        self._heap: list[tuple[int, str]] = []  # (-hash, text): the k lowest hashes
+
+    def add(
+        self, ids: Sequence[str], texts: Sequence[str], rows: Sequence[Mapping[str, str]]
+    ) -> None:
+        for doc_id, text, row in zip(ids, texts, rows, strict=True):
+            self.documents += 1
+            for axis, counts in self.axis_counts.items():
+                counts[row[axis]] += 1
+            h = int.from_bytes(hashlib.blake2b(doc_id.encode(), digest_size=8).digest(), "big")
+            if len(self._heap) < self.k:
+                heapq.heappush(self._heap, (-h, text))
+            elif -h > self._heap[0][0]:
+                heapq.heapreplace(self._heap, (-h, text))
+
+    def report(self) -> dict[str, Any]:
+        sample = [text for _, text in sorted(self._heap, reverse=True)]  # by hash, ascending
+        out = diversity_report(sample)
+        out["documents"] = self.documents
+        out["sample"] = {"documents": len(sample), "method": f"bottom-{self.k} by id hash"}
+        out["axis_coverage"] = {
+            axis: {
+                "counts": {v: counts.get(v, 0) for v in self.axes[axis]},
+                "covered": sum(1 for v in self.axes[axis] if counts.get(v)) / len(self.axes[axis])
+                if self.axes[axis]
+                else 0.0,
+            }
+            for axis, counts in self.axis_counts.items()
+        }
+        return out

@@ -10,6 +10,7 @@ formats also avoid repeating the same (audience, format) pair, so no combination
 from __future__ import annotations
 
 import gc
+import hashlib
 import random
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Mapping, Sequence
@@ -17,10 +18,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from generation.backends import model_name
 from prompts import Axes, PromptLibrary, Splice, load_seed_words
 from prompts import _Axis as AxisValue
 from prompts.splice import shape
 from schemas import GenerationRequest, RequestBuilder, Sampling, TopicSeed
+from schemas.config import RunConfig
 
 
 @dataclass
@@ -139,8 +142,15 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-@_gc_paused()
 def build_plan(
+    seeds: Sequence[TopicSeed], library: PromptLibrary, **kw: Any
+) -> list[GenerationRequest]:
+    """The whole plan as a list (`iter_plan` for the stream a run consumes chunk by chunk)."""
+    with _gc_paused():
+        return list(iter_plan(seeds, library, **kw))
+
+
+def iter_plan(
     seeds: Sequence[TopicSeed],
     library: PromptLibrary,
     *,
@@ -154,8 +164,10 @@ def build_plan(
     system_prompt: str | None = None,
     vocabulary: Sequence[str] | None = None,
     salt: str = "",
-) -> list[GenerationRequest]:
-    """`salt` varies the draws for one seed (fill rounds plan again with the run's seed)."""
+) -> Iterator[GenerationRequest]:
+    """The plan's requests in order, made one at a time: a million-request plan never sits in
+    memory as a list (only its slot indexes and a 16-byte digest per distinct prompt do).
+    `salt` varies the draws for one seed (fill rounds plan again with the run's seed)."""
     rng = random.Random(f"booksmith-plan-{seed}{salt}")
     # Slots first (topic x sample, weighted), then the limit, then the axes: so the quotas hold
     # over the requests the run actually makes.
@@ -174,8 +186,9 @@ def build_plan(
         for i, s in enumerate(seeds)
     ]
     topic_paths = [s.topic_path for s in seeds]
-    seen_prompts: dict[str, int] = {}
-    plan: list[GenerationRequest] = []
+    # Repeats of one prompt differ by sample index: count them by a digest of the prompt, not
+    # the prompt itself (which would keep every prompt of the plan alive).
+    seen_prompts: dict[bytes, int] = {}
     for index in slots:
         topic = seeds[index]
         audience, style, fmt = draws.draw(topic.subject)
@@ -184,22 +197,20 @@ def build_plan(
         values = {**topic_values[index], "seed_words": chosen_words}
         prompt = prompts.prompt(template, audience, style, fmt, values)
         # Repeats of one prompt differ by sample index, and so by id and seed.
-        sample_index = seen_prompts[prompt] = seen_prompts.get(prompt, -1) + 1
-        plan.append(
-            builder.build(
-                prompt,
-                sample_index,
-                topic=topic.topic,
-                topic_path=topic_paths[index],
-                subject=topic.subject,
-                audience=audience,
-                style=style,
-                format=fmt,
-                seed_words=chosen_words,
-                template=template,
-            )
+        digest = hashlib.blake2b(prompt.encode("utf-8"), digest_size=16).digest()
+        sample_index = seen_prompts[digest] = seen_prompts.get(digest, -1) + 1
+        yield builder.build(
+            prompt,
+            sample_index,
+            topic=topic.topic,
+            topic_path=topic_paths[index],
+            subject=topic.subject,
+            audience=audience,
+            style=style,
+            format=fmt,
+            seed_words=chosen_words,
+            template=template,
         )
-    return plan
 
 
 def _covered_units(seeds: Sequence[TopicSeed], n: int) -> dict[int, list[str]]:
@@ -236,3 +247,21 @@ def stratified_sample(
             if groups[key] and len(picked) < n:
                 picked.append(groups[key].pop())
     return picked
+
+
+def plan_for(
+    cfg: RunConfig, seeds: Sequence[TopicSeed], seed: int, **kw: Any
+) -> Iterator[GenerationRequest]:
+    """The requests for these topics under a run config, as a stream (`booksmith run` and
+    `booksmith plan` both plan through this)."""
+    return iter_plan(
+        seeds,
+        PromptLibrary(cfg.plan.axes, cfg.plan.templates),
+        model=model_name(cfg.generation),
+        sampling=cfg.generation.sampling,
+        seed=seed,
+        seed_words=cfg.plan.seed_words,
+        covered_units=cfg.plan.covered_units,
+        system_prompt=cfg.plan.system_prompt,
+        **kw,
+    )

@@ -134,6 +134,9 @@ class PlanSettings(_Strict):
     topics_per_run: int | None = Field(default=None, ge=1)
     rotation: Literal["uncovered", "window"] = "uncovered"
     limit: int | None = Field(default=24, ge=1)  # stratified sample of the plan; None: all
+    # Requests per chunk: a run is a stream of chunks, each generated, filtered and spilled,
+    # then released; memory holds about two chunks whatever the run's size.
+    chunk_requests: int = Field(default=2_000, ge=1)
     seed_words: int = Field(default=3, ge=0, le=20)  # random common words per prompt
     covered_units: int = Field(default=6, ge=0)  # earlier sibling topics listed as covered
     axes: Path | None = None  # None: the bundled prompts/axes.yaml
@@ -245,10 +248,13 @@ class RunConfig(_Strict):
     schedule: ScheduleSettings = Field(default_factory=ScheduleSettings)
 
     def config_hash(self) -> str:
-        """Hash of what shapes the output (paths excluded), recorded in the manifest."""
+        """Hash of what shapes the output (paths, and how the work is cut and spread, excluded),
+        recorded in the manifest."""
         data = self.model_dump(
             mode="json",
             exclude={
+                "plan": {"chunk_requests"},
+                "filters": {"workers"},
                 "output": {"dir"},
                 "export": True,
                 "schedule": True,

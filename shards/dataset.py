@@ -17,22 +17,28 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
+from pydantic import BaseModel
 
 from schemas import SCHEMA_VERSION, Document, GenerationRequest, GenerationResult, Rejected
-from schemas.arrow import to_table
+from schemas.arrow import arrow_schema, to_table
 from schemas.crashpoints import crash_point
 from shards.card import render_card
 from shards.encodings import EncodingSpec
 from shards.tokens import write_token_shards
 from shards.version import MANIFEST, read_manifest
 from shards.writer import (
+    COMPRESSION,
     DEFAULT_SHARD_BYTES,
+    ROW_GROUP_ROWS,
     ShardInfo,
+    ShardWriter,
     atomic_write_bytes,
-    atomic_write_table,
+    commit,
+    describe,
+    tmp_name,
     write_json_atomic,
-    write_shards,
 )
 
 CARD = "README.md"
@@ -77,6 +83,158 @@ def commit_manifest(root: Path, manifest: dict[str, Any]) -> None:
     write_json_atomic(root / MANIFEST, manifest)
 
 
+class VersionWriter:
+    """Stream one dataset version into `root`: kept and rejected rows as they come (each shard
+    written under a temporary name, row group by row group), plan and failure rows likewise,
+    then `finish()` writes the token shards from the finished text shards, the card, and the
+    manifest last. Memory holds a row group per open file, whatever the version's size.
+
+    A directory that already is a version is never overwritten; leftovers of an attempt that
+    died before its manifest are cleared first (readers that glob must not see them)."""
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        shard_rows: int | None,
+        shard_bytes: int | None = DEFAULT_SHARD_BYTES,
+    ) -> None:
+        if (root / MANIFEST).exists():
+            raise FileExistsError(f"{root}: already a dataset version (it has {MANIFEST})")
+        clear_leftovers(root)
+        root.mkdir(parents=True, exist_ok=True)
+        self.root = root
+        self.shard_rows, self.shard_bytes = shard_rows, shard_bytes
+        self.text = ShardWriter(
+            root, "text", arrow_schema(Document), kind="text", max_rows=shard_rows,
+            max_bytes=shard_bytes,
+        )  # fmt: skip
+        self.rejected = ShardWriter(
+            root, "rejected", arrow_schema(Rejected), kind="rejected", max_rows=shard_rows,
+            max_bytes=shard_bytes,
+        )  # fmt: skip
+        self.plan = SingleFileWriter(root, "plan.parquet", GenerationRequest, kind="plan")
+        self.failures = SingleFileWriter(
+            root, "failures.parquet", GenerationResult, kind="failures"
+        )
+        self.languages: Counter[str] = Counter()
+        self.documents = 0
+
+    def add_kept(self, table: pa.Table) -> None:
+        """Rows of `Document`'s schema (extra columns are dropped)."""
+        table = table.select(self.text.schema.names)
+        self.text.write(table)
+        self.documents += table.num_rows
+        for lang, n in Counter(table.column("lang").to_pylist()).items():
+            if lang:
+                self.languages[lang] += n
+
+    def add_rejected(self, table: pa.Table) -> None:
+        self.rejected.write(table.select(self.rejected.schema.names))
+
+    def finish(
+        self,
+        *,
+        run_id: str,
+        encoding: str,
+        config: dict[str, Any],
+        config_hash: str,
+        counts: dict[str, Any],
+        extra: dict[str, Any] | None = None,
+        encodings: Sequence[EncodingSpec | str] = (),
+        pack_seq_len: int | None = None,
+        num_threads: int | None = None,
+        card: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Token shards (read back from the text shards), the card, then the manifest."""
+        root = self.root
+        shards: list[ShardInfo] = list(self.text.close())
+        tokens: dict[str, Any] = {}
+        manifest_so_far = {"shards": [s.to_json() for s in shards]}
+        specs = [EncodingSpec(encoding), *(EncodingSpec.of(e) for e in encodings)]
+        for spec in {s.name: s for s in specs}.values():
+            enc = spec.load()
+            result = write_token_shards(
+                iter_texts(root, manifest_so_far),
+                enc,
+                root=root,
+                shard_rows=self.shard_rows,
+                shard_bytes=self.shard_bytes,
+                num_threads=num_threads,
+                pack_seq_len=pack_seq_len,
+            )
+            shards += result.shards + result.packed_shards
+            tokens[enc.name] = result.manifest_entry(enc)
+        shards += self.rejected.close()
+        shards.append(self.plan.close())
+        shards.append(self.failures.close())
+        manifest: dict[str, Any] = {
+            "run_id": run_id,
+            "created_at": datetime.now(UTC).isoformat(),
+            "schema_version": SCHEMA_VERSION,
+            "code_version": code_version(),
+            "config_hash": config_hash,
+            "config": config,
+            "counts": counts,
+            "documents": self.documents,
+            "primary_encoding": encoding,
+            "tokens": tokens,
+            "languages": dict(self.languages),
+            "diversity": {},
+            "card": card or {},
+            "shards": [s.to_json() for s in shards],
+            **(extra or {}),
+        }
+        crash_point("shards.manifest")
+        commit_manifest(root, manifest)  # last: only now is the directory a dataset
+        return manifest
+
+    def abort(self) -> None:
+        for w in (self.text, self.rejected):
+            w.abort()
+        self.plan.abort()
+        self.failures.abort()
+
+
+class SingleFileWriter:
+    """One Parquet file written row group by row group under a temporary name (plan.parquet,
+    failures.parquet), renamed into place by `close()`."""
+
+    def __init__(self, root: Path, name: str, model: type[BaseModel], *, kind: str) -> None:
+        self.root, self.path, self.model, self.kind = root, root / name, model, kind
+        self.tmp = tmp_name(self.path)
+        self.schema = arrow_schema(model)
+        self.rows = 0
+        self._writer: pq.ParquetWriter | None = None
+
+    def write(self, records: Sequence[BaseModel]) -> None:
+        self.write_table(to_table(records, self.model))
+
+    def write_table(self, table: pa.Table) -> None:
+        if not table.num_rows:
+            return
+        if self._writer is None:
+            self._writer = pq.ParquetWriter(
+                self.tmp, self.schema, compression=COMPRESSION, write_page_index=True
+            )
+        self._writer.write_table(table, row_group_size=ROW_GROUP_ROWS)
+        self.rows += table.num_rows
+
+    def close(self) -> ShardInfo:
+        if self._writer is None:  # no rows: an empty file, so readers still find the schema
+            self._writer = pq.ParquetWriter(self.tmp, self.schema, compression=COMPRESSION)
+        self._writer.close()
+        self._writer = None
+        commit(self.tmp, self.path)
+        return describe(self.path, root=self.root, rows=self.rows, kind=self.kind)
+
+    def abort(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        self.tmp.unlink(missing_ok=True)
+
+
 def write_version(
     root: Path,
     *,
@@ -97,84 +255,37 @@ def write_version(
     num_threads: int | None = None,
     card: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write every file of the version, then its card and manifest; returns the manifest.
+    """Write every file of a version held in memory, then its card and manifest; returns the
+    manifest (a streaming run uses `VersionWriter` directly).
 
     Token shards are written for `encoding` (the primary one, that `n_tokens` counts in) and
     for each of `encodings`; `pack_seq_len` adds packed rows of that length + 1 for each.
-    `card` holds the dataset card's `license`, `language` and `pretty_name`.
-    A directory that already is a version is never overwritten; leftovers of an attempt that
-    died before its manifest are cleared first (readers that glob must not see them)."""
-    if (root / MANIFEST).exists():
-        raise FileExistsError(f"{root}: already a dataset version (it has {MANIFEST})")
-    clear_leftovers(root)
-    root.mkdir(parents=True, exist_ok=True)
-    shards: list[ShardInfo] = []
-    shards += write_shards(
-        kept,
-        Document,
-        root=root,
-        subdir="text",
-        kind="text",
-        shard_rows=shard_rows,
-        shard_bytes=shard_bytes,
-    )
-    tokens: dict[str, Any] = {}
-    specs = [EncodingSpec(encoding), *(EncodingSpec.of(e) for e in encodings)]
-    for spec in {s.name: s for s in specs}.values():
-        enc = spec.load()
-        result = write_token_shards(
-            ((d.id, d.text) for d in kept),
-            enc,
-            root=root,
-            shard_rows=shard_rows,
-            shard_bytes=shard_bytes,
-            num_threads=num_threads,
+    `card` holds the dataset card's `license`, `language` and `pretty_name`."""
+    writer = VersionWriter(root, shard_rows=shard_rows, shard_bytes=shard_bytes)
+    try:
+        for start in range(0, max(len(kept), len(rejected), len(plan)), ROW_GROUP_ROWS):
+            end = start + ROW_GROUP_ROWS
+            if kept[start:end]:
+                writer.add_kept(to_table(kept[start:end], Document))
+            if rejected[start:end]:
+                writer.add_rejected(to_table(rejected[start:end], Rejected))
+            writer.plan.write(plan[start:end])
+        writer.failures.write(failures)
+        return writer.finish(
+            run_id=run_id,
+            encoding=encoding,
+            config=config,
+            config_hash=config_hash,
+            counts=counts,
+            extra=extra,
+            encodings=encodings,
             pack_seq_len=pack_seq_len,
+            num_threads=num_threads,
+            card=card,
         )
-        shards += result.shards + result.packed_shards
-        tokens[enc.name] = result.manifest_entry(enc)
-    shards += write_shards(
-        rejected,
-        Rejected,
-        root=root,
-        subdir="rejected",
-        kind="rejected",
-        shard_rows=shard_rows,
-        shard_bytes=shard_bytes,
-    )
-    shards.append(
-        atomic_write_table(
-            to_table(plan, GenerationRequest), root / "plan.parquet", root=root, kind="plan"
-        )
-    )
-    shards.append(
-        atomic_write_table(
-            to_table(failures, GenerationResult),
-            root / "failures.parquet",
-            root=root,
-            kind="failures",
-        )
-    )
-    manifest: dict[str, Any] = {
-        "run_id": run_id,
-        "created_at": datetime.now(UTC).isoformat(),
-        "schema_version": SCHEMA_VERSION,
-        "code_version": code_version(),
-        "config_hash": config_hash,
-        "config": config,
-        "counts": counts,
-        "documents": len(kept),
-        "primary_encoding": encoding,
-        "tokens": tokens,
-        "languages": dict(Counter(d.lang for d in kept if d.lang)),
-        "diversity": {},
-        "card": card or {},
-        "shards": [s.to_json() for s in shards],
-        **(extra or {}),
-    }
-    crash_point("shards.manifest")
-    commit_manifest(root, manifest)  # last: only now is the directory a dataset
-    return manifest
+    except BaseException:
+        writer.abort()
+        raise
 
 
 def shard_paths(manifest: dict[str, Any], kind: str, encoding: str | None = None) -> list[str]:

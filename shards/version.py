@@ -17,6 +17,7 @@ from typing import Any
 MANIFEST = "manifest.json"
 STATE_DIR = "_state"
 OWNER = ".owner"  # {host, pid} of the run writing a version, until its manifest exists
+RUNS_DIR = "runs"  # <out>/_state/runs/<run_id>/: a streaming run's spills until it publishes
 
 
 def state_dir(out: Path) -> Path:
@@ -84,6 +85,13 @@ def sweep_abandoned(out: Path) -> list[str]:
         if _owner_gone(path):
             shutil.rmtree(path)
             removed.append(path.name)
+    # A run's work files (<out>/_state/runs/<run_id>/) outlive it only if it was killed: drop
+    # those whose run directory is gone or already published.
+    runs = state_dir(out) / RUNS_DIR
+    for work in sorted(runs.iterdir()) if runs.is_dir() else []:
+        run_dir = out / work.name
+        if not run_dir.is_dir() or is_dataset(run_dir) or not (run_dir / OWNER).exists():
+            shutil.rmtree(work, ignore_errors=True)
     return removed
 
 

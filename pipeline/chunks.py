@@ -1,0 +1,161 @@
+"""One chunk of a streaming run, from generation results to a spilled, checkpointed chunk.
+
+`ChunkPipeline.process(chunk)` turns the chunk's generation results into documents, runs them
+through ExactStage -> QualityStage -> NearStage (pipeline/stages.py), and spills every document
+of the chunk, in plan order, to `<work>/chunks/chunk-NNNNN.parquet`: rejected ones with their
+reason, near-dup candidates with an empty reason and their row in the candidate store. Failed
+requests go straight to the version's failures file. Then the chunk is released: nothing of it
+stays in memory but counters.
+
+The state that crosses chunks is `RunState`: the exact-dedup map (in ExactStage), the
+candidate store (on disk), the stage counters, the generation totals and the plan positions.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from filters.dedup import DedupIndex, DedupSettings
+from filters.dedup.candidates import CandidateStore
+from filters.settings import FilterSettings
+from generation.documents import to_documents
+from generation.ledger import GenerationReport
+from pipeline.stages import ExactStage, NearStage, QualityStage
+from schemas import GenerationRequest, Rejected
+from schemas.arrow import to_table
+from shards.dataset import VersionWriter
+from shards.writer import atomic_write_table
+
+CANDIDATE = ""  # the spilled reason of a document still in the run (near-dup undecided)
+TOTALS = (
+    "planned", "completed", "cached", "failed", "skipped_budget", "requests", "retries",
+    "prompt_tokens", "completion_tokens", "cost_usd", "truncated", "empty", "elapsed_s",
+)  # fmt: skip
+
+
+def add_report(total: GenerationReport, part: GenerationReport) -> None:
+    """Sum a chunk's generation accounting into the run's (its results are not kept)."""
+    for name in TOTALS:
+        setattr(total, name, getattr(total, name) + getattr(part, name))
+    total.failures.update(part.failures)
+    total.budget_exhausted |= part.budget_exhausted
+
+
+@dataclass
+class Chunk:
+    number: int
+    plan: list[GenerationRequest]
+
+
+@dataclass
+class ChunkStats:
+    """What one chunk did, for progress lines and the benchmark."""
+
+    number: int
+    requests: int
+    documents: int
+    failures: int
+    rejected: int
+    candidates: int
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+class RunState:
+    """Everything that crosses chunks, kept under the run's work directory `work`."""
+
+    def __init__(
+        self,
+        work: Path,
+        *,
+        run_id: str,
+        encoding: str,
+        filters: FilterSettings,
+        dedup: DedupSettings,
+        index: DedupIndex | None,
+        state: Path | None,
+        workers: int | None = None,
+    ) -> None:
+        self.work, self.run_id, self.encoding = work, run_id, encoding
+        (work / "chunks").mkdir(parents=True, exist_ok=True)
+        self.store = CandidateStore(work / "candidates", dedup.params)
+        self.exact = ExactStage(index, enabled=dedup.exact)
+        self.quality = QualityStage(filters, state, workers)
+        self.near = NearStage(dedup, self.store, index)
+        self.dedup = dedup
+        self.generation = GenerationReport()
+        self.exact_counts: Counter[str] = Counter({"input": 0, "kept": 0})
+        self.near_counts: Counter[str] = Counter({"input": 0, "index": 0})
+        self.chunks = 0
+        self.documents = 0
+
+    def chunk_path(self, number: int) -> Path:
+        return self.work / "chunks" / f"chunk-{number:05d}.parquet"
+
+    def close(self) -> None:
+        self.quality.close()
+
+
+class ChunkPipeline:
+    """Process one generated chunk (see the module docstring)."""
+
+    def __init__(self, state: RunState, version: VersionWriter) -> None:
+        self.state, self.version = state, version
+
+    def process(self, chunk: Chunk, report: GenerationReport) -> ChunkStats:
+        st, t = self.state, time.perf_counter
+        seconds: dict[str, float] = {}
+        t0 = t()
+        add_report(st.generation, report)
+        docs, failures = to_documents(
+            chunk.plan, report.results, run_id=st.run_id, encoding=st.encoding
+        )
+        self.version.plan.write(chunk.plan)
+        self.version.failures.write(failures)
+        seconds["documents"] = t() - t0
+
+        t0 = t()
+        exact = st.exact.run(docs)
+        st.exact_counts.update({"input": len(docs), "kept": len(exact.kept), **exact.counts})
+        seconds["dedup_exact"] = t() - t0
+        t0 = t()
+        quality = st.quality.run(exact.kept)
+        seconds["quality"] = t() - t0
+        t0 = t()
+        near = st.near.run(quality.kept, st.exact.words, st.exact.keys, chunk.number)
+        st.near_counts.update({"input": len(quality.kept), "index": len(near.rejected)})
+        seconds["dedup_minhash"] = t() - t0
+
+        t0 = t()
+        rejected = exact.rejected + quality.rejected + near.rejected
+        self._spill(chunk.number, docs, rejected, near.kept)
+        seconds["spill"] = t() - t0
+        st.chunks = chunk.number + 1
+        st.documents += len(docs)
+        return ChunkStats(
+            chunk.number, len(chunk.plan), len(docs), len(failures), len(rejected),
+            len(near.kept), seconds,
+        )  # fmt: skip
+
+    def _spill(
+        self, number: int, docs: list[Any], rejected: list[Rejected], kept: list[Any]
+    ) -> None:
+        """Every document of the chunk in plan order: rejected ones with their reason,
+        candidates with CANDIDATE and their store row."""
+        position = {d.id: i for i, d in enumerate(docs)}
+        rows = self.state.near.rows
+        records = [
+            *rejected,
+            *(Rejected(**d.model_dump(), reason=CANDIDATE) for d in kept),
+        ]
+        records.sort(key=lambda r: position[r.id])
+        table = to_table(records, Rejected)
+        cand = [rows.get(r.id, -1) if r.reason == CANDIDATE else -1 for r in records]
+        table = table.append_column("cand_row", pa.array(cand, pa.int64()))
+        path = self.state.chunk_path(number)
+        atomic_write_table(table, path, root=path.parent, kind="chunk")

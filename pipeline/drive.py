@@ -1,0 +1,58 @@
+"""The run's loop: rounds of chunks, generation of one chunk overlapping the filtering of the
+one before, so the endpoint never waits for the filters.
+
+Order, for chunks 0, 1, 2 of a round: start generating 0; when 0's answers are in, start 1,
+then filter 0 while 1 generates; when 1's are in, start 2 and filter 1; ... Generation itself
+stays one chunk at a time, so each chunk starts with the budget the earlier ones left. After a
+round's last chunk is filtered, the fill account decides whether another round follows.
+
+The loop knows nothing of Prefect: the flow passes `start` (submit a generation task, return
+something with `.result()`), `finish` (the chunk task) and `tally` (what the run keeps so far).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Protocol
+
+from generation.ledger import GenerationReport
+from pipeline.chunks import Chunk
+from pipeline.finalize import Tally
+from pipeline.rounds import Rounds
+
+
+class Pending(Protocol):
+    def result(self) -> GenerationReport: ...
+
+
+def overlapped(
+    chunks: Iterator[Chunk],
+    start: Callable[[Chunk], Pending],
+    finish: Callable[[Chunk, GenerationReport], None],
+) -> None:
+    """Generate each chunk and filter it, chunk k+1 generating while chunk k is filtered."""
+    pending: tuple[Chunk, Pending] | None = None
+    for chunk in chunks:
+        if pending is None:
+            pending = (chunk, start(chunk))
+            continue
+        previous, running = pending
+        report = running.result()
+        pending = (chunk, start(chunk))
+        finish(previous, report)
+    if pending is not None:
+        finish(pending[0], pending[1].result())
+
+
+def run_rounds(
+    rounds: Rounds,
+    start: Callable[[Chunk], Pending],
+    finish: Callable[[Chunk, GenerationReport], None],
+    tally: Callable[[], Tally],
+    report: Callable[[], GenerationReport],
+) -> None:
+    """Every round until the fill account stops the run (`rounds.stop` says why)."""
+    chunks: Iterator[Chunk] | None = rounds.first()
+    while chunks is not None:
+        overlapped(chunks, start, finish)
+        chunks = rounds.next(tally(), report())

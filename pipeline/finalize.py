@@ -1,0 +1,130 @@
+"""The end of a streaming run: decide the near-duplicate clusters, then write the version.
+
+Why two passes: a MinHash cluster keeps its best document by quality score across the whole
+run, so no chunk can publish its candidates before the last chunk is filtered. After it,
+`CandidateStore.resolve()` decides every cluster from the spilled band keys and signatures
+(about 150 bytes a candidate in memory), and one streaming pass over the chunk spills, in
+plan order, writes the kept rows to the text shards and the rest to the rejected shards
+(the losers of a cluster with `dedup_minhash` and the id of the document their cluster
+kept). Memory holds one chunk's rows at a time; token shards are then written from the
+finished text shards (shards/dataset.VersionWriter).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from filters.dedup import MINHASH, DedupIndex
+from generation.diversity import DiversitySample
+from pipeline.chunks import CANDIDATE, RunState
+from shards.dataset import VersionWriter
+
+BINS = 10
+
+
+@dataclass
+class Tally:
+    """What the run keeps so far (the fill account's input)."""
+
+    per_topic: Counter[str]
+    documents: int
+    tokens: int
+
+
+def tally(state: RunState) -> Tally:
+    """Kept documents so far, near-duplicate clusters decided over every chunk processed."""
+    store = state.store
+    dropped = store.resolve(state.dedup.jaccard_threshold) if state.dedup.minhash else {}
+    meta = store.meta()
+    kept = store.kept_mask(dropped)
+    keys = {i: k for k, i in state.near.topics.items()}
+    counts = np.bincount(meta["topic"][kept], minlength=len(keys))
+    per_topic = Counter({keys[i]: int(n) for i, n in enumerate(counts.tolist()) if n})
+    return Tally(per_topic, int(kept.sum()), int(meta["tokens"][kept].sum()))
+
+
+def _bins(scores: pa.ChunkedArray) -> list[int]:
+    values = [x for x in scores.to_pylist() if x is not None]
+    out = [0] * BINS
+    for x in values:
+        out[min(BINS - 1, max(0, int(x * BINS)))] += 1
+    return out
+
+
+@dataclass
+class Finished:
+    documents: int
+    rejected: int
+    dropped_in_run: int
+    kept_rows: np.ndarray  # candidate-store rows kept (for the index commit)
+    quality: dict[str, Any]
+    diversity: dict[str, Any]
+
+
+def write_chunks(
+    state: RunState, version: VersionWriter, axes: Mapping[str, Sequence[str]]
+) -> Finished:
+    """The streaming pass (see the module docstring)."""
+    store = state.store
+    dropped = store.resolve(state.dedup.jaccard_threshold) if state.dedup.minhash else {}
+    keepers = np.unique(np.fromiter(dropped.values(), dtype=np.int64, count=len(dropped)))
+    keeper_id = dict(zip(keepers.tolist(), store.ids(keepers), strict=True))
+    sample = DiversitySample(axes)
+    hist = {"kept": [0] * BINS, "rejected": [0] * BINS}
+    rejected_rows = 0
+    for number in range(state.chunks):
+        table = pq.read_table(state.chunk_path(number))
+        cand = table.column("cand_row").to_pylist()
+        reasons = table.column("reason").to_pylist()
+        dup_of = table.column("duplicate_of").to_pylist()
+        for i, row in enumerate(cand):
+            if row >= 0 and row in dropped:
+                reasons[i], dup_of[i] = MINHASH, keeper_id[dropped[row]]
+        table = table.set_column(
+            table.schema.get_field_index("reason"), "reason", pa.array(reasons, pa.string())
+        )
+        table = table.set_column(
+            table.schema.get_field_index("duplicate_of"),
+            "duplicate_of",
+            pa.array(dup_of, pa.string()),
+        )
+        is_kept = pc.equal(table.column("reason"), CANDIDATE)
+        kept, rejected = table.filter(is_kept), table.filter(pc.invert(is_kept))
+        version.add_kept(kept)
+        version.add_rejected(rejected)
+        rejected_rows += rejected.num_rows
+        hist["kept"] = [
+            a + b for a, b in zip(hist["kept"], _bins(kept["quality_score"]), strict=True)
+        ]
+        hist["rejected"] = [
+            a + b for a, b in zip(hist["rejected"], _bins(rejected["quality_score"]), strict=True)
+        ]
+        axis_rows = kept.select(list(axes)).to_pylist()
+        sample.add(kept["id"].to_pylist(), kept["text"].to_pylist(), axis_rows)
+    return Finished(
+        documents=version.documents,
+        rejected=rejected_rows,
+        dropped_in_run=len(dropped),
+        kept_rows=np.flatnonzero(store.kept_mask(dropped)),
+        quality={"edges": [i / BINS for i in range(BINS + 1)], **hist},
+        diversity=sample.report(),
+    )
+
+
+def commit_index(index: DedupIndex | None, state: RunState, run_id: str, rows: np.ndarray) -> int:
+    """Add the kept documents to the persistent index with the signatures and exact keys they
+    were judged by (nothing is computed again). Only after the version's manifest exists."""
+    if index is None:
+        return 0
+    store = state.store
+    meta = store.meta()
+    rows = rows[meta["has_sig"][rows] != 0]
+    return index.add(run_id, store.ids(rows), store.signatures(rows), meta["exact"][rows])

@@ -1,0 +1,124 @@
+"""The run's plan as a stream of chunks, round after round: the fill loop.
+
+The first round is the configured plan (`plan.limit`, `plan.samples_per_topic`); while the
+fill targets (`fill.documents`, `fill.tokens`, `fill.documents_per_topic`) are not met, each
+further round plans more requests for the topics still short, at the rate requests have been
+kept so far. Requests are made lazily, `plan.chunk_requests` at a time, so a plan of a million
+requests never sits in memory; what is remembered of them is an 8-byte key per planned id (a
+fill round never plans a request twice).
+
+A round ends only once every one of its chunks is filtered and the near-duplicate clusters are
+decided over the whole run (pipeline/finalize.tally), so the rounds, and so the dataset, do not
+depend on the chunk size.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from itertools import islice
+from typing import Any
+
+from generation.coverage import deficit_of, seeds_for
+from generation.ledger import GenerationReport
+from generation.plan import plan_for
+from pipeline.chunks import Chunk
+from pipeline.finalize import Tally
+from schemas import GenerationRequest, TopicSeed
+from schemas.config import RunConfig
+
+
+def _key(request_id: str) -> int:
+    return int(request_id[:16], 16) if len(request_id) >= 16 else hash(request_id)
+
+
+@dataclass
+class Rounds:
+    """Chunks of the first round, then of each fill round (see the module docstring)."""
+
+    seeds: list[TopicSeed]
+    cfg: RunConfig
+    seed: int
+    planned: int = 0
+    next_chunk: int = 0
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    need: dict[str, int] = field(default_factory=dict)
+    stop: str | None = None
+    _ids: set[int] = field(default_factory=set)
+    _round_planned: int = 0
+
+    def first(self) -> Iterator[Chunk]:
+        plan = self.cfg.plan
+        requests = plan_for(
+            self.cfg, self.seeds, self.seed, samples_per_topic=plan.samples_per_topic,
+            limit=plan.limit,
+        )  # fmt: skip
+        return self._chunks(requests)
+
+    def next(self, kept: Tally, report: GenerationReport) -> Iterator[Chunk] | None:
+        """The next round's chunks, or None when the run stops (`stop` says why)."""
+        fill = self.cfg.fill
+        self.rounds.append({"planned": self._round_planned, "kept_total": kept.documents})
+        self._round_planned = 0
+        self.need = (
+            deficit_of(fill, kept.per_topic, kept.documents, kept.tokens, self.seeds)
+            if fill.enabled
+            else {}
+        )
+        self.stop = self._stop_reason(report)
+        if self.stop is not None:
+            return None
+        keep_rate = kept.documents / max(1, self.planned)
+        wanted = seeds_for(self.need, self.seeds, keep_rate, fill.oversample)
+        seeds = [t.model_copy(update={"weight": float(n)}) for t, n in wanted]
+        requests = plan_for(
+            self.cfg, seeds, self.seed, samples_per_topic=1, salt=f"-fill-{len(self.rounds)}"
+        )
+        fresh = (r for r in requests if _key(r.id) not in self._ids)
+        chunks = self._chunks(fresh)
+        first = next(chunks, None)
+        if first is None:
+            self.stop = "nothing_to_plan"
+            return None
+
+        def round_chunks() -> Iterator[Chunk]:
+            yield first
+            yield from chunks
+
+        return round_chunks()
+
+    def _stop_reason(self, report: GenerationReport) -> str | None:
+        fill = self.cfg.fill
+        if not fill.enabled:
+            return "single_round"
+        if not self.need:
+            return "target_met"
+        if report.budget_exhausted:
+            return "budget_exhausted"
+        if len(self.rounds) >= fill.max_rounds:
+            return "max_rounds"
+        return None
+
+    def _chunks(self, requests: Iterator[GenerationRequest]) -> Iterator[Chunk]:
+        size = self.cfg.plan.chunk_requests
+        while True:
+            # The plan allocates many small acyclic objects: the cyclic collector would walk
+            # them again and again for nothing while a chunk is planned.
+            gc.disable()
+            try:
+                plan = list(islice(requests, size))
+            finally:
+                gc.enable()
+            if not plan:
+                return
+            self._ids.update(_key(r.id) for r in plan)
+            self.planned += len(plan)
+            self._round_planned += len(plan)
+            chunk = Chunk(self.next_chunk, plan)
+            self.next_chunk += 1
+            yield chunk
+
+    def account(self) -> dict[str, Any]:
+        """The manifest's fill account."""
+        return {"stopped": self.stop, "rounds": self.rounds, "short": self.need}

@@ -1,0 +1,132 @@
+"""A streaming run's pieces in one object: its state, its version writer, its chunk pipeline
+and its rounds, opened together and closed together (the flow wires their calls)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from filters.dedup import DedupIndex
+from pipeline.chunks import Chunk, ChunkPipeline, ChunkStats, RunState
+from pipeline.finalize import Finished, Tally, commit_index, tally, write_chunks
+from pipeline.rounds import Rounds
+from prompts import PromptLibrary
+from schemas import TopicSeed
+from schemas.config import EncodingFile, RunConfig
+from shards.dataset import VersionWriter
+from shards.encodings import EncodingSpec
+from shards.version import RUNS_DIR, state_dir
+
+
+def work_dir(out: Path, run_id: str) -> Path:
+    return state_dir(out) / RUNS_DIR / run_id
+
+
+def encoding_spec(entry: str | EncodingFile) -> EncodingSpec:
+    if isinstance(entry, str):
+        return EncodingSpec(entry)
+    return EncodingSpec(entry.name, entry.bpe_file, entry.sha256)
+
+
+class StreamingRun:
+    """One run of the nightly pipeline over chunks (see pipeline/__init__.py)."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        run_id: str,
+        seeds: list[TopicSeed],
+        seed: int,
+        index: DedupIndex | None,
+    ) -> None:
+        self.cfg, self.run_id, self.seed, self.index = cfg, run_id, seed, index
+        out = cfg.output.dir
+        self.work = work_dir(out, run_id)
+        self.state = RunState(
+            self.work,
+            run_id=run_id,
+            encoding=cfg.output.encoding,
+            filters=cfg.filters,
+            dedup=cfg.dedup,
+            index=index,
+            state=state_dir(out),
+            workers=cfg.filters.workers,
+        )
+        self.version = VersionWriter(
+            out / run_id, shard_rows=cfg.output.shard_rows, shard_bytes=cfg.output.shard_bytes
+        )
+        self.pipeline = ChunkPipeline(self.state, self.version)
+        self.rounds = Rounds(seeds, cfg, seed)
+
+    def process(self, chunk: Chunk, report: Any) -> ChunkStats:
+        return self.pipeline.process(chunk, report)
+
+    def tally(self) -> Tally:
+        return tally(self.state)
+
+    def write(self, counts_extra: dict[str, Any]) -> tuple[dict[str, Any], Finished]:
+        """Decide the near-duplicates, write every shard, then the card and manifest."""
+        cfg, st = self.cfg, self.state
+        axes = PromptLibrary(cfg.plan.axes, cfg.plan.templates).axes
+        done = write_chunks(
+            st,
+            self.version,
+            {"audience": list(axes.audiences), "style": list(axes.styles),
+             "format": list(axes.formats)},
+        )  # fmt: skip
+        filters = {
+            "dedup_exact": dict(st.exact_counts),
+            **st.quality.counts,
+            "dedup_minhash": {
+                "input": st.near_counts["input"],
+                "kept": done.documents,
+                "dedup_minhash": st.near_counts["index"] + done.dropped_in_run,
+            },
+        }
+        if not cfg.dedup.exact:
+            filters.pop("dedup_exact")
+        counts = {
+            "plan": {"requests": self.rounds.planned, **counts_extra.get("plan", {})},
+            "fill": self.rounds.account(),
+            "generate": st.generation.summary(),
+            "filter": filters,
+            "kept": done.documents,
+            "rejected": done.rejected,
+            "chunks": {"count": st.chunks, "requests": cfg.plan.chunk_requests},
+        }
+        manifest = self.version.finish(
+            run_id=self.run_id,
+            encoding=cfg.output.encoding,
+            config=counts_extra.get("config", cfg.model_dump(mode="json")),
+            config_hash=cfg.config_hash(),
+            counts=counts,
+            extra={"seed": self.seed, "diversity": done.diversity, "quality": done.quality},
+            encodings=[encoding_spec(e) for e in cfg.output.encodings],
+            pack_seq_len=cfg.output.pack_seq_len,
+            card=cfg.output.card.model_dump(exclude_none=True),
+        )
+        self.finished = done
+        return manifest, done
+
+    def commit_index(self) -> int:
+        return commit_index(self.index, self.state, self.run_id, self.finished.kept_rows)
+
+    def close(self, ok: bool) -> None:
+        self.state.close()
+        if not ok:
+            self.version.abort()
+        else:
+            shutil.rmtree(self.work, ignore_errors=True)
+
+    def __enter__(self) -> StreamingRun:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close(ok=exc_type is None)
