@@ -108,7 +108,7 @@ class QualityStage:
         settings: FilterSettings,
         state: Path | None = None,
         workers: int | None = None,
-        pool_min_docs: int = POOL_MIN_DOCS,
+        pool_min_docs: int | None = None,
     ) -> None:
         self.settings, self.state = settings, state
         self.workers = workers or min(4, os.cpu_count() or 1)
@@ -134,7 +134,8 @@ class QualityStage:
         return self._pool
 
     def run(self, docs: Sequence[Document]) -> StageOutput:
-        if self.workers > 1 and len(docs) >= max(self.pool_min_docs, self.workers):
+        least = POOL_MIN_DOCS if self.pool_min_docs is None else self.pool_min_docs
+        if self.workers > 1 and len(docs) >= max(least, self.workers):
             step = -(-len(docs) // self.workers)
             slices = [list(docs[i : i + step]) for i in range(0, len(docs), step)]
             results = list(self.pool().map(_run_worker, slices))

@@ -75,6 +75,12 @@ class FaultConfig:
     transient_attempts: int = 1
     latency_s: float = 0.0
     latency_jitter_s: float = 0.0
+    # A share of clean answers that are a lightly edited copy of one of `near_duplicate_pool`
+    # base texts (about `near_duplicate_edit` of the words replaced): near-duplicates of each
+    # other, wherever their requests fall in a run, chosen from the key like everything else.
+    near_duplicate: float = 0.0
+    near_duplicate_pool: int = 4
+    near_duplicate_edit: float = 0.01
     # request key -> fault kind (or "none"): pins a key's fault whatever the fractions draw
     overrides: dict[str, str] = field(default_factory=dict)
 
@@ -82,6 +88,8 @@ class FaultConfig:
         total = sum(getattr(self, kind) for kind in FAULT_KINDS)
         if any(getattr(self, kind) < 0 for kind in FAULT_KINDS) or total > 1 + 1e-9:
             raise ValueError(f"fault fractions must be >= 0 and sum to <= 1, got {total:.3f}")
+        if not 0 <= self.near_duplicate <= 1 or self.near_duplicate_pool < 1:
+            raise ValueError("near_duplicate must be in [0, 1] and near_duplicate_pool >= 1")
         for key, kind in self.overrides.items():
             if kind not in (*FAULT_KINDS, "none"):
                 raise ValueError(f"overrides[{key!r}]: unknown fault kind {kind!r}")
@@ -192,6 +200,20 @@ def completion_text(key_digest: str, n_words: int) -> str:
         words.append(word)
     text = " ".join(words)
     return text if text.endswith(".") else text + "."
+
+
+def near_duplicate_text(key: str, n_words: int, cfg: FaultConfig) -> str:
+    """One of the pool's base texts with a few words replaced, both chosen from the key."""
+    base = int(_unit(f"near-base:{key}") * cfg.near_duplicate_pool)
+    words = completion_text(hashlib.sha256(f"pool:{base}".encode()).hexdigest(), n_words).split()
+    rng = random.Random(f"near-edit:{key}")
+    for _ in range(max(1, round(len(words) * cfg.near_duplicate_edit))):
+        words[rng.randrange(len(words))] = rng.choice(_CONTENT)
+    return " ".join(words)
+
+
+def is_near_duplicate(key: str, cfg: FaultConfig) -> bool:
+    return cfg.near_duplicate > 0 and _unit(f"near:{key}") < cfg.near_duplicate
 
 
 # -- responses -----------------------------------------------------------------------------------
@@ -426,7 +448,10 @@ class FakeApp:
             cut = text[: max(1, int(len(text) * 0.6))]
             reply = _completion(key, model, cut, "length", prompt_tokens, max_tokens)
         else:
-            text = completion_text(digest, n_words)
+            if is_near_duplicate(key, cfg):
+                text = near_duplicate_text(key, n_words, cfg)
+            else:
+                text = completion_text(digest, n_words)
             tokens = min(max_tokens, math.ceil(n_words / 0.75))
             reply = _completion(key, model, text, "stop", prompt_tokens, tokens)
         await _respond(send, 200, reply, info)
