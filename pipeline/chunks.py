@@ -29,6 +29,7 @@ from generation.ledger import GenerationReport
 from pipeline.stages import ExactStage, NearStage, QualityStage
 from schemas import GenerationRequest, Rejected
 from schemas.arrow import to_table
+from schemas.crashpoints import crash_point
 from shards.dataset import VersionWriter
 from shards.writer import atomic_write_table
 
@@ -93,6 +94,7 @@ class RunState:
         self.near_counts: Counter[str] = Counter({"input": 0, "index": 0})
         self.chunks = 0
         self.documents = 0
+        self.busy_s: Counter[str] = Counter()  # seconds spent in each stage, over all chunks
 
     def chunk_path(self, number: int) -> Path:
         return self.work / "chunks" / f"chunk-{number:05d}.parquet"
@@ -131,12 +133,14 @@ class ChunkPipeline:
         st.near_counts.update({"input": len(quality.kept), "index": len(near.rejected)})
         seconds["dedup_minhash"] = t() - t0
 
+        crash_point("filter.done")
         t0 = t()
         rejected = exact.rejected + quality.rejected + near.rejected
         self._spill(chunk.number, docs, rejected, near.kept)
         seconds["spill"] = t() - t0
         st.chunks = chunk.number + 1
         st.documents += len(docs)
+        st.busy_s.update(seconds)
         return ChunkStats(
             chunk.number, len(chunk.plan), len(docs), len(failures), len(rejected),
             len(near.kept), seconds,

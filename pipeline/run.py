@@ -4,6 +4,7 @@ and its rounds, opened together and closed together (the flow wires their calls)
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -59,6 +60,7 @@ class StreamingRun:
         )
         self.pipeline = ChunkPipeline(self.state, self.version)
         self.rounds = Rounds(seeds, cfg, seed)
+        self.started = time.perf_counter()
 
     def process(self, chunk: Chunk, report: Any) -> ChunkStats:
         return self.pipeline.process(chunk, report)
@@ -69,6 +71,7 @@ class StreamingRun:
     def write(self, counts_extra: dict[str, Any]) -> tuple[dict[str, Any], Finished]:
         """Decide the near-duplicates, write every shard, then the card and manifest."""
         cfg, st = self.cfg, self.state
+        t0 = time.perf_counter()
         axes = PromptLibrary(cfg.plan.axes, cfg.plan.templates).axes
         done = write_chunks(
             st,
@@ -76,6 +79,11 @@ class StreamingRun:
             {"audience": list(axes.audiences), "style": list(axes.styles),
              "format": list(axes.formats)},
         )  # fmt: skip
+        self.version.write_tokens(
+            cfg.output.encoding,
+            [encoding_spec(e) for e in cfg.output.encodings],
+            cfg.output.pack_seq_len,
+        )
         filters = {
             "dedup_exact": dict(st.exact_counts),
             **st.quality.counts,
@@ -94,7 +102,18 @@ class StreamingRun:
             "filter": filters,
             "kept": done.documents,
             "rejected": done.rejected,
-            "chunks": {"count": st.chunks, "requests": cfg.plan.chunk_requests},
+            "chunks": {
+                "count": st.chunks,
+                "requests": cfg.plan.chunk_requests,
+                # where the time went: generation and each stage summed over chunks (they
+                # overlap, so the sum can exceed the wall time), the final pass, the whole run
+                "busy_s": {
+                    "generate": round(st.generation.elapsed_s, 3),
+                    **{k: round(v, 3) for k, v in st.busy_s.items()},
+                    "write": round(time.perf_counter() - t0, 3),
+                },
+                "wall_s": round(time.perf_counter() - self.started, 3),
+            },
         }
         manifest = self.version.finish(
             run_id=self.run_id,
@@ -103,8 +122,6 @@ class StreamingRun:
             config_hash=cfg.config_hash(),
             counts=counts,
             extra={"seed": self.seed, "diversity": done.diversity, "quality": done.quality},
-            encodings=[encoding_spec(e) for e in cfg.output.encodings],
-            pack_seq_len=cfg.output.pack_seq_len,
             card=cfg.output.card.model_dump(exclude_none=True),
         )
         self.finished = done

@@ -119,6 +119,8 @@ class VersionWriter:
         )
         self.languages: Counter[str] = Counter()
         self.documents = 0
+        self.shards: list[ShardInfo] = []
+        self.tokens: dict[str, Any] = {}
 
     def add_kept(self, table: pa.Table) -> None:
         """Rows of `Document`'s schema (extra columns are dropped)."""
@@ -132,6 +134,33 @@ class VersionWriter:
     def add_rejected(self, table: pa.Table) -> None:
         self.rejected.write(table.select(self.rejected.schema.names))
 
+    def write_tokens(
+        self,
+        encoding: str,
+        encodings: Sequence[EncodingSpec | str] = (),
+        pack_seq_len: int | None = None,
+        num_threads: int | None = None,
+    ) -> None:
+        """Close the text shards and tokenize them, streamed back, with `encoding` (the primary
+        one, that `n_tokens` counts in) and each of `encodings`; `pack_seq_len` adds packed rows
+        of that length + 1 for each."""
+        self.shards = list(self.text.close())
+        so_far = {"shards": [s.to_json() for s in self.shards]}
+        specs = [EncodingSpec(encoding), *(EncodingSpec.of(e) for e in encodings)]
+        for spec in {s.name: s for s in specs}.values():
+            enc = spec.load()
+            result = write_token_shards(
+                iter_texts(self.root, so_far),
+                enc,
+                root=self.root,
+                shard_rows=self.shard_rows,
+                shard_bytes=self.shard_bytes,
+                num_threads=num_threads,
+                pack_seq_len=pack_seq_len,
+            )
+            self.shards += result.shards + result.packed_shards
+            self.tokens[enc.name] = result.manifest_entry(enc)
+
     def finish(
         self,
         *,
@@ -141,31 +170,11 @@ class VersionWriter:
         config_hash: str,
         counts: dict[str, Any],
         extra: dict[str, Any] | None = None,
-        encodings: Sequence[EncodingSpec | str] = (),
-        pack_seq_len: int | None = None,
-        num_threads: int | None = None,
         card: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """Token shards (read back from the text shards), the card, then the manifest."""
-        root = self.root
-        shards: list[ShardInfo] = list(self.text.close())
-        tokens: dict[str, Any] = {}
-        manifest_so_far = {"shards": [s.to_json() for s in shards]}
-        specs = [EncodingSpec(encoding), *(EncodingSpec.of(e) for e in encodings)]
-        for spec in {s.name: s for s in specs}.values():
-            enc = spec.load()
-            result = write_token_shards(
-                iter_texts(root, manifest_so_far),
-                enc,
-                root=root,
-                shard_rows=self.shard_rows,
-                shard_bytes=self.shard_bytes,
-                num_threads=num_threads,
-                pack_seq_len=pack_seq_len,
-            )
-            shards += result.shards + result.packed_shards
-            tokens[enc.name] = result.manifest_entry(enc)
-        shards += self.rejected.close()
+        """The remaining files, the card, then the manifest (after `write_tokens`)."""
+        assert self.tokens, "write_tokens() first"
+        shards = self.shards + self.rejected.close()
         shards.append(self.plan.close())
         shards.append(self.failures.close())
         manifest: dict[str, Any] = {
@@ -178,7 +187,7 @@ class VersionWriter:
             "counts": counts,
             "documents": self.documents,
             "primary_encoding": encoding,
-            "tokens": tokens,
+            "tokens": self.tokens,
             "languages": dict(self.languages),
             "diversity": {},
             "card": card or {},
@@ -186,7 +195,7 @@ class VersionWriter:
             **(extra or {}),
         }
         crash_point("shards.manifest")
-        commit_manifest(root, manifest)  # last: only now is the directory a dataset
+        commit_manifest(self.root, manifest)  # last: only now is the directory a dataset
         return manifest
 
     def abort(self) -> None:
@@ -271,6 +280,7 @@ def write_version(
                 writer.add_rejected(to_table(rejected[start:end], Rejected))
             writer.plan.write(plan[start:end])
         writer.failures.write(failures)
+        writer.write_tokens(encoding, encodings, pack_seq_len, num_threads)
         return writer.finish(
             run_id=run_id,
             encoding=encoding,
@@ -278,9 +288,6 @@ def write_version(
             config_hash=config_hash,
             counts=counts,
             extra=extra,
-            encodings=encodings,
-            pack_seq_len=pack_seq_len,
-            num_threads=num_threads,
             card=card,
         )
     except BaseException:

@@ -1,0 +1,248 @@
+"""The whole `booksmith run` against the fake server, at growing sizes: memory and speed.
+
+For each size N (requests), three measurements on the same plan and the same machine:
+
+- generation alone: the run's generation stage (booksmith's client, same chunks, same
+  `max_concurrency`) in this process against the fake server, no filtering;
+- the rest alone: `booksmith run` with every answer already in its response cache, so the run
+  is planning, documents, exact dedup, the quality chain, MinHash, the final pass and the
+  shards;
+- the pipeline: `booksmith run` on an empty cache, generation and filtering overlapped.
+
+Docs/s is requests over the run's own wall time (the manifest's `counts.chunks.wall_s`: from
+the run's start to its last shard; the CLI's and Prefect's start-up, a fixed cost, excluded).
+The ratio is the pipeline's docs/s over the slower of the two stages alone: 1.0 means the run
+takes no longer than its slowest stage, 0.5 that the stages ran one after the other.
+
+Memory is the peak of the summed RSS of `booksmith run`'s whole process tree (its filter
+workers included), sampled every 0.2 s; the Prefect server runs outside it. The line per size
+pair says how many bytes each additional request cost.
+
+The fake server is the default one (600-word answers that pass the filters, distinct for every
+request, no added latency), not `--fast` (whose identical replies would all be duplicates).
+
+    python -m benchmarks.run_scale [--sizes 10000,100000] [--chunk 2000] [--concurrency 64]
+
+Ends with `RESULT run_scale:slowest_stage ratio=...` (the largest size) and one
+`MEMORY run_scale n=... peak_mb=... docs_per_s=...` line per size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import yaml
+
+from tests.fakeserver import FakeServer
+
+WORDS = 600  # words per answer, as in the issue's probe
+MAX_TOKENS = math.ceil(WORDS / 0.75)  # the fake server writes 0.75 words per max token
+TOPICS = 79  # the bundled seed file
+
+
+def config(base_url: str, out: Path, n: int, chunk: int, concurrency: int) -> dict[str, Any]:
+    return {
+        "seed": 11,
+        "generation": {
+            "backend": "openai",
+            "base_url": base_url,
+            "model": "fake-model",
+            "max_concurrency": concurrency,
+            "timeout_s": 30.0,
+            "sampling": {"max_tokens": MAX_TOKENS},
+        },
+        "plan": {
+            "limit": n,
+            "samples_per_topic": math.ceil(n / TOPICS),
+            "chunk_requests": chunk,
+        },
+        "fill": {"documents": None},
+        "output": {"dir": str(out)},
+    }
+
+
+class PeakRSS:
+    """Peak of the summed RSS of a process and all its descendants, sampled in a thread."""
+
+    def __init__(self, pid: int, every_s: float = 0.2) -> None:
+        self.proc, self.every_s, self.peak = psutil.Process(pid), every_s, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                procs = [self.proc, *self.proc.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                return
+            total = 0
+            for p in procs:
+                try:
+                    total += p.memory_info().rss
+                except psutil.NoSuchProcess:
+                    pass
+            self.peak = max(self.peak, total)
+            time.sleep(self.every_s)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
+def booksmith_run(cfg_path: Path, env: dict[str, str]) -> tuple[Path, int, float]:
+    """(version directory, peak RSS of the process tree, wall seconds of the process)."""
+    started = time.perf_counter()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "run", "--config", str(cfg_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    rss = PeakRSS(proc.pid)
+    stdout, stderr = proc.communicate()
+    peak = rss.stop()
+    if proc.returncode != 0:
+        raise SystemExit(f"booksmith run failed ({proc.returncode}):\n{stderr[-3000:]}")
+    return Path(stdout.strip().splitlines()[-1]), peak, time.perf_counter() - started
+
+
+def generation_alone(cfg: dict[str, Any], cache_path: Path) -> float:
+    """Seconds for the run's generation stage alone (same plan, chunks and concurrency)."""
+    from generation.backends import open_endpoints
+    from generation.cache import ResponseCache
+    from generation.client import GenerationClient
+    from generation.coverage import select_topics
+    from generation.seeds import load_seeds
+    from pipeline.rounds import Rounds
+    from schemas.config import RunConfig
+
+    run_cfg = RunConfig.model_validate(cfg)
+    seeds, _ = select_topics(load_seeds(run_cfg.topics), run_cfg.plan, run_cfg.output.dir)
+    rounds = Rounds(seeds, run_cfg, run_cfg.seed or 0)
+    cache = ResponseCache(cache_path)
+    busy = 0.0
+    with open_endpoints(run_cfg.generation, run_cfg.embedded) as endpoints:
+        for chunk in rounds.first():
+            client = GenerationClient(endpoints[0], cache=cache, run_id="bench")
+            t0 = time.perf_counter()
+            report = asyncio.run(client.run(chunk.plan))
+            busy += time.perf_counter() - t0
+            assert report.completed == len(chunk.plan), report.summary()
+    cache.close()
+    return busy
+
+
+def measure(
+    n: int, chunk: int, concurrency: int, base_url: str, env: dict[str, str], tmp: Path
+) -> dict[str, Any]:
+    root = tmp / f"n{n}"
+    root.mkdir()
+    # 1. generation alone, filling a response cache
+    alone_out = root / "alone"
+    cfg = config(base_url, alone_out, n, chunk, concurrency)
+    (alone_out / "_state").mkdir(parents=True)
+    gen_s = generation_alone(cfg, alone_out / "_state" / "responses.sqlite")
+    # 2. the rest alone: the same run with every answer cached
+    cfg_path = root / "alone.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    rest_version, rest_peak, _ = booksmith_run(cfg_path, env)
+    rest = json.loads((rest_version / "manifest.json").read_text())
+    assert rest["counts"]["generate"]["cached"] == n, rest["counts"]["generate"]
+    shutil.rmtree(alone_out)
+    # 3. the pipeline, from an empty cache
+    piped_out = root / "piped"
+    cfg_path = root / "piped.yaml"
+    cfg_path.write_text(yaml.safe_dump(config(base_url, piped_out, n, chunk, concurrency)))
+    version, peak, process_s = booksmith_run(cfg_path, env)
+    manifest = json.loads((version / "manifest.json").read_text())
+    verify = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "verify", str(version)],
+        capture_output=True, text=True, env=env,
+    )  # fmt: skip
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    chunks = manifest["counts"]["chunks"]
+    out = {
+        "n": n,
+        "kept": manifest["documents"],
+        "peak_mb": peak / 2**20,
+        "peak_rest_mb": rest_peak / 2**20,
+        "pipeline_s": chunks["wall_s"],
+        "process_s": process_s,
+        "generate_alone_s": gen_s,
+        "rest_alone_s": rest["counts"]["chunks"]["wall_s"],
+        "busy_s": chunks["busy_s"],
+        "verified": True,
+    }
+    shutil.rmtree(piped_out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", default="10000,100000")
+    parser.add_argument("--chunk", type=int, default=2000)
+    parser.add_argument("--concurrency", type=int, default=64)
+    args = parser.parse_args(argv)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
+
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with (
+        prefect_test_harness(server_startup_timeout=180),
+        FakeServer() as server,
+        tempfile.TemporaryDirectory() as tmp,
+    ):
+        env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()), "TERM": "dumb"}
+        results = []
+        for n in sizes:
+            r = measure(n, args.chunk, args.concurrency, server.base_url, env, Path(tmp))
+            slowest = max(r["generate_alone_s"], r["rest_alone_s"])
+            r["ratio"] = slowest / r["pipeline_s"]
+            results.append(r)
+            busy = ", ".join(f"{k} {v:.1f}" for k, v in r["busy_s"].items())
+            print(
+                f"n={n}: pipeline {n / r['pipeline_s']:.0f} docs/s ({r['pipeline_s']:.1f} s), "
+                f"generation alone {n / r['generate_alone_s']:.0f} docs/s, rest alone "
+                f"{n / r['rest_alone_s']:.0f} docs/s; ratio to slowest {r['ratio']:.2f}; "
+                f"peak RSS {r['peak_mb']:.0f} MB (all cached: {r['peak_rest_mb']:.0f} MB); "
+                f"kept {r['kept']}; busy s: {busy}",
+                flush=True,
+            )
+    for a, b in zip(results, results[1:], strict=False):
+        per = (b["peak_mb"] - a["peak_mb"]) * 2**20 / (b["n"] - a["n"])
+        print(f"memory: {a['n']} -> {b['n']} requests: {per:.0f} bytes per additional request")
+    for r in results:
+        print(
+            f"MEMORY run_scale n={r['n']} peak_mb={r['peak_mb']:.0f} "
+            f"docs_per_s={r['n'] / r['pipeline_s']:.0f}"
+        )
+    last = results[-1]
+    print(
+        f"RESULT run_scale:slowest_stage ratio={last['ratio']:.3f} "
+        f"booksmith={last['n'] / last['pipeline_s']:.1f} "
+        f"baseline={last['n'] / max(last['generate_alone_s'], last['rest_alone_s']):.1f} "
+        "unit=docs/s"
+    )
+
+
+if __name__ == "__main__":
+    main()
