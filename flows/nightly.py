@@ -41,9 +41,10 @@ from generation.coverage import select_topics
 from generation.plan import plan_for
 from generation.scaleout import assign, merge_reports, partition, share_budget
 from generation.seeds import load_seeds
+from pipeline.checkpoint import run_key
 from pipeline.chunks import Chunk, ChunkStats
 from pipeline.drive import run_rounds
-from pipeline.run import StreamingRun
+from pipeline.run import StreamingRun, completed_version, resumable_run
 from schemas import GenerationRequest, GenerationResult, TopicSeed
 from schemas.config import Budget, RunConfig, load_config
 from schemas.crashpoints import crash_point
@@ -73,9 +74,12 @@ def resolve_config(
 
 
 @task(cache_policy=NO_CACHE)
-def load_topics(cfg: RunConfig) -> tuple[list[TopicSeed], dict[str, Any]]:
-    """The seed file's topics, narrowed to this run's share when `plan.topics_per_run` is set."""
-    return select_topics(load_seeds(cfg.topics), cfg.plan, cfg.output.dir)
+def load_topics(cfg: RunConfig, seed: int) -> tuple[list[TopicSeed], dict[str, Any], str]:
+    """The seed file's topics, narrowed to this run's share when `plan.topics_per_run` is set,
+    and the run's key (config, seed and every seed topic: what makes two runs the same)."""
+    every = load_seeds(cfg.topics)
+    seeds, selection = select_topics(every, cfg.plan, cfg.output.dir)
+    return seeds, selection, run_key(cfg, seed, every)
 
 
 def make_plan(
@@ -272,15 +276,22 @@ def nightly(
     started = flow_run.scheduled_start_time or datetime.now(UTC)
     run_seed = cfg.seed if cfg.seed is not None else seed_for(started.astimezone(UTC).date())
     logger = get_run_logger()
-    seeds, selection = load_topics(cfg)
-    run_id = start_run(cfg)
-    logger.info("run %s: %d topics, seed %d", run_id, len(seeds), run_seed)
+    seeds, selection, key = load_topics(cfg, run_seed)
     sync_index(cfg)
+    done = completed_version(cfg.output.dir, key)
+    if done is not None:  # a retried night: the same config, seed and topics
+        sweep_abandoned(cfg.output.dir)  # releases it if the kill came before its release
+        if not (done / "report" / "report.md").exists():
+            render_report(done)
+        logger.info("nothing to do: %s has this config, seed and topics", done)
+        return str(done)
+    run_id = start_run(cfg, key)
+    logger.info("run %s: %d topics, seed %d", run_id, len(seeds), run_seed)
     index = open_index(cfg.dedup, cfg.output.dir)
     try:
         with (
             open_endpoints(cfg.generation, cfg.embedded) as endpoints,
-            StreamingRun(cfg, run_id, seeds, run_seed, index) as run,
+            StreamingRun(cfg, run_id, seeds, run_seed, index, key) as run,
         ):
 
             def start(chunk: Chunk) -> Generating:
@@ -295,7 +306,12 @@ def nightly(
                 done = 100.0 * (chunk.number + 1) / max(1, run.rounds.next_chunk)
                 update_progress_artifact(artifact, done)
 
-            run_rounds(run.rounds, start, finish, run.tally, lambda: run.state.generation)
+            if run.resumed:
+                logger.info("resuming run %s after its chunk %d", run_id, run.resumed)
+            run_rounds(
+                run.rounds, start, finish, run.tally, lambda: run.state.generation,
+                done=run.resumed, replay=run.replay,
+            )  # fmt: skip
             logger.info("fill: %s; still short: %s", run.rounds.stop, run.rounds.need or "-")
             manifest = write_dataset(run, selection)
             crash_point("index.commit")
@@ -311,8 +327,12 @@ def nightly(
     return str(version_dir)
 
 
-def start_run(cfg: RunConfig) -> str:
-    """Sweep what killed runs left, then claim a new run directory."""
+def start_run(cfg: RunConfig, key: str) -> str:
+    """Resume a killed run of this key, or sweep what killed runs left and claim a new run
+    directory."""
+    resumed = resumable_run(cfg.output.dir, key)
+    if resumed is not None:
+        return resumed
     abandoned = sweep_abandoned(cfg.output.dir)
     if abandoned:
         get_run_logger().info("removed the unfinished directories of killed runs: %s", abandoned)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from filters.dedup import DedupIndex, DedupSettings
@@ -26,13 +27,14 @@ from filters.dedup.candidates import CandidateStore
 from filters.settings import FilterSettings
 from generation.documents import to_documents
 from generation.ledger import GenerationReport
+from pipeline.checkpoint import Checkpoint, write_table_atomically
 from pipeline.stages import ExactStage, NearStage, QualityStage
-from schemas import GenerationRequest, Rejected
+from schemas import GenerationRequest, GenerationResult, Rejected
 from schemas.arrow import to_table
 from schemas.crashpoints import crash_point
 from shards.dataset import VersionWriter
-from shards.writer import atomic_write_table
 
+EXACT_ROW = np.dtype([("key", "<u8"), ("id", "S64")])
 CANDIDATE = ""  # the spilled reason of a document still in the run (near-dup undecided)
 TOTALS = (
     "planned", "completed", "cached", "failed", "skipped_budget", "requests", "retries",
@@ -95,9 +97,66 @@ class RunState:
         self.chunks = 0
         self.documents = 0
         self.busy_s: Counter[str] = Counter()  # seconds spent in each stage, over all chunks
+        self.exact_file = work / "exact.bin"  # ExactStage.seen as appended (key, id) rows
+        self.exact_file.touch()
+        self.exact_rows = 0
+
+    def save_exact(self, pairs: list[tuple[int, str]]) -> None:
+        """Append the exact keys this chunk added (the map is rebuilt from them on resume)."""
+        if not pairs:
+            return
+        rows = np.zeros(len(pairs), dtype=EXACT_ROW)
+        rows["key"] = [k for k, _ in pairs]
+        rows["id"] = [i.encode("ascii") for _, i in pairs]
+        with open(self.exact_file, "ab") as f:
+            f.write(rows.tobytes())
+        self.exact_rows += len(pairs)
+
+    def checkpoint(self, run_key: str, chunk_requests: int, decisions: list[Any]) -> Checkpoint:
+        return Checkpoint(
+            run_key=run_key,
+            chunk_requests=chunk_requests,
+            chunks=self.chunks,
+            store_rows=self.store.count,
+            exact_rows=self.exact_rows,
+            generation=self.generation.summary() | {"elapsed_s": self.generation.elapsed_s},
+            exact_counts=dict(self.exact_counts),
+            near_counts=dict(self.near_counts),
+            quality_counts=self.quality.counts,
+            busy_s=dict(self.busy_s),
+            topics=list(self.near.topics),
+            decisions=decisions,
+        )
+
+    def restore(self, cp: Checkpoint) -> None:
+        """Back to the state after the checkpoint's last chunk; rows appended after it (a
+        chunk cut short by the kill) are cut off."""
+        self.chunks = self.documents = cp.chunks
+        self.store.truncate(cp.store_rows)
+        with open(self.exact_file, "r+b") as f:
+            f.truncate(cp.exact_rows * EXACT_ROW.itemsize)
+        rows = np.fromfile(self.exact_file, dtype=EXACT_ROW)
+        self.exact.seen = {
+            int(k): bytes(i).rstrip(b"\0").decode("ascii")
+            for k, i in zip(rows["key"].tolist(), rows["id"].tolist(), strict=True)
+        }
+        self.exact_rows = cp.exact_rows
+        gen = cp.generation
+        for name in TOTALS:
+            setattr(self.generation, name, gen.get(name, 0))
+        self.generation.failures = Counter(gen.get("failures", {}))
+        self.generation.budget_exhausted = bool(gen.get("budget_exhausted"))
+        self.exact_counts = Counter(cp.exact_counts)
+        self.near_counts = Counter(cp.near_counts)
+        self.quality.counts = cp.quality_counts
+        self.busy_s = Counter(cp.busy_s)
+        self.near.topics = {k: i for i, k in enumerate(cp.topics)}
 
     def chunk_path(self, number: int) -> Path:
         return self.work / "chunks" / f"chunk-{number:05d}.parquet"
+
+    def failures_path(self, number: int) -> Path:
+        return self.work / "chunks" / f"failures-{number:05d}.parquet"
 
     def close(self) -> None:
         self.quality.close()
@@ -118,11 +177,12 @@ class ChunkPipeline:
             chunk.plan, report.results, run_id=st.run_id, encoding=st.encoding
         )
         self.version.plan.write(chunk.plan)
-        self.version.failures.write(failures)
+        write_table_atomically(to_table(failures, GenerationResult), st.failures_path(chunk.number))
         seconds["documents"] = t() - t0
 
         t0 = t()
         exact = st.exact.run(docs)
+        st.save_exact(st.exact.added)
         st.exact_counts.update({"input": len(docs), "kept": len(exact.kept), **exact.counts})
         seconds["dedup_exact"] = t() - t0
         t0 = t()
@@ -161,5 +221,4 @@ class ChunkPipeline:
         table = to_table(records, Rejected)
         cand = [rows.get(r.id, -1) if r.reason == CANDIDATE else -1 for r in records]
         table = table.append_column("cand_row", pa.array(cand, pa.int64()))
-        path = self.state.chunk_path(number)
-        atomic_write_table(table, path, root=path.parent, kind="chunk")
+        write_table_atomically(table, self.state.chunk_path(number))

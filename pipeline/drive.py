@@ -50,9 +50,22 @@ def run_rounds(
     finish: Callable[[Chunk, GenerationReport], None],
     tally: Callable[[], Tally],
     report: Callable[[], GenerationReport],
+    *,
+    done: int = 0,
+    replay: Callable[[Chunk], None] = lambda chunk: None,
 ) -> None:
-    """Every round until the fill account stops the run (`rounds.stop` says why)."""
+    """Every round until the fill account stops the run (`rounds.stop` says why). A resumed
+    run passes the chunks it completed before (`done`): they are planned again, handed to
+    `replay` (which writes their plan rows) and neither generated nor filtered again."""
+
+    def fresh(chunks: Iterator[Chunk]) -> Iterator[Chunk]:
+        for chunk in chunks:
+            if chunk.number < done:
+                replay(chunk)
+            else:
+                yield chunk
+
     chunks: Iterator[Chunk] | None = rounds.first()
     while chunks is not None:
-        overlapped(chunks, start, finish)
-        chunks = rounds.next(tally(), report())
+        overlapped(fresh(chunks), start, finish)
+        chunks = rounds.next(tally, report())

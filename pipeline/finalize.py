@@ -107,6 +107,7 @@ def write_chunks(
         hist["rejected"] = [
             a + b for a, b in zip(hist["rejected"], _bins(rejected["quality_score"]), strict=True)
         ]
+        version.failures.write_table(pq.read_table(state.failures_path(number)))
         axis_rows = kept.select(list(axes)).to_pylist()
         sample.add(kept["id"].to_pylist(), kept["text"].to_pylist(), axis_rows)
     return Finished(

@@ -15,12 +15,12 @@ depend on the chunk size.
 from __future__ import annotations
 
 import gc
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any
 
-from generation.coverage import deficit_of, seeds_for
+from generation.coverage import deficit_of, seeds_for, topic_key
 from generation.ledger import GenerationReport
 from generation.plan import plan_for
 from pipeline.chunks import Chunk
@@ -45,6 +45,9 @@ class Rounds:
     rounds: list[dict[str, Any]] = field(default_factory=list)
     need: dict[str, int] = field(default_factory=dict)
     stop: str | None = None
+    # Each round's end as decided: replayed on resume instead of decided again from a later
+    # state (the checkpoint keeps them).
+    decisions: list[dict[str, Any]] = field(default_factory=list)
     _ids: set[int] = field(default_factory=set)
     _round_planned: int = 0
 
@@ -56,22 +59,33 @@ class Rounds:
         )  # fmt: skip
         return self._chunks(requests)
 
-    def next(self, kept: Tally, report: GenerationReport) -> Iterator[Chunk] | None:
+    def next(self, tally: Callable[[], Tally], report: GenerationReport) -> Iterator[Chunk] | None:
         """The next round's chunks, or None when the run stops (`stop` says why)."""
         fill = self.cfg.fill
-        self.rounds.append({"planned": self._round_planned, "kept_total": kept.documents})
+        done = len(self.rounds)
+        if done < len(self.decisions):  # resumed: this round's end was decided before the kill
+            decision = self.decisions[done]
+        else:
+            kept = tally()
+            need = (
+                deficit_of(fill, kept.per_topic, kept.documents, kept.tokens, self.seeds)
+                if fill.enabled
+                else {}
+            )
+            decision = {"kept_total": kept.documents, "need": need, "wanted": []}
+            decision["stop"] = stop = self._stop_reason(need, report, done + 1)
+            if stop is None:
+                keep_rate = kept.documents / max(1, self.planned)
+                wanted = seeds_for(need, self.seeds, keep_rate, fill.oversample)
+                decision["wanted"] = [[topic_key(t.topic_path), n] for t, n in wanted]
+            self.decisions.append(decision)
+        self.rounds.append({"planned": self._round_planned, "kept_total": decision["kept_total"]})
         self._round_planned = 0
-        self.need = (
-            deficit_of(fill, kept.per_topic, kept.documents, kept.tokens, self.seeds)
-            if fill.enabled
-            else {}
-        )
-        self.stop = self._stop_reason(report)
+        self.need, self.stop = decision["need"], decision["stop"]
         if self.stop is not None:
             return None
-        keep_rate = kept.documents / max(1, self.planned)
-        wanted = seeds_for(self.need, self.seeds, keep_rate, fill.oversample)
-        seeds = [t.model_copy(update={"weight": float(n)}) for t, n in wanted]
+        by_key = {topic_key(t.topic_path): t for t in self.seeds}
+        seeds = [by_key[k].model_copy(update={"weight": float(n)}) for k, n in decision["wanted"]]
         requests = plan_for(
             self.cfg, seeds, self.seed, samples_per_topic=1, salt=f"-fill-{len(self.rounds)}"
         )
@@ -79,7 +93,7 @@ class Rounds:
         chunks = self._chunks(fresh)
         first = next(chunks, None)
         if first is None:
-            self.stop = "nothing_to_plan"
+            self.stop = decision["stop"] = "nothing_to_plan"
             return None
 
         def round_chunks() -> Iterator[Chunk]:
@@ -88,15 +102,17 @@ class Rounds:
 
         return round_chunks()
 
-    def _stop_reason(self, report: GenerationReport) -> str | None:
+    def _stop_reason(
+        self, need: dict[str, int], report: GenerationReport, rounds: int
+    ) -> str | None:
         fill = self.cfg.fill
         if not fill.enabled:
             return "single_round"
-        if not self.need:
+        if not need:
             return "target_met"
         if report.budget_exhausted:
             return "budget_exhausted"
-        if len(self.rounds) >= fill.max_rounds:
+        if rounds >= fill.max_rounds:
             return "max_rounds"
         return None
 

@@ -10,6 +10,7 @@ from types import TracebackType
 from typing import Any
 
 from filters.dedup import DedupIndex
+from pipeline.checkpoint import Checkpoint
 from pipeline.chunks import Chunk, ChunkPipeline, ChunkStats, RunState
 from pipeline.finalize import Finished, Tally, commit_index, tally, write_chunks
 from pipeline.rounds import Rounds
@@ -18,7 +19,14 @@ from schemas import TopicSeed
 from schemas.config import EncodingFile, RunConfig
 from shards.dataset import VersionWriter
 from shards.encodings import EncodingSpec
-from shards.version import RUNS_DIR, state_dir
+from shards.version import (
+    RUNS_DIR,
+    abandoned_runs,
+    list_versions,
+    read_manifest,
+    reclaim_run_dir,
+    state_dir,
+)
 
 
 def work_dir(out: Path, run_id: str) -> Path:
@@ -41,10 +49,19 @@ class StreamingRun:
         seeds: list[TopicSeed],
         seed: int,
         index: DedupIndex | None,
+        key: str,
     ) -> None:
-        self.cfg, self.run_id, self.seed, self.index = cfg, run_id, seed, index
+        self.cfg, self.run_id, self.seed, self.index, self.key = cfg, run_id, seed, index, key
         out = cfg.output.dir
         self.work = work_dir(out, run_id)
+        checkpoint = Checkpoint.load(self.work)
+        if checkpoint and (checkpoint.run_key, checkpoint.chunk_requests) != (
+            key,
+            cfg.plan.chunk_requests,
+        ):
+            checkpoint = None  # another run's, or cut otherwise: start this one afresh
+        if checkpoint is None:
+            shutil.rmtree(self.work, ignore_errors=True)
         self.state = RunState(
             self.work,
             run_id=run_id,
@@ -61,9 +78,24 @@ class StreamingRun:
         self.pipeline = ChunkPipeline(self.state, self.version)
         self.rounds = Rounds(seeds, cfg, seed)
         self.started = time.perf_counter()
+        self.resumed = 0  # chunks completed before a kill, not generated nor filtered again
+        if checkpoint is not None:
+            self.state.restore(checkpoint)
+            self.rounds.decisions = checkpoint.decisions
+            self.resumed = checkpoint.chunks
+
+    def replay(self, chunk: Chunk) -> None:
+        """A chunk completed before the kill: only its plan rows are written again."""
+        self.version.plan.write(chunk.plan)
 
     def process(self, chunk: Chunk, report: Any) -> ChunkStats:
-        return self.pipeline.process(chunk, report)
+        """One chunk, then its checkpoint (a restart resumes after it)."""
+        stats = self.pipeline.process(chunk, report)
+        checkpoint = self.state.checkpoint(
+            self.key, self.cfg.plan.chunk_requests, self.rounds.decisions
+        )
+        checkpoint.save(self.work)
+        return stats
 
     def tally(self) -> Tally:
         return tally(self.state)
@@ -105,6 +137,7 @@ class StreamingRun:
             "chunks": {
                 "count": st.chunks,
                 "requests": cfg.plan.chunk_requests,
+                "resumed": self.resumed,
                 # where the time went: generation and each stage summed over chunks (they
                 # overlap, so the sum can exceed the wall time), the final pass, the whole run
                 "busy_s": {
@@ -121,7 +154,12 @@ class StreamingRun:
             config=counts_extra.get("config", cfg.model_dump(mode="json")),
             config_hash=cfg.config_hash(),
             counts=counts,
-            extra={"seed": self.seed, "diversity": done.diversity, "quality": done.quality},
+            extra={
+                "seed": self.seed,
+                "run_key": self.key,
+                "diversity": done.diversity,
+                "quality": done.quality,
+            },
             card=cfg.output.card.model_dump(exclude_none=True),
         )
         self.finished = done
@@ -147,3 +185,25 @@ class StreamingRun:
         tb: TracebackType | None,
     ) -> None:
         self.close(ok=exc_type is None)
+
+
+def completed_version(out: Path, key: str) -> Path | None:
+    """The version a run with this key already published, if any (a rerun is then a no-op)."""
+    for version in reversed(list_versions(out)):
+        try:
+            if read_manifest(version).get("run_key") == key:
+                return version
+        except (FileNotFoundError, ValueError):
+            continue
+    return None
+
+
+def resumable_run(out: Path, key: str) -> str | None:
+    """The run id of an unfinished run with this key whose process is gone: this process
+    takes it over and resumes it at its last checkpoint."""
+    for path in abandoned_runs(out):
+        checkpoint = Checkpoint.load(work_dir(out, path.name))
+        if checkpoint is not None and checkpoint.run_key == key:
+            reclaim_run_dir(path)
+            return path.name
+    return None

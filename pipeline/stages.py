@@ -52,6 +52,7 @@ class ExactStage:
         self.seen: dict[int, str] = {}
         self.words: dict[str, list[bytes]] = {}  # this chunk's words, for NearStage
         self.keys: dict[str, int] = {}  # this chunk's exact keys, for the index commit
+        self.added: list[tuple[int, str]] = []  # what this chunk added to `seen`
 
     def run(self, docs: Sequence[Document]) -> StageOutput:
         out = StageOutput()
@@ -59,6 +60,7 @@ class ExactStage:
         keys = [exact_key(w) if w else 0 for w in ws]
         self.words = {d.id: w for d, w in zip(docs, ws, strict=True)}
         self.keys = {d.id: k for d, k in zip(docs, keys, strict=True)}
+        self.added = []
         indexed: list[Any] = [None] * len(docs)
         if self.enabled and self.index is not None and any(ws):
             rows = [i for i, w in enumerate(ws) if w]
@@ -74,6 +76,7 @@ class ExactStage:
                 out.reject(doc, EXACT, duplicate_of=self.seen[keys[i]])
             else:
                 self.seen[keys[i]] = doc.id
+                self.added.append((keys[i], doc.id))
                 out.kept.append(doc)
         return out
 

@@ -6,6 +6,7 @@ nothing in real runs. The points, in the order a nightly run passes them:
 
     generate.result        after a generation result is in the response cache (once each)
     filter.done            after each chunk's filters, before its spill is written
+    chunk.done             after each chunk's checkpoint (its spill written)
     shards.file            after each shard file of the version is renamed into place
     shards.manifest        after every shard, before the card and manifest
     index.commit           after the manifest, before the MinHash index commit

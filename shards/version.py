@@ -51,6 +51,21 @@ def claim_run_dir(out: Path, now: datetime | None = None) -> str:
         return run_id
 
 
+def reclaim_run_dir(root: Path) -> None:
+    """Take over the directory of a killed run (to resume it): this process is its owner now."""
+    owner = {"host": socket.gethostname(), "pid": os.getpid()}
+    (root / OWNER).write_text(json.dumps(owner), encoding="utf-8")
+
+
+def abandoned_runs(out: Path) -> list[Path]:
+    """Unfinished run directories whose process is gone, oldest first."""
+    return [
+        p
+        for p in (sorted(out.iterdir()) if out.is_dir() else [])
+        if p.is_dir() and p.name != STATE_DIR and not is_dataset(p) and _owner_gone(p)
+    ]
+
+
 def release_run_dir(root: Path) -> None:
     (root / OWNER).unlink(missing_ok=True)
 

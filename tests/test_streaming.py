@@ -43,7 +43,9 @@ def _corpus(n: int, seed: int) -> list[str]:
                 base[rng.randrange(len(base))] = "zebra"
         elif kind < 0.4:  # exact duplicate after normalisation
             base[0] = base[0].upper()
-        texts.append(" ".join(base) if kind < 0.9 else completion_text(f"{rng.getrandbits(64):x}", 80))
+        texts.append(
+            " ".join(base) if kind < 0.9 else completion_text(f"{rng.getrandbits(64):x}", 80)
+        )
     return texts
 
 
