@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import itertools
 import json
 import math
 import os
@@ -92,10 +94,8 @@ class PeakRSS:
                 return
             total = 0
             for p in procs:
-                try:
+                with contextlib.suppress(psutil.NoSuchProcess):
                     total += p.memory_info().rss
-                except psutil.NoSuchProcess:
-                    pass
             self.peak = max(self.peak, total)
             time.sleep(self.every_s)
 
@@ -201,7 +201,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--concurrency", type=int, default=64)
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
+    cores = os.cpu_count()
+    print(f"machine: {platform.machine()}, {cores} cores, Python {platform.python_version()}")
 
     from prefect.settings import PREFECT_API_URL
     from prefect.testing.utilities import prefect_test_harness
@@ -227,7 +228,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"kept {r['kept']}; busy s: {busy}",
                 flush=True,
             )
-    for a, b in zip(results, results[1:], strict=False):
+    for a, b in itertools.pairwise(results):
         per = (b["peak_mb"] - a["peak_mb"]) * 2**20 / (b["n"] - a["n"])
         print(f"memory: {a['n']} -> {b['n']} requests: {per:.0f} bytes per additional request")
     for r in results:
