@@ -6,8 +6,10 @@ Two stores with one interface (`DedupIndex`):
 - `FileIndex`, the default: a directory beside the datasets (`<out>/_state/minhash/`).
   `index.json` (format name, version, parameters, generation, segment list with rows, bytes and
   sha256) plus one immutable Parquet segment per run: id, a 64-bit exact-text key and the full
-  112 x uint32 signature (448 bytes; about 500 bytes per document with its id). Band keys are
-  recomputed and sorted in memory at load, so a million documents load in seconds. Writes take
+  112 x uint32 signature (448 bytes; about 500 bytes per document with its id). Queries read
+  each segment's memory-mapped lookup tables (lookup.py: sorted band keys, signatures, exact
+  keys, ids; about 650 bytes a document on disk, built once per segment), never the index
+  itself, so a run's memory does not grow with the runs behind it. Writes take
   a lock file, write the segment under a new name, then replace `index.json` atomically: a crash
   leaves the old index whole. A corrupt or foreign `index.json` or segment is an error naming the
   file; nothing is then written, so the index is never replaced by less than it held.
@@ -28,6 +30,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,7 +40,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from filters.dedup.lsh import band_keys, pair_jaccard
+from filters.dedup.lookup import SegmentLookup, build
+from filters.dedup.lsh import band_keys
 from filters.dedup.minhash import SCHEME, MinHashParams
 from filters.dedup.normalize import NORMALIZER_VERSION
 
@@ -240,6 +244,8 @@ class FileIndex:
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, target)
+            sha = _sha256(target)
+            build(table, self._lookup_dir({"file": rel}), self.params, sha)
             replaced = [s for s in manifest["segments"] if s["run_id"] == run_id]
             for s in replaced:
                 s["_removing"] = True
@@ -250,7 +256,7 @@ class FileIndex:
                     "file": rel,
                     "rows": len(ids),
                     "bytes": target.stat().st_size,
-                    "sha256": _sha256(target),
+                    "sha256": sha,
                 }
             )
             new = {
@@ -265,6 +271,7 @@ class FileIndex:
             for path in (self.path / "segments").iterdir():
                 if f"segments/{path.name}" not in listed:
                     path.unlink(missing_ok=True)
+            self._drop_stale_lookups(segments)
         return len(ids)
 
     def remove_run(self, run_id: str) -> int:
@@ -287,7 +294,15 @@ class FileIndex:
             self._write_manifest(new, manifest)
             for s in gone:
                 (self.path / s["file"]).unlink(missing_ok=True)
+            self._drop_stale_lookups(segments)
             return sum(int(s["rows"]) for s in gone)
+
+    def _drop_stale_lookups(self, segments: list[dict[str, Any]]) -> None:
+        listed = {self._lookup_dir(s).name for s in segments}
+        lookup = self.path / "lookup"
+        for path in lookup.iterdir() if lookup.is_dir() else []:
+            if path.name not in listed:
+                shutil.rmtree(path, ignore_errors=True)
 
     # -- reads
 
@@ -304,105 +319,83 @@ class FileIndex:
             if not path.is_file() or _sha256(path) != seg.get("sha256"):
                 raise DedupIndexError(f"{path}: segment does not match its sha256 in {MANIFEST}")
 
+    def _lookup_dir(self, seg: dict[str, Any]) -> Path:
+        return self.path / "lookup" / Path(seg["file"]).stem
+
     def _load(self) -> None:
+        """Open every segment's memory-mapped lookup tables (lookup.py), building those that
+        are missing or stale (an index written before them)."""
         if self._loaded:
             return
         num_perm = self.params.num_perm
-        ids: list[pa.Array] = []
-        sigs: list[np.ndarray] = []
-        exact: list[np.ndarray] = []
-        run_of: list[np.ndarray] = []
-        run_names: list[str] = []
+        self._segments: list[tuple[str, SegmentLookup]] = []
         for seg in self._manifest["segments"]:
-            path = self.path / seg["file"]
+            path, root = self.path / seg["file"], self._lookup_dir(seg)
+            rows = int(seg["rows"])
+            # The tables are derived from the segment: a segment that is gone or changed size
+            # is an error here (a same-size corruption is what `verify` reads every byte for).
             try:
-                table = pq.read_table(path)
-            except (OSError, pa.ArrowException) as e:
+                size = path.stat().st_size
+            except OSError as e:
                 raise DedupIndexError(f"{path}: unreadable index segment ({e})") from None
-            if not table.schema.equals(_schema(num_perm)) or table.num_rows != int(seg["rows"]):
+            if "bytes" in seg and size != int(seg["bytes"]):
                 raise DedupIndexError(
-                    f"{path}: index segment does not match {MANIFEST} (schema or row count)"
+                    f"{path}: unreadable index segment ({size} bytes, {MANIFEST} says "
+                    f"{seg['bytes']}): restore it, or remove the index to rebuild it"
                 )
-            sig_col = table.column("sig").combine_chunks()
-            data = np.frombuffer(sig_col.buffers()[1], dtype="<u4")
-            start = sig_col.offset * num_perm
-            sigs.append(data[start : start + table.num_rows * num_perm].reshape(-1, num_perm))
-            exact.append(table.column("exact").to_numpy())
-            ids.extend(table.column("id").chunks)
-            run_of.append(np.full(table.num_rows, len(run_names), dtype=np.int32))
-            run_names.append(seg["run_id"])
-        n = sum(len(s) for s in sigs)
-        self._sigs = (
-            np.concatenate(sigs).astype(np.uint32, copy=False)
-            if sigs
-            else np.empty((0, num_perm), dtype=np.uint32)
-        )
-        self._exact = np.concatenate(exact) if exact else np.empty(0, dtype=np.uint64)
-        self._ids = pa.chunked_array(ids, pa.string()) if ids else pa.chunked_array([], pa.string())
-        self._run_of = np.concatenate(run_of) if run_of else np.empty(0, dtype=np.int32)
-        self._run_names = run_names
-        self._exact_order = np.argsort(self._exact, kind="stable")
-        self._exact_sorted = self._exact[self._exact_order]
-        keys = band_keys(self._sigs, self.params.bands, self.params.rows)
-        self._band_order = [np.argsort(keys[:, b], kind="stable") for b in range(keys.shape[1])]
-        self._band_sorted = [keys[order, b] for b, order in enumerate(self._band_order)]
-        assert len(self._ids) == n
+            if not SegmentLookup.current(root, rows, seg.get("sha256")):
+                try:
+                    table = pq.read_table(path)
+                except (OSError, pa.ArrowException) as e:
+                    raise DedupIndexError(f"{path}: unreadable index segment ({e})") from None
+                if not table.schema.equals(_schema(num_perm)) or table.num_rows != rows:
+                    raise DedupIndexError(
+                        f"{path}: index segment does not match {MANIFEST} (schema or row count)"
+                    )
+                build(table, root, self.params, seg.get("sha256") or "")
+                del table
+            self._segments.append((seg["run_id"], SegmentLookup(root, rows)))
         self._loaded = True
 
-    def _match(self, row: int, jaccard: float) -> Match:
-        return Match(
-            id=str(self._ids[row].as_py()),
-            run_id=self._run_names[int(self._run_of[row])],
-            jaccard=jaccard,
-        )
-
     def lookup_exact(self, keys: np.ndarray) -> list[Match | None]:
+        """The earliest indexed document with each exact key (segments in the order written)."""
         self._load()
         keys = np.asarray(keys, dtype=np.uint64)
         out: list[Match | None] = [None] * len(keys)
-        if self._exact.size == 0:
-            return out
-        pos = np.searchsorted(self._exact_sorted, keys)
-        pos = np.minimum(pos, self._exact_sorted.size - 1)
-        for i in np.flatnonzero(self._exact_sorted[pos] == keys).tolist():
-            out[i] = self._match(int(self._exact_order[pos[i]]), 1.0)
+        for run_id, seg in self._segments:
+            rows = seg.lookup_exact(keys)
+            for i in np.flatnonzero(rows >= 0).tolist():
+                if out[i] is None:
+                    out[i] = Match(id=seg.id(int(rows[i])), run_id=run_id, jaccard=1.0)
+            seg.release()
         return out
 
     def lookup_near(self, sigs: np.ndarray, threshold: float) -> list[Match | None]:
-        """For each signature, the most similar entry with estimated Jaccard >= threshold."""
+        """For each signature, the most similar entry with estimated Jaccard >= threshold (the
+        earliest written among equals). At most `_MAX_BUCKET` entries per (query, band,
+        segment) are checked: any one near-duplicate is enough."""
         self._load()
         n = sigs.shape[0]
         out: list[Match | None] = [None] * n
-        if n == 0 or self._sigs.shape[0] == 0:
+        if n == 0 or not self._segments:
             return out
         keys = band_keys(sigs, self.params.bands, self.params.rows)
-        qs: list[np.ndarray] = []
-        es: list[np.ndarray] = []
-        bands = zip(self._band_sorted, self._band_order, strict=True)
-        for b, (sorted_keys, order) in enumerate(bands):
-            lo = np.searchsorted(sorted_keys, keys[:, b], side="left")
-            hi = np.searchsorted(sorted_keys, keys[:, b], side="right")
-            count = np.minimum(hi - lo, _MAX_BUCKET)
-            if not count.any():
+        best = np.full(n, -1.0)
+        for run_id, seg in self._segments:
+            q, rows, est = seg.candidates(keys, _MAX_BUCKET, sigs, threshold)
+            if q.size == 0:
+                seg.release()
                 continue
-            q = np.repeat(np.arange(n), count)
-            within = np.arange(int(count.sum())) - np.repeat(np.cumsum(count) - count, count)
-            qs.append(q)
-            es.append(order[np.repeat(lo, count) + within])
-        if not qs:
-            return out
-        pairs = np.unique(np.stack([np.concatenate(qs), np.concatenate(es)], axis=1), axis=0)
-        est = pair_jaccard(sigs, pairs[:, 0], self._sigs, pairs[:, 1])
-        ok = est >= threshold
-        pairs, est = pairs[ok], est[ok]
-        if len(pairs) == 0:
-            return out
-        # Best entry per query: sort by (query, -jaccard) and take each query's first.
-        order = np.lexsort((-est, pairs[:, 0]))
-        pairs, est = pairs[order], est[order]
-        first = np.concatenate([[True], pairs[1:, 0] != pairs[:-1, 0]]).astype(bool)
-        for (q, e), j in zip(pairs[first].tolist(), est[first].tolist(), strict=True):
-            out[q] = self._match(e, j)
+            # Best row per query within this segment (highest Jaccard, then earliest row).
+            order = np.lexsort((rows, -est, q))
+            q, rows, est = q[order], rows[order], est[order]
+            first = np.concatenate([[True], q[1:] != q[:-1]]).astype(bool)
+            for i, r, j in zip(q[first].tolist(), rows[first].tolist(), est[first].tolist(),
+                               strict=True):  # fmt: skip
+                if j > best[i]:  # strictly better: an earlier segment wins ties
+                    best[i] = j
+                    out[i] = Match(id=seg.id(r), run_id=run_id, jaccard=j)
+            seg.release()
         return out
 
     def close(self) -> None:
