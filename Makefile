@@ -63,6 +63,7 @@ bench: setup
 	$(BIN)/python -m benchmarks.tokenize_vs_tiktoken
 	$(BIN)/python -m benchmarks.trainer_vs_hf
 	$(BIN)/python -m benchmarks.loader_vs_trainer
+	$(BIN)/python -m benchmarks.run_scale
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -22,6 +22,11 @@ The fake server is the default one (600-word answers that pass the filters, dist
 request, no added latency), not `--fast` (whose identical replies would all be duplicates).
 
     python -m benchmarks.run_scale [--sizes 10000,100000] [--chunk 2000] [--concurrency 64]
+    python -m benchmarks.run_scale --history 10 --sizes 4000   # runs into one output directory
+
+`--history K` runs K nights of the first size into the same output directory (a new seed each,
+so each adds its documents to the MinHash index) and prints each run's peak: with the index
+queried through memory-mapped tables, the tenth peaks no higher than the second.
 
 Ends with `RESULT run_scale:slowest_stage ratio=...` (the largest size) and one
 `MEMORY run_scale n=... peak_mb=... docs_per_s=...` line per size.
@@ -194,16 +199,38 @@ def measure(
     return out
 
 
+def history(n: int, nights: int, chunk: int, concurrency: int, base_url: str,
+            env: dict[str, str], tmp: Path) -> list[float]:  # fmt: skip
+    """Peak RSS (MB) of each of `nights` runs into one output directory."""
+    out = tmp / "history"
+    peaks = []
+    for night in range(nights):
+        cfg = config(base_url, out, n, chunk, concurrency)
+        cfg["seed"] = 100 + night
+        path = tmp / f"night{night}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        version, peak, _ = booksmith_run(path, env)
+        manifest = json.loads((version / "manifest.json").read_text())
+        peaks.append(peak / 2**20)
+        index = out / "_state" / "minhash"
+        index_mb = sum(p.stat().st_size for p in index.rglob("*") if p.is_file()) >> 20
+        print(f"night {night + 1}: peak RSS {peaks[-1]:.0f} MB, kept {manifest['documents']}, "
+              f"index on disk {index_mb} MB", flush=True)  # fmt: skip
+    return peaks
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="10000,100000")
     parser.add_argument("--chunk", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--history", type=int, default=0, help="nights into one output dir")
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
     cores = os.cpu_count()
     print(f"machine: {platform.machine()}, {cores} cores, Python {platform.python_version()}")
 
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # telemetry: offline
     from prefect.settings import PREFECT_API_URL
     from prefect.testing.utilities import prefect_test_harness
 
@@ -213,6 +240,13 @@ def main(argv: list[str] | None = None) -> None:
         tempfile.TemporaryDirectory() as tmp,
     ):
         env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()), "TERM": "dumb"}
+        if args.history:
+            peaks = history(sizes[0], args.history, args.chunk, args.concurrency,
+                            server.base_url, env, Path(tmp))  # fmt: skip
+            second, last = peaks[min(1, len(peaks) - 1)], peaks[-1]
+            print(f"MEMORY run_scale history nights={args.history} n={sizes[0]} "
+                  f"second_mb={second:.0f} last_mb={last:.0f}")  # fmt: skip
+            return
         results = []
         for n in sizes:
             r = measure(n, args.chunk, args.concurrency, server.base_url, env, Path(tmp))

@@ -4,32 +4,34 @@
 
 INPUT is a dataset version directory (its text shards) or a JSONL / Parquet file of records
 with at least `id` and `text`; every other column is carried through untouched and ids are kept
-verbatim. Writes DIR/kept.parquet and DIR/rejected.parquet (the input columns plus `reason` and
-`duplicate_of`). INDEX (a directory, or redis://host:port/db?basename=NAME) is read only unless
-`--commit-as` names the run id under which the kept records are then added.
+verbatim. The input is read as a stream, a batch at a time (filters/dedup/stream.py), so a
+corpus larger than memory is fine. Writes DIR/kept.parquet and DIR/rejected.parquet (the input
+columns plus `reason` and `duplicate_of`). INDEX (a directory, or
+redis://host:port/db?basename=NAME) is read only unless `--commit-as` names the run id under
+which the kept records are then added.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import typer
 
-from filters.dedup import (
-    DedupIndexError,
-    DedupSettings,
-    find_duplicates,
-    open_index_spec,
-)
+from filters.dedup import DedupIndexError, DedupSettings, open_index_spec
 from filters.dedup.engine import index_entries
 from filters.dedup.index import MANIFEST as INDEX_MANIFEST
+from filters.dedup.stream import DuplicateIdError, StreamVerdicts, decide
 from schemas.jsonl import iter_jsonl
+from shards.writer import commit
 
 index_app = typer.Typer(help="Inspect or edit a persistent dedup index.", no_args_is_help=True)
 
@@ -43,16 +45,77 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-def _read_jsonl(path: Path) -> pa.Table:
-    rows = [row for _, row in iter_jsonl(path, InputError)]
-    try:
-        return pa.Table.from_pylist(rows)
-    except (pa.ArrowException, TypeError) as e:
-        raise InputError(f"{path}: records have inconsistent column types ({e})") from None
+BATCH_ROWS = 10_000  # records per batch: what a pass over the input holds at once
 
 
-def read_input(path: Path) -> pa.Table:
-    """A table with `id` and `text` from a dataset version, JSONL or Parquet."""
+def _check(path: Path, table: pa.Table, first_row: int) -> None:
+    for column in ("id", "text"):
+        if column not in table.column_names:
+            raise InputError(f"{path}: no '{column}' column (records need 'id' and 'text')")
+    if table.num_rows and table.column("id").null_count:
+        row = pc.index(pc.is_null(table.column("id")), True).as_py()
+        raise InputError(f"{path}: record {first_row + row + 1} has no id")
+    text_type = table.schema.field("text").type
+    if table.num_rows and not (
+        pa.types.is_string(text_type) or pa.types.is_large_string(text_type) or
+        pa.types.is_null(text_type)
+    ):  # fmt: skip
+        raise InputError(f"{path}: column 'text' must hold strings, not {text_type}")
+
+
+def _jsonl_batches(path: Path, batch_rows: int) -> Iterator[pa.Table]:
+    """JSONL as tables of `batch_rows` records; later batches take the first one's columns,
+    and a record with a column the first batch lacked is an error naming its line."""
+    schema: pa.Schema | None = None
+    rows: list[dict[str, Any]] = []
+    lines: list[int] = []
+
+    def table() -> pa.Table:
+        nonlocal schema
+        try:
+            if schema is None:
+                t = pa.Table.from_pylist(rows)
+                schema = t.schema
+                return t
+            for lineno, row in zip(lines, rows, strict=True):
+                extra = set(row) - set(schema.names)
+                if extra:
+                    raise InputError(
+                        f"{path}:{lineno}: column(s) {sorted(extra)} not in the first "
+                        f"{batch_rows} records; give every record the same keys"
+                    )
+            return pa.Table.from_pylist(rows, schema=schema)
+        except (pa.ArrowException, TypeError) as e:
+            where = f"{path}:{lines[0]}-{lines[-1]}"
+            raise InputError(f"{where}: records have inconsistent column types ({e})") from None
+
+    for lineno, row in iter_jsonl(path, InputError):
+        rows.append(row)
+        lines.append(lineno)
+        if len(rows) == batch_rows:
+            yield table()
+            rows, lines = [], []
+    if rows or schema is None:
+        yield table() if rows else pa.table({"id": pa.array([], pa.string()),
+                                             "text": pa.array([], pa.string())})  # fmt: skip
+
+
+def _parquet_batches(files: list[Path], batch_rows: int) -> Iterator[pa.Table]:
+    for f in files:
+        try:
+            parquet = pq.ParquetFile(f)
+            for batch in parquet.iter_batches(batch_rows):
+                yield pa.Table.from_batches([batch])
+            if parquet.metadata.num_rows == 0:
+                yield parquet.schema_arrow.empty_table()
+        except (OSError, pa.ArrowException) as e:
+            raise InputError(f"{f}: unreadable Parquet ({e})") from None
+
+
+def iter_input(path: Path, batch_rows: int | None = None) -> Iterator[pa.Table]:
+    """Tables of at most `batch_rows` records with `id` and `text`, from a dataset version,
+    JSONL or Parquet, read as a stream (a corpus larger than memory is fine)."""
+    batch_rows = batch_rows or BATCH_ROWS
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or directory")
     if path.is_dir():
@@ -64,29 +127,18 @@ def read_input(path: Path) -> pa.Table:
             files = [path / s["path"] for s in manifest["shards"] if s.get("kind") == "text"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise InputError(f"{manifest_path}: corrupt manifest ({e})") from None
-        tables = [pq.read_table(f) for f in files]
-        table = pa.concat_tables(tables) if tables else pa.table({"id": [], "text": []})
+        batches = _parquet_batches(files, batch_rows)
     elif path.suffix in (".jsonl", ".ndjson", ".json"):
-        table = _read_jsonl(path)
+        batches = _jsonl_batches(path, batch_rows)
     elif path.suffix == ".parquet":
-        try:
-            table = pq.read_table(path)
-        except (OSError, pa.ArrowException) as e:
-            raise InputError(f"{path}: unreadable Parquet ({e})") from None
+        batches = _parquet_batches([path], batch_rows)
     else:
         raise InputError(f"{path}: expected a dataset directory, .jsonl or .parquet file")
-    for column in ("id", "text"):
-        if column not in table.column_names:
-            raise InputError(f"{path}: no '{column}' column (records need 'id' and 'text')")
-    if table.num_rows and table.column("id").null_count:
-        row = pc.index(pc.is_null(table.column("id")), True).as_py()
-        raise InputError(f"{path}: record {row + 1} has no id")
-    text_type = table.schema.field("text").type
-    if table.num_rows and not (
-        pa.types.is_string(text_type) or pa.types.is_large_string(text_type)
-    ):
-        raise InputError(f"{path}: column 'text' must hold strings, not {text_type}")
-    return table
+    row = 0
+    for table in batches:
+        _check(path, table, row)
+        row += table.num_rows
+        yield table
 
 
 def dedup(
@@ -109,13 +161,13 @@ def dedup(
         _dedup(input, out, against, commit_as, threshold)
     except (InputError, DedupIndexError, FileNotFoundError) as e:
         _fail(str(e))
+    except DuplicateIdError as e:
+        _fail(f"{input}: {e}")
 
 
 def _dedup(
     input: Path, out: Path, against: str | None, commit_as: str | None, threshold: float | None
 ) -> None:
-    from shards.writer import atomic_write_table
-
     if commit_as and not against:
         raise InputError("--commit-as needs --against INDEX")
     settings = DedupSettings(threshold=threshold, index="none")
@@ -127,41 +179,69 @@ def _dedup(
                 f"{against}: no dedup index here (create one with --commit-as RUN_ID)"
             )
         index = open_index_spec(against, settings)
-    table = read_input(input)
-    ids = [str(x) for x in table.column("id").to_pylist()]
-    seen: dict[str, int] = {}
-    for row, i in enumerate(ids):
-        if i in seen:
-            raise InputError(f"{input}: id {i!r} appears twice (records {seen[i] + 1}, {row + 1})")
-        seen[i] = row
-    texts = [t or "" for t in table.column("text").to_pylist()]
-    scores = (
-        table.column("quality_score").to_pylist() if "quality_score" in table.column_names else None
-    )
-    verdicts = find_duplicates(ids, texts, scores, settings, index)
-    keep = pa.array([v is None for v in verdicts], pa.bool_())
-    kept = table.filter(keep)
-    rejected = table.filter(pc.invert(keep))
-    for name in ("reason", "duplicate_of"):
-        if name in rejected.column_names:
-            rejected = rejected.drop_columns([name])
-    dropped = [v for v in verdicts if v is not None]
-    rejected = rejected.append_column(
-        "reason", pa.array([v.reason for v in dropped], pa.string())
-    ).append_column("duplicate_of", pa.array([v.duplicate_of for v in dropped], pa.string()))
+    verdicts = decide(lambda: iter_input(input), settings, index, work=out.parent)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_table(kept, out / "kept.parquet", root=out, kind="kept")
-    atomic_write_table(rejected, out / "rejected.parquet", root=out, kind="rejected")
-    counts = Counter(v.reason for v in dropped)
+    kept_rows, counts = 0, Counter[str]()
+    writers: dict[str, pq.ParquetWriter] = {}
+    tmps = {name: out / f".{name}.parquet.tmp-{os.getpid()}" for name in ("kept", "rejected")}
+    row = 0
+    try:
+        for table in iter_input(input):  # pass 3: write each batch with its verdicts
+            found = verdicts.batch(row, table.num_rows)
+            row += table.num_rows
+            keep = pa.array([v is None for v in found], pa.bool_())
+            kept = table.filter(keep)
+            rejected = table.filter(pc.invert(keep))
+            rejected = rejected.drop_columns(
+                [c for c in ("reason", "duplicate_of") if c in rejected.column_names]
+            )
+            dropped = [v for v in found if v is not None]
+            rejected = rejected.append_column(
+                "reason", pa.array([r for r, _ in dropped], pa.string())
+            ).append_column("duplicate_of", pa.array([d for _, d in dropped], pa.string()))
+            for name, part in (("kept", kept), ("rejected", rejected)):
+                if name not in writers:
+                    writers[name] = pq.ParquetWriter(tmps[name], part.schema, compression="zstd")
+                writers[name].write_table(part.cast(writers[name].schema))
+            kept_rows += kept.num_rows
+            counts.update(r for r, _ in dropped)
+        for name, writer in writers.items():
+            writer.close()
+            commit(tmps[name], out / f"{name}.parquet")
+    finally:
+        for tmp in tmps.values():
+            tmp.unlink(missing_ok=True)
     summary = ", ".join(f"{k} {n}" for k, n in sorted(counts.items())) or "no duplicates"
-    typer.echo(f"{len(ids)} records: kept {kept.num_rows}; {summary}", err=True)
+    typer.echo(f"{row} records: kept {kept_rows}; {summary}", err=True)
     if index is not None and commit_as:
-        kept_ids = [i for i, v in zip(ids, verdicts, strict=True) if v is None]
-        kept_texts = [t for t, v in zip(texts, verdicts, strict=True) if v is None]
-        entry_ids, sigs, exact = index_entries(kept_ids, kept_texts, settings)
-        added = index.add(commit_as, entry_ids, sigs, exact)
+        added = _commit_kept(input, verdicts, settings, index, commit_as)
         typer.echo(f"added {added} records to {against} as run {commit_as}", err=True)
     typer.echo(str(out))
+
+
+def _commit_kept(
+    input: Path, verdicts: StreamVerdicts, settings: DedupSettings, index: Any, run_id: str
+) -> int:
+    """Add the kept records to the index under `run_id` (one run: one segment)."""
+    ids: list[str] = []
+    sigs: list[Any] = []
+    exact: list[Any] = []
+    row = 0
+    for table in iter_input(input):
+        keep = [v is None for v in verdicts.batch(row, table.num_rows)]
+        row += table.num_rows
+        kept = table.filter(pa.array(keep, pa.bool_()))
+        i, s, e = index_entries(
+            [str(x) for x in kept.column("id").to_pylist()],
+            [t or "" for t in kept.column("text").to_pylist()],
+            settings,
+        )
+        ids += i
+        sigs.append(s)
+        exact.append(e)
+    all_sigs = np.concatenate(sigs) if sigs else np.zeros((0, settings.params.num_perm), "u4")
+    all_exact = np.concatenate(exact) if exact else np.zeros(0, np.uint64)
+    return int(index.add(run_id, ids, all_sigs, all_exact))
 
 
 @index_app.command("show")

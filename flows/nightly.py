@@ -275,56 +275,70 @@ def nightly(
     # A scheduled run's date is its scheduled time (a late start still plans its own night).
     started = flow_run.scheduled_start_time or datetime.now(UTC)
     run_seed = cfg.seed if cfg.seed is not None else seed_for(started.astimezone(UTC).date())
-    logger = get_run_logger()
     seeds, selection, key = load_topics(cfg, run_seed)
     sync_index(cfg)
     done = completed_version(cfg.output.dir, key)
     if done is not None:  # a retried night: the same config, seed and topics
-        sweep_abandoned(cfg.output.dir)  # releases it if the kill came before its release
-        if not (done / "report" / "report.md").exists():
-            render_report(done)
-        logger.info("nothing to do: %s has this config, seed and topics", done)
-        return str(done)
+        return str(already_done(cfg, done))
     run_id = start_run(cfg, key)
-    logger.info("run %s: %d topics, seed %d", run_id, len(seeds), run_seed)
+    get_run_logger().info("run %s: %d topics, seed %d", run_id, len(seeds), run_seed)
+    manifest = stream_chunks(cfg, run_id, seeds, run_seed, key, selection)
+    version_dir = cfg.output.dir / run_id
+    release_run_dir(version_dir)
+    after_run(cfg, version_dir, run_id)
+    get_run_logger().info("wrote %s: %d documents", version_dir, manifest["documents"])
+    return str(version_dir)
+
+
+def stream_chunks(
+    cfg: RunConfig, run_id: str, seeds: list[TopicSeed], seed: int, key: str,
+    selection: dict[str, Any],
+) -> dict[str, Any]:  # fmt: skip
+    """The run's chunks through generation and the filters, generation of one overlapping the
+    filtering of the one before; then the version, then the index commit."""
     index = open_index(cfg.dedup, cfg.output.dir)
     try:
         with (
             open_endpoints(cfg.generation, cfg.embedded) as endpoints,
-            StreamingRun(cfg, run_id, seeds, run_seed, index, key) as run,
+            StreamingRun(cfg, run_id, seeds, seed, index, key) as run,
         ):
+            artifact = cast(UUID, create_progress_artifact(0.0, description=f"run {run_id}"))
 
             def start(chunk: Chunk) -> Generating:
                 progress.emit("plan", total=run.rounds.planned)
                 budget = remaining(cfg.generation.budget, run.state.generation)
                 return Generating(chunk, endpoints, cfg, run_id, budget)
 
-            artifact = cast(UUID, create_progress_artifact(0.0, description=f"run {run_id}"))
-
             def finish(chunk: Chunk, report: GenerationReport) -> None:
                 process_chunk(run, chunk, report)
-                done = 100.0 * (chunk.number + 1) / max(1, run.rounds.next_chunk)
-                update_progress_artifact(artifact, done)
+                share = 100.0 * (chunk.number + 1) / max(1, run.rounds.next_chunk)
+                update_progress_artifact(artifact, share)
 
             if run.resumed:
-                logger.info("resuming run %s after its chunk %d", run_id, run.resumed)
+                get_run_logger().info("resuming run %s after chunk %d", run_id, run.resumed)
             run_rounds(
                 run.rounds, start, finish, run.tally, lambda: run.state.generation,
                 done=run.resumed, replay=run.replay,
             )  # fmt: skip
-            logger.info("fill: %s; still short: %s", run.rounds.stop, run.rounds.need or "-")
+            stop, need = run.rounds.stop, run.rounds.need
+            get_run_logger().info("fill: %s; still short: %s", stop, need or "-")
             manifest = write_dataset(run, selection)
             crash_point("index.commit")
             commit_index(run)
             crash_point("index.committed")
+            return manifest
     finally:
         if index is not None:
             index.close()
-    version_dir = cfg.output.dir / run_id
-    release_run_dir(version_dir)
-    after_run(cfg, version_dir, run_id)
-    logger.info("wrote %s: %d documents", version_dir, manifest["documents"])
-    return str(version_dir)
+
+
+def already_done(cfg: RunConfig, version: Path) -> Path:
+    """A rerun of a complete version: release it and write its report if a kill cut them."""
+    sweep_abandoned(cfg.output.dir)
+    if not (version / "report" / "report.md").exists():
+        render_report(version)
+    get_run_logger().info("nothing to do: %s has this config, seed and topics", version)
+    return version
 
 
 def start_run(cfg: RunConfig, key: str) -> str:

@@ -8,8 +8,10 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from typer.testing import CliRunner
 
+from flows import cli_dedup
 from flows.cli_dedup import app
 from schemas import Rejected
 from shards.dataset import write_version
@@ -143,3 +145,45 @@ def test_user_errors_exit_2_with_one_line(tmp_path: Path) -> None:
     )
     assert result.exit_code == 2 and "corrupt index manifest" in result.output
     assert (corrupt / "index.json").read_text() == "{"
+
+
+def test_dedup_streams_batches_with_the_in_memory_verdicts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Batches of 7 records: the same verdicts as the engine over the whole file, clusters
+    spanning batches, a later record with a better score kept over an earlier one."""
+    import random
+
+    from filters.dedup import DedupSettings, find_duplicates
+
+    rng = random.Random(5)
+    corpus = make_corpus(30, 0, words_per_doc=120, seed=9).texts
+    rows = []
+    for i in range(160):
+        base = corpus[rng.randrange(len(corpus))].split()
+        if rng.random() < 0.5:
+            base[rng.randrange(len(base))] = "zebra"  # a near duplicate
+        rows.append({"id": f"r{i}", "text": " ".join(base), "quality_score": rng.random()})
+    src = _jsonl(tmp_path / "big.jsonl", rows)
+    monkeypatch.setattr(cli_dedup, "BATCH_ROWS", 7)
+    result = runner.invoke(app, ["dedup", str(src), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    want = find_duplicates(
+        [r["id"] for r in rows], [r["text"] for r in rows], [r["quality_score"] for r in rows],
+        DedupSettings(),
+    )  # fmt: skip
+    kept = pq.read_table(tmp_path / "out" / "kept.parquet").column("id").to_pylist()
+    assert kept == [r["id"] for r, v in zip(rows, want, strict=True) if v is None]
+    rejected = pq.read_table(tmp_path / "out" / "rejected.parquet").to_pylist()
+    assert [(r["id"], r["reason"], r["duplicate_of"]) for r in rejected] == [
+        (r["id"], v.reason, v.duplicate_of) for r, v in zip(rows, want, strict=True) if v
+    ]
+    position = {r["id"]: i for i, r in enumerate(rows)}
+    assert any(position[r["duplicate_of"]] // 7 > position[r["id"]] // 7 for r in rejected)
+    assert {r["reason"] for r in rejected} == {"dedup_exact", "dedup_minhash"}
+
+    rows[20]["extra"] = 1  # a column the first batch did not have
+    bad = _jsonl(tmp_path / "bad.jsonl", rows)
+    failed = runner.invoke(app, ["dedup", str(bad), "--out", str(tmp_path / "bad")])
+    assert failed.exit_code == 2 and f"{bad}:21:" in failed.output and "extra" in failed.output
+    assert not (tmp_path / "bad" / "kept.parquet").exists()

@@ -123,13 +123,18 @@ class CandidateStore:
     def signatures(self, rows: np.ndarray) -> np.ndarray:
         return np.asarray(self._load("sigs", mmap=True)[rows])
 
-    def resolve(self, threshold: float) -> dict[int, int]:
+    def resolve(self, threshold: float, rows: np.ndarray | None = None) -> dict[int, int]:
         """Every dropped candidate row -> the row its cluster keeps (stream order breaks ties,
-        as the in-memory engine's input order does)."""
+        as the in-memory engine's input order does); only among `rows` when given."""
         if self.count < 2:
             return {}
         meta = self.meta()
-        rows = np.flatnonzero(meta["has_sig"] != 0)
+        eligible = meta["has_sig"] != 0
+        if rows is not None:
+            chosen = np.zeros(self.count, dtype=bool)
+            chosen[rows] = True
+            eligible &= chosen
+        rows = np.flatnonzero(eligible)
         pairs = candidate_pairs(self._load("bands")[rows])
         if pairs.size:
             pairs = rows[pairs]  # back to store rows
