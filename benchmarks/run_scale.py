@@ -42,6 +42,7 @@ import json
 import math
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import sys
@@ -110,9 +111,16 @@ class PeakRSS:
         return self.peak
 
 
-def booksmith_run(cfg_path: Path, env: dict[str, str]) -> tuple[Path, int, float]:
-    """(version directory, peak RSS of the process tree, wall seconds of the process)."""
-    started = time.perf_counter()
+def cpu_children() -> float:
+    """CPU seconds of every waited-for descendant so far (a run's workers included)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def booksmith_run(cfg_path: Path, env: dict[str, str]) -> tuple[Path, int, float, float]:
+    """(version directory, peak RSS of the process tree, wall seconds of the process, CPU
+    seconds of the process tree)."""
+    started, cpu0 = time.perf_counter(), cpu_children()
     proc = subprocess.Popen(
         [sys.executable, "-m", "flows.cli", "run", "--config", str(cfg_path)],
         stdout=subprocess.PIPE,
@@ -125,7 +133,8 @@ def booksmith_run(cfg_path: Path, env: dict[str, str]) -> tuple[Path, int, float
     peak = rss.stop()
     if proc.returncode != 0:
         raise SystemExit(f"booksmith run failed ({proc.returncode}):\n{stderr[-3000:]}")
-    return Path(stdout.strip().splitlines()[-1]), peak, time.perf_counter() - started
+    version = Path(stdout.strip().splitlines()[-1])
+    return version, peak, time.perf_counter() - started, cpu_children() - cpu0
 
 
 def generation_alone(cfg: dict[str, Any], cache_path: Path) -> float:
@@ -154,6 +163,16 @@ def generation_alone(cfg: dict[str, Any], cache_path: Path) -> float:
     return busy
 
 
+SERVER_PID: list[int] = []
+
+
+def server_cpu() -> float:
+    if not SERVER_PID:
+        return 0.0
+    times = psutil.Process(SERVER_PID[0]).cpu_times()
+    return float(times.user + times.system)
+
+
 def measure(
     n: int, chunk: int, concurrency: int, base_url: str, env: dict[str, str], tmp: Path
 ) -> dict[str, Any]:
@@ -163,11 +182,13 @@ def measure(
     alone_out = root / "alone"
     cfg = config(base_url, alone_out, n, chunk, concurrency)
     (alone_out / "_state").mkdir(parents=True)
+    server_cpu0, cpu0 = server_cpu(), time.process_time()
     gen_s = generation_alone(cfg, alone_out / "_state" / "responses.sqlite")
+    gen_cpu = time.process_time() - cpu0 + server_cpu() - server_cpu0
     # 2. the rest alone: the same run with every answer cached
     cfg_path = root / "alone.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
-    rest_version, rest_peak, _ = booksmith_run(cfg_path, env)
+    rest_version, rest_peak, _, rest_cpu = booksmith_run(cfg_path, env)
     rest = json.loads((rest_version / "manifest.json").read_text())
     assert rest["counts"]["generate"]["cached"] == n, rest["counts"]["generate"]
     shutil.rmtree(alone_out)
@@ -175,7 +196,9 @@ def measure(
     piped_out = root / "piped"
     cfg_path = root / "piped.yaml"
     cfg_path.write_text(yaml.safe_dump(config(base_url, piped_out, n, chunk, concurrency)))
-    version, peak, process_s = booksmith_run(cfg_path, env)
+    server_cpu0 = server_cpu()
+    version, peak, process_s, piped_cpu = booksmith_run(cfg_path, env)
+    piped_cpu += server_cpu() - server_cpu0
     manifest = json.loads((version / "manifest.json").read_text())
     verify = subprocess.run(
         [sys.executable, "-m", "flows.cli", "verify", str(version)],
@@ -193,6 +216,9 @@ def measure(
         "generate_alone_s": gen_s,
         "rest_alone_s": rest["counts"]["chunks"]["wall_s"],
         "busy_s": chunks["busy_s"],
+        # CPU seconds (the fake server's included with generation): on 2 cores the pipeline
+        # cannot take less than the sum over the cores
+        "cpu_s": {"generate_alone": gen_cpu, "rest_alone": rest_cpu, "pipeline": piped_cpu},
         "verified": True,
     }
     shutil.rmtree(piped_out)
@@ -209,7 +235,7 @@ def history(n: int, nights: int, chunk: int, concurrency: int, base_url: str,
         cfg["seed"] = 100 + night
         path = tmp / f"night{night}.yaml"
         path.write_text(yaml.safe_dump(cfg))
-        version, peak, _ = booksmith_run(path, env)
+        version, peak, _, _ = booksmith_run(path, env)
         manifest = json.loads((version / "manifest.json").read_text())
         peaks.append(peak / 2**20)
         index = out / "_state" / "minhash"
@@ -240,6 +266,8 @@ def main(argv: list[str] | None = None) -> None:
         tempfile.TemporaryDirectory() as tmp,
     ):
         env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()), "TERM": "dumb"}
+        assert server._proc is not None
+        SERVER_PID.append(server._proc.pid)
         if args.history:
             peaks = history(sizes[0], args.history, args.chunk, args.concurrency,
                             server.base_url, env, Path(tmp))  # fmt: skip
@@ -254,12 +282,13 @@ def main(argv: list[str] | None = None) -> None:
             r["ratio"] = slowest / r["pipeline_s"]
             results.append(r)
             busy = ", ".join(f"{k} {v:.1f}" for k, v in r["busy_s"].items())
+            cpu = ", ".join(f"{k} {v:.0f}" for k, v in r["cpu_s"].items())
             print(
                 f"n={n}: pipeline {n / r['pipeline_s']:.0f} docs/s ({r['pipeline_s']:.1f} s), "
                 f"generation alone {n / r['generate_alone_s']:.0f} docs/s, rest alone "
                 f"{n / r['rest_alone_s']:.0f} docs/s; ratio to slowest {r['ratio']:.2f}; "
                 f"peak RSS {r['peak_mb']:.0f} MB (all cached: {r['peak_rest_mb']:.0f} MB); "
-                f"kept {r['kept']}; busy s: {busy}",
+                f"kept {r['kept']}; busy s: {busy}; CPU s: {cpu}",
                 flush=True,
             )
     for a, b in itertools.pairwise(results):

@@ -24,6 +24,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 from datasketch import MinHash
 
 _WORD = re.compile(r"\w+")
@@ -37,15 +38,19 @@ def words(text: str) -> list[str]:
 
 
 def distinct_n(texts: Sequence[str], n: int) -> float:
-    # The n-grams' hashes, not the n-grams: a set of ints is a tenth of a set of tuples, and
-    # two distinct n-grams of one corpus share a 64-bit hash with negligible probability.
-    total, seen = 0, set()
+    # The n-grams' 64-bit hashes in one array, not a set of tuples: a tenth of the memory for
+    # a sample of thousands of documents; two distinct n-grams of one corpus share a hash with
+    # negligible probability.
+    parts: list[np.ndarray] = []
     for text in texts:
         w = words(text)
-        grams = [hash(tuple(w[i : i + n])) for i in range(len(w) - n + 1)]
-        total += len(grams)
-        seen.update(grams)
-    return len(seen) / total if total else 0.0
+        if len(w) >= n:
+            grams = (hash(tuple(w[i : i + n])) for i in range(len(w) - n + 1))
+            parts.append(np.fromiter(grams, dtype=np.int64, count=len(w) - n + 1))
+    if not parts:
+        return 0.0
+    hashes = np.concatenate(parts)
+    return len(np.unique(hashes)) / len(hashes)
 
 
 def openers(texts: Sequence[str], k: int = OPENER_WORDS) -> Counter[str]:

@@ -111,6 +111,7 @@ class StreamingRun:
             {"audience": list(axes.audiences), "style": list(axes.styles),
              "format": list(axes.formats)},
         )  # fmt: skip
+        t1 = time.perf_counter()
         self.version.write_tokens(
             cfg.output.encoding,
             [encoding_spec(e) for e in cfg.output.encodings],
@@ -143,7 +144,8 @@ class StreamingRun:
                 "busy_s": {
                     "generate": round(st.generation.elapsed_s, 3),
                     **{k: round(v, 3) for k, v in st.busy_s.items()},
-                    "write": round(time.perf_counter() - t0, 3),
+                    "final_pass": round(t1 - t0, 3),
+                    "tokens": round(time.perf_counter() - t1, 3),
                 },
                 "wall_s": round(time.perf_counter() - self.started, 3),
             },

@@ -42,6 +42,7 @@ from shards.writer import (
 )
 
 CARD = "README.md"
+ITER_ROWS = 2_000  # rows per batch when a shard is read back
 
 
 @cache
@@ -306,7 +307,9 @@ def shard_paths(manifest: dict[str, Any], kind: str, encoding: str | None = None
 def iter_texts(root: Path, manifest: dict[str, Any]) -> Iterator[tuple[str, str]]:
     """(id, text) of every kept document, streamed from the text shards in order."""
     for path in shard_paths(manifest, "text"):
-        for batch in pq.ParquetFile(root / path).iter_batches(columns=["id", "text"]):
+        # Batches of the rows a row group holds, not pyarrow's default 65,536 (a whole shard).
+        batches = pq.ParquetFile(root / path).iter_batches(ITER_ROWS, columns=["id", "text"])
+        for batch in batches:
             yield from zip(batch.column(0).to_pylist(), batch.column(1).to_pylist(), strict=True)
 
 
