@@ -23,10 +23,12 @@ from schemas import Document, Rejected, arrow_schema
 from schemas.arrow import to_table
 from schemas.jsonl import iter_jsonl
 from schemas.records import sha256_hex
-from shards.writer import atomic_write_bytes, atomic_write_table
+from shards.dataset import SingleFileWriter
+from shards.writer import atomic_write_bytes, commit, tmp_name
 
 _JSONL = (".jsonl", ".json", ".ndjson")
 _PARQUET = (".parquet", ".pq")
+BATCH_DOCS = 5_000  # documents a streamed read holds at once
 
 
 def _rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -37,11 +39,14 @@ def _rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
             yield f"{path}:{lineno}", row
     elif suffix in _PARQUET:
         try:
-            table = pq.read_table(path)
+            batches = pq.ParquetFile(path).iter_batches(BATCH_DOCS)
+            i = 0
+            for batch in batches:
+                for row in batch.to_pylist():
+                    yield f"{path}:row {i}", row
+                    i += 1
         except (pa.ArrowInvalid, OSError) as e:
             raise FilterError(f"{path}: cannot read as Parquet: {e}") from None
-        for i, row in enumerate(table.to_pylist()):
-            yield f"{path}:row {i}", row
     else:
         raise FilterError(f"{path}: unknown input format (use .jsonl or .parquet)")
 
@@ -82,20 +87,41 @@ def _document(where: str, row: dict[str, Any]) -> Document:
 
 def read_documents(path: Path, encoding: str = "cl100k_base") -> list[Document]:
     """Documents of a dataset version (its text shards) or of a JSONL/Parquet file."""
+    return [d for batch in iter_documents(path, encoding) for d in batch]
+
+
+def iter_documents(
+    path: Path, encoding: str = "cl100k_base", batch_docs: int | None = None
+) -> Iterator[list[Document]]:
+    """`read_documents` as a stream of lists of at most `batch_docs` documents: a corpus larger
+    than memory is read a batch at a time."""
     from shards.encodings import count_tokens
     from shards.version import is_dataset
 
+    size = batch_docs or BATCH_DOCS
     if path.is_dir():
         if not is_dataset(path):
             raise FilterError(f"{path}: a directory without manifest.json is not a dataset")
-        docs = []
         for shard in sorted((path / "text").glob("part-*.parquet")):
-            for row in pq.read_table(shard, schema=arrow_schema(Document)).to_pylist():
-                docs.append(Document.model_validate(row))
-        return docs
+            parquet = pq.ParquetFile(shard)
+            for record_batch in parquet.iter_batches(size):
+                table = pa.Table.from_batches([record_batch]).cast(arrow_schema(Document))
+                yield [Document.model_validate(row) for row in table.to_pylist()]
+        return
     if not path.is_file():
         raise FilterError(f"{path}: input not found")
-    docs = [_document(where, row) for where, row in _rows(path)]
+    batch: list[Document] = []
+    for where, row in _rows(path):
+        batch.append(_document(where, row))
+        if len(batch) == size:
+            yield _counted(batch, encoding, count_tokens)
+            batch = []
+    if batch:
+        yield _counted(batch, encoding, count_tokens)
+
+
+def _counted(docs: list[Document], encoding: str, count_tokens: Any) -> list[Document]:
+    """Token counts for documents whose file gave none."""
     missing = [i for i, d in enumerate(docs) if d.n_tokens < 0]
     if missing:
         counts = count_tokens([docs[i].text for i in missing], encoding)
@@ -136,18 +162,78 @@ def rejected_table(result: DetailedChainResult) -> pa.Table:
 
 def write_outputs(out: Path, result: DetailedChainResult) -> dict[str, Any]:
     """DIR/kept.parquet, DIR/rejected.parquet and DIR/counts.json; returns the counts."""
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_table(to_table(result.kept, Document), out / "kept.parquet", root=out, kind="kept")
-    atomic_write_table(rejected_table(result), out / "rejected.parquet", root=out, kind="rejected")
-    by_reason: dict[str, int] = {}
-    for r in result.rejected:
-        by_reason[r.reason] = by_reason.get(r.reason, 0) + 1
-    counts = {
-        "input": len(result.kept) + len(result.rejected),
-        "kept": len(result.kept),
-        "rejected": len(result.rejected),
-        "by_reason": dict(sorted(by_reason.items())),
-        "per_filter": result.counts,
-    }
-    atomic_write_bytes(out / "counts.json", json.dumps(counts, indent=2).encode())
-    return counts
+    with OutputWriter(out) as writer:
+        writer.add(result)
+        return writer.close()
+
+
+class OutputWriter:
+    """DIR/kept.parquet and DIR/rejected.parquet written batch by batch (temporary names until
+    `close`), then DIR/counts.json with the counts summed over the batches."""
+
+    def __init__(self, out: Path) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        self.out = out
+        self.kept = SingleFileWriter(out, "kept.parquet", Document, kind="kept")
+        self.rejected: pq.ParquetWriter | None = None
+        self.rejected_tmp = tmp_name(out / "rejected.parquet")
+        self.by_reason: dict[str, int] = {}
+        self.per_filter: dict[str, dict[str, int]] = {}
+        self.n_kept = self.n_rejected = 0
+
+    def add(self, result: DetailedChainResult, docs: list[Document] | None = None) -> None:
+        """One batch's result; with the batch's `docs`, rejections are written in input order
+        (else filter by filter), so the output does not depend on the batch size."""
+        if docs is not None:
+            position: dict[str, int] = {}
+            for i, d in enumerate(docs):
+                position.setdefault(d.id, i)
+            order = sorted(
+                range(len(result.rejected)), key=lambda k: position[result.rejected[k].id]
+            )
+            result = DetailedChainResult(
+                kept=result.kept,
+                rejected=[result.rejected[k] for k in order],
+                counts=result.counts,
+                details=[result.details[k] for k in order] if result.details else [],
+            )
+        self.kept.write(result.kept)
+        table = rejected_table(result)
+        if self.rejected is None:
+            self.rejected = pq.ParquetWriter(self.rejected_tmp, table.schema, compression="zstd")
+        self.rejected.write_table(table)
+        self.n_kept += len(result.kept)
+        self.n_rejected += len(result.rejected)
+        for r in result.rejected:
+            self.by_reason[r.reason] = self.by_reason.get(r.reason, 0) + 1
+        for name, counts in result.counts.items():
+            mine = self.per_filter.setdefault(name, {})
+            for key, n in counts.items():
+                mine[key] = mine.get(key, 0) + n
+
+    def close(self) -> dict[str, Any]:
+        if self.rejected is None:
+            self.add(DetailedChainResult(kept=[], rejected=[], counts={}))
+        assert self.rejected is not None
+        self.kept.close()
+        self.rejected.close()
+        commit(self.rejected_tmp, self.out / "rejected.parquet")
+        counts = {
+            "input": self.n_kept + self.n_rejected,
+            "kept": self.n_kept,
+            "rejected": self.n_rejected,
+            "by_reason": dict(sorted(self.by_reason.items())),
+            "per_filter": self.per_filter,
+        }
+        atomic_write_bytes(self.out / "counts.json", json.dumps(counts, indent=2).encode())
+        return counts
+
+    def __enter__(self) -> OutputWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        if exc_type is not None:
+            self.kept.abort()
+            if self.rejected is not None:
+                self.rejected.close()
+            self.rejected_tmp.unlink(missing_ok=True)

@@ -269,7 +269,7 @@ def filter_command(
 ) -> None:
     """Run the quality filter chain alone and write kept and rejected records with reasons."""
     from filters.chain import build_chain
-    from filters.records_io import read_documents, write_outputs
+    from filters.records_io import OutputWriter, iter_documents
     from filters.scored import run_detailed
     from shards.version import is_dataset, state_dir
 
@@ -294,9 +294,10 @@ def filter_command(
         # A trained model is picked up from a dataset version's _state only.
         state = state_dir(input.parent) if input.is_dir() and is_dataset(input) else None
         chain = build_chain(fs, state=state)
-        docs = read_documents(input, cfg.output.encoding)
-        result = run_detailed(docs, chain)
-        counts = write_outputs(out, result)
+        with OutputWriter(out) as writer:  # a batch of documents at a time
+            for docs in iter_documents(input, cfg.output.encoding):
+                writer.add(run_detailed(docs, chain), docs)
+            counts = writer.close()
     except _user_errors() as e:
         _fail(str(e))
         return

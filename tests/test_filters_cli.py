@@ -204,3 +204,35 @@ def test_retrain_schedule(tmp_path: Path) -> None:
     now = datetime.now(UTC)
     assert not cli_quality.retrain_due(tmp_path, 7, now=now + timedelta(days=6))
     assert cli_quality.retrain_due(tmp_path, 7, now=now + timedelta(days=7, minutes=1))
+
+
+def test_filter_streams_in_batches_with_the_same_output(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Batches of 3 documents give the files one batch gives: kept and rejected rows in input
+    order, counts summed over the batches."""
+    from filters import records_io
+
+    junk = "Buy cheap followers now! Click here, free shipping, limited offer, sign up. " * 12
+    texts = [TEXTBOOK, "", junk, TEXTBOOK.replace("plant", "tree"), "   ", junk + " again"]
+    rows = [{"id": f"d{i}", "text": texts[i % len(texts)] + ("" if i < 6 else f" v{i}")}
+            for i in range(14)]  # fmt: skip
+    rows[9]["finish_reason"] = "length"
+    src = _jsonl(tmp_path / "in.jsonl", rows)
+
+    def run(out: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
+        result = runner.invoke(app, ["filter", str(src), "--out", str(out), "--no-langid"])
+        assert result.exit_code == 0, result.output
+        tables = [pq.read_table(out / f"{k}.parquet").drop_columns(["created_at"]).to_pylist()
+                  for k in ("kept", "rejected")]  # fmt: skip
+        return tables[0], tables[1], json.loads((out / "counts.json").read_text())
+
+    whole = run(tmp_path / "whole")
+    monkeypatch.setattr(records_io, "BATCH_DOCS", 3)
+    batched = run(tmp_path / "batched")
+    assert batched == whole
+    kept, rejected, counts = whole
+    assert kept and rejected and counts["input"] == 14 == len(kept) + len(rejected)
+    order = [r["id"] for r in rows]
+    assert [r["id"] for r in rejected] == [i for i in order if i in {r["id"] for r in rejected}]
+    assert counts["per_filter"]["empty"]["input"] == 14
