@@ -50,10 +50,9 @@ def test_nightly_runs_through_prefect_redis_and_s3(tmp_path: Path, write_config)
         cfg = fake_backend_config(llm.base_url, out)
         cfg["dedup"] = {"index": "redis", "redis_url": redis_url, "redis_basename": "nightly"}
         cfg["export"] = {"to": "s3://booksmith/nightly"}
-        config = write_config(cfg)
         env = {**os.environ, **aws, "PREFECT_API_URL": api}
 
-        def run() -> Path:
+        def run(config: Path) -> Path:
             result = subprocess.run(
                 [sys.executable, "-m", "flows.cli", "run", "--config", str(config)],
                 cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
@@ -61,8 +60,12 @@ def test_nightly_runs_through_prefect_redis_and_s3(tmp_path: Path, write_config)
             assert result.returncode == 0, result.stderr[-3000:]
             return Path(result.stdout.strip().splitlines()[-1])
 
-        first = run()
-        second = run()  # the same plan again: every document is already in the Redis index
+        first = run(write_config(cfg))
+        # The same plan again under another config (the same config and seed would be a no-op
+        # naming the first version): every document is already in the Redis index.
+        cfg["output"]["shard_rows"] = 1000
+        second = run(write_config(cfg, "second.yaml"))
+        assert second != first
 
         # the runs are on this Prefect server
         assert sorted(asyncio.run(_flow_runs(api))) == [("booksmith-nightly", "COMPLETED")] * 2
