@@ -16,11 +16,10 @@ from prefect.cache_policies import NO_CACHE
 
 from generation.backends import open_endpoint
 from generation.cache import ResponseCache
-from generation.client import GenerationClient
+from generation.clients import make_client
 from generation.topics import ExpansionReport, TopicExpander, TopicNode, write_topic_file
 from schemas import GenerationRequest, GenerationResult
 from schemas.config import RunConfig, load_config
-from shards.encodings import get_encoding
 from shards.version import state_dir
 
 # The JSON schema sent as structured output where the endpoint supports it.
@@ -44,17 +43,10 @@ def expand(
     roots: list[str], depth: int, breadth: int, cfg: RunConfig, existing: list[str]
 ) -> tuple[list[TopicNode], ExpansionReport]:
     cache = ResponseCache(state_dir(cfg.output.dir) / "responses.sqlite")
-    encoding = get_encoding(cfg.output.encoding)
     try:
         with open_endpoint(cfg.generation, cfg.embedded) as endpoint:
-            client = GenerationClient(
-                endpoint,
-                cache=cache,
-                run_id="topics",
-                prices=cfg.generation.prices,
-                budget=cfg.generation.budget,
-                token_counter=lambda text: len(encoding.encode_ordinary(text)),
-            )
+            # Expansion answers at once: the live client even when nightly runs use batches.
+            client = make_client(cfg, endpoint, cache=cache, run_id="topics", batch=False)
 
             async def complete(
                 requests: Sequence[GenerationRequest],

@@ -34,9 +34,9 @@ from flows.export import export_version
 from flows.report import render_report
 from generation import progress
 from generation.backends import open_endpoints
-from generation.batch import BatchGenerationClient
 from generation.cache import ResponseCache
-from generation.client import Endpoint, GenerationClient, GenerationReport
+from generation.client import Endpoint, GenerationReport
+from generation.clients import make_client
 from generation.coverage import select_topics
 from generation.plan import plan_for
 from generation.scaleout import assign, merge_reports, partition, share_budget
@@ -48,7 +48,6 @@ from pipeline.run import StreamingRun, completed_version, resumable_run
 from schemas import GenerationRequest, GenerationResult, TopicSeed
 from schemas.config import Budget, RunConfig, load_config
 from schemas.crashpoints import crash_point
-from shards.encodings import get_encoding
 from shards.version import claim_run_dir, release_run_dir, state_dir, sweep_abandoned
 
 
@@ -100,38 +99,15 @@ def generate(
 ) -> GenerationReport:
     """One partition of one chunk against one endpoint (a chunk has one partition unless
     `generation.partitions` or several endpoints ask for more)."""
-    gen = cfg.generation
     cache = ResponseCache(state_dir(cfg.output.dir) / "responses.sqlite")
-    encoding = get_encoding(cfg.output.encoding)
 
     def on_result(result: GenerationResult, report: GenerationReport) -> None:
         progress.emit("generation", result=result, report=report, part=part)
 
-    common: dict[str, Any] = {
-        "cache": cache,
-        "run_id": run_id,
-        "budget": budget,
-        "retry_failed": gen.retry_failed,
-        "on_result": on_result,
-        "token_counter": lambda text: len(encoding.encode_ordinary(text)),
-    }
     try:
-        client: GenerationClient | BatchGenerationClient
-        if gen.backend == "batch":
-            b = gen.batch
-            client = BatchGenerationClient(
-                endpoint,
-                state_dir=b.state_dir or state_dir(cfg.output.dir) / "batches",
-                prices={m: p.scaled(b.price_factor) for m, p in gen.prices.items()},
-                poll_interval_s=b.poll_interval_s,
-                completion_window=b.completion_window,
-                max_requests_per_file=b.max_requests_per_file,
-                max_bytes_per_file=b.max_bytes_per_file,
-                keep_files=b.keep_files,
-                **common,
-            )
-        else:
-            client = GenerationClient(endpoint, prices=gen.prices, **common)
+        client = make_client(
+            cfg, endpoint, cache=cache, run_id=run_id, budget=budget, on_result=on_result
+        )
         return asyncio.run(client.run(plan))
     finally:
         cache.close()

@@ -1,0 +1,53 @@
+"""One call that builds the generation client a config asks for (the nightly run, topic
+expansion): the live OpenAI-compatible client or the Batch API client, with the run's cache,
+prices, budget and token counter."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from generation.batch import BatchGenerationClient
+from generation.cache import ResponseCache
+from generation.client import Endpoint, GenerationClient
+from schemas import GenerationResult
+from schemas.config import Budget, RunConfig
+from shards.encodings import get_encoding
+from shards.version import state_dir
+
+
+def make_client(
+    cfg: RunConfig,
+    endpoint: Endpoint,
+    *,
+    cache: ResponseCache,
+    run_id: str,
+    budget: Budget | None = None,
+    on_result: Callable[[GenerationResult, Any], None] | None = None,
+    batch: bool | None = None,
+) -> GenerationClient | BatchGenerationClient:
+    """`batch`: None follows `generation.backend`; False forces the live client."""
+    gen = cfg.generation
+    encoding = get_encoding(cfg.output.encoding)
+    common: dict[str, Any] = {
+        "cache": cache,
+        "run_id": run_id,
+        "budget": budget if budget is not None else gen.budget,
+        "retry_failed": gen.retry_failed,
+        "on_result": on_result,
+        "token_counter": lambda text: len(encoding.encode_ordinary(text)),
+    }
+    if batch if batch is not None else gen.backend == "batch":
+        b = gen.batch
+        return BatchGenerationClient(
+            endpoint,
+            state_dir=b.state_dir or state_dir(cfg.output.dir) / "batches",
+            prices={m: p.scaled(b.price_factor) for m, p in gen.prices.items()},
+            poll_interval_s=b.poll_interval_s,
+            completion_window=b.completion_window,
+            max_requests_per_file=b.max_requests_per_file,
+            max_bytes_per_file=b.max_bytes_per_file,
+            keep_files=b.keep_files,
+            **common,
+        )
+    return GenerationClient(endpoint, prices=gen.prices, **common)
