@@ -228,7 +228,7 @@ class FileIndex:
                     "sig": pa.FixedSizeBinaryArray.from_buffers(
                         pa.binary(4 * self.params.num_perm),
                         len(ids),
-                        [None, pa.py_buffer(np.ascontiguousarray(sigs, dtype="<u4").tobytes())],
+                        [None, pa.py_buffer(np.ascontiguousarray(sigs, dtype="<u4"))],
                     ),
                 },
                 schema=_schema(self.params.num_perm),

@@ -35,6 +35,7 @@ from filters.dedup.lsh import band_keys, pair_jaccard
 from filters.dedup.minhash import MinHashParams
 
 TABLES = ("sigs", "bands", "border", "exact", "eorder", "ids")
+BLOCK_ROWS = 8192
 
 
 def _row_dtype(n: int) -> type[np.unsignedinteger]:
@@ -51,9 +52,19 @@ def build(table: pa.Table, target: Path, params: MinHashParams, sha256: str) -> 
         sigs = data[start : start + n * num_perm].reshape(n, num_perm)
     else:
         sigs = np.zeros((0, num_perm), dtype=np.uint32)
-    keys = band_keys(sigs, params.bands, params.rows) if n else np.zeros((0, params.bands), "u8")
-    border = np.argsort(keys, axis=0, kind="stable").T.astype(_row_dtype(n))
-    bands = np.take_along_axis(keys, border.T.astype(np.int64), axis=0).T
+    # Band keys a block of rows at a time (band_keys widens the block's signatures to 64 bits:
+    # 900 bytes a row), then each band sorted on its own: memory stays near the keys' size.
+    keys = np.empty((n, params.bands), dtype=np.uint64)
+    for start in range(0, n, BLOCK_ROWS):
+        block = sigs[start : start + BLOCK_ROWS]
+        keys[start : start + len(block)] = band_keys(block, params.bands, params.rows)
+    border = np.empty((params.bands, n), dtype=_row_dtype(n))
+    bands = np.empty((params.bands, n), dtype=np.uint64)
+    for b in range(params.bands):
+        order = np.argsort(keys[:, b], kind="stable")
+        border[b] = order
+        bands[b] = keys[order, b]
+    del keys
     exact = table.column("exact").to_numpy()
     eorder = np.argsort(exact, kind="stable").astype(_row_dtype(n))
     ids = [str(i).encode("utf-8") for i in table.column("id").to_pylist()]
