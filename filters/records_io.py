@@ -95,7 +95,6 @@ def iter_documents(
 ) -> Iterator[list[Document]]:
     """`read_documents` as a stream of lists of at most `batch_docs` documents: a corpus larger
     than memory is read a batch at a time."""
-    from shards.encodings import count_tokens
     from shards.version import is_dataset
 
     size = batch_docs or BATCH_DOCS
@@ -114,14 +113,16 @@ def iter_documents(
     for where, row in _rows(path):
         batch.append(_document(where, row))
         if len(batch) == size:
-            yield _counted(batch, encoding, count_tokens)
+            yield _counted(batch, encoding)
             batch = []
     if batch:
-        yield _counted(batch, encoding, count_tokens)
+        yield _counted(batch, encoding)
 
 
-def _counted(docs: list[Document], encoding: str, count_tokens: Any) -> list[Document]:
+def _counted(docs: list[Document], encoding: str) -> list[Document]:
     """Token counts for documents whose file gave none."""
+    from shards.encodings import count_tokens
+
     missing = [i for i, d in enumerate(docs) if d.n_tokens < 0]
     if missing:
         counts = count_tokens([docs[i].text for i in missing], encoding)

@@ -95,7 +95,6 @@ class RunState:
         self.exact_counts: Counter[str] = Counter({"input": 0, "kept": 0})
         self.near_counts: Counter[str] = Counter({"input": 0, "index": 0})
         self.chunks = 0
-        self.documents = 0
         self.busy_s: Counter[str] = Counter()  # seconds spent in each stage, over all chunks
         self.exact_file = work / "exact.bin"  # ExactStage.seen as appended (key, id) rows
         self.exact_file.touch()
@@ -131,7 +130,7 @@ class RunState:
     def restore(self, cp: Checkpoint) -> None:
         """Back to the state after the checkpoint's last chunk; rows appended after it (a
         chunk cut short by the kill) are cut off."""
-        self.chunks = self.documents = cp.chunks
+        self.chunks = cp.chunks
         self.store.truncate(cp.store_rows)
         with open(self.exact_file, "r+b") as f:
             f.truncate(cp.exact_rows * EXACT_ROW.itemsize)
@@ -199,7 +198,6 @@ class ChunkPipeline:
         self._spill(chunk.number, docs, rejected, near.kept)
         seconds["spill"] = t() - t0
         st.chunks = chunk.number + 1
-        st.documents += len(docs)
         st.busy_s.update(seconds)
         return ChunkStats(
             chunk.number, len(chunk.plan), len(docs), len(failures), len(rejected),

@@ -52,6 +52,9 @@ class CandidateStore:
         for path, _, _ in self._files.values():
             path.touch()
         self.count = self._rows("meta")
+        # The last decision and what it was decided over: the fill account asks after every
+        # round and the final pass after the last, over the same rows.
+        self._resolved: tuple[tuple[int, float], dict[int, int]] | None = None
 
     def _rows(self, name: str) -> int:
         path, dtype, width = self._files[name]
@@ -101,6 +104,7 @@ class CandidateStore:
             with open(path, "r+b") as f:
                 f.truncate(n * dtype.itemsize * width)
         self.count = n
+        self._resolved = None
 
     def _load(self, name: str, mmap: bool = False) -> np.ndarray:
         path, dtype, width = self._files[name]
@@ -128,6 +132,18 @@ class CandidateStore:
         as the in-memory engine's input order does); only among `rows` when given."""
         if self.count < 2:
             return {}
+        if (
+            rows is None
+            and self._resolved is not None
+            and self._resolved[0] == (self.count, threshold)
+        ):
+            return self._resolved[1]
+        dropped = self._resolve(threshold, rows)
+        if rows is None:
+            self._resolved = ((self.count, threshold), dropped)
+        return dropped
+
+    def _resolve(self, threshold: float, rows: np.ndarray | None) -> dict[int, int]:
         meta = self.meta()
         eligible = meta["has_sig"] != 0
         if rows is not None:

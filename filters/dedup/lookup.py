@@ -29,7 +29,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from filters.dedup.lsh import band_keys, pair_jaccard
 from filters.dedup.minhash import MinHashParams
@@ -154,7 +153,3 @@ class SegmentLookup:
         est = pair_jaccard(sigs, pairs[:, 0], self.sigs, pairs[:, 1])
         ok = est >= threshold
         return pairs[ok, 0], pairs[ok, 1], est[ok]
-
-
-def read_segment(path: Path) -> pa.Table:
-    return pq.read_table(path)
