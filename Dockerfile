@@ -60,13 +60,14 @@ print("\n".join(p["dependencies"] + p["optional-dependencies"]["embedded"]))' > 
  && rm /tmp/requirements.txt
 
 # The project itself, editable: deployments' entrypoints (flows/nightly.py:nightly in
-# prefect.yaml) resolve against /app, the worker's working directory, and so do the imports.
+# prefect.yaml) resolve against /app, the worker's working directory; their imports go through the
+# one `booksmith` root the editable install maps onto /app's folders.
 # Then the bundled Q4_1 model is re-quantized to Q8_0 once, at build time (a local conversion, no
 # download): the worker's embedded backend and the `llamacpp` service's default model use it.
 # The mount points belong to the runtime user: Docker copies that ownership into a new volume.
 COPY . .
 RUN pip install --no-deps -e ".[embedded]" \
- && python -m generation.embedded.model --prepare \
+ && python -m booksmith.generation.embedded.model --prepare \
  && useradd --create-home --uid 1000 booksmith \
  && mkdir -p /data /models /opt/booksmith/prefect-ui \
  && chown -R booksmith:booksmith /data /models /opt/booksmith

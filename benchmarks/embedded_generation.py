@@ -53,9 +53,9 @@ async def _booksmith_requests(
     """booksmith's own generation stage (GenerationClient: cache, limits, accounting on)."""
     import tempfile
 
-    from generation.cache import ResponseCache
-    from generation.client import Endpoint, GenerationClient
-    from schemas import GenerationRequest, Sampling
+    from booksmith.generation.cache import ResponseCache
+    from booksmith.generation.client import Endpoint, GenerationClient
+    from booksmith.schemas import GenerationRequest, Sampling
 
     requests = [
         GenerationRequest.build(
@@ -78,7 +78,7 @@ async def _booksmith_requests(
 
 
 def run_booksmith(texts: list[str], concurrency: int, max_tokens: int, threads: int) -> Figure:
-    from generation.embedded import EmbeddedServer
+    from booksmith.generation.embedded import EmbeddedServer
 
     with EmbeddedServer(n_parallel=concurrency, n_threads=threads) as server:
         return asyncio.run(
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
 
-    from generation.embedded import bundled_gguf
+    from booksmith.generation.embedded import bundled_gguf
 
     texts = prompts(args.requests)
     print(

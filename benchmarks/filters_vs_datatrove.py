@@ -44,16 +44,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from filters.benchmarks import BenchmarkItem, load_benchmark
-from filters.chain import build_chain
-from filters.decontam import BenchmarkIndex
-from filters.fasttext_model import bundled_lid176
-from filters.quality import train
-from filters.records_io import read_labelled
-from filters.scored import run_detailed
-from filters.settings import FilterSettings
-from schemas import Document
-from schemas.records import sha256_hex
+from booksmith.filters.benchmarks import BenchmarkItem, load_benchmark
+from booksmith.filters.chain import build_chain
+from booksmith.filters.decontam import BenchmarkIndex
+from booksmith.filters.fasttext_model import bundled_lid176
+from booksmith.filters.quality import train
+from booksmith.filters.records_io import read_labelled
+from booksmith.filters.scored import run_detailed
+from booksmith.filters.settings import FilterSettings
+from booksmith.schemas import Document
+from booksmith.schemas.records import sha256_hex
 from tests.fakeserver import completion_text
 
 FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
@@ -203,7 +203,7 @@ def main() -> None:
     parser.add_argument("--bench-items", type=int, default=5_000)
     args = parser.parse_args()
 
-    from shards.encodings import count_tokens
+    from booksmith.shards.encodings import count_tokens
 
     corpus, kinds = make_corpus(args.docs)
     docs = to_documents(corpus, count_tokens([t for _, t in corpus]))

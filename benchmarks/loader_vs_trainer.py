@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from trainer.config import CONFIG_DIR, load_train_config
-from trainer.data import TokenWindows, collate, open_source
-from trainer.model import ModelConfig, Phi, padded_vocab
-from trainer.synthetic import write_token_dataset
+from booksmith.trainer.config import CONFIG_DIR, load_train_config
+from booksmith.trainer.data import TokenWindows, collate, open_source
+from booksmith.trainer.model import ModelConfig, Phi, padded_vocab
+from booksmith.trainer.synthetic import write_token_dataset
 
 
 def loader_rate(data: Path, seq_len: int, batch: int, batches: int) -> float:

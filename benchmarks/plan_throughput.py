@@ -28,11 +28,11 @@ import time
 import tracemalloc
 from pathlib import Path
 
-from generation.plan import build_plan
-from generation.seeds import load_seeds
-from prompts import PromptLibrary
-from schemas import GenerationRequest, Sampling, TopicSeed
-from schemas.arrow import to_table
+from booksmith.generation.plan import build_plan
+from booksmith.generation.seeds import load_seeds
+from booksmith.prompts import PromptLibrary
+from booksmith.schemas import GenerationRequest, Sampling, TopicSeed
+from booksmith.schemas.arrow import to_table
 
 WIDE_SAMPLES = 50
 
@@ -90,7 +90,7 @@ def render_each_rate(plan: list[GenerationRequest], seeds: list[TopicSeed], n: i
 
 def write_seconds(plan: list[GenerationRequest]) -> float:
     """plan.parquet as the dataset writes it: records to Arrow, then ZSTD Parquet, sha256."""
-    from shards.writer import atomic_write_table
+    from booksmith.shards.writer import atomic_write_table
 
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()

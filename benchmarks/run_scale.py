@@ -122,7 +122,7 @@ def booksmith_run(cfg_path: Path, env: dict[str, str]) -> tuple[Path, int, float
     seconds of the process tree)."""
     started, cpu0 = time.perf_counter(), cpu_children()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "run", "--config", str(cfg_path)],
+        [sys.executable, "-m", "booksmith", "run", "--config", str(cfg_path)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -139,13 +139,13 @@ def booksmith_run(cfg_path: Path, env: dict[str, str]) -> tuple[Path, int, float
 
 def generation_alone(cfg: dict[str, Any], cache_path: Path) -> float:
     """Seconds for the run's generation stage alone (same plan, chunks and concurrency)."""
-    from generation.backends import open_endpoints
-    from generation.cache import ResponseCache
-    from generation.client import GenerationClient
-    from generation.coverage import select_topics
-    from generation.seeds import load_seeds
-    from pipeline.rounds import Rounds
-    from schemas.config import RunConfig
+    from booksmith.generation.backends import open_endpoints
+    from booksmith.generation.cache import ResponseCache
+    from booksmith.generation.client import GenerationClient
+    from booksmith.generation.coverage import select_topics
+    from booksmith.generation.seeds import load_seeds
+    from booksmith.pipeline.rounds import Rounds
+    from booksmith.schemas.config import RunConfig
 
     run_cfg = RunConfig.model_validate(cfg)
     seeds, _ = select_topics(load_seeds(run_cfg.topics), run_cfg.plan, run_cfg.output.dir)
@@ -201,7 +201,7 @@ def measure(
     piped_cpu += server_cpu() - server_cpu0
     manifest = json.loads((version / "manifest.json").read_text())
     verify = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "verify", str(version)],
+        [sys.executable, "-m", "booksmith", "verify", str(version)],
         capture_output=True, text=True, env=env,
     )  # fmt: skip
     assert verify.returncode == 0, verify.stdout + verify.stderr

@@ -20,8 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from shards.encodings import get_encoding
-from shards.tokens import write_token_shards
+from booksmith.shards.encodings import get_encoding
+from booksmith.shards.tokens import write_token_shards
 
 
 def make_texts(total_bytes: int, doc_bytes: int = 4_000) -> list[str]:

@@ -24,8 +24,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from trainer.config import CONFIG_DIR, load_train_config
-from trainer.train import train
+from booksmith.trainer.config import CONFIG_DIR, load_train_config
+from booksmith.trainer.train import train
 
 VOCAB, EOT = 50257, 50256
 

@@ -25,8 +25,8 @@ import torch
 def build(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.nn.Module]:
     from transformers import PhiConfig, PhiForCausalLM
 
-    from trainer.export import from_hf_state_dict, hf_config
-    from trainer.model import ModelConfig
+    from booksmith.trainer.export import from_hf_state_dict, hf_config
+    from booksmith.trainer.model import ModelConfig
 
     cfg = ModelConfig(
         vocab_size=args.vocab,

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from filters.base import ChainResult, Filter, StageOutput, run_chain
-from filters.chain import build_chain
-from filters.dedup import DedupIndex, DedupSettings, ExactDedup, MinHashDedup
-from filters.empty import EmptyFilter
-from filters.settings import FilterError, FilterSettings
+from booksmith.filters.base import ChainResult, Filter, StageOutput, run_chain
+from booksmith.filters.chain import build_chain
+from booksmith.filters.dedup import DedupIndex, DedupSettings, ExactDedup, MinHashDedup
+from booksmith.filters.empty import EmptyFilter
+from booksmith.filters.settings import FilterError, FilterSettings
 
 
 def nightly_chain(

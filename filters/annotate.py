@@ -20,12 +20,12 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
-from generation.cache import ResponseCache
-from generation.client import Endpoint, GenerationClient, GenerationReport
-from schemas import Document, GenerationRequest, Sampling
-from schemas.arrow import arrow_schema, to_table
-from schemas.config import Budget
-from shards.writer import atomic_write_table
+from booksmith.generation.cache import ResponseCache
+from booksmith.generation.client import Endpoint, GenerationClient, GenerationReport
+from booksmith.schemas import Document, GenerationRequest, Sampling
+from booksmith.schemas.arrow import arrow_schema, to_table
+from booksmith.schemas.config import Budget
+from booksmith.shards.writer import atomic_write_table
 
 RUBRIC_VERSION = "edu-additive-v1"
 RUBRIC = """Below is an extract from a textbook-style document. Evaluate whether it has a high \

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from schemas import Document, Rejected
+from booksmith.schemas import Document, Rejected
 
 
 @dataclass

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from filters.settings import FilterError
-from schemas.jsonl import iter_jsonl
+from booksmith.filters.settings import FilterError
+from booksmith.schemas.jsonl import iter_jsonl
 
 DEFAULT_FIELDS = (
     "question",

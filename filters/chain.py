@@ -9,16 +9,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from filters.base import Filter
-from filters.decontam import BenchmarkIndex, DecontamFilter, build_index
-from filters.empty import EmptyFilter
-from filters.generation_artifacts import GenerationArtifactFilter
-from filters.gopher_quality import GopherQualityFilter
-from filters.gopher_repetition import GopherRepetitionFilter
-from filters.langid import LangIdFilter
-from filters.lines import LineFilter
-from filters.quality import MODEL_FILE, QualityFilter
-from filters.settings import FilterError, FilterSettings
+from booksmith.filters.base import Filter
+from booksmith.filters.decontam import BenchmarkIndex, DecontamFilter, build_index
+from booksmith.filters.empty import EmptyFilter
+from booksmith.filters.generation_artifacts import GenerationArtifactFilter
+from booksmith.filters.gopher_quality import GopherQualityFilter
+from booksmith.filters.gopher_repetition import GopherRepetitionFilter
+from booksmith.filters.langid import LangIdFilter
+from booksmith.filters.lines import LineFilter
+from booksmith.filters.quality import MODEL_FILE, QualityFilter
+from booksmith.filters.settings import FilterError, FilterSettings
 
 
 def quality_model_path(settings: FilterSettings, state: Path | None) -> Path | None:

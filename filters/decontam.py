@@ -28,11 +28,11 @@ from typing import Any
 
 import numpy as np
 
-from filters.benchmarks import BenchmarkItem, load_benchmark
-from filters.scored import ScoredOutput
-from filters.settings import DecontamSettings
-from filters.text import ngram_hashes
-from schemas import Document
+from booksmith.filters.benchmarks import BenchmarkItem, load_benchmark
+from booksmith.filters.scored import ScoredOutput
+from booksmith.filters.settings import DecontamSettings
+from booksmith.filters.text import ngram_hashes
+from booksmith.schemas import Document
 
 _WORD = re.compile(r"\w+")
 MAX_CANDIDATES = 64  # items confirmed per document at most (a bound for pathological input)

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from filters.base import StageOutput
-from schemas import Document
+from booksmith.filters.base import StageOutput
+from booksmith.schemas import Document
 
 
 class EmptyFilter:

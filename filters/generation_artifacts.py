@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import re
 
-from filters.scored import RuleFilter, Verdict
-from filters.settings import ArtifactSettings, FilterError
-from schemas import Document
+from booksmith.filters.scored import RuleFilter, Verdict
+from booksmith.filters.settings import ArtifactSettings, FilterError
+from booksmith.schemas import Document
 
 
 def _compile(key: str, patterns: dict[str, str]) -> list[tuple[str, re.Pattern[str]]]:

@@ -21,9 +21,9 @@ from __future__ import annotations
 import string
 from typing import Any
 
-from filters.scored import RuleFilter, Verdict
-from filters.settings import GopherQualitySettings
-from schemas import Document
+from booksmith.filters.scored import RuleFilter, Verdict
+from booksmith.filters.settings import GopherQualitySettings
+from booksmith.schemas import Document
 
 STOP_WORDS = frozenset({"the", "be", "to", "of", "and", "that", "have", "with"})
 BULLETS = ("•", "●", "○", "■", "□", "▪", "▫", "–", "‣", "⁃", "◦", "-", "*")

@@ -27,10 +27,10 @@ from typing import Any
 
 import numpy as np
 
-from filters.scored import RuleFilter, Verdict
-from filters.settings import GopherRepetitionSettings
-from filters.text import ngram_hashes, word_ids
-from schemas import Document
+from booksmith.filters.scored import RuleFilter, Verdict
+from booksmith.filters.settings import GopherRepetitionSettings
+from booksmith.filters.text import ngram_hashes, word_ids
+from booksmith.schemas import Document
 
 _PARAGRAPHS = re.compile(r"\n\s*\n")
 

@@ -16,10 +16,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from filters import fasttext_model
-from filters.scored import ScoredOutput
-from filters.settings import LangIdSettings
-from schemas import Document
+from booksmith.filters import fasttext_model
+from booksmith.filters.scored import ScoredOutput
+from booksmith.filters.settings import LangIdSettings
+from booksmith.schemas import Document
 
 _PREFIX = len("__label__")
 

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from filters.scored import RuleFilter, Verdict
-from filters.settings import LineSettings
-from schemas import Document
+from booksmith.filters.scored import RuleFilter, Verdict
+from booksmith.filters.settings import LineSettings
+from booksmith.schemas import Document
 
 TERMINAL = (".", "!", "?", '"', "'", ")", ":", ";", "”", "’", "```", "。")
 

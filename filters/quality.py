@@ -30,10 +30,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from filters import fasttext_model
-from filters.scored import ScoredOutput
-from filters.settings import FilterError, QualitySettings
-from schemas import Document
+from booksmith.filters import fasttext_model
+from booksmith.filters.scored import ScoredOutput
+from booksmith.filters.settings import FilterError, QualitySettings
+from booksmith.schemas import Document
 
 POSITIVE, NEGATIVE = "__label__edu", "__label__not_edu"
 MODEL_FILE = "model.bin"

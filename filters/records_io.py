@@ -16,15 +16,15 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from filters.quality import Labelled
-from filters.scored import DetailedChainResult
-from filters.settings import FilterError
-from schemas import Document, Rejected, arrow_schema
-from schemas.arrow import to_table
-from schemas.jsonl import iter_jsonl
-from schemas.records import sha256_hex
-from shards.dataset import SingleFileWriter
-from shards.writer import atomic_write_bytes, commit, tmp_name
+from booksmith.filters.quality import Labelled
+from booksmith.filters.scored import DetailedChainResult
+from booksmith.filters.settings import FilterError
+from booksmith.schemas import Document, Rejected, arrow_schema
+from booksmith.schemas.arrow import to_table
+from booksmith.schemas.jsonl import iter_jsonl
+from booksmith.schemas.records import sha256_hex
+from booksmith.shards.dataset import SingleFileWriter
+from booksmith.shards.writer import atomic_write_bytes, commit, tmp_name
 
 _JSONL = (".jsonl", ".json", ".ndjson")
 _PARQUET = (".parquet", ".pq")
@@ -95,7 +95,7 @@ def iter_documents(
 ) -> Iterator[list[Document]]:
     """`read_documents` as a stream of lists of at most `batch_docs` documents: a corpus larger
     than memory is read a batch at a time."""
-    from shards.version import is_dataset
+    from booksmith.shards.version import is_dataset
 
     size = batch_docs or BATCH_DOCS
     if path.is_dir():
@@ -121,7 +121,7 @@ def iter_documents(
 
 def _counted(docs: list[Document], encoding: str) -> list[Document]:
     """Token counts for documents whose file gave none."""
-    from shards.encodings import count_tokens
+    from booksmith.shards.encodings import count_tokens
 
     missing = [i for i, d in enumerate(docs) if d.n_tokens < 0]
     if missing:

@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from filters.base import ChainResult, Filter, StageOutput
-from schemas import Document, Rejected
+from booksmith.filters.base import ChainResult, Filter, StageOutput
+from booksmith.schemas import Document, Rejected
 
 _REJECTED_HAS_DETAIL = "detail" in Rejected.model_fields
 

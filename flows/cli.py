@@ -14,10 +14,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.tree import Tree
 
-from flows.runtime import configure_prefect
+from booksmith.flows.runtime import configure_prefect
 
 if TYPE_CHECKING:
-    from schemas.config import RunConfig
+    from booksmith.schemas.config import RunConfig
 
 app = typer.Typer(
     help="booksmith: synthetic textbook-quality pretraining data.",
@@ -33,10 +33,10 @@ console = Console(stderr=True)
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
-    from generation.backends import BackendError
-    from generation.seeds import SeedFileError
-    from prompts import PromptError
-    from schemas.config import ConfigError
+    from booksmith.generation.backends import BackendError
+    from booksmith.generation.seeds import SeedFileError
+    from booksmith.prompts import PromptError
+    from booksmith.schemas.config import ConfigError
 
     return (ConfigError, SeedFileError, PromptError, BackendError, FileNotFoundError)
 
@@ -100,7 +100,7 @@ SeedOption = Annotated[int | None, typer.Option(help="Run seed (default: from to
 def _run_config(
     config: Path | None, topics: Path | None, out: Path | None, limit: int | None, seed: int | None
 ) -> RunConfig:
-    from flows.nightly import resolve_config
+    from booksmith.flows.nightly import resolve_config
 
     return resolve_config(
         str(config) if config else None,
@@ -122,16 +122,16 @@ def run(
 ) -> None:
     """Run the nightly flow once: plan, generate, filter, write a dataset version."""
     configure_prefect(quiet=not verbose)
-    from generation import progress
-    from generation.seeds import load_seeds
-    from shards.version import read_manifest
+    from booksmith.generation import progress
+    from booksmith.generation.seeds import load_seeds
+    from booksmith.shards.version import read_manifest
 
     try:
         # Validate before starting Prefect, so bad input fails fast and writes nothing.
         cfg = _run_config(config, topics, out, limit, seed)
         load_seeds(cfg.topics)
-        from flows.nightly import nightly
-        from flows.runners import with_runner
+        from booksmith.flows.nightly import nightly
+        from booksmith.flows.runners import with_runner
 
         bar = _GenerationProgress()
         unsubscribe = progress.subscribe(bar)
@@ -188,12 +188,12 @@ def plan(
     from collections import Counter
     from datetime import UTC, datetime
 
-    from flows.nightly import make_plan, seed_for
-    from generation.coverage import select_topics
-    from generation.seeds import load_seeds
-    from schemas import GenerationRequest
-    from schemas.arrow import to_table
-    from shards.writer import atomic_write_table
+    from booksmith.flows.nightly import make_plan, seed_for
+    from booksmith.generation.coverage import select_topics
+    from booksmith.generation.seeds import load_seeds
+    from booksmith.schemas import GenerationRequest
+    from booksmith.schemas.arrow import to_table
+    from booksmith.shards.writer import atomic_write_table
 
     try:
         cfg = _run_config(config, topics, out, limit, seed)
@@ -238,8 +238,8 @@ def report(
     dataset: Annotated[Path, typer.Argument(help="A dataset version directory.")],
 ) -> None:
     """Print a dataset version's counts and diversity, and write report/ (markdown and plots)."""
-    from flows.report import render_report
-    from shards.version import read_manifest
+    from booksmith.flows.report import render_report
+    from booksmith.shards.version import read_manifest
 
     try:
         manifest = read_manifest(dataset)
@@ -269,7 +269,7 @@ def config_show(
     ] = None,
 ) -> None:
     """Print the full configuration with every default filled in."""
-    from schemas.config import ConfigError, load_config
+    from booksmith.schemas.config import ConfigError, load_config
 
     try:
         cfg = load_config(config)
@@ -294,14 +294,14 @@ def topics_expand(
 ) -> None:
     """Expand seed topics into a topic tree with the LLM; writes a file `booksmith run` reads."""
     configure_prefect(quiet=not verbose)
-    from generation.seeds import load_seeds
-    from schemas.config import load_config
+    from booksmith.generation.seeds import load_seeds
+    from booksmith.schemas.config import load_config
 
     try:
         load_config(config)
         if existing:
             load_seeds(existing)
-        from flows.expand import expand_topics
+        from booksmith.flows.expand import expand_topics
 
         counts = expand_topics(
             topics=topics,
@@ -324,7 +324,7 @@ def topics_expand(
 @topics_app.command("show")
 def topics_show(file: Annotated[Path, typer.Argument(help="Topic seed file.")]) -> None:
     """Print the topics of a seed file as a tree."""
-    from generation.seeds import SeedFileError, load_seeds
+    from booksmith.generation.seeds import SeedFileError, load_seeds
 
     try:
         seeds = load_seeds(file)
@@ -356,14 +356,14 @@ def serve(
     """Serve the nightly, expand-topics, export and train deployments from this process (set
     PREFECT_API_URL to a Prefect server to see them in its UI)."""
     configure_prefect()
-    from schemas.config import load_config
+    from booksmith.schemas.config import load_config
 
     try:
         cfg = load_config(config)
     except _user_errors() as e:
         _fail(str(e))
         return
-    from flows.serve import serve as serve_deployments
+    from booksmith.flows.serve import serve as serve_deployments
 
     serve_deployments(config, cfg, schedule=schedule, limit=limit)
 
@@ -378,9 +378,9 @@ def batches_list(
     out: Annotated[Path | None, typer.Option(help="Output directory.")] = None,
 ) -> None:
     """Every batch file and job this output directory has made, with its state."""
-    from flows.nightly import resolve_config
-    from generation.batch import list_batches
-    from shards.version import state_dir
+    from booksmith.flows.nightly import resolve_config
+    from booksmith.generation.batch import list_batches
+    from booksmith.shards.version import state_dir
 
     try:
         cfg = resolve_config(str(config) if config else None, out=str(out) if out else None)
@@ -397,7 +397,7 @@ def batches_list(
 
 def _register_stage_commands() -> None:
     """Each stage's commands live beside it in flows/cli_<stage>.py."""
-    from flows import cli_dedup, cli_quality, cli_shards, cli_train
+    from booksmith.flows import cli_dedup, cli_quality, cli_shards, cli_train
 
     app.command("dedup")(cli_dedup.dedup)
     app.add_typer(cli_dedup.index_app, name="dedup-index")

@@ -26,12 +26,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import typer
 
-from filters.dedup import DedupIndexError, DedupSettings, open_index_spec
-from filters.dedup.engine import index_entries
-from filters.dedup.index import MANIFEST as INDEX_MANIFEST
-from filters.dedup.stream import DuplicateIdError, StreamVerdicts, decide
-from schemas.jsonl import iter_jsonl
-from shards.writer import commit
+from booksmith.filters.dedup import DedupIndexError, DedupSettings, open_index_spec
+from booksmith.filters.dedup.engine import index_entries
+from booksmith.filters.dedup.index import MANIFEST as INDEX_MANIFEST
+from booksmith.filters.dedup.stream import DuplicateIdError, StreamVerdicts, decide
+from booksmith.schemas.jsonl import iter_jsonl
+from booksmith.shards.writer import commit
 
 index_app = typer.Typer(help="Inspect or edit a persistent dedup index.", no_args_is_help=True)
 
@@ -274,7 +274,7 @@ def index_remove(
     typer.echo(f"removed {removed} documents of run {run_id}", err=True)
 
 
-# For tests and `python -m flows.cli_dedup`; flows/cli.py registers `dedup` and `index_app`.
+# For tests and `python -m booksmith.flows.cli_dedup`; flows/cli.py registers `dedup`, `index_app`.
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False)
 app.command("dedup")(dedup)
 app.add_typer(index_app, name="dedup-index")

@@ -1,7 +1,7 @@
 """`booksmith quality annotate|train` and `booksmith filter`: the quality stage's commands.
 
 Register in flows/cli.py:
-    from flows import cli_quality
+    from booksmith.flows import cli_quality
     app.add_typer(cli_quality.quality_app, name="quality")
     app.command("filter")(cli_quality.filter_command)
 
@@ -23,8 +23,8 @@ from rich.markup import escape
 from rich.table import Table
 
 if TYPE_CHECKING:
-    from filters.settings import FilterSettings
-    from schemas.config import GenerationSettings, RunConfig
+    from booksmith.filters.settings import FilterSettings
+    from booksmith.schemas.config import GenerationSettings, RunConfig
 
 quality_app = typer.Typer(
     help="The educational-value classifier: annotate with an LLM judge, train fastText.",
@@ -42,16 +42,16 @@ def _fail(message: str) -> None:
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
-    from filters.settings import FilterError
-    from generation.backends import BackendError
-    from schemas.config import ConfigError
+    from booksmith.filters.settings import FilterError
+    from booksmith.generation.backends import BackendError
+    from booksmith.schemas.config import ConfigError
 
     return (FilterError, ConfigError, BackendError, FileNotFoundError)
 
 
 def _settings(config: Path | RunConfig | None) -> tuple[RunConfig, FilterSettings]:
     """(RunConfig, FilterSettings): the config and its `filters:` section."""
-    from schemas.config import RunConfig, load_config
+    from booksmith.schemas.config import RunConfig, load_config
 
     cfg = config if isinstance(config, RunConfig) else load_config(config)
     return cfg, cfg.filters
@@ -59,7 +59,7 @@ def _settings(config: Path | RunConfig | None) -> tuple[RunConfig, FilterSetting
 
 def _state_for(path: Path, default_out: Path) -> Path:
     """`<out>/_state` of a dataset version (its parent's), else the configured output's."""
-    from shards.version import is_dataset, state_dir
+    from booksmith.shards.version import is_dataset, state_dir
 
     if path.is_dir() and is_dataset(path):
         return state_dir(path.parent)
@@ -99,11 +99,11 @@ def run_annotate(
 ) -> tuple[Path, dict[str, Any]]:
     """Judge a sample of a dataset's documents; merge into the annotations file.
     Returns (annotations file, summary)."""
-    from filters.annotate import annotate, save_annotations
-    from filters.annotate import sample as take_sample
-    from filters.records_io import read_documents
-    from generation.backends import open_endpoint
-    from generation.cache import ResponseCache
+    from booksmith.filters.annotate import annotate, save_annotations
+    from booksmith.filters.annotate import sample as take_sample
+    from booksmith.filters.records_io import read_documents
+    from booksmith.generation.backends import open_endpoint
+    from booksmith.generation.cache import ResponseCache
 
     cfg, fs = _settings(config)
     docs = read_documents(dataset, cfg.output.encoding)
@@ -147,10 +147,10 @@ def run_train(
     """Train the classifier on judged documents; returns the TrainReport."""
     import pyarrow.parquet as pq
 
-    from filters.annotate import RUBRIC
-    from filters.quality import train
-    from filters.records_io import read_labelled
-    from shards.version import state_dir
+    from booksmith.filters.annotate import RUBRIC
+    from booksmith.filters.quality import train
+    from booksmith.filters.records_io import read_labelled
+    from booksmith.shards.version import state_dir
 
     cfg, fs = _settings(config)
     state = state_dir(cfg.output.dir)
@@ -172,7 +172,7 @@ def run_train(
 
 def retrain_due(model_dir: Path, every_days: int | None, now: datetime | None = None) -> bool:
     """Whether the nightly flow should re-annotate and retrain (never when unscheduled)."""
-    from filters.quality import MODEL_FILE, card_path
+    from booksmith.filters.quality import MODEL_FILE, card_path
 
     if every_days is None:
         return False
@@ -205,7 +205,7 @@ def annotate_command(
     max_tokens: Annotated[int | None, typer.Option(help="Judge reply cap.", min=1)] = None,
 ) -> None:
     """Score a sample of documents for educational value (0-5) with an LLM judge."""
-    from flows.runtime import configure_prefect
+    from booksmith.flows.runtime import configure_prefect
 
     configure_prefect(quiet=True)
     try:
@@ -268,10 +268,10 @@ def filter_command(
     langid: Annotated[bool, typer.Option(help="Run language id.")] = True,
 ) -> None:
     """Run the quality filter chain alone and write kept and rejected records with reasons."""
-    from filters.chain import build_chain
-    from filters.records_io import OutputWriter, iter_documents
-    from filters.scored import run_detailed
-    from shards.version import is_dataset, state_dir
+    from booksmith.filters.chain import build_chain
+    from booksmith.filters.records_io import OutputWriter, iter_documents
+    from booksmith.filters.scored import run_detailed
+    from booksmith.shards.version import is_dataset, state_dir
 
     try:
         cfg, fs = _settings(config)

@@ -1,6 +1,6 @@
 """`booksmith verify`, `booksmith export` and `booksmith datasets ...`: the shards' commands.
 
-Registered on the main app by flows/cli.py; `python -m flows.cli_shards` runs them alone.
+Registered on the main app by flows/cli.py; `python -m booksmith.flows.cli_shards` runs them alone.
 Exit codes: 0 success, 1 a version that fails verification (each problem names its file),
 2 a usage error (one line naming the file, key or URL).
 """
@@ -28,8 +28,8 @@ def _fail(message: str) -> None:
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
-    from shards.encodings import EncodingUnavailable
-    from shards.export import ExportError
+    from booksmith.shards.encodings import EncodingUnavailable
+    from booksmith.shards.export import ExportError
 
     errors: tuple[type[Exception], ...] = (
         FileNotFoundError,
@@ -56,7 +56,7 @@ def verify(
     sample: Annotated[int, typer.Option(help="Documents to round-trip per encoding.", min=0)] = 64,
 ) -> None:
     """Check a dataset version: schemas, row counts, sha256s, token round trip on a sample."""
-    from shards.verify import verify as run_verify
+    from booksmith.shards.verify import verify as run_verify
 
     try:
         report = run_verify(location, sample=sample)
@@ -82,8 +82,8 @@ def export(
 ) -> None:
     """Copy a version to an object store (the URL becomes its root), manifest last;
     rerun to resume. AWS_ENDPOINT_URL and the other AWS variables configure S3."""
-    from shards.export import export as run_export
-    from shards.verify import verify as run_verify
+    from booksmith.shards.export import export as run_export
+    from booksmith.shards.verify import verify as run_verify
 
     try:
         report = run_export(version, to, workers=workers, part_size=part_size_mb << 20)
@@ -111,7 +111,7 @@ def datasets_list(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
 ) -> None:
     """List versions, oldest first, with documents, sizes and token counts."""
-    from shards.versions import summarize
+    from booksmith.shards.versions import summarize
 
     if not out.is_dir():
         _fail(f"{out}: no such directory")
@@ -148,8 +148,8 @@ def datasets_rm(
     ] = None,
 ) -> None:
     """Retire a version: its manifest, its files, and its MinHash index entries."""
-    from filters.dedup import default_index_path, open_index_spec, remove_run
-    from shards.versions import retire
+    from booksmith.filters.dedup import default_index_path, open_index_spec, remove_run
+    from booksmith.shards.versions import retire
 
     try:
         retire(out, run_id)
@@ -170,7 +170,7 @@ def datasets_takedown(
     ids_file: Annotated[Path | None, typer.Option("--ids-file", help="One id per line.")] = None,
 ) -> None:
     """Remove documents by id from every version, rewriting shards and manifests safely."""
-    from shards.versions import takedown
+    from booksmith.shards.versions import takedown
 
     wanted = list(ids or [])
     try:
@@ -196,7 +196,7 @@ def datasets_corpus(
     encoding: Annotated[str, typer.Option(help="Token encoding.")] = "cl100k_base",
 ) -> None:
     """Print (JSON) the token shards of the chosen versions, unioned for training."""
-    from shards.versions import corpus
+    from booksmith.shards.versions import corpus
 
     try:
         view = corpus(out, encoding, version or None)
@@ -215,8 +215,8 @@ def datasets_tokenize(
     pack: Annotated[int | None, typer.Option(help="Also write packed rows of N+1.", min=1)] = None,
 ) -> None:
     """Add token shards under one more encoding to an existing version."""
-    from shards.dataset import add_encoding
-    from shards.encodings import EncodingSpec
+    from booksmith.shards.dataset import add_encoding
+    from booksmith.shards.encodings import EncodingSpec
 
     try:
         manifest = add_encoding(
@@ -237,7 +237,7 @@ def datasets_bin(
     shard_tokens: Annotated[int, typer.Option(help="Tokens per llmc shard.", min=1)] = 100_000_000,
 ) -> None:
     """Write the token stream as uint16 .bin files for nanoGPT or llm.c."""
-    from shards.binexport import export_bin
+    from booksmith.shards.binexport import export_bin
 
     try:
         if fmt not in ("llmc", "nanogpt"):

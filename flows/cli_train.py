@@ -32,9 +32,9 @@ def _fail(message: str) -> None:
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
-    from schemas.config import ConfigError
-    from trainer.checkpoint import CheckpointError
-    from trainer.data import DataError
+    from booksmith.schemas.config import ConfigError
+    from booksmith.trainer.checkpoint import CheckpointError
+    from booksmith.trainer.data import DataError
 
     return (ConfigError, DataError, CheckpointError, FileNotFoundError)
 
@@ -58,14 +58,14 @@ def train(
     if data is None or out is None:
         _fail("booksmith train needs --data and --out (see --help)")
         return
-    from trainer.config import load_train_config
+    from booksmith.trainer.config import load_train_config
 
     try:
         cfg = load_train_config(config, {"train.max_steps": max_steps})
         if nproc_per_node > 1:
             cmd = [
                 sys.executable, "-m", "torch.distributed.run", "--standalone",
-                f"--nproc_per_node={nproc_per_node}", "-m", "trainer",
+                f"--nproc_per_node={nproc_per_node}", "-m", "booksmith.trainer",
                 "--data", data, "--out", str(out),
             ]  # fmt: skip
             cmd += ["--config", str(config)] if config else []
@@ -75,7 +75,7 @@ def train(
                 raise typer.Exit(rc)
             print(out / "latest")
             return
-        from trainer.train import train as run_training
+        from booksmith.trainer.train import train as run_training
 
         summary = run_training(cfg, data, out, log=lambda m: console.print(m, highlight=False))
     except _user_errors() as e:
@@ -90,7 +90,7 @@ def export(
     out_dir: Annotated[Path, typer.Argument(help="Directory to write the Hugging Face model.")],
 ) -> None:
     """Write config.json and model.safetensors that transformers loads (PhiForCausalLM)."""
-    from trainer.export import export_hf
+    from booksmith.trainer.export import export_hf
 
     try:
         path = export_hf(ckpt, out_dir)
@@ -105,7 +105,7 @@ def compare(
     runs: Annotated[list[Path], typer.Argument(help="Training run directories.")],
 ) -> None:
     """Eval loss by tokens seen across runs, on their shared reference eval set."""
-    from trainer.compare import compare_runs
+    from booksmith.trainer.compare import compare_runs
 
     try:
         c = compare_runs(runs)

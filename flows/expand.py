@@ -14,13 +14,13 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from generation.backends import open_endpoint
-from generation.cache import ResponseCache
-from generation.clients import make_client
-from generation.topics import ExpansionReport, TopicExpander, TopicNode, write_topic_file
-from schemas import GenerationRequest, GenerationResult
-from schemas.config import RunConfig, load_config
-from shards.version import state_dir
+from booksmith.generation.backends import open_endpoint
+from booksmith.generation.cache import ResponseCache
+from booksmith.generation.clients import make_client
+from booksmith.generation.topics import ExpansionReport, TopicExpander, TopicNode, write_topic_file
+from booksmith.schemas import GenerationRequest, GenerationResult
+from booksmith.schemas.config import RunConfig, load_config
+from booksmith.shards.version import state_dir
 
 # The JSON schema sent as structured output where the endpoint supports it.
 SUBTOPICS_SCHEMA: dict[str, Any] = {
@@ -80,7 +80,7 @@ def expand_topics(
     leaves_only: bool = False,
 ) -> dict[str, Any]:
     """Expand topics into a tree and write it as a JSONL topic file; returns the counts."""
-    from generation.seeds import load_seeds
+    from booksmith.generation.seeds import load_seeds
 
     cfg = load_config(Path(config) if config else None)
     known = [s.topic for s in load_seeds(existing)] if existing else []

@@ -12,7 +12,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from shards.version import is_dataset, list_versions
+from booksmith.shards.version import is_dataset, list_versions
 
 
 def resolve_version(path: Path) -> Path:
@@ -27,8 +27,8 @@ def resolve_version(path: Path) -> Path:
 
 @task(retries=3, retry_delay_seconds=[10, 60, 300], cache_policy=NO_CACHE)
 def export_version(version: Path, to: str, workers: int = 8, verify: bool = True) -> dict[str, Any]:
-    from shards.export import export
-    from shards.verify import verify as verify_remote
+    from booksmith.shards.export import export
+    from booksmith.shards.verify import verify as verify_remote
 
     report = export(version, to, workers=workers)
     summary = {

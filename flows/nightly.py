@@ -29,26 +29,26 @@ from prefect.artifacts import (
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from filters.dedup import open_index, reconcile
-from flows.export import export_version
-from flows.report import render_report
-from generation import progress
-from generation.backends import open_endpoints
-from generation.cache import ResponseCache
-from generation.client import Endpoint, GenerationReport
-from generation.clients import make_client
-from generation.coverage import select_topics
-from generation.plan import plan_for
-from generation.scaleout import assign, merge_reports, partition, share_budget
-from generation.seeds import load_seeds
-from pipeline.checkpoint import run_key
-from pipeline.chunks import Chunk, ChunkStats
-from pipeline.drive import run_rounds
-from pipeline.run import StreamingRun, completed_version, resumable_run
-from schemas import GenerationRequest, GenerationResult, TopicSeed
-from schemas.config import Budget, RunConfig, load_config
-from schemas.crashpoints import crash_point
-from shards.version import claim_run_dir, release_run_dir, state_dir, sweep_abandoned
+from booksmith.filters.dedup import open_index, reconcile
+from booksmith.flows.export import export_version
+from booksmith.flows.report import render_report
+from booksmith.generation import progress
+from booksmith.generation.backends import open_endpoints
+from booksmith.generation.cache import ResponseCache
+from booksmith.generation.client import Endpoint, GenerationReport
+from booksmith.generation.clients import make_client
+from booksmith.generation.coverage import select_topics
+from booksmith.generation.plan import plan_for
+from booksmith.generation.scaleout import assign, merge_reports, partition, share_budget
+from booksmith.generation.seeds import load_seeds
+from booksmith.pipeline.checkpoint import run_key
+from booksmith.pipeline.chunks import Chunk, ChunkStats
+from booksmith.pipeline.drive import run_rounds
+from booksmith.pipeline.run import StreamingRun, completed_version, resumable_run
+from booksmith.schemas import GenerationRequest, GenerationResult, TopicSeed
+from booksmith.schemas.config import Budget, RunConfig, load_config
+from booksmith.schemas.crashpoints import crash_point
+from booksmith.shards.version import claim_run_dir, release_run_dir, state_dir, sweep_abandoned
 
 
 def seed_for(day: date) -> int:
@@ -194,7 +194,7 @@ def retrain_quality(cfg: RunConfig, version_dir: Path) -> dict[str, Any]:
     """Re-annotate a sample of the new version with the judge and retrain the classifier when
     `filters.quality.retrain_every_days` says it is due; the next run filters with the new
     model. A failure here is logged, not raised: the version is already written."""
-    from flows.cli_quality import MODEL_DIR, retrain_due, run_annotate, run_train
+    from booksmith.flows.cli_quality import MODEL_DIR, retrain_due, run_annotate, run_train
 
     every = cfg.filters.quality.retrain_every_days
     if not retrain_due(state_dir(cfg.output.dir) / MODEL_DIR, every):
@@ -339,7 +339,7 @@ def after_run(cfg: RunConfig, version_dir: Path, run_id: str) -> None:
         target = cfg.export.to.rstrip("/") + "/" + run_id
         export_version(version_dir, target, cfg.export.workers, cfg.export.verify)
     if cfg.train.enabled:
-        from flows.train import train_flow
+        from booksmith.flows.train import train_flow
 
         train_out = cfg.train.out or state_dir(cfg.output.dir) / "train" / run_id
         train_flow(

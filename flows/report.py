@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 # The object-oriented API needs no display backend and no global pyplot state.
 from matplotlib.figure import Figure
 
-from shards.version import read_manifest
+from booksmith.shards.version import read_manifest
 
 SAMPLES = 3  # documents shown in the report
 SAMPLE_CHARS = 600

@@ -6,7 +6,7 @@ from typing import Any, TypeVar
 
 from prefect import Flow
 
-from schemas.config import RunConfig
+from booksmith.schemas.config import RunConfig
 
 F = TypeVar("F", bound=Flow[Any, Any])
 

@@ -16,17 +16,17 @@ from typing import Any
 from prefect.deployments.runner import RunnerDeployment
 from prefect.schedules import Cron
 
-from schemas.config import RunConfig
+from booksmith.schemas.config import RunConfig
 
 
 def deployments(
     config: Path | None, cfg: RunConfig, schedule: bool = True
 ) -> list[RunnerDeployment]:
-    from flows.expand import expand_topics
-    from flows.export import export_flow
-    from flows.nightly import nightly
-    from flows.runners import with_runner
-    from flows.train import train_flow
+    from booksmith.flows.expand import expand_topics
+    from booksmith.flows.export import export_flow
+    from booksmith.flows.nightly import nightly
+    from booksmith.flows.runners import with_runner
+    from booksmith.flows.train import train_flow
 
     params: dict[str, Any] = {"config": str(config.resolve())} if config else {}
     nightly_schedule = [Cron(cfg.schedule.cron, timezone=cfg.schedule.timezone)] if schedule else []

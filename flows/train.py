@@ -19,15 +19,15 @@ from prefect.cache_policies import NO_CACHE
 def train_model(
     data: str, config: str | None, out: str, max_steps: int | None, nproc_per_node: int
 ) -> dict[str, Any]:
-    from trainer.config import load_train_config
-    from trainer.train import train
+    from booksmith.trainer.config import load_train_config
+    from booksmith.trainer.train import train
 
     cfg = load_train_config(Path(config) if config else None, {"train.max_steps": max_steps})
     if nproc_per_node <= 1:
         return train(cfg, data, Path(out))
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone",
-        f"--nproc_per_node={nproc_per_node}", "-m", "trainer",
+        f"--nproc_per_node={nproc_per_node}", "-m", "booksmith.trainer",
         "--data", data, "--out", out,
     ]  # fmt: skip
     if config:

@@ -7,8 +7,8 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from generation.client import Endpoint
-from schemas.config import EmbeddedSettings, EndpointSettings, GenerationSettings
+from booksmith.generation.client import Endpoint
+from booksmith.schemas.config import EmbeddedSettings, EndpointSettings, GenerationSettings
 
 EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
 
@@ -54,7 +54,7 @@ def open_endpoint(settings: GenerationSettings, embedded: EmbeddedSettings) -> I
         "max_retries": settings.max_retries,
     }
     if settings.backend == "embedded" and settings.base_url is None:
-        from generation.embedded import EmbeddedServer
+        from booksmith.generation.embedded import EmbeddedServer
 
         n_threads = embedded.n_threads or os.cpu_count() or 2
         with EmbeddedServer(

@@ -28,7 +28,7 @@ from typing import Any, Literal, cast
 import openai
 from openai.types import Batch
 
-from generation.batch_files import (
+from booksmith.generation.batch_files import (
     BATCH_URL,
     MAX_BYTES_PER_FILE,
     MAX_REQUESTS_PER_FILE,
@@ -38,11 +38,11 @@ from generation.batch_files import (
     read_outcomes,
     write_batch_files,
 )
-from generation.cache import ResponseCache
-from generation.client import Endpoint
-from generation.ledger import GenerationReport, Ledger
-from schemas import GenerationRequest, GenerationResult
-from schemas.config import Budget, Price
+from booksmith.generation.cache import ResponseCache
+from booksmith.generation.client import Endpoint
+from booksmith.generation.ledger import GenerationReport, Ledger
+from booksmith.schemas import GenerationRequest, GenerationResult
+from booksmith.schemas.config import Budget, Price
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ from openai.types.chat import ChatCompletion
 from openai.types.chat.completion_create_params import CompletionCreateParamsNonStreaming
 from pydantic import ConfigDict, TypeAdapter, ValidationError, with_config
 
-from generation.client import chat_body
-from schemas import GenerationRequest, GenerationResult
+from booksmith.generation.client import chat_body
+from booksmith.schemas import GenerationRequest, GenerationResult
 
 BATCH_URL: Literal["/v1/chat/completions"] = "/v1/chat/completions"
 # OpenAI's limits for one input file (https://platform.openai.com/docs/guides/batch).

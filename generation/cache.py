@@ -13,7 +13,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from schemas import GenerationResult
+from booksmith.schemas import GenerationResult
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS responses (

@@ -22,11 +22,11 @@ import openai
 from aiolimiter import AsyncLimiter
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 
-from generation.cache import ResponseCache
-from generation.ledger import GenerationReport, Ledger
-from schemas import GenerationRequest, GenerationResult
-from schemas.config import Budget, Price
-from schemas.crashpoints import crash_point
+from booksmith.generation.cache import ResponseCache
+from booksmith.generation.ledger import GenerationReport, Ledger
+from booksmith.schemas import GenerationRequest, GenerationResult
+from booksmith.schemas.config import Budget, Price
+from booksmith.schemas.crashpoints import crash_point
 
 
 @dataclass(frozen=True)

@@ -7,13 +7,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from generation.batch import BatchGenerationClient
-from generation.cache import ResponseCache
-from generation.client import Endpoint, GenerationClient
-from schemas import GenerationResult
-from schemas.config import Budget, RunConfig
-from shards.encodings import get_encoding
-from shards.version import state_dir
+from booksmith.generation.batch import BatchGenerationClient
+from booksmith.generation.cache import ResponseCache
+from booksmith.generation.client import Endpoint, GenerationClient
+from booksmith.schemas import GenerationResult
+from booksmith.schemas.config import Budget, RunConfig
+from booksmith.shards.encodings import get_encoding
+from booksmith.shards.version import state_dir
 
 
 def make_client(

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from schemas import Document, TopicSeed
-from schemas.config import FillSettings, PlanSettings
-from shards.version import list_versions, read_manifest
+from booksmith.schemas import Document, TopicSeed
+from booksmith.schemas.config import FillSettings, PlanSettings
+from booksmith.shards.version import list_versions, read_manifest
 
 
 def topic_key(path: Sequence[str]) -> str:

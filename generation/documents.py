@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from schemas import Document, GenerationRequest, GenerationResult
-from shards.encodings import count_tokens
+from booksmith.schemas import Document, GenerationRequest, GenerationResult
+from booksmith.shards.encodings import count_tokens
 
 
 def to_documents(

@@ -10,11 +10,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from schemas import GenerationRequest, GenerationResult
-from schemas.config import Budget, Price
+from booksmith.schemas import GenerationRequest, GenerationResult
+from booksmith.schemas.config import Budget, Price
 
 if TYPE_CHECKING:
-    from generation.cache import ResponseCache
+    from booksmith.generation.cache import ResponseCache
 
 
 @dataclass

@@ -18,12 +18,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from generation.backends import model_name
-from prompts import Axes, PromptLibrary, Splice, load_seed_words
-from prompts import _Axis as AxisValue
-from prompts.splice import shape
-from schemas import GenerationRequest, RequestBuilder, Sampling, TopicSeed
-from schemas.config import RunConfig
+from booksmith.generation.backends import model_name
+from booksmith.prompts import Axes, PromptLibrary, Splice, load_seed_words
+from booksmith.prompts import _Axis as AxisValue
+from booksmith.prompts.splice import shape
+from booksmith.schemas import GenerationRequest, RequestBuilder, Sampling, TopicSeed
+from booksmith.schemas.config import RunConfig
 
 
 @dataclass

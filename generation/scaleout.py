@@ -13,9 +13,9 @@ import math
 from collections.abc import Sequence
 from dataclasses import replace
 
-from generation.client import Endpoint, GenerationReport
-from schemas import GenerationRequest
-from schemas.config import Budget
+from booksmith.generation.client import Endpoint, GenerationReport
+from booksmith.schemas import GenerationRequest
+from booksmith.schemas.config import Budget
 
 
 def partition(plan: Sequence[GenerationRequest], n: int) -> list[list[GenerationRequest]]:

@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from schemas import TopicSeed
+from booksmith.schemas import TopicSeed
 
 # Topic text is data: template syntax in a seed is almost surely a mistake or an injection.
 _TEMPLATE_SYNTAX = re.compile(r"\{\{|\}\}|\{%|%\}|\{#|#\}")
@@ -35,7 +35,7 @@ class SeedFileError(ValueError):
 
 
 def default_seeds_path() -> Path:
-    return Path(str(resources.files("prompts") / "topics" / "default.yaml"))
+    return Path(str(resources.files("booksmith.prompts") / "topics" / "default.yaml"))
 
 
 def load_seeds(path: Path | str | None = None) -> list[TopicSeed]:

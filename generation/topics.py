@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from schemas import GenerationRequest, GenerationResult, Sampling, TopicSeed
+from booksmith.schemas import GenerationRequest, GenerationResult, Sampling, TopicSeed
 
 Complete = Callable[[Sequence[GenerationRequest]], Awaitable[dict[str, GenerationResult]]]
 

@@ -14,7 +14,7 @@ the chunk size and worker count, and memory holds about two chunks plus about 15
 candidate document.
 """
 
-from pipeline.chunks import Chunk, ChunkPipeline, ChunkStats, RunState
-from pipeline.run import StreamingRun
+from booksmith.pipeline.chunks import Chunk, ChunkPipeline, ChunkStats, RunState
+from booksmith.pipeline.run import StreamingRun
 
 __all__ = ["Chunk", "ChunkPipeline", "ChunkStats", "RunState", "StreamingRun"]

@@ -24,10 +24,10 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from schemas import TopicSeed
-from schemas.config import RunConfig
-from schemas.crashpoints import crash_point
-from shards.writer import fsync_dir, tmp_name
+from booksmith.schemas import TopicSeed
+from booksmith.schemas.config import RunConfig
+from booksmith.schemas.crashpoints import crash_point
+from booksmith.shards.writer import fsync_dir, tmp_name
 
 
 def replace_atomically(path: Path, data: bytes) -> None:

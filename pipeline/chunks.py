@@ -22,17 +22,17 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from filters.dedup import DedupIndex, DedupSettings
-from filters.dedup.candidates import CandidateStore
-from filters.settings import FilterSettings
-from generation.documents import to_documents
-from generation.ledger import GenerationReport
-from pipeline.checkpoint import Checkpoint, write_table_atomically
-from pipeline.stages import ExactStage, NearStage, QualityStage
-from schemas import GenerationRequest, GenerationResult, Rejected
-from schemas.arrow import to_table
-from schemas.crashpoints import crash_point
-from shards.dataset import VersionWriter
+from booksmith.filters.dedup import DedupIndex, DedupSettings
+from booksmith.filters.dedup.candidates import CandidateStore
+from booksmith.filters.settings import FilterSettings
+from booksmith.generation.documents import to_documents
+from booksmith.generation.ledger import GenerationReport
+from booksmith.pipeline.checkpoint import Checkpoint, write_table_atomically
+from booksmith.pipeline.stages import ExactStage, NearStage, QualityStage
+from booksmith.schemas import GenerationRequest, GenerationResult, Rejected
+from booksmith.schemas.arrow import to_table
+from booksmith.schemas.crashpoints import crash_point
+from booksmith.shards.dataset import VersionWriter
 
 EXACT_ROW = np.dtype([("key", "<u8"), ("id", "S64")])
 CANDIDATE = ""  # the spilled reason of a document still in the run (near-dup undecided)

@@ -15,10 +15,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Protocol
 
-from generation.ledger import GenerationReport
-from pipeline.chunks import Chunk
-from pipeline.finalize import Tally
-from pipeline.rounds import Rounds
+from booksmith.generation.ledger import GenerationReport
+from booksmith.pipeline.chunks import Chunk
+from booksmith.pipeline.finalize import Tally
+from booksmith.pipeline.rounds import Rounds
 
 
 class Pending(Protocol):

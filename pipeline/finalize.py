@@ -22,10 +22,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from filters.dedup import MINHASH, DedupIndex
-from generation.diversity import DiversitySample
-from pipeline.chunks import CANDIDATE, RunState
-from shards.dataset import VersionWriter
+from booksmith.filters.dedup import MINHASH, DedupIndex
+from booksmith.generation.diversity import DiversitySample
+from booksmith.pipeline.chunks import CANDIDATE, RunState
+from booksmith.shards.dataset import VersionWriter
 
 BINS = 10
 

@@ -20,13 +20,13 @@ from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any
 
-from generation.coverage import deficit_of, seeds_for, topic_key
-from generation.ledger import GenerationReport
-from generation.plan import plan_for
-from pipeline.chunks import Chunk
-from pipeline.finalize import Tally
-from schemas import GenerationRequest, TopicSeed
-from schemas.config import RunConfig
+from booksmith.generation.coverage import deficit_of, seeds_for, topic_key
+from booksmith.generation.ledger import GenerationReport
+from booksmith.generation.plan import plan_for
+from booksmith.pipeline.chunks import Chunk
+from booksmith.pipeline.finalize import Tally
+from booksmith.schemas import GenerationRequest, TopicSeed
+from booksmith.schemas.config import RunConfig
 
 
 def _key(request_id: str) -> int:

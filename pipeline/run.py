@@ -9,17 +9,17 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from filters.dedup import DedupIndex
-from pipeline.checkpoint import Checkpoint
-from pipeline.chunks import Chunk, ChunkPipeline, ChunkStats, RunState
-from pipeline.finalize import Finished, Tally, commit_index, tally, write_chunks
-from pipeline.rounds import Rounds
-from prompts import PromptLibrary
-from schemas import TopicSeed
-from schemas.config import EncodingFile, RunConfig
-from shards.dataset import VersionWriter
-from shards.encodings import EncodingSpec
-from shards.version import (
+from booksmith.filters.dedup import DedupIndex
+from booksmith.pipeline.checkpoint import Checkpoint
+from booksmith.pipeline.chunks import Chunk, ChunkPipeline, ChunkStats, RunState
+from booksmith.pipeline.finalize import Finished, Tally, commit_index, tally, write_chunks
+from booksmith.pipeline.rounds import Rounds
+from booksmith.prompts import PromptLibrary
+from booksmith.schemas import TopicSeed
+from booksmith.schemas.config import EncodingFile, RunConfig
+from booksmith.shards.dataset import VersionWriter
+from booksmith.shards.encodings import EncodingSpec
+from booksmith.shards.version import (
     RUNS_DIR,
     abandoned_runs,
     list_versions,

@@ -24,15 +24,15 @@ from typing import Any
 
 import numpy as np
 
-from filters import ChainResult, StageOutput, build_chain, run_chain
-from filters.base import Filter
-from filters.dedup import MINHASH, DedupIndex, DedupSettings
-from filters.dedup.candidates import CandidateStore
-from filters.dedup.engine import EXACT
-from filters.dedup.minhash import signatures
-from filters.dedup.normalize import exact_key, words
-from filters.settings import FilterSettings
-from schemas import Document
+from booksmith.filters import ChainResult, StageOutput, build_chain, run_chain
+from booksmith.filters.base import Filter
+from booksmith.filters.dedup import MINHASH, DedupIndex, DedupSettings
+from booksmith.filters.dedup.candidates import CandidateStore
+from booksmith.filters.dedup.engine import EXACT
+from booksmith.filters.dedup.minhash import signatures
+from booksmith.filters.dedup.normalize import exact_key, words
+from booksmith.filters.settings import FilterSettings
+from booksmith.schemas import Document
 
 POOL_MIN_DOCS = 256  # a chunk smaller than this is filtered in the calling process
 

@@ -19,8 +19,8 @@ from jinja2 import StrictUndefined, Template, TemplateError, meta
 from jinja2.sandbox import SandboxedEnvironment
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from prompts.splice import Splice, make_splice, splice_blocker
-from schemas.config import format_validation_error
+from booksmith.prompts.splice import Splice, make_splice, splice_blocker
+from booksmith.schemas.config import format_validation_error
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ class Axes(BaseModel):
 
 
 def _package_dir() -> Path:
-    return Path(str(resources.files("prompts")))
+    return Path(str(resources.files("booksmith.prompts")))
 
 
 def load_seed_words(path: Path | None = None) -> list[str]:

@@ -1,7 +1,7 @@
 """The records that cross a stage boundary, and their Arrow schemas (one source of truth)."""
 
-from schemas.arrow import arrow_schema
-from schemas.records import (
+from booksmith.schemas.arrow import arrow_schema
+from booksmith.schemas.records import (
     SCHEMA_VERSION,
     Document,
     GenerationRequest,

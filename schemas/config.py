@@ -13,9 +13,9 @@ from typing import Annotated, Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from filters.dedup.settings import DedupSettings
-from filters.settings import FilterSettings
-from schemas.records import Sampling, canonical_json
+from booksmith.filters.dedup.settings import DedupSettings
+from booksmith.filters.settings import FilterSettings
+from booksmith.schemas.records import Sampling, canonical_json
 
 
 class ConfigError(ValueError):

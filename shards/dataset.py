@@ -21,14 +21,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel
 
-from schemas import SCHEMA_VERSION, Document, GenerationRequest, GenerationResult, Rejected
-from schemas.arrow import arrow_schema, to_table
-from schemas.crashpoints import crash_point
-from shards.card import render_card
-from shards.encodings import EncodingSpec
-from shards.tokens import write_token_shards
-from shards.version import MANIFEST, read_manifest
-from shards.writer import (
+from booksmith.schemas import (
+    SCHEMA_VERSION,
+    Document,
+    GenerationRequest,
+    GenerationResult,
+    Rejected,
+)
+from booksmith.schemas.arrow import arrow_schema, to_table
+from booksmith.schemas.crashpoints import crash_point
+from booksmith.shards.card import render_card
+from booksmith.shards.encodings import EncodingSpec
+from booksmith.shards.tokens import write_token_shards
+from booksmith.shards.version import MANIFEST, read_manifest
+from booksmith.shards.writer import (
     COMPRESSION,
     DEFAULT_SHARD_BYTES,
     ROW_GROUP_ROWS,

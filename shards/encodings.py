@@ -64,7 +64,7 @@ def _byte_decoder() -> dict[str, int]:
 
 
 def _cache_root() -> Path:
-    from generation.embedded.model import cache_dir
+    from booksmith.generation.embedded.model import cache_dir
 
     return cache_dir() / "tokenizers"
 
@@ -92,7 +92,7 @@ def build_smollm2(gguf_path: Path | None = None) -> tiktoken.Encoding:
     file under booksmith's cache dir, keyed by the GGUF's size and mtime: reading the GGUF takes
     seconds, the cached file a fraction of one)."""
     if gguf_path is None:
-        from generation.embedded.model import bundled_gguf
+        from booksmith.generation.embedded.model import bundled_gguf
 
         gguf_path = bundled_gguf()
     st = gguf_path.stat()
@@ -109,7 +109,7 @@ def build_smollm2(gguf_path: Path | None = None) -> tiktoken.Encoding:
         }
     else:
         ranks, special = _smollm2_ranks(gguf_path)
-        from shards.writer import atomic_write_bytes
+        from booksmith.shards.writer import atomic_write_bytes
 
         body = b"".join(
             base64.b64encode(tok) + b" " + str(rank).encode() + b"\n"

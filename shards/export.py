@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shards.fs import filesystem, is_url, join, s3_client_kwargs
-from shards.version import MANIFEST, STATE_DIR, read_manifest
-from shards.writer import file_sha256, write_json_atomic
+from booksmith.shards.fs import filesystem, is_url, join, s3_client_kwargs
+from booksmith.shards.version import MANIFEST, STATE_DIR, read_manifest
+from booksmith.shards.writer import file_sha256, write_json_atomic
 
 PART_SIZE = 64 << 20  # S3 parts: 5 MiB minimum (except the last), 10,000 at most
 MIN_PART_SIZE = 5 << 20

@@ -25,8 +25,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import tiktoken
 
-from shards.encodings import token_dtype
-from shards.writer import DEFAULT_SHARD_BYTES, ShardInfo, ShardWriter
+from booksmith.shards.encodings import token_dtype
+from booksmith.shards.writer import DEFAULT_SHARD_BYTES, ShardInfo, ShardWriter
 
 BATCH_DOCS = 2_000  # documents per encoded batch (and per row group)
 CHUNK_DOCS = 16  # documents per thread-pool task: amortizes the pool's per-task cost

@@ -19,12 +19,12 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from schemas import Document, GenerationRequest, GenerationResult, Rejected
-from schemas.arrow import arrow_schema
-from shards.encodings import EncodingUnavailable, get_encoding
-from shards.fs import filesystem, join
-from shards.tokens import packed_schema, token_schema
-from shards.version import MANIFEST
+from booksmith.schemas import Document, GenerationRequest, GenerationResult, Rejected
+from booksmith.schemas.arrow import arrow_schema
+from booksmith.shards.encodings import EncodingUnavailable, get_encoding
+from booksmith.shards.fs import filesystem, join
+from booksmith.shards.tokens import packed_schema, token_schema
+from booksmith.shards.version import MANIFEST
 
 REQUIRED_KEYS = ("run_id", "schema_version", "shards", "tokens", "counts", "config_hash")
 _RECORD_SCHEMAS = {

@@ -21,17 +21,17 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from shards.dataset import commit_manifest, shard_paths
-from shards.encodings import get_encoding
-from shards.tokens import (
+from booksmith.shards.dataset import commit_manifest, shard_paths
+from booksmith.shards.encodings import get_encoding
+from booksmith.shards.tokens import (
     Packer,
     arrow_token_type,
     count_stored_tokens,
     packed_dir,
     packed_schema,
 )
-from shards.version import MANIFEST, STATE_DIR, is_dataset, list_versions, read_manifest
-from shards.writer import DEFAULT_SHARD_BYTES, ShardInfo, ShardWriter, fsync_dir
+from booksmith.shards.version import MANIFEST, STATE_DIR, is_dataset, list_versions, read_manifest
+from booksmith.shards.writer import DEFAULT_SHARD_BYTES, ShardInfo, ShardWriter, fsync_dir
 
 TAKEDOWN_PREFIX = ".takedown-"
 RETIRED_PREFIX = ".retired-"

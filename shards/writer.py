@@ -20,8 +20,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel
 
-from schemas.arrow import arrow_schema, to_table
-from schemas.crashpoints import crash_point
+from booksmith.schemas.arrow import arrow_schema, to_table
+from booksmith.schemas.crashpoints import crash_point
 
 ROW_GROUP_ROWS = 2_000  # small enough to stream a shard, large enough to compress well
 ROW_GROUP_BYTES = 64 << 20  # and at most this much uncompressed Arrow data per row group

@@ -43,7 +43,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from generation.batch_files import BatchFileError, validate_line
+from booksmith.generation.batch_files import BatchFileError, validate_line
 from tests.fakeserver import DEFAULT_MAX_TOKENS, completion_text, key_fields, request_key
 
 ENDPOINTS = ("/v1/chat/completions",)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from filters.dedup.normalize import words
+from booksmith.filters.dedup.normalize import words
 
 
 def _vocabulary(rng: np.random.Generator, size: int) -> list[str]:

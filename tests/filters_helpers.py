@@ -6,9 +6,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from schemas import Document
-from schemas.records import sha256_hex
-from shards.encodings import count_tokens
+from booksmith.schemas import Document
+from booksmith.schemas.records import sha256_hex
+from booksmith.shards.encodings import count_tokens
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TEXTBOOK = (FIXTURES / "textbook_sample.md").read_text(encoding="utf-8")

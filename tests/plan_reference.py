@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from generation.plan import _covered_units
-from prompts import PromptLibrary
-from schemas import GenerationRequest, Message, Sampling, TopicSeed
+from booksmith.generation.plan import _covered_units
+from booksmith.prompts import PromptLibrary
+from booksmith.schemas import GenerationRequest, Message, Sampling, TopicSeed
 
 
 def rebuild_plainly(

@@ -6,8 +6,15 @@ import pyarrow as pa
 import pytest
 from pydantic import BaseModel
 
-from schemas import Document, GenerationRequest, GenerationResult, Message, Rejected, Sampling
-from schemas.arrow import arrow_schema, to_table
+from booksmith.schemas import (
+    Document,
+    GenerationRequest,
+    GenerationResult,
+    Message,
+    Rejected,
+    Sampling,
+)
+from booksmith.schemas.arrow import arrow_schema, to_table
 from tests.filters_helpers import document
 
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from generation.backends import BackendError, api_key, model_name, open_endpoint
-from schemas.config import EmbeddedSettings, GenerationSettings
+from booksmith.generation.backends import BackendError, api_key, model_name, open_endpoint
+from booksmith.schemas.config import EmbeddedSettings, GenerationSettings
 
 
 def test_key_from_environment_and_clear_error_without_one(
@@ -39,7 +39,7 @@ def test_key_from_a_prefect_secret_never_reaches_the_outputs(
 ) -> None:
     from prefect.blocks.system import Secret
 
-    from flows.nightly import nightly
+    from booksmith.flows.nightly import nightly
     from tests.conftest import fake_backend_config
     from tests.fakeserver import FakeServer
 

@@ -20,8 +20,8 @@ from openai.types import Batch, FileObject
 from openai.types.chat.completion_create_params import CompletionCreateParamsNonStreaming
 from pydantic import TypeAdapter
 
-from generation.batch import BatchGenerationClient, import_results, list_batches
-from generation.batch_files import (
+from booksmith.generation.batch import BatchGenerationClient, import_results, list_batches
+from booksmith.generation.batch_files import (
     BatchFileError,
     chat_body,
     parse_output_line,
@@ -29,10 +29,10 @@ from generation.batch_files import (
     validate_body,
     write_batch_files,
 )
-from generation.cache import ResponseCache
-from generation.client import Endpoint, GenerationClient
-from schemas import GenerationRequest, Sampling
-from schemas.config import Budget
+from booksmith.generation.cache import ResponseCache
+from booksmith.generation.client import Endpoint, GenerationClient
+from booksmith.schemas import GenerationRequest, Sampling
+from booksmith.schemas.config import Budget
 from tests.batchserver import BatchServer, completion
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -233,9 +233,9 @@ async def test_results_join_into_the_cache_and_a_second_run_submits_nothing(
 _CHILD = """
 import asyncio, sys
 from pathlib import Path
-from generation.batch import BatchGenerationClient
-from generation.cache import ResponseCache
-from generation.client import Endpoint
+from booksmith.generation.batch import BatchGenerationClient
+from booksmith.generation.cache import ResponseCache
+from booksmith.generation.client import Endpoint
 from tests.test_batch import make_requests
 base_url, tmp = sys.argv[1], Path(sys.argv[2])
 ep = Endpoint(base_url=base_url, model="fake-model", api_key="x", backend="openai-batch")

@@ -9,9 +9,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from typer.testing import CliRunner
 
-from flows.cli import app
-from generation.batch import list_batches
-from shards.version import read_manifest
+from booksmith.flows.cli import app
+from booksmith.generation.batch import list_batches
+from booksmith.shards.version import read_manifest
 from tests.batchserver import BatchServer
 from tests.conftest import fake_backend_config
 from tests.fakeserver import FakeServer
@@ -26,7 +26,7 @@ def _documents(version: Path) -> set[tuple[str, str]]:
 def test_nightly_on_the_batch_api_matches_live_calls(
     prefect_api: str, tmp_path: Path, write_config
 ) -> None:
-    from flows.nightly import nightly
+    from booksmith.flows.nightly import nightly
 
     with BatchServer() as batch_server:
         cfg = fake_backend_config(batch_server.base_url, tmp_path / "batch")

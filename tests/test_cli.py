@@ -15,14 +15,14 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from flows.cli import app
-from schemas import GenerationRequest, Message, Sampling
-from shards.version import list_versions, read_manifest
+from booksmith.flows.cli import app
+from booksmith.schemas import GenerationRequest, Message, Sampling
+from booksmith.shards.version import list_versions, read_manifest
 from tests.conftest import fake_backend_config
 from tests.fakeserver import FakeServer, request_key
 
 runner = CliRunner()
-BOOKSMITH = [sys.executable, "-m", "flows.cli"]
+BOOKSMITH = [sys.executable, "-m", "booksmith"]
 
 
 def test_unknown_config_key_names_file_line_and_key(tmp_path: Path) -> None:
@@ -78,7 +78,7 @@ def test_config_show_prints_every_default() -> None:
 
 
 def test_topics_show_prints_the_tree() -> None:
-    from generation.seeds import default_seeds_path
+    from booksmith.generation.seeds import default_seeds_path
 
     result = runner.invoke(app, ["topics", "show", str(default_seeds_path())])
     assert result.exit_code == 0

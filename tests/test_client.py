@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from generation.cache import ResponseCache
-from generation.client import Endpoint, GenerationClient, retry_after_s
-from schemas import GenerationRequest, Sampling
-from schemas.config import Budget, Price
+from booksmith.generation.cache import ResponseCache
+from booksmith.generation.client import Endpoint, GenerationClient, retry_after_s
+from booksmith.schemas import GenerationRequest, Sampling
+from booksmith.schemas.config import Budget, Price
 from tests.fakeserver import FakeServer
 
 

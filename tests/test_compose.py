@@ -441,7 +441,7 @@ def test_dockerfile_installs_the_project() -> None:
 
 
 def test_compose_run_config_fits_the_stack(services: dict[str, Any]) -> None:
-    from schemas.config import RunConfig, load_config
+    from booksmith.schemas.config import RunConfig, load_config
 
     missing = [k for k in ("dedup", "generation", "output") if k not in RunConfig.model_fields]
     if missing:

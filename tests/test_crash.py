@@ -24,13 +24,13 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from schemas import GenerationRequest, Message
-from schemas.crashpoints import ENV as CRASH_ENV
-from shards.version import OWNER, STATE_DIR, is_dataset, list_versions, read_manifest
+from booksmith.schemas import GenerationRequest, Message
+from booksmith.schemas.crashpoints import ENV as CRASH_ENV
+from booksmith.shards.version import OWNER, STATE_DIR, is_dataset, list_versions, read_manifest
 from tests.conftest import fake_backend_config
 from tests.fakeserver import FakeServer, request_key
 
-BOOKSMITH = [sys.executable, "-m", "flows.cli"]
+BOOKSMITH = [sys.executable, "-m", "booksmith"]
 KILLED = -signal.SIGKILL
 LIMIT = 12
 CHUNK = 4  # three chunks: kills fall between and inside them
@@ -188,7 +188,7 @@ def crash_config(base_url: str, out: Path) -> dict[str, Any]:
 
 def test_crash_point_kills_on_the_nth_pass_only() -> None:
     code = (
-        "from schemas.crashpoints import crash_point\n"
+        "from booksmith.schemas.crashpoints import crash_point\n"
         "for i in range(1, 4):\n"
         "    crash_point('b.other')\n"
         "    crash_point('a.point')\n"

@@ -11,10 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from flows import cli_dedup
-from flows.cli_dedup import app
-from schemas import Rejected
-from shards.dataset import write_version
+from booksmith.flows import cli_dedup
+from booksmith.flows.cli_dedup import app
+from booksmith.schemas import Rejected
+from booksmith.shards.dataset import write_version
 from tests.dedup_corpus import make_corpus
 from tests.test_dedup_core import doc
 from tests.test_dedup_index import redis_url  # noqa: F401  (module fixture: a redis-server)
@@ -154,7 +154,7 @@ def test_dedup_streams_batches_with_the_in_memory_verdicts(
     spanning batches, a later record with a better score kept over an earlier one."""
     import random
 
-    from filters.dedup import DedupSettings, find_duplicates
+    from booksmith.filters.dedup import DedupSettings, find_duplicates
 
     rng = random.Random(5)
     corpus = make_corpus(30, 0, words_per_doc=120, seed=9).texts

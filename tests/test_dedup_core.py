@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from datasketch import MinHash, MinHashLSH
 
-from filters import run_chain
-from filters.dedup import (
+from booksmith.filters import run_chain
+from booksmith.filters.dedup import (
     DedupSettings,
     ExactDedup,
     MinHashDedup,
@@ -19,12 +19,12 @@ from filters.dedup import (
     signatures,
     to_lean,
 )
-from filters.dedup.cluster import resolve
-from filters.dedup.engine import index_entries
-from filters.dedup.lsh import band_keys, candidate_pairs, verified_pairs
-from filters.dedup.minhash import MinHashParams, shingle_hash
-from filters.dedup.normalize import normalized_text, words
-from schemas import Document
+from booksmith.filters.dedup.cluster import resolve
+from booksmith.filters.dedup.engine import index_entries
+from booksmith.filters.dedup.lsh import band_keys, candidate_pairs, verified_pairs
+from booksmith.filters.dedup.minhash import MinHashParams, shingle_hash
+from booksmith.filters.dedup.normalize import normalized_text, words
+from booksmith.schemas import Document
 from tests.dedup_corpus import exact_jaccard, make_corpus
 from tests.filters_helpers import document
 
@@ -44,7 +44,7 @@ def test_normalisation_folds_case_punctuation_width_and_whitespace() -> None:
 
 
 def test_ascii_fast_path_matches_unicode_path() -> None:
-    from filters.dedup.normalize import unicode_words
+    from booksmith.filters.dedup.normalize import unicode_words
 
     rng = random.Random(3)
     alphabet = [chr(c) for c in range(128)]
@@ -210,7 +210,7 @@ def test_ten_megabyte_documents() -> None:
 def test_settings_validate_and_pick_the_index(tmp_path: Path) -> None:
     from pydantic import ValidationError
 
-    from filters.dedup import FileIndex, open_index
+    from booksmith.filters.dedup import FileIndex, open_index
 
     assert abs(DedupSettings().jaccard_threshold - (1 / 14) ** (1 / 8)) < 1e-12
     assert DedupSettings(threshold=0.8).jaccard_threshold == 0.8

@@ -13,8 +13,8 @@ import numpy as np
 import psutil
 import pytest
 
-from filters import run_chain
-from filters.dedup import (
+from booksmith.filters import run_chain
+from booksmith.filters.dedup import (
     DedupIndexError,
     DedupSettings,
     ExactDedup,
@@ -25,7 +25,7 @@ from filters.dedup import (
     open_index,
     remove_run,
 )
-from filters.dedup.engine import index_entries
+from booksmith.filters.dedup.engine import index_entries
 from tests.dedup_corpus import make_corpus
 from tests.services import free_port, redis_server
 from tests.test_dedup_core import doc
@@ -127,7 +127,7 @@ def test_redis_index_is_shared_by_two_workers(redis_url: str) -> None:
 def test_redis_index_refuses_foreign_or_mismatched_state(redis_url: str) -> None:
     from datasketch import MinHashLSH
 
-    from filters.dedup import to_lean
+    from booksmith.filters.dedup import to_lean
 
     foreign = MinHashLSH(
         num_perm=112,
@@ -210,7 +210,7 @@ def test_file_index_replaced_atomically_on_crash(tmp_path: Path, monkeypatch) ->
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("filters.dedup.index.os.replace", crash)
+    monkeypatch.setattr("booksmith.filters.dedup.index.os.replace", crash)
     with pytest.raises(OSError, match="disk full"):
         commit(FileIndex(path), "run2", _docs(CORPUS.texts[10:20], "b"))
     monkeypatch.undo()
@@ -251,7 +251,7 @@ def test_file_index_with_a_million_entries_loads(tmp_path: Path) -> None:
 
 
 def _write_version(out: Path, run_id: str, docs: list) -> Path:
-    from shards.dataset import write_version
+    from booksmith.shards.dataset import write_version
 
     write_version(
         out / run_id,
@@ -270,7 +270,7 @@ def _write_version(out: Path, run_id: str, docs: list) -> Path:
 
 
 def test_reconcile_indexes_uncommitted_versions_and_prunes_deleted_ones(tmp_path: Path) -> None:
-    from filters.dedup import reconcile
+    from booksmith.filters.dedup import reconcile
 
     out = tmp_path / "out"
     v1 = _write_version(out, "20260101T000000Z", _docs(CORPUS.texts[:10], "a"))

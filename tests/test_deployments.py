@@ -18,7 +18,7 @@ import yaml
 from prefect.exceptions import ObjectNotFound
 from prefect.flows import load_flow_from_entrypoint
 
-from shards.version import list_versions
+from booksmith.shards.version import list_versions
 from tests.conftest import fake_backend_config
 from tests.fakeserver import FakeServer
 
@@ -69,7 +69,7 @@ def test_serve_registers_the_deployments_and_runs_nightly(
         config = write_config(cfg)
         env = {**os.environ, "PREFECT_API_URL": prefect_api, "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
         proc = subprocess.Popen(
-            [sys.executable, "-m", "flows.cli", "serve", "--config", str(config)],
+            [sys.executable, "-m", "booksmith", "serve", "--config", str(config)],
             cwd=ROOT,
             env=env,
             stdout=subprocess.DEVNULL,

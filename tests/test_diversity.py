@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from generation.diversity import (
+from booksmith.generation.diversity import (
     axis_coverage,
     compression_ratio,
     distinct_n,
@@ -65,8 +65,8 @@ def test_axis_coverage() -> None:
 
 
 def test_report_renders_from_a_manifest(tmp_path: Path) -> None:
-    from flows.report import render_report
-    from shards.writer import write_json_atomic
+    from booksmith.flows.report import render_report
+    from booksmith.shards.writer import write_json_atomic
 
     texts = ["Once upon a time a cell divided.", "Light bends when it enters water."]
     rows = [{"format": "story"}, {"format": "textbook_section"}]

@@ -11,8 +11,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from generation.seeds import load_seeds
-from shards.version import list_versions, read_manifest
+from booksmith.generation.seeds import load_seeds
+from booksmith.shards.version import list_versions, read_manifest
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 def booksmith(*args: str, api: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PREFECT_API_URL": api}
     return subprocess.run(
-        [sys.executable, "-m", "flows.cli", *args],
+        [sys.executable, "-m", "booksmith", *args],
         env=env,
         capture_output=True,
         text=True,

@@ -17,7 +17,7 @@ import pytest
 pytest.importorskip("llama_cpp")
 openai = pytest.importorskip("openai")
 
-from generation.embedded import EmbeddedServer, bundled_gguf, prepared_model  # noqa: E402
+from booksmith.generation.embedded import EmbeddedServer, bundled_gguf, prepared_model  # noqa: E402
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -281,7 +281,7 @@ def test_a_killed_launcher_leaves_no_server_and_no_log() -> None:
 
     script = (
         "import time\n"
-        "from generation.embedded import EmbeddedServer\n"
+        "from booksmith.generation.embedded import EmbeddedServer\n"
         "s = EmbeddedServer(n_parallel=1, ctx_per_seq=256).start()\n"
         "print(s.process.pid, s.log_path, flush=True)\n"
         "time.sleep(600)\n"

@@ -10,7 +10,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from shards.version import read_manifest
+from booksmith.shards.version import read_manifest
 from tests.conftest import fake_backend_config
 from tests.fakeserver import FakeServer
 
@@ -23,7 +23,7 @@ def lossy() -> Iterator[FakeServer]:
 
 
 def run(config: Path) -> Path:
-    from flows.nightly import nightly
+    from booksmith.flows.nightly import nightly
 
     return Path(nightly(config=str(config)))
 

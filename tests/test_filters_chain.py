@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from filters.chain import build_chain
-from filters.quality import train
-from filters.records_io import read_labelled
-from filters.settings import DecontamSettings, FilterError, FilterSettings
+from booksmith.filters.chain import build_chain
+from booksmith.filters.quality import train
+from booksmith.filters.records_io import read_labelled
+from booksmith.filters.settings import DecontamSettings, FilterError, FilterSettings
 from tests.filters_helpers import LABELLED, MMLU
 
 

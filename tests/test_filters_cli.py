@@ -16,9 +16,9 @@ import typer
 import yaml
 from typer.testing import CliRunner
 
-from filters.annotate import parse_score
-from flows import cli_quality
-from shards.dataset import write_version
+from booksmith.filters.annotate import parse_score
+from booksmith.flows import cli_quality
+from booksmith.shards.dataset import write_version
 from tests.conftest import fake_backend_config
 from tests.fakeserver import FakeServer
 from tests.filters_helpers import LABELLED, MMLU, TEXTBOOK, make_doc
@@ -133,8 +133,8 @@ def test_annotate_train_filter_end_to_end(tmp_path: Path, judge: str) -> None:
 
 
 def test_filter_a_dataset_version_uses_its_trained_model(tmp_path: Path) -> None:
-    from filters.quality import train
-    from filters.records_io import read_labelled
+    from booksmith.filters.quality import train
+    from booksmith.filters.records_io import read_labelled
 
     out_dir = tmp_path / "out"
     data, _ = read_labelled(LABELLED)
@@ -194,8 +194,8 @@ def test_bad_input_files(tmp_path: Path) -> None:
 def test_retrain_schedule(tmp_path: Path) -> None:
     from datetime import UTC, datetime, timedelta
 
-    from filters.quality import train
-    from filters.records_io import read_labelled
+    from booksmith.filters.quality import train
+    from booksmith.filters.records_io import read_labelled
 
     assert not cli_quality.retrain_due(tmp_path, None)  # unscheduled: never
     assert cli_quality.retrain_due(tmp_path, 7)  # scheduled and no model yet
@@ -211,7 +211,7 @@ def test_filter_streams_in_batches_with_the_same_output(
 ) -> None:
     """Batches of 3 documents give the files one batch gives: kept and rejected rows in input
     order, counts summed over the batches."""
-    from filters import records_io
+    from booksmith.filters import records_io
 
     junk = "Buy cheap followers now! Click here, free shipping, limited offer, sign up. " * 12
     texts = [TEXTBOOK, "", junk, TEXTBOOK.replace("plant", "tree"), "   ", junk + " again"]

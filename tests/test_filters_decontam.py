@@ -10,9 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from filters.benchmarks import load_benchmark
-from filters.decontam import BenchmarkIndex, DecontamFilter, build_index
-from filters.settings import DecontamSettings, FilterError
+from booksmith.filters.benchmarks import load_benchmark
+from booksmith.filters.decontam import BenchmarkIndex, DecontamFilter, build_index
+from booksmith.filters.settings import DecontamSettings, FilterError
 from tests.filters_helpers import GSM8K, MMLU, TEXTBOOK, make_doc
 
 MMLU_Q0 = json.loads(MMLU.read_text().splitlines()[0])["question"]

@@ -15,7 +15,7 @@ import typer
 import yaml
 from typer.testing import CliRunner
 
-from flows import cli_quality
+from booksmith.flows import cli_quality
 from tests.filters_helpers import LABELLED, TEXTBOOK
 
 app = typer.Typer()

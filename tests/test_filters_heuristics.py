@@ -8,15 +8,15 @@ import random
 
 import pytest
 
-from filters import gopher_quality, gopher_repetition, lines
-from filters.base import run_chain
-from filters.chain import build_chain
-from filters.generation_artifacts import GenerationArtifactFilter
-from filters.gopher_quality import GopherQualityFilter
-from filters.gopher_repetition import GopherRepetitionFilter
-from filters.lines import LineFilter
-from filters.scored import run_detailed
-from filters.settings import (
+from booksmith.filters import gopher_quality, gopher_repetition, lines
+from booksmith.filters.base import run_chain
+from booksmith.filters.chain import build_chain
+from booksmith.filters.generation_artifacts import GenerationArtifactFilter
+from booksmith.filters.gopher_quality import GopherQualityFilter
+from booksmith.filters.gopher_repetition import GopherRepetitionFilter
+from booksmith.filters.lines import LineFilter
+from booksmith.filters.scored import run_detailed
+from booksmith.filters.settings import (
     ArtifactSettings,
     FilterError,
     FilterSettings,

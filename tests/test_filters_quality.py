@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from filters.quality import QualityFilter, QualityModel, TrainReport, in_holdout, train
-from filters.records_io import read_labelled
-from filters.settings import FilterError, QualitySettings
+from booksmith.filters.quality import QualityFilter, QualityModel, TrainReport, in_holdout, train
+from booksmith.filters.records_io import read_labelled
+from booksmith.filters.settings import FilterError, QualitySettings
 from tests.filters_helpers import LABELLED, TEXTBOOK, make_doc
 
 F1_FLOOR = 0.8  # measured 0.94 on the held-out part (18 documents, 8 educational)
@@ -85,7 +85,7 @@ def test_corrupt_missing_and_foreign_models(trained: TrainReport, tmp_path: Path
     (copy_dir / "model.card.json").write_text("{")
     with pytest.raises(FilterError, match="corrupt model card"):
         QualityModel(model)
-    from filters.fasttext_model import bundled_lid176
+    from booksmith.filters.fasttext_model import bundled_lid176
 
     with pytest.raises(FilterError, match="not a booksmith quality model"):
         QualityModel(bundled_lid176())

@@ -12,9 +12,9 @@ import duckdb
 import pyarrow.parquet as pq
 import pytest
 
-from schemas import Document, arrow_schema
-from shards.version import list_versions, read_manifest
-from shards.writer import file_sha256
+from booksmith.schemas import Document, arrow_schema
+from booksmith.shards.version import list_versions, read_manifest
+from booksmith.shards.writer import file_sha256
 from tests.conftest import fake_backend_config
 from tests.fakeserver import FakeServer
 
@@ -37,7 +37,7 @@ def server() -> Iterator[FakeServer]:
 
 
 def run_flow(config: Path) -> Path:
-    from flows.nightly import nightly
+    from booksmith.flows.nightly import nightly
 
     return Path(nightly(config=str(config)))
 
@@ -123,7 +123,7 @@ def test_nightly_writes_a_complete_dataset_version(
     )
     from typer.testing import CliRunner
 
-    from flows.cli import app
+    from booksmith.flows.cli import app
 
     shown = CliRunner().invoke(app, ["report", str(version)])
     assert shown.exit_code == 0 and "distinct_2" in shown.output
@@ -188,7 +188,7 @@ def test_a_different_seed_plans_different_requests(
 ) -> None:
     from typer.testing import CliRunner
 
-    from flows.cli import app
+    from booksmith.flows.cli import app
 
     cfg = fake_backend_config(server.base_url, tmp_path / "out")
     config_a = write_config(cfg, "a.yaml")
@@ -211,7 +211,7 @@ def test_without_a_seed_the_run_date_decides_the_plan(
 ) -> None:
     from datetime import UTC, datetime
 
-    from flows.nightly import seed_for
+    from booksmith.flows.nightly import seed_for
 
     cfg = fake_backend_config(server.base_url, tmp_path / "out")
     del cfg["seed"]

@@ -10,12 +10,19 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from generation.plan import build_plan
-from generation.seeds import load_seeds
-from prompts import PromptError, PromptLibrary, load_seed_words
-from schemas import Document, GenerationRequest, Rejected, Sampling, TopicSeed, arrow_schema
-from schemas.arrow import to_table
-from schemas.config import ConfigError, RunConfig, load_config
+from booksmith.generation.plan import build_plan
+from booksmith.generation.seeds import load_seeds
+from booksmith.prompts import PromptError, PromptLibrary, load_seed_words
+from booksmith.schemas import (
+    Document,
+    GenerationRequest,
+    Rejected,
+    Sampling,
+    TopicSeed,
+    arrow_schema,
+)
+from booksmith.schemas.arrow import to_table
+from booksmith.schemas.config import ConfigError, RunConfig, load_config
 
 
 def plan(seed: int = 1, limit: int | None = 24, **kw: object) -> list[GenerationRequest]:

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from generation.plan import build_plan
-from generation.seeds import load_seeds
-from prompts import PromptLibrary
-from prompts.splice import shape
-from schemas import GenerationRequest, Message, RequestBuilder, Sampling, TopicSeed
+from booksmith.generation.plan import build_plan
+from booksmith.generation.seeds import load_seeds
+from booksmith.prompts import PromptLibrary
+from booksmith.prompts.splice import shape
+from booksmith.schemas import GenerationRequest, Message, RequestBuilder, Sampling, TopicSeed
 from tests.plan_reference import rebuild_plainly
 
 # Values chosen to break a naive splice: format braces, template syntax, JSON escapes,

@@ -11,7 +11,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from shards.version import read_manifest
+from booksmith.shards.version import read_manifest
 from tests.conftest import fake_backend_config
 from tests.fakeserver import FakeServer
 from tests.judge import judge_server
@@ -32,7 +32,7 @@ def judge() -> Iterator[tuple[str, list[int]]]:
 def test_retrain_on_schedule_then_filter_with_the_new_model(
     prefect_api: str, judge: tuple[str, list[int]], tmp_path: Path, write_config
 ) -> None:
-    from flows.nightly import nightly
+    from booksmith.flows.nightly import nightly
 
     judge_url, judge_calls = judge
     out = tmp_path / "out"

@@ -14,11 +14,11 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from generation.client import Endpoint
-from generation.scaleout import assign, merge_reports, partition
-from schemas import Sampling
-from schemas.records import GenerationRequest
-from shards.version import list_versions, read_manifest
+from booksmith.generation.client import Endpoint
+from booksmith.generation.scaleout import assign, merge_reports, partition
+from booksmith.schemas import Sampling
+from booksmith.schemas.records import GenerationRequest
+from booksmith.shards.version import list_versions, read_manifest
 from tests.conftest import fake_backend_config
 from tests.fakeserver import FakeServer
 
@@ -39,7 +39,7 @@ def _documents(version: Path) -> set[tuple[str, str]]:
 
 def _cli_run(config: Path, api: str) -> Path:
     result = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "run", "--config", str(config)],
+        [sys.executable, "-m", "booksmith", "run", "--config", str(config)],
         env={**os.environ, "PREFECT_API_URL": api},
         cwd=ROOT,
         capture_output=True,
@@ -111,7 +111,7 @@ def test_dask_cluster_writes_the_same_dataset_as_the_thread_pool(
 def test_several_endpoints_share_the_load(
     prefect_api: str, server: FakeServer, tmp_path: Path, write_config
 ) -> None:
-    from flows.nightly import nightly
+    from booksmith.flows.nightly import nightly
 
     with FakeServer({"latency_s": 0.01}) as second:
         server.reset()
@@ -134,7 +134,7 @@ def test_several_endpoints_share_the_load(
 def test_nightly_runs_take_the_topics_not_yet_covered(
     prefect_api: str, server: FakeServer, tmp_path: Path, write_config
 ) -> None:
-    from flows.nightly import nightly
+    from booksmith.flows.nightly import nightly
 
     topics = tmp_path / "topics.yaml"
     names = [
@@ -165,9 +165,9 @@ def test_nightly_runs_take_the_topics_not_yet_covered(
 
 
 def test_rolling_window_moves_on_each_run(tmp_path: Path) -> None:
-    from generation.coverage import select_topics
-    from schemas import TopicSeed
-    from schemas.config import PlanSettings
+    from booksmith.generation.coverage import select_topics
+    from booksmith.schemas import TopicSeed
+    from booksmith.schemas.config import PlanSettings
 
     seeds = [TopicSeed(topic=f"t{i}") for i in range(5)]
     plan = PlanSettings(topics_per_run=2, rotation="window")

@@ -29,12 +29,12 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from flows.cli import app
-from shards.version import STATE_DIR, list_versions, read_manifest
+from booksmith.flows.cli import app
+from booksmith.shards.version import STATE_DIR, list_versions, read_manifest
 from tests.conftest import fake_backend_config
 from tests.fakeserver import FakeApp, FaultConfig
 
-BOOKSMITH = [sys.executable, "-m", "flows.cli"]
+BOOKSMITH = [sys.executable, "-m", "booksmith"]
 runner = CliRunner()
 
 
@@ -300,7 +300,7 @@ def test_a_key_in_the_config_file_is_rejected_without_echoing_it(tmp_path: Path)
 
 
 def test_a_key_pasted_into_api_key_env_is_rejected_without_echoing_it(tmp_path: Path) -> None:
-    from schemas.config import ConfigError, load_config
+    from booksmith.schemas.config import ConfigError, load_config
 
     planted = "sk-booksmith-planted-" + secrets.token_hex(16)
     config = tmp_path / "c.yaml"

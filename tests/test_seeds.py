@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from generation.seeds import SeedFileError, load_seeds
+from booksmith.generation.seeds import SeedFileError, load_seeds
 
 
 def write(tmp_path: Path, name: str, content: str | bytes) -> Path:

@@ -13,8 +13,8 @@ from pathlib import Path
 import boto3
 import pytest
 
-from filters.dedup import RedisIndex
-from shards.version import list_versions, read_manifest
+from booksmith.filters.dedup import RedisIndex
+from booksmith.shards.version import list_versions, read_manifest
 from tests.conftest import fake_backend_config
 from tests.fakeserver import FakeServer
 from tests.services import moto_s3, prefect_server, redis_server
@@ -54,7 +54,7 @@ def test_nightly_runs_through_prefect_redis_and_s3(tmp_path: Path, write_config)
 
         def run(config: Path) -> Path:
             result = subprocess.run(
-                [sys.executable, "-m", "flows.cli", "run", "--config", str(config)],
+                [sys.executable, "-m", "booksmith", "run", "--config", str(config)],
                 cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
             )  # fmt: skip
             assert result.returncode == 0, result.stderr[-3000:]
@@ -82,7 +82,7 @@ def test_nightly_runs_through_prefect_redis_and_s3(tmp_path: Path, write_config)
         for version in list_versions(out):
             assert f"nightly/{version.name}/manifest.json" in keys
             check = subprocess.run(
-                [sys.executable, "-m", "flows.cli", "verify", f"s3://booksmith/nightly/{version.name}"],
+                [sys.executable, "-m", "booksmith", "verify", f"s3://booksmith/nightly/{version.name}"],
                 cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
             )  # fmt: skip
             assert check.returncode == 0, check.stderr[-2000:]

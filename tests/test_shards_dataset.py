@@ -14,16 +14,16 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from flows.cli_shards import app
-from schemas import Document, Rejected
-from schemas.records import sha256_hex
-from shards import dataset as dataset_mod
-from shards.card import size_category
-from shards.dataset import write_version
-from shards.encodings import get_encoding
-from shards.verify import verify
-from shards.version import list_versions, read_manifest
-from shards.writer import file_sha256
+from booksmith.flows.cli_shards import app
+from booksmith.schemas import Document, Rejected
+from booksmith.schemas.records import sha256_hex
+from booksmith.shards import dataset as dataset_mod
+from booksmith.shards.card import size_category
+from booksmith.shards.dataset import write_version
+from booksmith.shards.encodings import get_encoding
+from booksmith.shards.verify import verify
+from booksmith.shards.version import list_versions, read_manifest
+from booksmith.shards.writer import file_sha256
 
 VOCABULARY = (
     "the photosynthesis chloroplast energy light water carbon algebra equation variable "

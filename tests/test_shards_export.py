@@ -17,10 +17,10 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from flows.cli_shards import app
-from shards.export import MIN_PART_SIZE, export
-from shards.verify import verify
-from shards.version import read_manifest
+from booksmith.flows.cli_shards import app
+from booksmith.shards.export import MIN_PART_SIZE, export
+from booksmith.shards.verify import verify
+from booksmith.shards.version import read_manifest
 from tests.services import moto_s3
 from tests.test_shards_dataset import make_version
 
@@ -224,7 +224,7 @@ def test_sigkilled_cli_export_resumes(tmp_path: Path, bucket: str) -> None:
     (root / "report").mkdir()
     (root / "report" / "blob.bin").write_bytes(os.urandom(12 * MIN_PART_SIZE))
     url = f"s3://{bucket}/k"
-    cmd = [sys.executable, "-m", "flows.cli_shards", "export", str(root), "--to", url]
+    cmd = [sys.executable, "-m", "booksmith.flows.cli_shards", "export", str(root), "--to", url]
     cmd += ["--part-size-mb", "5", "--workers", "1"]
     s3 = boto3.client("s3")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -254,8 +254,8 @@ def test_sigkilled_cli_export_resumes(tmp_path: Path, bucket: str) -> None:
 
 
 def test_export_through_a_pyarrow_filesystem(version: Path, tmp_path: Path) -> None:
-    from shards import export as export_mod
-    from shards.fs import arrow_filesystem, filesystem
+    from booksmith.shards import export as export_mod
+    from booksmith.shards.fs import arrow_filesystem, filesystem
 
     fs, _ = arrow_filesystem((tmp_path / "arrow").as_uri())
     assert type(fs).__name__ == "ArrowFSWrapper"

@@ -12,8 +12,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from shards.encodings import EncodingUnavailable, get_encoding, token_dtype
-from shards.tokens import encode_batch, write_token_shards
+from booksmith.shards.encodings import EncodingUnavailable, get_encoding, token_dtype
+from booksmith.shards.tokens import encode_batch, write_token_shards
 
 SAMPLES = [
     "Photosynthesis converts light energy into chemical energy.",
@@ -52,7 +52,7 @@ def test_smollm2_encoding_fits_uint16() -> None:
 def test_smollm2_matches_llama_cpp_tokenizer() -> None:
     """The tiktoken build of SmolLM2's BPE gives exactly llama.cpp's tokens."""
     llama_cpp = pytest.importorskip("llama_cpp")
-    from generation.embedded.model import bundled_gguf
+    from booksmith.generation.embedded.model import bundled_gguf
 
     llm = llama_cpp.Llama(model_path=str(bundled_gguf()), vocab_only=True, verbose=False)
     enc = get_encoding("smollm2")

@@ -11,10 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from flows.cli_shards import app
-from shards import versions
-from shards.verify import verify
-from shards.version import list_versions, read_manifest
+from booksmith.flows.cli_shards import app
+from booksmith.shards import versions
+from booksmith.shards.verify import verify
+from booksmith.shards.version import list_versions, read_manifest
 from tests.test_shards_dataset import make_docs, make_version
 
 
@@ -208,7 +208,7 @@ def test_bin_exports_for_nanogpt_and_llmc(out: Path, tmp_path: Path) -> None:
 
 
 def test_rm_drops_the_version_from_the_minhash_index(out: Path) -> None:
-    from filters.dedup import commit, default_index_path, open_index_spec
+    from booksmith.filters.dedup import commit, default_index_path, open_index_spec
 
     index = open_index_spec(str(default_index_path(out)))
     run_id = "20261125T020000Z"

@@ -13,16 +13,16 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from filters.dedup import DedupSettings, find_duplicates
-from filters.dedup.candidates import CandidateStore
-from filters.dedup.minhash import signatures
-from filters.dedup.normalize import exact_key, words
-from filters.quality import train
-from filters.records_io import read_labelled
-from filters.settings import QualitySettings
-from pipeline import stages
-from pipeline.stages import ExactStage
-from shards.version import read_manifest, state_dir
+from booksmith.filters.dedup import DedupSettings, find_duplicates
+from booksmith.filters.dedup.candidates import CandidateStore
+from booksmith.filters.dedup.minhash import signatures
+from booksmith.filters.dedup.normalize import exact_key, words
+from booksmith.filters.quality import train
+from booksmith.filters.records_io import read_labelled
+from booksmith.filters.settings import QualitySettings
+from booksmith.pipeline import stages
+from booksmith.pipeline.stages import ExactStage
+from booksmith.shards.version import read_manifest, state_dir
 from tests.conftest import fake_backend_config
 from tests.fakeserver import FakeServer, completion_text
 from tests.filters_helpers import LABELLED, make_doc
@@ -118,7 +118,7 @@ def quality_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _run(
     server: FakeServer, out: Path, write_config: Any, quality_model: Path, **plan: Any
 ) -> Path:
-    from flows.nightly import nightly
+    from booksmith.flows.nightly import nightly
 
     cfg = fake_backend_config(server.base_url, out)
     cfg["plan"].update({"limit": 40, **plan})

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from generation.seeds import load_seeds
-from generation.topics import (
+from booksmith.generation.seeds import load_seeds
+from booksmith.generation.topics import (
     TopicExpander,
     junk_reason,
     parse_subtopics,
@@ -17,7 +17,7 @@ from generation.topics import (
     similar,
     write_topic_file,
 )
-from schemas import GenerationRequest, GenerationResult
+from booksmith.schemas import GenerationRequest, GenerationResult
 
 
 @pytest.mark.parametrize(
@@ -138,7 +138,7 @@ async def test_breadth_caps_children_and_huge_answers_do_not_crash() -> None:
 
 
 def test_topic_file_round_trips_through_the_seed_loader(tmp_path: Path) -> None:
-    from generation.topics import TopicNode
+    from booksmith.generation.topics import TopicNode
 
     nodes = [
         TopicNode("Chemistry", [], 0),
@@ -159,7 +159,7 @@ def test_topic_file_round_trips_through_the_seed_loader(tmp_path: Path) -> None:
 def test_expand_flow_on_the_fault_injecting_server(
     prefect_api: str, tmp_path: Path, write_config
 ) -> None:
-    from flows.expand import expand_topics
+    from booksmith.flows.expand import expand_topics
     from tests.conftest import fake_backend_config
     from tests.fakeserver import FakeServer
 

@@ -21,7 +21,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from trainer.data import (
+from booksmith.trainer.data import (
     DataError,
     TokenWindows,
     collate,
@@ -31,7 +31,7 @@ from trainer.data import (
     read_units,
     split_units,
 )
-from trainer.synthetic import EOT, write_token_dataset
+from booksmith.trainer.synthetic import EOT, write_token_dataset
 
 
 @pytest.fixture(scope="module")

@@ -10,10 +10,10 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from trainer import checkpoint  # noqa: E402
-from trainer.export import export_hf, from_hf_state_dict, hf_config, to_hf_state_dict  # noqa: E402
-from trainer.loss import linear_cross_entropy  # noqa: E402
-from trainer.model import ModelConfig, Phi, padded_vocab  # noqa: E402
+from booksmith.trainer import checkpoint  # noqa: E402
+from booksmith.trainer.export import export_hf, from_hf_state_dict, hf_config, to_hf_state_dict  # noqa: E402
+from booksmith.trainer.loss import linear_cross_entropy  # noqa: E402
+from booksmith.trainer.model import ModelConfig, Phi, padded_vocab  # noqa: E402
 
 
 def _hf_model(cfg: ModelConfig) -> torch.nn.Module:
@@ -62,7 +62,7 @@ def test_fused_loss_matches_plain_cross_entropy() -> None:
 
 
 def test_fused_loss_chunks_and_ignore_index(monkeypatch: pytest.MonkeyPatch) -> None:
-    import trainer.loss as loss_mod
+    import booksmith.trainer.loss as loss_mod
 
     monkeypatch.setattr(loss_mod, "CHUNK_ELEMENTS", 3 * 64)  # 3 rows a chunk: many chunks
     h = torch.randn(10, 16, requires_grad=True)

@@ -17,11 +17,11 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-from schemas.config import ConfigError
-from trainer.checkpoint import CheckpointError, load_train_state
-from trainer.config import CONFIG_DIR, TrainConfig, load_train_config
-from trainer.synthetic import write_token_dataset
-from trainer.train import train
+from booksmith.schemas.config import ConfigError
+from booksmith.trainer.checkpoint import CheckpointError, load_train_state
+from booksmith.trainer.config import CONFIG_DIR, TrainConfig, load_train_config
+from booksmith.trainer.synthetic import write_token_dataset
+from booksmith.trainer.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = {
@@ -124,7 +124,7 @@ def test_config_errors_name_file_and_key(tmp_path: Path) -> None:
 
 
 def _app() -> typer.Typer:
-    from flows.cli_train import app
+    from booksmith.flows.cli_train import app
 
     root = typer.Typer()
     root.add_typer(app, name="train")
@@ -167,7 +167,7 @@ def test_sigterm_writes_a_checkpoint_and_the_run_resumes(dataset: Path, tmp_path
     cfg.write_text(json.dumps({**FAST, "train": {**FAST["train"], "max_steps": 100000}}))
     out = tmp_path / "run"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "trainer", "--data", str(dataset), "--config", str(cfg),
+        [sys.executable, "-m", "booksmith.trainer", "--data", str(dataset), "--config", str(cfg),
          "--out", str(out)],
         cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
@@ -194,8 +194,8 @@ def test_ddp_two_processes_with_torchrun(dataset: Path, tmp_path: Path) -> None:
     def torchrun(max_steps: int) -> str:
         res = subprocess.run(
             [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-             "-m", "trainer", "--data", str(dataset), "--config", str(cfg), "--out", str(out),
-             "--max-steps", str(max_steps)],
+             "-m", "booksmith.trainer", "--data", str(dataset), "--config", str(cfg),
+             "--out", str(out), "--max-steps", str(max_steps)],
             cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300,
         )  # fmt: skip
         assert res.returncode == 0, res.stdout + res.stderr
@@ -232,7 +232,7 @@ def test_tiny_config_trains_a_few_hundred_steps(dataset: Path, tmp_path: Path) -
 @pytest.mark.slow
 @pytest.mark.e2e
 def test_prefect_train_flow(prefect_api: None, dataset: Path, tmp_path: Path) -> None:
-    from flows.train import train_flow
+    from booksmith.flows.train import train_flow
 
     cfg = tmp_path / "fast.yaml"
     cfg.write_text(json.dumps(FAST))

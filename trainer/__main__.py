@@ -1,4 +1,4 @@
-"""`python -m trainer` and `torchrun --nproc_per_node N -m trainer`: see trainer/train.py."""
+"""`python -m booksmith.trainer` (or under torchrun: `-m booksmith.trainer`): see train.py."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from schemas.config import ConfigError
-from trainer.checkpoint import CheckpointError
-from trainer.config import load_train_config
-from trainer.data import DataError
-from trainer.train import train
+from booksmith.schemas.config import ConfigError
+from booksmith.trainer.checkpoint import CheckpointError
+from booksmith.trainer.config import load_train_config
+from booksmith.trainer.data import DataError
+from booksmith.trainer.train import train
 
 
 def _shutdown_process_group() -> None:
@@ -23,7 +23,7 @@ def _shutdown_process_group() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m trainer", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m booksmith.trainer", description=__doc__)
     p.add_argument("--data", required=True, help="dataset version, directory, glob or URL")
     p.add_argument("--config", type=Path, default=None, help="trainer YAML (trainer/configs/)")
     p.add_argument("--out", type=Path, required=True, help="run directory (resumes from latest/)")

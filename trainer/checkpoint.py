@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from trainer.model import ModelConfig, Phi
+from booksmith.trainer.model import ModelConfig, Phi
 
 MODEL, STATE, META = "model.pt", "train_state.pt", "meta.json"
 

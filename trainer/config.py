@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from schemas.config import ConfigError, load_yaml_model
+from booksmith.schemas.config import ConfigError, load_yaml_model
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 

@@ -13,7 +13,7 @@ from typing import Any, cast
 
 import torch
 
-from trainer.model import Block, ModelConfig, Phi
+from booksmith.trainer.model import Block, ModelConfig, Phi
 
 
 def hf_config(cfg: ModelConfig, eot_token: int | None = None) -> dict[str, Any]:
@@ -108,7 +108,7 @@ def export_hf(ckpt: Path, out_dir: Path) -> Path:
     """Write `out_dir/config.json` and `out_dir/model.safetensors` from a booksmith checkpoint."""
     from safetensors.torch import save_file
 
-    from trainer.checkpoint import load_model
+    from booksmith.trainer.checkpoint import load_model
 
     model, meta = load_model(ckpt)
     out_dir.mkdir(parents=True, exist_ok=True)

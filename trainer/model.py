@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.loss import linear_cross_entropy
+from booksmith.trainer.loss import linear_cross_entropy
 
 
 @dataclass

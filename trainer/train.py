@@ -1,9 +1,9 @@
 """The training loop: one process, or one per device under torchrun (DDP).
 
-    python -m trainer --data DATASET --config trainer/configs/tiny.yaml --out runs/tiny
-    torchrun --nproc_per_node 8 -m trainer --data s3://bucket/v1 --config small.yaml --out runs/s
+    python -m booksmith.trainer --data DATASET --config trainer/configs/tiny.yaml --out runs/tiny
+    torchrun --nproc_per_node 8 -m booksmith.trainer --data s3://b/v1 --config small.yaml --out r
     torchrun --nnodes 4 --node_rank R --rdzv_backend c10d --rdzv_endpoint HOST:29500 \\
-        --nproc_per_node 8 -m trainer ...      (multi-node: torchrun's rendezvous flags)
+        --nproc_per_node 8 -m booksmith.trainer ...      (multi-node: torchrun's rendezvous flags)
 
 AdamW (fused where available) with decay on matrices only, linear warmup then cosine decay to
 min_lr, gradient accumulation, clipping, bf16 autocast on CUDA and fp32 on CPU, optional
@@ -36,9 +36,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
-from trainer import checkpoint
-from trainer.config import TrainConfig
-from trainer.data import (
+from booksmith.trainer import checkpoint
+from booksmith.trainer.config import TrainConfig
+from booksmith.trainer.data import (
     DataError,
     TokenSource,
     TokenWindows,
@@ -48,9 +48,9 @@ from trainer.data import (
     open_source,
     read_units,
 )
-from trainer.loss import free_workspace
-from trainer.mfu import device_peak
-from trainer.model import ModelConfig, Phi, padded_vocab
+from booksmith.trainer.loss import free_workspace
+from booksmith.trainer.mfu import device_peak
+from booksmith.trainer.model import ModelConfig, Phi, padded_vocab
 
 
 @dataclass

@@ -17,20 +17,20 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from filters.dedup.engine import EXACT, MINHASH, Verdict, find_duplicates, index_entries
-from filters.dedup.exact import ExactDedup
-from filters.dedup.index import DedupIndex, DedupIndexError, FileIndex, Match, RedisIndex
-from filters.dedup.minhash import MinHashParams, signatures, to_lean
-from filters.dedup.near import MinHashDedup
-from filters.dedup.settings import DedupSettings
-from filters.dedup.sync import Reconciled, reconcile
-from schemas import Document
+from booksmith.filters.dedup.engine import EXACT, MINHASH, Verdict, find_duplicates, index_entries
+from booksmith.filters.dedup.exact import ExactDedup
+from booksmith.filters.dedup.index import DedupIndex, DedupIndexError, FileIndex, Match, RedisIndex
+from booksmith.filters.dedup.minhash import MinHashParams, signatures, to_lean
+from booksmith.filters.dedup.near import MinHashDedup
+from booksmith.filters.dedup.settings import DedupSettings
+from booksmith.filters.dedup.sync import Reconciled, reconcile
+from booksmith.schemas import Document
 
 STATE_SUBDIR = "minhash"
 
 
 def default_index_path(out: Path) -> Path:
-    from shards.version import state_dir
+    from booksmith.shards.version import state_dir
 
     return state_dir(out) / STATE_SUBDIR
 

@@ -26,9 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from filters.dedup.cluster import resolve as resolve_clusters
-from filters.dedup.lsh import band_keys, candidate_pairs, pair_jaccard
-from filters.dedup.minhash import MinHashParams
+from booksmith.filters.dedup.cluster import resolve as resolve_clusters
+from booksmith.filters.dedup.lsh import band_keys, candidate_pairs, pair_jaccard
+from booksmith.filters.dedup.minhash import MinHashParams
 
 META = np.dtype(
     [("score", "<f8"), ("exact", "<u8"), ("topic", "<i4"), ("tokens", "<i4"), ("chunk", "<i4"),

@@ -14,12 +14,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from filters.dedup.cluster import resolve
-from filters.dedup.index import DedupIndex
-from filters.dedup.lsh import band_keys, candidate_pairs, verified_pairs
-from filters.dedup.minhash import signatures
-from filters.dedup.normalize import exact_key, words
-from filters.dedup.settings import DedupSettings
+from booksmith.filters.dedup.cluster import resolve
+from booksmith.filters.dedup.index import DedupIndex
+from booksmith.filters.dedup.lsh import band_keys, candidate_pairs, verified_pairs
+from booksmith.filters.dedup.minhash import signatures
+from booksmith.filters.dedup.normalize import exact_key, words
+from booksmith.filters.dedup.settings import DedupSettings
 
 EXACT = "dedup_exact"
 MINHASH = "dedup_minhash"

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from filters.base import StageOutput
-from filters.dedup.engine import Verdict, find_exact
-from filters.dedup.index import DedupIndex
-from filters.dedup.normalize import words
-from schemas import Document
+from booksmith.filters.base import StageOutput
+from booksmith.filters.dedup.engine import Verdict, find_exact
+from booksmith.filters.dedup.index import DedupIndex
+from booksmith.filters.dedup.normalize import words
+from booksmith.schemas import Document
 
 
 def apply_verdicts(docs: Sequence[Document], verdicts: Sequence[Verdict | None]) -> StageOutput:

@@ -40,10 +40,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from filters.dedup.lookup import SegmentLookup, build
-from filters.dedup.lsh import band_keys
-from filters.dedup.minhash import SCHEME, MinHashParams
-from filters.dedup.normalize import NORMALIZER_VERSION
+from booksmith.filters.dedup.lookup import SegmentLookup, build
+from booksmith.filters.dedup.lsh import band_keys
+from booksmith.filters.dedup.minhash import SCHEME, MinHashParams
+from booksmith.filters.dedup.normalize import NORMALIZER_VERSION
 
 FORMAT = "booksmith-minhash-index"
 VERSION = 1

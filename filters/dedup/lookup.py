@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from filters.dedup.lsh import band_keys, pair_jaccard
-from filters.dedup.minhash import MinHashParams
+from booksmith.filters.dedup.lsh import band_keys, pair_jaccard
+from booksmith.filters.dedup.minhash import MinHashParams
 
 TABLES = ("sigs", "bands", "border", "exact", "eorder", "ids")
 BLOCK_ROWS = 8192

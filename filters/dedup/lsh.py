@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from filters.dedup.minhash import _fmix64
+from booksmith.filters.dedup.minhash import _fmix64
 
 _U64 = np.uint64
 _MUL = _U64(0xC2B2AE3D27D4EB4F)

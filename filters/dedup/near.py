@@ -12,13 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from filters.base import StageOutput
-from filters.dedup.engine import Verdict, find_near
-from filters.dedup.exact import apply_verdicts
-from filters.dedup.index import DedupIndex
-from filters.dedup.normalize import words
-from filters.dedup.settings import DedupSettings
-from schemas import Document
+from booksmith.filters.base import StageOutput
+from booksmith.filters.dedup.engine import Verdict, find_near
+from booksmith.filters.dedup.exact import apply_verdicts
+from booksmith.filters.dedup.index import DedupIndex
+from booksmith.filters.dedup.normalize import words
+from booksmith.filters.dedup.settings import DedupSettings
+from booksmith.schemas import Document
 
 
 class MinHashDedup:

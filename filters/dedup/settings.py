@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from filters.dedup.minhash import MinHashParams
+from booksmith.filters.dedup.minhash import MinHashParams
 
 
 class DedupSettings(BaseModel):

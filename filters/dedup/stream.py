@@ -24,13 +24,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from filters.dedup.candidates import CandidateStore
-from filters.dedup.cluster import resolve as resolve_clusters
-from filters.dedup.engine import EXACT, MINHASH
-from filters.dedup.index import DedupIndex
-from filters.dedup.minhash import signatures
-from filters.dedup.normalize import exact_key, words
-from filters.dedup.settings import DedupSettings
+from booksmith.filters.dedup.candidates import CandidateStore
+from booksmith.filters.dedup.cluster import resolve as resolve_clusters
+from booksmith.filters.dedup.engine import EXACT, MINHASH
+from booksmith.filters.dedup.index import DedupIndex
+from booksmith.filters.dedup.minhash import signatures
+from booksmith.filters.dedup.normalize import exact_key, words
+from booksmith.filters.dedup.settings import DedupSettings
 
 KEEP, DROP_EXACT, DROP_NEAR = 0, 1, 2
 Batches = Callable[[], Iterator[pa.Table]]  # a fresh pass over the input each call

@@ -14,10 +14,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from filters.dedup.engine import index_entries
-from filters.dedup.index import DedupIndex
-from filters.dedup.settings import DedupSettings
-from shards.version import MANIFEST, list_versions, read_manifest
+from booksmith.filters.dedup.engine import index_entries
+from booksmith.filters.dedup.index import DedupIndex
+from booksmith.filters.dedup.settings import DedupSettings
+from booksmith.shards.version import MANIFEST, list_versions, read_manifest
 
 
 @dataclass

@@ -24,7 +24,7 @@ import urllib.request
 from pathlib import Path
 from types import TracebackType
 
-from generation.embedded.model import MODEL_NAME, prepared_model
+from booksmith.generation.embedded.model import MODEL_NAME, prepared_model
 
 _PR_SET_PDEATHSIG = 1
 _REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -101,7 +101,7 @@ class EmbeddedServer:
             self.log_path, self._own_log = Path(name), True
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         command = [
-            sys.executable, "-m", "generation.embedded.server",
+            sys.executable, "-m", "booksmith.generation.embedded.server",
             "--model", str(model), "--model-name", self.model_name,
             "--host", self.host, "--port", str(self.port),
             "--parallel", str(self.n_parallel), "--threads", str(self.n_threads),

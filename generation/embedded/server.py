@@ -1,6 +1,6 @@
 """An OpenAI-compatible HTTP server for the embedded model (Starlette on uvicorn).
 
-    python -m generation.embedded.server --model PATH --port 8080 --parallel 8 --threads 2
+    python -m booksmith.generation.embedded.server --model PATH --port 8080 --parallel 8 --threads 2
 
 Endpoints: GET /health (503 while the model loads, then 200), GET /v1/models and
 POST /v1/chat/completions (non-streaming, n=1). Every request goes to one continuous-batching
@@ -28,7 +28,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from generation.embedded.engine import (
+from booksmith.generation.embedded.engine import (
     Completion,
     Engine,
     EngineClosedError,
@@ -36,7 +36,7 @@ from generation.embedded.engine import (
     PromptTooLongError,
     SamplingParams,
 )
-from generation.embedded.model import MODEL_NAME
+from booksmith.generation.embedded.model import MODEL_NAME
 
 log = logging.getLogger("booksmith.embedded.server")
 
