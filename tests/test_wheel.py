@@ -37,8 +37,18 @@ def _package_dirs() -> dict[str, str]:
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     dist = tmp_path_factory.mktemp("dist")
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-         "-w", str(dist), str(ROOT)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(dist),
+            str(ROOT),
+        ],
         check=True,
         capture_output=True,
     )
@@ -60,9 +70,11 @@ def test_wheel_has_one_top_level_package_holding_every_module(wheel: Path) -> No
             if path.suffix in {".py", ".j2", ".yaml", ".txt"} or path.name == "README.md":
                 member = f"{prefix}/{path.relative_to(ROOT / folder).as_posix()}"
                 assert member in names, f"{member} (from {path.relative_to(ROOT)}) not in wheel"
-    entry = zipfile.ZipFile(wheel).read(
-        next(n for n in names if n.endswith("entry_points.txt"))
-    ).decode()
+    entry = (
+        zipfile.ZipFile(wheel)
+        .read(next(n for n in names if n.endswith("entry_points.txt")))
+        .decode()
+    )
     assert "booksmith = booksmith.flows.cli:main" in entry
 
 
@@ -75,13 +87,24 @@ def test_wheel_runs_booksmith_run_outside_the_checkout(
     py = venv / "bin" / "python"
     purelib = subprocess.run(
         [str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        check=True, capture_output=True, text=True,
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout.strip()
     deps = {sysconfig.get_paths()["purelib"], *site.getsitepackages()}
     Path(purelib, "_booksmith_deps.pth").write_text("\n".join(sorted(deps)) + "\n")
     subprocess.run(
-        [sys.executable, "-m", "pip", "--python", str(py), "install", "-q", "--no-deps",
-         str(wheel)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(py),
+            "install",
+            "-q",
+            "--no-deps",
+            str(wheel),
+        ],
         check=True,
         capture_output=True,
     )
@@ -92,7 +115,11 @@ def test_wheel_runs_booksmith_run_outside_the_checkout(
 
     where = subprocess.run(
         [str(py), "-c", "import booksmith.flows.cli as m; print(m.__file__)"],
-        cwd=work, env=env, check=True, capture_output=True, text=True,
+        cwd=work,
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout.strip()
     assert Path(where).is_relative_to(purelib), where
 
@@ -101,7 +128,10 @@ def test_wheel_runs_booksmith_run_outside_the_checkout(
         config = write_config(fake_backend_config(server.base_url, out))
         run = subprocess.run(
             [str(venv / "bin" / "booksmith"), "run", "--config", str(config)],
-            cwd=work, env=env, capture_output=True, text=True,
+            cwd=work,
+            env=env,
+            capture_output=True,
+            text=True,
         )
     assert run.returncode == 0, run.stderr[-3000:]
     (version,) = list_versions(out)
