@@ -95,9 +95,7 @@ def write_seconds(plan: list[GenerationRequest]) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
         root = Path(tmp)
-        atomic_write_table(
-            to_table(plan, GenerationRequest), root / "plan.parquet", root=root, kind="plan"
-        )
+        atomic_write_table(to_table(plan, GenerationRequest), root / "plan.parquet")
         return time.perf_counter() - started
 
 

@@ -160,7 +160,7 @@ def save_annotations(path: Path, annotations: Sequence[Annotation]) -> int:
     for a in annotations:
         merged[a.id] = a
     rows = list(merged.values())
-    atomic_write_table(to_table(rows, Annotation), path, root=path.parent, kind="annotations")
+    atomic_write_table(to_table(rows, Annotation), path)
     return len(rows)
 
 

@@ -95,14 +95,14 @@ def iter_documents(
 ) -> Iterator[list[Document]]:
     """`read_documents` as a stream of lists of at most `batch_docs` documents: a corpus larger
     than memory is read a batch at a time."""
-    from booksmith.shards.version import is_dataset
+    from booksmith.shards.version import is_dataset, read_manifest
 
     size = batch_docs or BATCH_DOCS
     if path.is_dir():
         if not is_dataset(path):
             raise FilterError(f"{path}: a directory without manifest.json is not a dataset")
-        for shard in sorted((path / "text").glob("part-*.parquet")):
-            parquet = pq.ParquetFile(shard)
+        for rel in read_manifest(path).shard_paths("text"):
+            parquet = pq.ParquetFile(path / rel)
             for record_batch in parquet.iter_batches(size):
                 table = pa.Table.from_batches([record_batch]).cast(arrow_schema(Document))
                 yield [Document.model_validate(row) for row in table.to_pylist()]
@@ -175,7 +175,7 @@ class OutputWriter:
     def __init__(self, out: Path) -> None:
         out.mkdir(parents=True, exist_ok=True)
         self.out = out
-        self.kept = SingleFileWriter(out, "kept.parquet", Document, kind="kept")
+        self.kept = SingleFileWriter(out, "kept.parquet", Document, kind="text")
         self.rejected: pq.ParquetWriter | None = None
         self.rejected_tmp = tmp_name(out / "rejected.parquet")
         self.by_reason: dict[str, int] = {}

@@ -150,18 +150,18 @@ def run(
         _fail(str(e))
         return
     manifest = read_manifest(Path(version_dir))
-    gen = manifest["counts"]["generate"]
-    table = Table(title=f"run {manifest['run_id']}", show_header=False)
+    gen = manifest.counts.generate
+    table = Table(title=f"run {manifest.run_id}", show_header=False)
     rows = [
-        ("requests planned", gen["planned"]),
-        ("documents kept", manifest["documents"]),
-        ("rejected", manifest["counts"]["rejected"]),
-        ("failures", gen["failed"]),
-        ("from cache", gen["cached"]),
-        ("skipped (budget)", gen["skipped_budget"]),
-        ("prompt tokens", gen["prompt_tokens"]),
-        ("completion tokens", gen["completion_tokens"]),
-        ("cost (USD)", f"{gen['cost_usd']:.4f}"),
+        ("requests planned", gen.planned),
+        ("documents kept", manifest.documents),
+        ("rejected", manifest.counts.rejected),
+        ("failures", gen.failed),
+        ("from cache", gen.cached),
+        ("skipped (budget)", gen.skipped_budget),
+        ("prompt tokens", gen.prompt_tokens),
+        ("completion tokens", gen.completion_tokens),
+        ("cost (USD)", f"{gen.cost_usd:.4f}"),
         ("output", version_dir),
     ]
     for key, value in rows:
@@ -227,9 +227,7 @@ def plan(
         console.print(escape(request.prompt), highlight=False, soft_wrap=True)
     if write is not None:
         path = write.resolve()
-        atomic_write_table(
-            to_table(requests, GenerationRequest), path, root=path.parent, kind="plan"
-        )
+        atomic_write_table(to_table(requests, GenerationRequest), path)
         print(path)  # stdout: the file, for scripts
 
 
@@ -247,17 +245,16 @@ def report(
     except (FileNotFoundError, ValueError) as e:
         _fail(str(e))
         return
-    div = manifest.get("diversity") or {}
-    table = Table(title=f"dataset {manifest['run_id']}", show_header=False)
-    table.add_row("documents", str(manifest.get("documents", 0)))
-    for key in ("distinct_1", "distinct_2", "distinct_3", "top_opener_share"):
-        if key in div:
-            table.add_row(key, f"{div[key]:.4f}")
-    if div:
-        table.add_row("compression_ratio", f"{div['compression_ratio']:.3f}")
-        table.add_row("mean_pairwise_minhash", f"{div['mean_pairwise_minhash']:.4f}")
-        for axis, cov in div.get("axis_coverage", {}).items():
-            table.add_row(f"{axis} coverage", f"{cov['covered']:.0%}  {cov['counts']}")
+    div = manifest.diversity
+    table = Table(title=f"dataset {manifest.run_id}", show_header=False)
+    table.add_row("documents", str(manifest.documents))
+    if div.documents:
+        for key in ("distinct_1", "distinct_2", "distinct_3", "top_opener_share"):
+            table.add_row(key, f"{getattr(div, key):.4f}")
+        table.add_row("compression_ratio", f"{div.compression_ratio:.3f}")
+        table.add_row("mean_pairwise_minhash", f"{div.mean_pairwise_minhash:.4f}")
+        for axis, cov in div.axis_coverage.items():
+            table.add_row(f"{axis} coverage", f"{cov.covered:.0%}  {cov.counts}")
     Console().print(table)
     console.print(f"report: {path}")
 

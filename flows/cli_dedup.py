@@ -13,7 +13,6 @@ which the kept records are then added.
 
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter
 from collections.abc import Iterator
@@ -31,6 +30,8 @@ from booksmith.filters.dedup.engine import index_entries
 from booksmith.filters.dedup.index import MANIFEST as INDEX_MANIFEST
 from booksmith.filters.dedup.stream import DuplicateIdError, StreamVerdicts, decide
 from booksmith.schemas.jsonl import iter_jsonl
+from booksmith.schemas.manifest import ManifestError
+from booksmith.shards.version import is_dataset, read_manifest
 from booksmith.shards.writer import commit
 
 index_app = typer.Typer(help="Inspect or edit a persistent dedup index.", no_args_is_help=True)
@@ -119,14 +120,12 @@ def iter_input(path: Path, batch_rows: int | None = None) -> Iterator[pa.Table]:
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or directory")
     if path.is_dir():
-        manifest_path = path / "manifest.json"
-        if not manifest_path.is_file():
+        if not is_dataset(path):
             raise InputError(f"{path}: a directory without manifest.json is not a dataset version")
         try:
-            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-            files = [path / s["path"] for s in manifest["shards"] if s.get("kind") == "text"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise InputError(f"{manifest_path}: corrupt manifest ({e})") from None
+            files = [path / rel for rel in read_manifest(path).shard_paths("text")]
+        except ManifestError as e:
+            raise InputError(str(e)) from None
         batches = _parquet_batches(files, batch_rows)
     elif path.suffix in (".jsonl", ".ndjson", ".json"):
         batches = _jsonl_batches(path, batch_rows)

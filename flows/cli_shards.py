@@ -225,7 +225,7 @@ def datasets_tokenize(
     except _user_errors() as e:
         _fail(_one_line(e))
         return
-    print(json.dumps(manifest["tokens"]))
+    print(json.dumps({k: v.model_dump(exclude_none=True) for k, v in manifest.tokens.items()}))
 
 
 @datasets_app.command("bin")

@@ -32,6 +32,7 @@ from prefect.runtime import flow_run
 from booksmith.filters.dedup import open_index, reconcile
 from booksmith.flows.export import export_version
 from booksmith.flows.report import render_report
+from booksmith.flows.runners import dask_client
 from booksmith.generation import progress
 from booksmith.generation.backends import open_endpoints
 from booksmith.generation.cache import ResponseCache
@@ -48,6 +49,7 @@ from booksmith.pipeline.run import StreamingRun, completed_version, resumable_ru
 from booksmith.schemas import GenerationRequest, GenerationResult, TopicSeed
 from booksmith.schemas.config import Budget, RunConfig, load_config
 from booksmith.schemas.crashpoints import crash_point
+from booksmith.schemas.manifest import Manifest
 from booksmith.shards.version import claim_run_dir, release_run_dir, state_dir, sweep_abandoned
 
 
@@ -176,7 +178,7 @@ def process_chunk(run: StreamingRun, chunk: Chunk, report: GenerationReport) -> 
 
 
 @task(retries=1, cache_policy=NO_CACHE)
-def write_dataset(run: StreamingRun, selection: dict[str, Any]) -> dict[str, Any]:
+def write_dataset(run: StreamingRun, selection: dict[str, Any]) -> Manifest:
     """Decide the near-duplicate clusters and write the version, manifest last."""
     manifest, _ = run.write({"plan": {"topics": selection}})
     return manifest
@@ -262,14 +264,14 @@ def nightly(
     version_dir = cfg.output.dir / run_id
     release_run_dir(version_dir)
     after_run(cfg, version_dir, run_id)
-    get_run_logger().info("wrote %s: %d documents", version_dir, manifest["documents"])
+    get_run_logger().info("wrote %s: %d documents", version_dir, manifest.documents)
     return str(version_dir)
 
 
 def stream_chunks(
     cfg: RunConfig, run_id: str, seeds: list[TopicSeed], seed: int, key: str,
     selection: dict[str, Any],
-) -> dict[str, Any]:  # fmt: skip
+) -> Manifest:  # fmt: skip
     """The run's chunks through generation and the filters, generation of one overlapping the
     filtering of the one before; then the version, then the index commit."""
     index = open_index(cfg.dedup, cfg.output.dir)
@@ -278,6 +280,7 @@ def stream_chunks(
             open_endpoints(cfg.generation, cfg.embedded) as endpoints,
             StreamingRun(cfg, run_id, seeds, seed, index, key) as run,
         ):
+            run.state.quality.client = dask_client()  # on Dask, the quality slices run there
             artifact = cast(UUID, create_progress_artifact(0.0, description=f"run {run_id}"))
 
             def start(chunk: Chunk) -> Generating:

@@ -26,10 +26,9 @@ def coverage(out: Path) -> Counter[str]:
     """Kept documents per topic path over every dataset version under `out`."""
     counts: Counter[str] = Counter()
     for version in list_versions(out):
-        for shard in read_manifest(version)["shards"]:
-            if shard.get("kind") == "text":
-                column = pq.read_table(version / shard["path"], columns=["topic_path"])
-                counts.update(topic_key(p) for p in column.column(0).to_pylist())
+        for rel in read_manifest(version).shard_paths("text"):
+            column = pq.read_table(version / rel, columns=["topic_path"])
+            counts.update(topic_key(p) for p in column.column(0).to_pylist())
     return counts
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -25,6 +24,7 @@ import pyarrow.parquet as pq
 from booksmith.filters.dedup import MINHASH, DedupIndex
 from booksmith.generation.diversity import DiversitySample
 from booksmith.pipeline.chunks import CANDIDATE, RunState
+from booksmith.schemas.manifest import Diversity, QualityHistogram
 from booksmith.shards.dataset import VersionWriter
 
 BINS = 10
@@ -65,8 +65,8 @@ class Finished:
     rejected: int
     dropped_in_run: int
     kept_rows: np.ndarray  # candidate-store rows kept (for the index commit)
-    quality: dict[str, Any]
-    diversity: dict[str, Any]
+    quality: QualityHistogram
+    diversity: Diversity
 
 
 def write_chunks(
@@ -115,8 +115,8 @@ def write_chunks(
         rejected=rejected_rows,
         dropped_in_run=len(dropped),
         kept_rows=np.flatnonzero(store.kept_mask(dropped)),
-        quality={"edges": [i / BINS for i in range(BINS + 1)], **hist},
-        diversity=sample.report(),
+        quality=QualityHistogram(edges=[i / BINS for i in range(BINS + 1)], **hist),
+        diversity=Diversity.model_validate(sample.report()),
     )
 
 

@@ -17,6 +17,7 @@ from booksmith.pipeline.rounds import Rounds
 from booksmith.prompts import PromptLibrary
 from booksmith.schemas import TopicSeed
 from booksmith.schemas.config import EncodingFile, RunConfig
+from booksmith.schemas.manifest import Counts, Manifest
 from booksmith.shards.dataset import VersionWriter
 from booksmith.shards.encodings import EncodingSpec
 from booksmith.shards.version import (
@@ -100,7 +101,7 @@ class StreamingRun:
     def tally(self) -> Tally:
         return tally(self.state)
 
-    def write(self, counts_extra: dict[str, Any]) -> tuple[dict[str, Any], Finished]:
+    def write(self, counts_extra: dict[str, Any]) -> tuple[Manifest, Finished]:
         """Decide the near-duplicates, write every shard, then the card and manifest."""
         cfg, st = self.cfg, self.state
         t0 = time.perf_counter()
@@ -128,7 +129,7 @@ class StreamingRun:
         }
         if not cfg.dedup.exact:
             filters.pop("dedup_exact")
-        counts = {
+        counts = Counts.model_validate({
             "plan": {"requests": self.rounds.planned, **counts_extra.get("plan", {})},
             "fill": self.rounds.account(),
             "generate": st.generation.summary(),
@@ -149,19 +150,17 @@ class StreamingRun:
                 },
                 "wall_s": round(time.perf_counter() - self.started, 3),
             },
-        }
+        })  # fmt: skip
         manifest = self.version.finish(
             run_id=self.run_id,
             encoding=cfg.output.encoding,
             config=counts_extra.get("config", cfg.model_dump(mode="json")),
             config_hash=cfg.config_hash(),
             counts=counts,
-            extra={
-                "seed": self.seed,
-                "run_key": self.key,
-                "diversity": done.diversity,
-                "quality": done.quality,
-            },
+            seed=self.seed,
+            run_key=self.key,
+            diversity=done.diversity,
+            quality=done.quality,
             card=cfg.output.card.model_dump(exclude_none=True),
         )
         self.finished = done
@@ -193,7 +192,7 @@ def completed_version(out: Path, key: str) -> Path | None:
     """The version a run with this key already published, if any (a rerun is then a no-op)."""
     for version in reversed(list_versions(out)):
         try:
-            if read_manifest(version).get("run_key") == key:
+            if read_manifest(version).run_key == key:
                 return version
         except (FileNotFoundError, ValueError):
             continue

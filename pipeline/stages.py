@@ -8,7 +8,8 @@ about Prefect.
 
     ExactStage    exact dedup, streaming: a running map of exact keys to the first id
     QualityStage  the quality chain (rules, language id, decontamination, classifier), built
-                  once per worker process and run on a process pool when a chunk is large
+                  once per worker process and run on a process pool, or on the Dask cluster's
+                  workers when the run has one, when a chunk is large
     NearStage     MinHash against the persistent index (final at once), then the run's own
                   near-duplicates spilled as candidates (final after the last chunk)
 """
@@ -17,10 +18,14 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import threading
+import uuid
+from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -33,6 +38,9 @@ from booksmith.filters.dedup.minhash import signatures
 from booksmith.filters.dedup.normalize import exact_key, words
 from booksmith.filters.settings import FilterSettings
 from booksmith.schemas import Document
+
+if TYPE_CHECKING:
+    from distributed import Client
 
 POOL_MIN_DOCS = 256  # a chunk smaller than this is filtered in the calling process
 
@@ -86,11 +94,15 @@ class ExactStage:
 _worker_chain: list[Filter] | None = None
 
 
-def _init_worker(settings_json: str, state: str | None) -> None:
+def _build(settings_json: str, state: str) -> list[Filter]:
+    settings = FilterSettings.model_validate_json(settings_json)
+    return build_chain(settings, state=Path(state) if state else None)
+
+
+def _init_worker(settings_json: str, state: str) -> None:
     """Each worker builds the chain once (models and the decontamination index loaded once)."""
     global _worker_chain
-    settings = FilterSettings.model_validate_json(settings_json)
-    _worker_chain = build_chain(settings, state=Path(state) if state else None)
+    _worker_chain = _build(settings_json, state)
 
 
 def _run_worker(docs: list[Document]) -> ChainResult:
@@ -98,11 +110,76 @@ def _run_worker(docs: list[Document]) -> ChainResult:
     return run_chain(docs, _worker_chain)
 
 
+def _cut(docs: Sequence[Document], parts: int) -> list[list[Document]]:
+    """Contiguous slices, at most `parts`: concatenated in order they are the chunk again."""
+    step = -(-len(docs) // parts)
+    return [list(docs[i : i + step]) for i in range(0, len(docs), step)]
+
+
+# -- the quality chain on Dask workers -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChainSpec:
+    """What a Dask worker needs to build the chain. `token` is one QualityStage's (one run's):
+    a long-lived cluster serving several runs builds it again for each, since a model retrained
+    between runs keeps its path."""
+
+    token: str
+    settings_json: str
+    state: str
+
+
+@dataclass(frozen=True)
+class SliceRun:
+    """Where a slice ran: the Dask worker, its process, and whether the chain was built then."""
+
+    worker: str
+    pid: int
+    built: bool
+
+
+_dask_chains: dict[str, list[Filter]] = {}  # in a Dask worker process: token -> chain
+_dask_lock = threading.Lock()  # a worker's threads share the cache: one build per token
+DASK_CHAINS_KEPT = 2  # a worker keeps the newest chains only (a run killed never evicts its own)
+
+
+def _dask_chain(spec: ChainSpec) -> tuple[list[Filter], bool]:
+    with _dask_lock:
+        chain = _dask_chains.get(spec.token)
+        if chain is not None:
+            return chain, False
+        while len(_dask_chains) >= DASK_CHAINS_KEPT:
+            _dask_chains.pop(next(iter(_dask_chains)))
+        chain = _dask_chains[spec.token] = _build(spec.settings_json, spec.state)
+        return chain, True
+
+
+def _run_dask_slice(docs: list[Document], spec: ChainSpec) -> tuple[ChainResult, SliceRun]:
+    from distributed import get_worker
+
+    chain, built = _dask_chain(spec)
+    return run_chain(docs, chain), SliceRun(get_worker().address, os.getpid(), built)
+
+
+def _forget_dask_chain(token: str) -> None:
+    _dask_chains.pop(token, None)
+
+
+def dask_chain_tokens() -> list[str]:
+    """The stages whose chains this Dask worker holds: `client.run(dask_chain_tokens)`."""
+    return list(_dask_chains)
+
+
 class QualityStage:
     """The quality chain (filters/chain.py) over a chunk. Built once per process: lazily in the
-    calling process for small chunks, once per worker for large ones, which are cut into one
-    contiguous slice per worker (every rule judges one document alone, so the verdicts do not
-    depend on the cut). No cross-chunk state."""
+    calling process for small chunks; for large ones, which are cut into one contiguous slice
+    per worker (every rule judges one document alone, so the verdicts do not depend on the
+    cut), once per worker of a local process pool, or, when `client` is set (the run's Dask
+    cluster), once per Dask worker process for this stage, the slices spread one per worker.
+    Dask workers need the package, the model and `state` on their filesystem, as they do for
+    generation. Cross-chunk state: `counts`; with Dask also where the slices ran,
+    `dask_slices` ((worker, pid) -> slices) and `dask_builds` (worker -> chains built)."""
 
     name = "quality"
 
@@ -112,13 +189,18 @@ class QualityStage:
         state: Path | None = None,
         workers: int | None = None,
         pool_min_docs: int | None = None,
+        client: Client | None = None,
     ) -> None:
         self.settings, self.state = settings, state
         self.workers = workers or min(4, os.cpu_count() or 1)
         self.pool_min_docs = pool_min_docs
+        self.client = client
+        self.spec = ChainSpec(uuid.uuid4().hex, settings.model_dump_json(), str(state or ""))
         self._chain: list[Filter] | None = None
         self._pool: ProcessPoolExecutor | None = None
         self.counts: dict[str, dict[str, int]] = {}
+        self.dask_slices: Counter[tuple[str, int]] = Counter()
+        self.dask_builds: Counter[str] = Counter()
 
     def chain(self) -> list[Filter]:
         if self._chain is None:
@@ -132,20 +214,13 @@ class QualityStage:
                 self.workers,
                 mp_context=multiprocessing.get_context("spawn"),
                 initializer=_init_worker,
-                initargs=(self.settings.model_dump_json(), str(self.state or "")),
+                initargs=(self.spec.settings_json, self.spec.state),
             )
         return self._pool
 
     def run(self, docs: Sequence[Document]) -> StageOutput:
-        least = POOL_MIN_DOCS if self.pool_min_docs is None else self.pool_min_docs
-        if self.workers > 1 and len(docs) >= max(least, self.workers):
-            step = -(-len(docs) // self.workers)
-            slices = [list(docs[i : i + step]) for i in range(0, len(docs), step)]
-            results = list(self.pool().map(_run_worker, slices))
-        else:
-            results = [run_chain(docs, self.chain())]
         out = StageOutput()
-        for r in results:
+        for r in self._results(docs):
             out.kept += r.kept
             out.rejected += r.rejected
             for name, c in r.counts.items():
@@ -154,10 +229,46 @@ class QualityStage:
                     mine[key] = mine.get(key, 0) + n
         return out
 
+    def _results(self, docs: Sequence[Document]) -> list[ChainResult]:
+        """The chain's results over the chunk's slices, in slice order."""
+        least = POOL_MIN_DOCS if self.pool_min_docs is None else self.pool_min_docs
+        dask = self._dask_workers()
+        width = len(dask) or self.workers
+        if len(docs) < max(least, width) or not (dask or width > 1):
+            return [run_chain(docs, self.chain())]
+        if dask:
+            return self._on_dask(_cut(docs, width), dask)
+        return list(self.pool().map(_run_worker, _cut(docs, width)))
+
+    def _dask_workers(self) -> list[str]:
+        """The cluster's workers now (an adaptive cluster may have none: then the local pool)."""
+        return sorted(self.client.nthreads()) if self.client is not None else []
+
+    def _on_dask(self, slices: list[list[Document]], workers: list[str]) -> list[ChainResult]:
+        assert self.client is not None
+        # One slice per worker (each keeps its chain warm); loose, so a worker that left
+        # does not hold its slice back. pure=False: no hashing of the documents for a key.
+        futures = [
+            self.client.submit(
+                _run_dask_slice, part, self.spec, workers=[worker], allow_other_workers=True,
+                pure=False,
+            )
+            for part, worker in zip(slices, workers, strict=False)
+        ]  # fmt: skip
+        results: list[ChainResult] = []
+        for result, where in self.client.gather(futures):
+            self.dask_slices[(where.worker, where.pid)] += 1
+            self.dask_builds[where.worker] += where.built
+            results.append(result)
+        return results
+
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(cancel_futures=True)
             self._pool = None
+        if self.client is not None and self.dask_builds and self.client.status == "running":
+            # the workers outlive the run on a shared cluster: free this run's chains there
+            self.client.run(_forget_dask_chain, self.spec.token, on_error="ignore")
 
 
 class NearStage:

@@ -18,7 +18,6 @@ from typing import Literal
 import numpy as np
 import pyarrow.parquet as pq
 
-from booksmith.shards.dataset import shard_paths
 from booksmith.shards.version import MANIFEST, read_manifest
 from booksmith.shards.writer import commit, tmp_name
 
@@ -28,15 +27,15 @@ DEFAULT_SHARD_TOKENS = 100_000_000  # llm.c's FineWeb shards hold 100M tokens
 
 def _stream(version: Path, encoding: str) -> Iterator[np.ndarray]:
     manifest = read_manifest(version)
-    entry = manifest.get("tokens", {}).get(encoding)
+    entry = manifest.tokens.get(encoding)
     if entry is None:
         raise ValueError(f"{version / MANIFEST}: tokens: no {encoding!r} token shards")
-    if entry.get("dtype") != "uint16":
+    if entry.dtype != "uint16":
         raise ValueError(
-            f"{version / MANIFEST}: tokens.{encoding}: ids are {entry.get('dtype')}; .bin "
+            f"{version / MANIFEST}: tokens.{encoding}: ids are {entry.dtype}; .bin "
             "exports need an encoding that fits uint16 (e.g. smollm2)"
         )
-    for rel in shard_paths(manifest, "tokens", encoding):
+    for rel in manifest.shard_paths("tokens", encoding):
         for batch in pq.ParquetFile(version / rel).iter_batches(columns=["input_ids"]):
             yield batch.column(0).flatten().to_numpy().astype(np.uint16, copy=False)
 

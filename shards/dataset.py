@@ -11,7 +11,6 @@ import shutil
 import subprocess
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from datetime import UTC, datetime
 from functools import cache
 from importlib import metadata
 from pathlib import Path
@@ -30,6 +29,15 @@ from booksmith.schemas import (
 )
 from booksmith.schemas.arrow import arrow_schema, to_table
 from booksmith.schemas.crashpoints import crash_point
+from booksmith.schemas.manifest import (
+    Counts,
+    Diversity,
+    EncodingEntry,
+    Manifest,
+    QualityHistogram,
+    ShardEntry,
+    ShardKind,
+)
 from booksmith.shards.card import render_card
 from booksmith.shards.encodings import EncodingSpec
 from booksmith.shards.tokens import write_token_shards
@@ -38,13 +46,11 @@ from booksmith.shards.writer import (
     COMPRESSION,
     DEFAULT_SHARD_BYTES,
     ROW_GROUP_ROWS,
-    ShardInfo,
     ShardWriter,
     atomic_write_bytes,
     commit,
     describe,
     tmp_name,
-    write_json_atomic,
 )
 
 CARD = "README.md"
@@ -83,11 +89,11 @@ def clear_leftovers(root: Path) -> None:
         tmp.unlink()
 
 
-def commit_manifest(root: Path, manifest: dict[str, Any]) -> None:
+def commit_manifest(root: Path, manifest: Manifest) -> None:
     """Write the card, then the manifest: only once the manifest is renamed into place is the
     directory a (new) dataset version."""
     atomic_write_bytes(root / CARD, render_card(manifest).encode("utf-8"))
-    write_json_atomic(root / MANIFEST, manifest)
+    atomic_write_bytes(root / MANIFEST, manifest.to_json().encode("utf-8"))
 
 
 class VersionWriter:
@@ -126,8 +132,8 @@ class VersionWriter:
         )
         self.languages: Counter[str] = Counter()
         self.documents = 0
-        self.shards: list[ShardInfo] = []
-        self.tokens: dict[str, Any] = {}
+        self.shards: list[ShardEntry] = []
+        self.tokens: dict[str, EncodingEntry] = {}
 
     def add_kept(self, table: pa.Table) -> None:
         """Rows of `Document`'s schema (extra columns are dropped)."""
@@ -152,12 +158,12 @@ class VersionWriter:
         one, that `n_tokens` counts in) and each of `encodings`; `pack_seq_len` adds packed rows
         of that length + 1 for each."""
         self.shards = list(self.text.close())
-        so_far = {"shards": [s.to_json() for s in self.shards]}
+        text_shards = [s.path for s in self.shards]
         specs = [EncodingSpec(encoding), *(EncodingSpec.of(e) for e in encodings)]
         for spec in {s.name: s for s in specs}.values():
             enc = spec.load()
             result = write_token_shards(
-                iter_texts(self.root, so_far),
+                iter_texts(self.root, text_shards),
                 enc,
                 root=self.root,
                 shard_rows=self.shard_rows,
@@ -175,32 +181,36 @@ class VersionWriter:
         encoding: str,
         config: dict[str, Any],
         config_hash: str,
-        counts: dict[str, Any],
-        extra: dict[str, Any] | None = None,
+        counts: Counts,
         card: dict[str, Any] | None = None,
-    ) -> dict[str, Any]:
+        seed: int | None = None,
+        run_key: str | None = None,
+        diversity: Diversity | None = None,
+        quality: QualityHistogram | None = None,
+    ) -> Manifest:
         """The remaining files, the card, then the manifest (after `write_tokens`)."""
         assert self.tokens, "write_tokens() first"
         shards = self.shards + self.rejected.close()
         shards.append(self.plan.close())
         shards.append(self.failures.close())
-        manifest: dict[str, Any] = {
-            "run_id": run_id,
-            "created_at": datetime.now(UTC).isoformat(),
-            "schema_version": SCHEMA_VERSION,
-            "code_version": code_version(),
-            "config_hash": config_hash,
-            "config": config,
-            "counts": counts,
-            "documents": self.documents,
-            "primary_encoding": encoding,
-            "tokens": self.tokens,
-            "languages": dict(self.languages),
-            "diversity": {},
-            "card": card or {},
-            "shards": [s.to_json() for s in shards],
-            **(extra or {}),
-        }
+        manifest = Manifest(
+            run_id=run_id,
+            schema_version=SCHEMA_VERSION,
+            code_version=code_version(),
+            config_hash=config_hash,
+            config=config,
+            counts=counts,
+            documents=self.documents,
+            primary_encoding=encoding,
+            tokens=self.tokens,
+            languages=dict(self.languages),
+            diversity=diversity or Diversity(),
+            quality=quality,
+            card=card or {},
+            shards=shards,
+            seed=seed,
+            run_key=run_key,
+        )
         crash_point("shards.manifest")
         commit_manifest(self.root, manifest)  # last: only now is the directory a dataset
         return manifest
@@ -216,7 +226,7 @@ class SingleFileWriter:
     """One Parquet file written row group by row group under a temporary name (plan.parquet,
     failures.parquet), renamed into place by `close()`."""
 
-    def __init__(self, root: Path, name: str, model: type[BaseModel], *, kind: str) -> None:
+    def __init__(self, root: Path, name: str, model: type[BaseModel], *, kind: ShardKind) -> None:
         self.root, self.path, self.model, self.kind = root, root / name, model, kind
         self.tmp = tmp_name(self.path)
         self.schema = arrow_schema(model)
@@ -236,7 +246,7 @@ class SingleFileWriter:
         self._writer.write_table(table, row_group_size=ROW_GROUP_ROWS)
         self.rows += table.num_rows
 
-    def close(self) -> ShardInfo:
+    def close(self) -> ShardEntry:
         if self._writer is None:  # no rows: an empty file, so readers still find the schema
             self._writer = pq.ParquetWriter(self.tmp, self.schema, compression=COMPRESSION)
         self._writer.close()
@@ -263,14 +273,13 @@ def write_version(
     encoding: str,
     config: dict[str, Any],
     config_hash: str,
-    counts: dict[str, Any],
-    extra: dict[str, Any] | None = None,
+    counts: Counts | None = None,
     shard_bytes: int | None = DEFAULT_SHARD_BYTES,
     encodings: Sequence[EncodingSpec | str] = (),
     pack_seq_len: int | None = None,
     num_threads: int | None = None,
     card: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+) -> Manifest:
     """Write every file of a version held in memory, then its card and manifest; returns the
     manifest (a streaming run uses `VersionWriter` directly).
 
@@ -293,8 +302,7 @@ def write_version(
             encoding=encoding,
             config=config,
             config_hash=config_hash,
-            counts=counts,
-            extra=extra,
+            counts=counts or Counts(),
             card=card,
         )
     except BaseException:
@@ -302,17 +310,9 @@ def write_version(
         raise
 
 
-def shard_paths(manifest: dict[str, Any], kind: str, encoding: str | None = None) -> list[str]:
-    return [
-        s["path"]
-        for s in manifest["shards"]
-        if s["kind"] == kind and (encoding is None or s.get("encoding") == encoding)
-    ]
-
-
-def iter_texts(root: Path, manifest: dict[str, Any]) -> Iterator[tuple[str, str]]:
+def iter_texts(root: Path, text_shards: Sequence[str]) -> Iterator[tuple[str, str]]:
     """(id, text) of every kept document, streamed from the text shards in order."""
-    for path in shard_paths(manifest, "text"):
+    for path in text_shards:
         # Batches of the rows a row group holds, not pyarrow's default 65,536 (a whole shard).
         batches = pq.ParquetFile(root / path).iter_batches(ITER_ROWS, columns=["id", "text"])
         for batch in batches:
@@ -327,20 +327,20 @@ def add_encoding(
     shard_bytes: int | None = DEFAULT_SHARD_BYTES,
     pack_seq_len: int | None = None,
     num_threads: int | None = None,
-) -> dict[str, Any]:
+) -> Manifest:
     """Tokenize an existing version's text shards with one more encoding (a version may carry
     several); rewrites the card and then the manifest. A crash before the manifest leaves the
     old manifest, which does not list the new files."""
     spec = EncodingSpec.of(spec)
     manifest = read_manifest(root)
     enc = spec.load()
-    if enc.name in manifest.get("tokens", {}):
+    if enc.name in manifest.tokens:
         raise ValueError(f"{root / MANIFEST}: tokens: {enc.name!r} is already in this version")
     stale = root / "tokens" / enc.name
     for leftover in stale.glob("*.parquet") if stale.is_dir() else []:
         leftover.unlink()  # from a crashed earlier attempt: never in a manifest
     result = write_token_shards(
-        iter_texts(root, manifest),
+        iter_texts(root, manifest.shard_paths("text")),
         enc,
         root=root,
         shard_rows=shard_rows,
@@ -348,7 +348,7 @@ def add_encoding(
         num_threads=num_threads,
         pack_seq_len=pack_seq_len,
     )
-    manifest["tokens"][enc.name] = result.manifest_entry(enc)
-    manifest["shards"] += [s.to_json() for s in result.shards + result.packed_shards]
+    manifest.tokens[enc.name] = result.manifest_entry(enc)
+    manifest.shards += result.shards + result.packed_shards
     commit_manifest(root, manifest)
     return manifest

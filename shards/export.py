@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from booksmith.schemas.manifest import Manifest, ManifestError
 from booksmith.shards.fs import filesystem, is_url, join, s3_client_kwargs
 from booksmith.shards.version import MANIFEST, STATE_DIR, read_manifest
 from booksmith.shards.writer import file_sha256, write_json_atomic
@@ -54,10 +55,10 @@ class _File:
     sha256: str
 
 
-def _files(version: Path, manifest: dict[str, Any]) -> list[_File]:
+def _files(version: Path, manifest: Manifest) -> list[_File]:
     """Every file of the version except the manifest (and temporary files), with sha256s
     (from the manifest where it has them)."""
-    known = {s["path"]: s["sha256"] for s in manifest["shards"]}
+    known = {s.path: s.sha256 for s in manifest.shards}
     files = []
     for path in sorted(version.rglob("*")):
         rel = path.relative_to(version).as_posix()
@@ -74,9 +75,8 @@ def _files(version: Path, manifest: dict[str, Any]) -> list[_File]:
 def _listed(manifest_body: bytes) -> set[str]:
     """Shard paths a (remote) manifest lists, plus its card; empty if it is unreadable."""
     try:
-        manifest = json.loads(manifest_body)
-        paths = {str(s["path"]) for s in manifest["shards"]}
-    except (ValueError, KeyError, TypeError):
+        paths = {s.path for s in Manifest.parse(manifest_body, "remote manifest").shards}
+    except ManifestError:
         return set()
     safe = {p for p in paths if not p.startswith("/") and ".." not in p.split("/")}
     return safe | {"README.md"}
@@ -343,7 +343,7 @@ def export(
         url = Path(url).resolve().as_uri()
     url = url.rstrip("/")
     state_path = (state_dir or version.resolve().parent / STATE_DIR / "exports") / (
-        f"{manifest['run_id']}-{hashlib.sha256(url.encode()).hexdigest()[:12]}.json"
+        f"{manifest.run_id}-{hashlib.sha256(url.encode()).hexdigest()[:12]}.json"
     )
     report = ExportReport(url=url)
     target: _S3Target | _FsTarget

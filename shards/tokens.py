@@ -25,8 +25,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import tiktoken
 
+from booksmith.schemas.manifest import EncodingEntry, Packed, ShardEntry
 from booksmith.shards.encodings import token_dtype
-from booksmith.shards.writer import DEFAULT_SHARD_BYTES, ShardInfo, ShardWriter
+from booksmith.shards.writer import DEFAULT_SHARD_BYTES, ShardWriter
 
 BATCH_DOCS = 2_000  # documents per encoded batch (and per row group)
 CHUNK_DOCS = 16  # documents per thread-pool task: amortizes the pool's per-task cost
@@ -136,25 +137,23 @@ class Packer:
 @dataclass
 class TokenResult:
     encoding: str
-    shards: list[ShardInfo]
+    shards: list[ShardEntry]
     documents: int = 0
     text_tokens: int = 0  # end-of-text excluded
-    packed: dict[str, Any] | None = None
-    packed_shards: list[ShardInfo] = field(default_factory=list)
+    packed: Packed | None = None
+    packed_shards: list[ShardEntry] = field(default_factory=list)
 
-    def manifest_entry(self, enc: tiktoken.Encoding) -> dict[str, Any]:
-        entry: dict[str, Any] = {
-            "documents": self.documents,
-            "tokens": self.text_tokens,
-            "stored_tokens": self.text_tokens + self.documents,
-            "n_vocab": enc.n_vocab,
-            "eot_token": enc.eot_token,
-            "dtype": str(token_dtype(enc)),
-            "path": tokens_dir(self.encoding),
-        }
-        if self.packed is not None:
-            entry["packed"] = self.packed
-        return entry
+    def manifest_entry(self, enc: tiktoken.Encoding) -> EncodingEntry:
+        return EncodingEntry(
+            documents=self.documents,
+            tokens=self.text_tokens,
+            stored_tokens=self.text_tokens + self.documents,
+            n_vocab=enc.n_vocab,
+            eot_token=enc.eot_token,
+            dtype=str(token_dtype(enc)),
+            path=tokens_dir(self.encoding),
+            packed=self.packed,
+        )
 
 
 def _batches(items: Iterable[tuple[str, str]], size: int) -> Iterator[list[tuple[str, str]]]:
@@ -226,12 +225,12 @@ def write_token_shards(
         result.shards = writer.close()
         if packer is not None:
             result.packed_shards = packer.writer.close()
-            result.packed = {
-                "seq_len": pack_seq_len,
-                "rows": packer.rows,
-                "dropped_tokens": packer.dropped,
-                "path": packed_dir(enc.name, pack_seq_len or 0),
-            }
+            result.packed = Packed(
+                seq_len=pack_seq_len or 0,
+                rows=packer.rows,
+                dropped_tokens=packer.dropped,
+                path=packed_dir(enc.name, pack_seq_len or 0),
+            )
     except BaseException:
         writer.abort()
         if packer is not None:

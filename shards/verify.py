@@ -9,11 +9,9 @@ decode(input_ids) == text followed by the end-of-text token.
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import fsspec
 import pyarrow as pa
@@ -21,12 +19,11 @@ import pyarrow.parquet as pq
 
 from booksmith.schemas import Document, GenerationRequest, GenerationResult, Rejected
 from booksmith.schemas.arrow import arrow_schema
+from booksmith.schemas.manifest import MANIFEST, Manifest, ManifestError, Packed, ShardEntry
 from booksmith.shards.encodings import EncodingUnavailable, get_encoding
 from booksmith.shards.fs import filesystem, join
 from booksmith.shards.tokens import packed_schema, token_schema
-from booksmith.shards.version import MANIFEST
 
-REQUIRED_KEYS = ("run_id", "schema_version", "shards", "tokens", "counts", "config_hash")
 _RECORD_SCHEMAS = {
     "text": Document,
     "rejected": Rejected,
@@ -56,36 +53,38 @@ def _sha256(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return h.hexdigest()
 
 
-def _expected_schema(shard: dict[str, Any], manifest: dict[str, Any]) -> pa.Schema | None:
-    kind = shard["kind"]
+def _expected_schema(shard: ShardEntry, manifest: Manifest) -> pa.Schema | None:
+    kind = shard.kind
     if kind in _RECORD_SCHEMAS:
         return arrow_schema(_RECORD_SCHEMAS[kind])
-    entry = manifest.get("tokens", {}).get(shard.get("encoding", ""), {})
-    width = pa.uint16() if entry.get("dtype") == "uint16" else pa.uint32()
+    entry = manifest.tokens.get(shard.encoding or "")
+    if entry is None:
+        return None
+    width = pa.uint16() if entry.dtype == "uint16" else pa.uint32()
     if kind == "tokens":
         return token_schema(width)
-    if kind == "packed":
-        return packed_schema(width, int(entry["packed"]["seq_len"]))
+    if kind == "packed" and entry.packed is not None:
+        return packed_schema(width, entry.packed.seq_len)
     return None
 
 
 def _check_shard(
     fs: fsspec.AbstractFileSystem,
     root: str,
-    shard: dict[str, Any],
-    manifest: dict[str, Any],
+    shard: ShardEntry,
+    manifest: Manifest,
     report: VerifyReport,
     checksums: bool,
 ) -> None:
-    rel = shard["path"]
+    rel = shard.path
     path = join(root, rel)
     if not fs.exists(path):
         report.problems.append(f"{rel}: missing")
         return
     size = fs.size(path)
-    if size != shard["bytes"]:
-        report.problems.append(f"{rel}: {size} bytes, manifest says {shard['bytes']} (truncated?)")
-    if checksums and (actual := _sha256(fs, path)) != shard["sha256"]:
+    if size != shard.bytes:
+        report.problems.append(f"{rel}: {size} bytes, manifest says {shard.bytes} (truncated?)")
+    if checksums and (actual := _sha256(fs, path)) != shard.sha256:
         report.problems.append(f"{rel}: sha256 {actual} does not match the manifest")
     try:
         with fs.open(path, "rb") as f:
@@ -94,11 +93,11 @@ def _check_shard(
     except (OSError, pa.ArrowException) as e:
         report.problems.append(f"{rel}: not a readable Parquet file: {e}")
         return
-    if rows != shard["rows"]:
-        report.problems.append(f"{rel}: {rows} rows, manifest says {shard['rows']}")
+    if rows != shard.rows:
+        report.problems.append(f"{rel}: {rows} rows, manifest says {shard.rows}")
     expected = _expected_schema(shard, manifest)
     if expected is not None and not schema.equals(expected):
-        report.problems.append(f"{rel}: schema differs from the {shard['kind']} schema: {schema}")
+        report.problems.append(f"{rel}: schema differs from the {shard.kind} schema: {schema}")
     report.shards_checked += 1
 
 
@@ -115,19 +114,19 @@ def _read_columns(
 def _check_packed(
     fs: fsspec.AbstractFileSystem,
     root: str,
-    shards: list[dict[str, Any]],
+    manifest: Manifest,
     name: str,
-    packed: dict[str, Any],
-    tok_shards: list[dict[str, Any]],
+    packed: Packed,
+    tok_shards: list[ShardEntry],
     report: VerifyReport,
 ) -> None:
     """Packed rows: their count, and the first row against the start of the token stream."""
-    paths = [s["path"] for s in shards if s["kind"] == "packed" and s.get("encoding") == name]
-    rows = sum(s["rows"] for s in shards if s["path"] in paths)
-    width = int(packed["seq_len"]) + 1
-    stored = sum(s.get("stored_tokens", 0) for s in tok_shards)
-    if rows != packed["rows"] or rows != (stored - packed["dropped_tokens"]) // width:
-        report.problems.append(f"{packed['path']}: {rows} rows do not add up to the token stream")
+    paths = manifest.shard_paths("packed", name)
+    rows = sum(s.rows for s in manifest.shards if s.path in paths)
+    width = packed.seq_len + 1
+    stored = sum(s.stored_tokens or 0 for s in tok_shards)
+    if rows != packed.rows or rows != (stored - packed.dropped_tokens) // width:
+        report.problems.append(f"{packed.path}: {rows} rows do not add up to the token stream")
         return
     if not rows:
         return
@@ -135,7 +134,7 @@ def _check_packed(
         first = pq.ParquetFile(f).read_row_group(0, columns=["input_ids"])
     stream: list[int] = []
     for s in tok_shards:
-        col = _read_columns(fs, root, [s["path"]], ["input_ids"]).column("input_ids")
+        col = _read_columns(fs, root, [s.path], ["input_ids"]).column("input_ids")
         stream += col.combine_chunks().flatten().to_numpy().tolist()[: width - len(stream)]
         if len(stream) >= width:
             break
@@ -146,13 +145,13 @@ def _check_packed(
 def _round_trip(
     fs: fsspec.AbstractFileSystem,
     root: str,
-    manifest: dict[str, Any],
+    manifest: Manifest,
     report: VerifyReport,
     sample: int,
     seed: int,
 ) -> None:
-    shards = manifest["shards"]
-    text_paths = [s["path"] for s in shards if s["kind"] == "text"]
+    shards = manifest.shards
+    text_paths = manifest.shard_paths("text")
     # ids of every document (a small column); the text itself only for the sampled ones
     located: list[tuple[str, int]] = []
     ids: list[str] = []
@@ -160,10 +159,8 @@ def _round_trip(
         col = _read_columns(fs, root, [rel], ["id"]).column("id").to_pylist()
         ids += col
         located += [(rel, row) for row in range(len(col))]
-    if len(ids) != manifest.get("documents", len(ids)):
-        report.problems.append(
-            f"text/: {len(ids)} documents, manifest says {manifest.get('documents')}"
-        )
+    if len(ids) != manifest.documents:
+        report.problems.append(f"text/: {len(ids)} documents, manifest says {manifest.documents}")
     chosen = random.Random(seed).sample(range(len(ids)), min(sample, len(ids)))
     sampled: dict[int, tuple[str, int]] = {}  # document index -> (text, n_tokens)
     for rel in sorted({located[i][0] for i in chosen}):
@@ -175,26 +172,25 @@ def _round_trip(
                     table.column("text")[row].as_py(),
                     table.column("n_tokens")[row].as_py(),
                 )
-    for name, entry in manifest.get("tokens", {}).items():
-        tok_shards = [s for s in shards if s["kind"] == "tokens" and s.get("encoding") == name]
-        stored = sum(s.get("stored_tokens", 0) for s in tok_shards)
-        if stored != entry.get("stored_tokens"):
+    for name, entry in manifest.tokens.items():
+        tok_shards = [s for s in shards if s.kind == "tokens" and s.encoding == name]
+        stored = sum(s.stored_tokens or 0 for s in tok_shards)
+        if stored != entry.stored_tokens:
             report.problems.append(
-                f"{entry.get('path')}: {stored} tokens in shards, manifest says "
-                f"{entry.get('stored_tokens')}"
+                f"{entry.path}: {stored} tokens in shards, manifest says {entry.stored_tokens}"
             )
         # which shard and row holds each id, from the id column alone
         where: dict[str, tuple[str, int]] = {}
         for s in tok_shards:
-            col = _read_columns(fs, root, [s["path"]], ["id"]).column("id").to_pylist()
-            where.update({doc_id: (s["path"], row) for row, doc_id in enumerate(col)})
+            col = _read_columns(fs, root, [s.path], ["id"]).column("id").to_pylist()
+            where.update({doc_id: (s.path, row) for row, doc_id in enumerate(col)})
         if missing := set(ids) - set(where):
             report.problems.append(
-                f"{entry.get('path')}: {len(missing)} documents of text/ have no tokens "
+                f"{entry.path}: {len(missing)} documents of text/ have no tokens "
                 f"(e.g. {sorted(missing)[0]})"
             )
-        if packed := entry.get("packed"):
-            _check_packed(fs, root, shards, name, packed, tok_shards, report)
+        if packed := entry.packed:
+            _check_packed(fs, root, manifest, name, packed, tok_shards, report)
         try:
             enc = get_encoding(name)
         except EncodingUnavailable as e:
@@ -217,7 +213,7 @@ def _round_trip(
                     report.problems.append(f"{path}: row {row}: decode(input_ids) != text")
                 elif n_tokens != len(input_ids) - 1:
                     report.problems.append(f"{path}: row {row}: n_tokens {n_tokens} is wrong")
-                elif name == manifest.get("primary_encoding") and text_n_tokens != n_tokens:
+                elif name == manifest.primary_encoding and text_n_tokens != n_tokens:
                     report.problems.append(f"{path}: row {row}: n_tokens differs from text/")
                 report.round_trips += 1
 
@@ -229,22 +225,19 @@ def verify(location: str | Path, *, sample: int = 64, seed: int = 0) -> VerifyRe
     manifest_path = join(root, MANIFEST)
     try:
         with fs.open(manifest_path, "rb") as f:
-            manifest = json.loads(f.read())
+            manifest = Manifest.parse(f.read(), MANIFEST)
     except FileNotFoundError:
         report.problems.append(f"{MANIFEST}: missing, so {location} is not a dataset version")
         return report
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        report.problems.append(f"{MANIFEST}: not valid JSON: {e}")
+    except ManifestError as e:
+        report.problems.append(str(e))
         return report
-    if missing_keys := [k for k in REQUIRED_KEYS if k not in manifest]:
-        report.problems.append(f"{MANIFEST}: missing keys {missing_keys}")
-        return report
-    for shard in manifest["shards"]:
-        if Path(shard["path"]).is_absolute() or ".." in Path(shard["path"]).parts:
-            report.problems.append(f"{shard['path']}: not a path inside the version")
+    for shard in manifest.shards:
+        if Path(shard.path).is_absolute() or ".." in Path(shard.path).parts:
+            report.problems.append(f"{shard.path}: not a path inside the version")
             continue
         _check_shard(fs, root, shard, manifest, report, checksums=True)
-    listed = {s["path"] for s in manifest["shards"]}
+    listed = {s.path for s in manifest.shards}
     for pattern in ("text/*.parquet", "rejected/*.parquet", "tokens/*/*.parquet"):
         for found in sorted(fs.glob(join(root, pattern))):
             rel = found[len(root) + 1 :] if root else found

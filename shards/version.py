@@ -12,9 +12,9 @@ import shutil
 import socket
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
-MANIFEST = "manifest.json"
+from booksmith.schemas.manifest import MANIFEST, Manifest
+
 STATE_DIR = "_state"
 OWNER = ".owner"  # {host, pid} of the run writing a version, until its manifest exists
 RUNS_DIR = "runs"  # <out>/_state/runs/<run_id>/: a streaming run's spills until it publishes
@@ -114,15 +114,12 @@ def is_dataset(path: Path) -> bool:
     return (path / MANIFEST).is_file()
 
 
-def read_manifest(path: Path) -> dict[str, Any]:
-    manifest_path = path / MANIFEST
+def read_manifest(path: Path) -> Manifest:
+    """The version's manifest, read through the typed model (ManifestError names the field)."""
     try:
-        data: dict[str, Any] = json.loads(manifest_path.read_text(encoding="utf-8"))
+        return Manifest.read(path)
     except FileNotFoundError:
-        raise FileNotFoundError(f"{manifest_path}: no manifest, so not a dataset version") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{manifest_path}:{e.lineno}: corrupt manifest: {e.msg}") from None
-    return data
+        raise FileNotFoundError(f"{path / MANIFEST}: no manifest, not a dataset version") from None
 
 
 def list_versions(out: Path) -> list[Path]:

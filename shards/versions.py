@@ -21,7 +21,8 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from booksmith.shards.dataset import commit_manifest, shard_paths
+from booksmith.schemas.manifest import ShardEntry, ShardKind, Takedown
+from booksmith.shards.dataset import commit_manifest
 from booksmith.shards.encodings import get_encoding
 from booksmith.shards.tokens import (
     Packer,
@@ -31,7 +32,7 @@ from booksmith.shards.tokens import (
     packed_schema,
 )
 from booksmith.shards.version import MANIFEST, STATE_DIR, is_dataset, list_versions, read_manifest
-from booksmith.shards.writer import DEFAULT_SHARD_BYTES, ShardInfo, ShardWriter, fsync_dir
+from booksmith.shards.writer import DEFAULT_SHARD_BYTES, ShardWriter, fsync_dir
 
 TAKEDOWN_PREFIX = ".takedown-"
 RETIRED_PREFIX = ".retired-"
@@ -63,13 +64,13 @@ def summarize(out: Path) -> list[VersionSummary]:
         m = read_manifest(path)
         rows.append(
             VersionSummary(
-                run_id=m["run_id"],
+                run_id=m.run_id,
                 path=path,
-                created_at=str(m.get("created_at", "")),
-                documents=int(m.get("documents", 0)),
-                rejected=int(m.get("counts", {}).get("rejected", 0)),
-                bytes=sum(int(s["bytes"]) for s in m["shards"]),
-                tokens={k: int(v.get("tokens", 0)) for k, v in m.get("tokens", {}).items()},
+                created_at=m.created_at,
+                documents=m.documents,
+                rejected=m.counts.rejected,
+                bytes=sum(s.bytes for s in m.shards),
+                tokens={k: v.tokens for k, v in m.tokens.items()},
             )
         )
     return rows
@@ -126,16 +127,16 @@ def corpus(
     for run_id in chosen:
         path = _version_dir(out, run_id)
         m = read_manifest(path)
-        entry = m.get("tokens", {}).get(encoding)
+        entry = m.tokens.get(encoding)
         if entry is None:
             raise ValueError(
                 f"{path / MANIFEST}: tokens: no {encoding!r} token shards in this version "
-                f"(it has {sorted(m.get('tokens', {}))}); add them with `booksmith datasets "
+                f"(it has {sorted(m.tokens)}); add them with `booksmith datasets "
                 f"tokenize {path} --encoding {encoding}`"
             )
-        files += [path / p for p in shard_paths(m, "tokens", encoding)]
-        documents += int(entry["documents"])
-        tokens += int(entry["stored_tokens"])
+        files += [path / p for p in m.shard_paths("tokens", encoding)]
+        documents += entry.documents
+        tokens += entry.stored_tokens
     return Corpus(encoding, chosen, files, documents, tokens)
 
 
@@ -166,8 +167,8 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 
 def _filter_shards(
-    src: Path, dst: Path, paths: list[str], kind: str, drop: set[str], extra: dict[str, Any]
-) -> tuple[list[ShardInfo], int]:
+    src: Path, dst: Path, paths: list[str], kind: ShardKind, drop: set[str], extra: dict[str, Any]
+) -> tuple[list[ShardEntry], int]:
     """Rewrite one group of shards without the dropped ids; (new shards, rows removed)."""
     first = pq.ParquetFile(src / paths[0])
     subdir = Path(paths[0]).parent.as_posix()
@@ -199,39 +200,38 @@ def _takedown_version(out: Path, path: Path, drop: set[str]) -> int:
     staged = out / f"{TAKEDOWN_PREFIX}{path.name}"
     if staged.exists():
         shutil.rmtree(staged)
-    new_shards: list[dict[str, Any]] = []
+    new_shards: list[ShardEntry] = []
     removed = {"text": 0, "rejected": 0}
-    groups: dict[tuple[str, str | None], list[str]] = {}
-    for s in m["shards"]:
-        if s["kind"] in ("text", "rejected", "tokens"):
-            groups.setdefault((s["kind"], s.get("encoding")), []).append(s["path"])
-        elif s["kind"] != "packed":
-            _link_or_copy(path / s["path"], staged / s["path"])
+    groups: dict[tuple[ShardKind, str | None], list[str]] = {}
+    for s in m.shards:
+        if s.kind in ("text", "rejected", "tokens"):
+            groups.setdefault((s.kind, s.encoding), []).append(s.path)
+        elif s.kind != "packed":
+            _link_or_copy(path / s.path, staged / s.path)
             new_shards.append(s)
     for (kind, enc_name), paths in groups.items():
         extra = {"encoding": enc_name} if enc_name else {}
         shards, n = _filter_shards(path, staged, paths, kind, drop, extra)
-        new_shards += [s.to_json() for s in shards]
+        new_shards += shards
         if kind in removed:
             removed[kind] += n
         if kind == "tokens" and enc_name is not None:
-            entry = m["tokens"][enc_name]
+            entry = m.tokens[enc_name]
             table = pads.dataset([str(staged / s.path) for s in shards]).to_table(
                 columns=["n_tokens"]
             )
-            entry["documents"] = table.num_rows
-            entry["tokens"] = int(pc.sum(table.column("n_tokens")).as_py() or 0)
-            entry["stored_tokens"] = entry["tokens"] + entry["documents"]
-            if packed := entry.get("packed"):
+            entry.documents = table.num_rows
+            entry.tokens = int(pc.sum(table.column("n_tokens")).as_py() or 0)
+            entry.stored_tokens = entry.tokens + entry.documents
+            if packed := entry.packed:
                 # packed rows cross document boundaries: rebuild them from the token shards
-                repacked, stats = _repack(staged, shards, enc_name, int(packed["seq_len"]))
-                new_shards += [s.to_json() for s in repacked]
-                entry["packed"] = {**packed, **stats}
-    m["shards"] = new_shards
-    m["documents"] = m.get("documents", 0) - removed["text"]
-    if isinstance(m.get("counts", {}).get("rejected"), int):
-        m["counts"]["rejected"] -= removed["rejected"]
-    m.setdefault("takedowns", []).append({"removed": removed, "ids": len(drop)})
+                repacked, stats = _repack(staged, shards, enc_name, packed.seq_len)
+                new_shards += repacked
+                entry.packed = packed.model_copy(update=stats)
+    m.shards = new_shards
+    m.documents -= removed["text"]
+    m.counts.rejected -= removed["rejected"]
+    m.takedowns.append(Takedown(removed=removed, ids=len(drop)))
     commit_manifest(staged, m)
     # swap: old out of the way, new in; recover() completes this if a crash comes between
     old = out / f"{RETIRED_PREFIX}{path.name}"
@@ -243,8 +243,8 @@ def _takedown_version(out: Path, path: Path, drop: set[str]) -> int:
 
 
 def _repack(
-    staged: Path, shards: list[ShardInfo], enc_name: str, seq_len: int
-) -> tuple[list[ShardInfo], dict[str, int]]:
+    staged: Path, shards: list[ShardEntry], enc_name: str, seq_len: int
+) -> tuple[list[ShardEntry], dict[str, int]]:
     """Packed rows from the (already filtered) token shards, without re-encoding any text."""
     enc = get_encoding(enc_name)
     writer = ShardWriter(
@@ -274,7 +274,7 @@ def takedown(out: Path, ids: Iterable[str]) -> dict[str, int]:
     for path in list_versions(out):
         m = read_manifest(path)
         hit = False
-        for rel in shard_paths(m, "text") + shard_paths(m, "rejected"):
+        for rel in m.shard_paths("text") + m.shard_paths("rejected"):
             ids_col = pq.read_table(path / rel, columns=["id"]).column("id")
             if pc.any(pc.is_in(ids_col, value_set=pa.array(sorted(drop)))).as_py():
                 hit = True

@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from pydantic import BaseModel
 
 from booksmith.schemas.arrow import arrow_schema, to_table
 from booksmith.schemas.crashpoints import crash_point
+from booksmith.schemas.manifest import ShardEntry, ShardKind
 
 ROW_GROUP_ROWS = 2_000  # small enough to stream a shard, large enough to compress well
 ROW_GROUP_BYTES = 64 << 20  # and at most this much uncompressed Arrow data per row group
@@ -48,20 +48,6 @@ def _statistics_columns(schema: pa.Schema) -> list[str]:
         if f.name not in NO_STATISTICS:
             walk(f.name, f.type)
     return paths
-
-
-@dataclass(frozen=True)
-class ShardInfo:
-    path: str  # relative to the dataset version's root
-    rows: int
-    bytes: int
-    sha256: str
-    kind: str
-    encoding: str | None = None  # token shards: the encoding's name
-    stored_tokens: int | None = None  # token shards: tokens stored, end-of-text tokens included
-
-    def to_json(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if v is not None}
 
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
@@ -102,19 +88,18 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     commit(tmp, path)
 
 
-def atomic_write_table(table: pa.Table, path: Path, *, root: Path, kind: str) -> ShardInfo:
-    """Write one Parquet file (ZSTD) atomically and describe it for the manifest."""
+def atomic_write_table(table: pa.Table, path: Path) -> None:
+    """Write one Parquet file (ZSTD) atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_name(path)
     pq.write_table(
         table, tmp, compression=COMPRESSION, row_group_size=ROW_GROUP_ROWS, write_page_index=True
     )
     commit(tmp, path)
-    return describe(path, root=root, rows=table.num_rows, kind=kind)
 
 
-def describe(path: Path, *, root: Path, rows: int, kind: str, **extra: Any) -> ShardInfo:
-    return ShardInfo(
+def describe(path: Path, *, root: Path, rows: int, kind: ShardKind, **extra: Any) -> ShardEntry:
+    return ShardEntry(
         path=path.relative_to(root).as_posix(),
         rows=rows,
         bytes=path.stat().st_size,
@@ -137,7 +122,7 @@ class ShardWriter:
         subdir: str,
         schema: pa.Schema,
         *,
-        kind: str,
+        kind: ShardKind,
         max_rows: int | None = None,
         max_bytes: int | None = DEFAULT_SHARD_BYTES,
         row_group_rows: int = ROW_GROUP_ROWS,
@@ -152,7 +137,7 @@ class ShardWriter:
         self.row_group_bytes = min(ROW_GROUP_BYTES, max_bytes or ROW_GROUP_BYTES)
         self.extra = extra or {}
         self.count = count  # per-shard totals for the manifest (e.g. tokens), from each chunk
-        self.shards: list[ShardInfo] = []
+        self.shards: list[ShardEntry] = []
         self._writer: pq.ParquetWriter | None = None
         self._sink: pa.NativeFile | None = None
         self._tmp: Path | None = None
@@ -213,7 +198,7 @@ class ShardWriter:
             if full_rows or full_bytes:
                 self._finish()
 
-    def close(self) -> list[ShardInfo]:
+    def close(self) -> list[ShardEntry]:
         if self._writer is not None:
             self._finish()
         if not self.shards:
@@ -244,10 +229,10 @@ def write_shards(
     *,
     root: Path,
     subdir: str,
-    kind: str,
+    kind: ShardKind,
     shard_rows: int | None,
     shard_bytes: int | None = DEFAULT_SHARD_BYTES,
-) -> list[ShardInfo]:
+) -> list[ShardEntry]:
     """Write records as `root/subdir/part-NNNNN.parquet`, each shard closing at `shard_rows`
     rows or `shard_bytes` bytes on disk, whichever comes first (None: no such limit)."""
     with ShardWriter(

@@ -41,11 +41,11 @@ def test_nightly_on_the_batch_api_matches_live_calls(
         version = Path(nightly(config=str(config)))
         assert batch_server.batches_created == 3  # 12 requests, 5 per file
         assert set(batch_server.processed.values()) == {1}
-        gen = read_manifest(version)["counts"]["generate"]
-        assert gen["completed"] == 12 and gen["cached"] == 0
+        gen = read_manifest(version).counts.generate
+        assert gen.completed == 12 and gen.cached == 0
         # half the live price: the cost is the batch price of the tokens used
-        live_cost = (gen["prompt_tokens"] * 2.0 + gen["completion_tokens"] * 8.0) / 1e6
-        assert abs(gen["cost_usd"] - live_cost / 2) < 1e-6
+        live_cost = (gen.prompt_tokens * 2.0 + gen.completion_tokens * 8.0) / 1e6
+        assert abs(gen.cost_usd - live_cost / 2) < 1e-6
         records = list_batches(tmp_path / "batch" / "_state" / "batches")
         assert len(records) == 3 and {r.status for r in records} == {"completed"}
         shown = CliRunner().invoke(app, ["batches", "list", "--config", str(config)])
@@ -57,7 +57,7 @@ def test_nightly_on_the_batch_api_matches_live_calls(
         version = Path(shutil.move(version, tmp_path / "first"))
         again = Path(nightly(config=str(config)))  # all from the response cache
         assert batch_server.batches_created == 3
-        assert read_manifest(again)["counts"]["generate"]["cached"] == 12
+        assert read_manifest(again).counts.generate.cached == 12
 
     with FakeServer() as live:
         cfg = fake_backend_config(live.base_url, tmp_path / "live")

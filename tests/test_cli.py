@@ -154,5 +154,5 @@ def test_sigkill_during_generation_then_rerun(
     assert all(stats["completed_by_key"].get(k, 0) >= 1 for k in keys.values())
     ids = pq.read_table(version / "text").column("id").to_pylist()
     assert len(ids) == len(set(ids)) == 24, "every document exactly once"
-    gen = read_manifest(version)["counts"]["generate"]
-    assert gen["cached"] == len(done_at_kill) and gen["completed"] == 24
+    gen = read_manifest(version).counts.generate
+    assert gen.cached == len(done_at_kill) and gen.completed == 24

@@ -154,21 +154,19 @@ def check_accounting(version: Path) -> dict[str, Any]:
     """planned = kept + rejected + failed (+ skipped by the budget), in the manifest and in the
     files, and every planned request is accounted for exactly once."""
     manifest = read_manifest(version)
-    gen = manifest["counts"]["generate"]
-    kept = manifest["documents"]
-    rejected = manifest["counts"]["rejected"]
-    assert gen["planned"] == kept + rejected + gen["failed"] + gen["skipped_budget"], manifest[
-        "counts"
-    ]
+    gen = manifest.counts.generate
+    kept = manifest.documents
+    rejected = manifest.counts.rejected
+    assert gen.planned == kept + rejected + gen.failed + gen.skipped_budget, manifest["counts"]
     plan_ids = pq.read_table(version / "plan.parquet", columns=["id"]).column("id").to_pylist()
-    assert len(plan_ids) == gen["planned"]
+    assert len(plan_ids) == gen.planned
     ids = [i for i, _ in kept_rows(version)]
     if (version / "rejected").is_dir():
         ids += pq.read_table(version / "rejected", columns=["id"]).column("id").to_pylist()
     failures = pq.read_table(version / "failures.parquet", columns=["request_id"])
     ids += failures.column("request_id").to_pylist()
-    assert len(ids) == kept + rejected + gen["failed"]
-    if not gen["skipped_budget"]:
+    assert len(ids) == kept + rejected + gen.failed
+    if not gen.skipped_budget:
         assert Counter(ids) == Counter(plan_ids), "each planned request exactly once"
     return manifest
 
@@ -250,7 +248,7 @@ def baseline(
     kept = kept_rows(version)
     assert len(kept) == len(set(kept)) > LIMIT // 2, "most documents pass the filters"
     server.reset()
-    return Baseline(set(kept), keys, len(manifest["shards"]), manifest)
+    return Baseline(set(kept), keys, len(manifest.shards), manifest)
 
 
 # -- kill, rerun, compare --------------------------------------------------------------------
@@ -360,12 +358,12 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_run(
 
     # One version: a rerun after a kill past the manifest is a no-op that names it.
     assert len(versions) == 1, specs
-    counts = read_manifest(versions[-1])["counts"]
-    last = counts["generate"]
+    counts = read_manifest(versions[-1]).counts
+    last = counts.generate
     if kills and not kills[-1].published:
         # The rerun resumed at the last checkpointed chunk (its chunks neither generated nor
         # filtered again), and found in the cache the rest of what the kill left there.
-        assert counts["chunks"]["resumed"] == kills[-1].chunks_done, (specs, counts["chunks"])
+        assert counts.chunks.resumed == kills[-1].chunks_done, (specs, counts.chunks)
         if not kills[-1].chunks_done:
             assert last["cached"] == len(kills[-1].cached), (specs, last)
             assert last["requests"] - last["retries"] == LIMIT - len(kills[-1].cached), last
@@ -406,16 +404,16 @@ def test_sigkill_on_the_embedded_model_then_rerun(
     assert unfinished_dirs(out) == []
     (version,) = list_versions(out)
     manifest = check_accounting(version)
-    gen = manifest["counts"]["generate"]
-    assert gen["planned"] == planned
+    gen = manifest.counts.generate
+    assert gen.planned == planned
 
     plan_ids = pq.read_table(version / "plan.parquet", columns=["id"]).column("id").to_pylist()
     with closing(sqlite3.connect(out / STATE_DIR / "responses.sqlite")) as db:
         rows = [r[0] for r in db.execute("SELECT request_id FROM responses")]
     assert sorted(rows) == sorted(plan_ids), "one cached response per planned request"
     # What finished before the kill came from the cache; only the rest was requested.
-    assert gen["cached"] == len(at_kill), gen
-    fresh = gen["requests"] - gen["retries"]  # requests made at least once in the rerun
-    assert fresh == planned - len(at_kill) or (gen["failed"] and fresh < planned), gen
+    assert gen.cached == len(at_kill), gen
+    fresh = gen.requests - gen.retries  # requests made at least once in the rerun
+    assert fresh == planned - len(at_kill) or (gen.failed and fresh < planned), gen
     ids = [i for i, _ in kept_rows(version)]
     assert len(ids) == len(set(ids))

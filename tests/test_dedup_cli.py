@@ -109,7 +109,6 @@ def test_dedup_a_dataset_version(tmp_path: Path) -> None:
         encoding="cl100k_base",
         config={},
         config_hash="x",
-        counts={},
     )
     result = runner.invoke(app, ["dedup", str(version), "--out", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output

@@ -264,7 +264,6 @@ def _write_version(out: Path, run_id: str, docs: list) -> Path:
         encoding="cl100k_base",
         config={},
         config_hash="x",
-        counts={},
     )
     return out / run_id
 

@@ -72,7 +72,12 @@ def test_report_renders_from_a_manifest(tmp_path: Path) -> None:
     rows = [{"format": "story"}, {"format": "textbook_section"}]
     div = diversity_report(texts, rows, {"format": ["story", "textbook_section", "how_to"]})
     assert div["axis_coverage"]["format"]["covered"] == pytest.approx(2 / 3)
-    manifest = {"run_id": "r1", "documents": 2, "counts": {"generate": {"planned": 2}}}
+    manifest = {
+        "run_id": "r1",
+        "shards": [],
+        "documents": 2,
+        "counts": {"generate": {"planned": 2}},
+    }
     write_json_atomic(tmp_path / "manifest.json", {**manifest, "diversity": div})
     report = render_report(tmp_path)
     text = report.read_text()

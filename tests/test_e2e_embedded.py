@@ -43,14 +43,14 @@ def test_run_on_the_embedded_model(prefect_api: str, tmp_path: Path, write_confi
     (version,) = list_versions(out)
     assert result.stdout.strip() == str(version)
     manifest = read_manifest(version)
-    gen = manifest["counts"]["generate"]
-    assert gen["planned"] == 4 == gen["completed"] + gen["failed"]
-    assert gen["completion_tokens"] > 0 and gen["failed"] == 0
+    gen = manifest.counts.generate
+    assert gen.planned == 4 == gen.completed + gen.failed
+    assert gen.completion_tokens > 0 and gen.failed == 0
     # 32 tokens make short, truncated texts: the default filters reject them, with reasons.
     kept = pq.read_table(version / "text").to_pylist()
     rejected = pq.read_table(version / "rejected").to_pylist()
     rows = kept + rejected
-    assert len(rows) == 4 == manifest["documents"] + manifest["counts"]["rejected"]
+    assert len(rows) == 4 == manifest.documents + manifest.counts.rejected
     for row in rows:
         assert row["backend"] == "embedded" and row["model"]
         assert len(row["text"].split()) >= 5  # real generated words

@@ -43,20 +43,20 @@ def test_fill_a_document_target_per_topic(
     cfg["fill"] = {"documents_per_topic": 2, "max_rounds": 6}
     version = run(write_config(cfg))
     manifest = read_manifest(version)
-    fill = manifest["counts"]["fill"]
-    assert fill["stopped"] == "target_met" and fill["short"] == {}
-    assert len(fill["rounds"]) > 1  # the empties had to be made up for
+    fill = manifest.counts.fill
+    assert fill.stopped == "target_met" and fill.short == {}
+    assert len(fill.rounds) > 1  # the empties had to be made up for
     kept = pq.read_table(version / "text", columns=["topic"]).column("topic").to_pylist()
     per_topic = Counter(kept)
     assert set(per_topic) == {"Fractions", "Volcanoes", "Haiku"}
     assert min(per_topic.values()) >= 2
     # every request of every round is in the plan once, and ends kept, rejected or failed
     plan = _ids(version, "plan.parquet")
-    assert len(plan) == len(set(plan)) == sum(r["planned"] for r in fill["rounds"])
-    gen = manifest["counts"]["generate"]
-    assert gen["planned"] == len(plan) == gen["completed"] + gen["failed"]
+    assert len(plan) == len(set(plan)) == sum(r.planned for r in fill.rounds)
+    gen = manifest.counts.generate
+    assert gen.planned == len(plan) == gen.completed + gen.failed
     rejected = _ids(version, "rejected")
-    assert len(plan) == manifest["documents"] + len(rejected) + gen["failed"]
+    assert len(plan) == manifest.documents + len(rejected) + gen.failed
 
 
 def test_fill_stops_at_the_budget_with_an_account(
@@ -69,11 +69,11 @@ def test_fill_stops_at_the_budget_with_an_account(
     cfg["generation"]["budget"] = {"max_tokens": 8 * 600}
     version = run(write_config(cfg))
     manifest = read_manifest(version)
-    fill, gen = manifest["counts"]["fill"], manifest["counts"]["generate"]
-    assert fill["stopped"] == "budget_exhausted"
-    assert fill["short"]["*"] == 40 - manifest["documents"] > 0
-    assert gen["skipped_budget"] > 0
-    assert gen["prompt_tokens"] + gen["completion_tokens"] <= 8 * 600
+    fill, gen = manifest.counts.fill, manifest.counts.generate
+    assert fill.stopped == "budget_exhausted"
+    assert fill.short["*"] == 40 - manifest.documents > 0
+    assert gen.skipped_budget > 0
+    assert gen.prompt_tokens + gen.completion_tokens <= 8 * 600
 
 
 def test_fill_stops_at_the_round_ceiling(prefect_api: str, tmp_path: Path, write_config) -> None:
@@ -83,6 +83,6 @@ def test_fill_stops_at_the_round_ceiling(prefect_api: str, tmp_path: Path, write
         cfg["fill"] = {"tokens": 10_000, "max_rounds": 3}
         version = run(write_config(cfg))
     manifest = read_manifest(version)
-    fill = manifest["counts"]["fill"]
-    assert fill["stopped"] == "max_rounds" and len(fill["rounds"]) == 3
-    assert manifest["documents"] == 0 and fill["short"]["*"] > 0
+    fill = manifest.counts.fill
+    assert fill.stopped == "max_rounds" and len(fill.rounds) == 3
+    assert manifest.documents == 0 and fill.short["*"] > 0

@@ -142,8 +142,8 @@ def test_filter_a_dataset_version_uses_its_trained_model(tmp_path: Path) -> None
     docs = [make_doc(TEXTBOOK, "a"), make_doc("Short.", "b")]
     version = out_dir / "20260101T000000Z"
     write_version(version, run_id=version.name, plan=[], kept=docs, rejected=[], failures=[],
-                  shard_rows=100, encoding="cl100k_base", config={}, config_hash="x",
-                  counts={})  # fmt: skip
+                  shard_rows=100, encoding="cl100k_base", config={},
+                  config_hash="x")  # fmt: skip
     result = runner.invoke(app, ["filter", str(version), "--out", str(tmp_path / "f")])
     assert result.exit_code == 0, result.output
     kept = pq.read_table(tmp_path / "f" / "kept.parquet").to_pylist()

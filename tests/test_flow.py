@@ -55,16 +55,16 @@ def test_nightly_writes_a_complete_dataset_version(
     manifest = read_manifest(version)
     for key in ("run_id", "counts", "shards", "tokens", "config_hash", "code_version"):
         assert key in manifest
-    assert manifest["schema_version"] == 1 and manifest["run_id"] == version.name
-    gen = manifest["counts"]["generate"]
+    assert manifest.schema_version == 1 and manifest.run_id == version.name
+    gen = manifest.counts.generate
     # every planned request is a document, a rejected document or a recorded failure
-    assert gen["planned"] == 30 == gen["completed"] + gen["failed"]
-    assert manifest["documents"] + manifest["counts"]["rejected"] == gen["completed"]
-    assert gen["failed"] > 0 and gen["retries"] > 0 and gen["empty"] > 0
-    assert manifest["counts"]["filter"]["empty"]["empty:no_text"] == gen["empty"]
+    assert gen.planned == 30 == gen.completed + gen.failed
+    assert manifest.documents + manifest.counts.rejected == gen.completed
+    assert gen.failed > 0 and gen.retries > 0 and gen.empty > 0
+    assert manifest.counts.filter["empty"]["empty:no_text"] == gen.empty
 
     # every shard is where the manifest says, with its rows, bytes and checksum
-    for shard in manifest["shards"]:
+    for shard in manifest.shards:
         path = version / shard["path"]
         assert path.stat().st_size == shard["bytes"]
         assert file_sha256(path) == shard["sha256"]
@@ -73,10 +73,10 @@ def test_nightly_writes_a_complete_dataset_version(
 
     text = pq.read_table(version / "text")
     assert text.schema.equals(arrow_schema(Document))
-    assert text.num_rows == manifest["documents"]
+    assert text.num_rows == manifest.documents
     assert text.column("id").to_pylist() == list(dict.fromkeys(text.column("id").to_pylist()))
     assert all(t.strip() for t in text.column("text").to_pylist())
-    assert sum(text.column("n_tokens").to_pylist()) == manifest["tokens"]["cl100k_base"]["tokens"]
+    assert sum(text.column("n_tokens").to_pylist()) == manifest.tokens["cl100k_base"].tokens
     assert set(text.column("backend").to_pylist()) == {"openai"}
     assert not any(text.column("truncated").to_pylist())  # dropped by default
 
@@ -84,11 +84,11 @@ def test_nightly_writes_a_complete_dataset_version(
     by_reason = {r["reason"]: r for r in rejected}
     assert set(by_reason) == {"empty:no_text", "truncated:finish_length"}
     assert by_reason["truncated:finish_length"]["finish_reason"] == "length"
-    assert manifest["counts"]["filter"]["generation_artifacts"]["truncated:finish_length"] == sum(
+    assert manifest.counts.filter["generation_artifacts"]["truncated:finish_length"] == sum(
         r["reason"] == "truncated:finish_length" for r in rejected
     )
     failures = pq.read_table(version / "failures.parquet").to_pylist()
-    assert len(failures) == gen["failed"] and all(f["error"] == "http_400" for f in failures)
+    assert len(failures) == gen.failed and all(f["error"] == "http_400" for f in failures)
 
     plan = pq.read_table(version / "plan.parquet")
     assert plan.num_rows == 30
@@ -99,15 +99,15 @@ def test_nightly_writes_a_complete_dataset_version(
     n, topics = con.execute(
         f"SELECT count(*), count(DISTINCT topic) FROM read_parquet('{version}/text/*.parquet')"
     ).fetchone()
-    assert n == manifest["documents"] and topics > 1
+    assert n == manifest.documents and topics > 1
     assert json.loads(text.column("sampling")[0].as_py())["max_tokens"] == 256
 
     # the diversity report is in the manifest and the rendered report
-    div = manifest["diversity"]
+    div = manifest.diversity
     for key in ("distinct_1", "distinct_2", "distinct_3", "top_opener_share"):
         assert 0 < div[key] <= 1
-    assert div["compression_ratio"] > 1 and div["documents"] == manifest["documents"]
-    assert sum(div["axis_coverage"]["format"]["counts"].values()) == manifest["documents"]
+    assert div.compression_ratio > 1 and div.documents == manifest.documents
+    assert sum(div.axis_coverage["format"].counts.values()) == manifest.documents
     report_md = (version / "report" / "report.md").read_text()
     assert report_md.count("distinct-") == 3
     # tokens per encoding, throughput, and the first kept documents, quoted
@@ -118,9 +118,7 @@ def test_nightly_writes_a_complete_dataset_version(
         f"`{first['id']}`" in report_md and "> " + first["text"].splitlines()[0][:40] in report_md
     )
     # no classifier configured: the quality histogram is empty and not plotted
-    assert (
-        sum(manifest["quality"]["kept"]) == 0 and not (version / "report" / "quality.png").exists()
-    )
+    assert sum(manifest.quality.kept) == 0 and not (version / "report" / "quality.png").exists()
     from typer.testing import CliRunner
 
     from booksmith.flows.cli import app
@@ -150,8 +148,8 @@ def test_same_config_and_seed_rerun_is_a_noop_and_identical_once_removed(
     b = pq.read_table(second / "text").select(["id", "text_sha256"]).to_pylist()
     assert a == b and len(a) > 0
     assert pq.read_table(first / "plan.parquet").equals(pq.read_table(second / "plan.parquet"))
-    gen = read_manifest(second)["counts"]["generate"]
-    assert gen["cached"] == gen["completed"] and gen["requests"] == 0
+    gen = read_manifest(second).counts.generate
+    assert gen.cached == gen.completed and gen.requests == 0
 
 
 def test_a_second_run_drops_what_earlier_runs_kept(
@@ -173,7 +171,7 @@ def test_a_second_run_drops_what_earlier_runs_kept(
     dups = {r["id"]: r for r in rejected if r["reason"] == "dedup_exact"}
     assert set(dups) == set(kept_first)
     assert all(r["duplicate_of"] == i for i, r in dups.items())  # the same document, earlier
-    assert read_manifest(second)["counts"]["filter"]["dedup_exact"]["dedup_exact"] == len(dups)
+    assert read_manifest(second).counts.filter["dedup_exact"]["dedup_exact"] == len(dups)
 
     # A third run with a new seed plans new requests: kept, none of them a first-run document.
     cfg = fake_backend_config(server.base_url, out)
@@ -217,7 +215,7 @@ def test_without_a_seed_the_run_date_decides_the_plan(
     del cfg["seed"]
     cfg["plan"]["limit"] = 2
     version = run_flow(write_config(cfg))
-    assert read_manifest(version)["seed"] == seed_for(datetime.now(UTC).date())
+    assert read_manifest(version).seed == seed_for(datetime.now(UTC).date())
     assert seed_for(datetime(2026, 1, 2).date()) != seed_for(datetime(2026, 1, 3).date())
 
 

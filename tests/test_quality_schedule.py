@@ -49,7 +49,7 @@ def test_retrain_on_schedule_then_filter_with_the_new_model(
         card = json.loads(model.with_name("model.card.json").read_text())
         assert card["judge"] == "judge-model"
         annotations = pq.read_table(out / "_state" / "quality" / "annotations.parquet")
-        assert annotations.num_rows == read_manifest(first)["documents"] == judge_calls[0]
+        assert annotations.num_rows == read_manifest(first).documents == judge_calls[0]
         # the first night had no model yet
         assert pq.read_table(first / "text", columns=["quality_score"])[0].null_count > 0
 
@@ -57,6 +57,6 @@ def test_retrain_on_schedule_then_filter_with_the_new_model(
         second = Path(nightly(config=str(write_config(cfg, "night2.yaml"))))
     scores = pq.read_table(second / "text", columns=["quality_score"])[0].to_pylist()
     assert scores and all(s is not None and 0 <= s <= 1 for s in scores)
-    assert "quality" in read_manifest(second)["counts"]["filter"]
+    assert "quality" in read_manifest(second).counts.filter
     # retrained one day ago at most: not due again, so the judge was not asked again
     assert judge_calls[0] == annotations.num_rows

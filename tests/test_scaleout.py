@@ -37,7 +37,8 @@ def _documents(version: Path) -> set[tuple[str, str]]:
     return set(zip(ids, shas, strict=True))
 
 
-def _cli_run(config: Path, api: str) -> Path:
+def _cli_run(config: Path, api: str) -> tuple[Path, str]:
+    """`booksmith run`: the version it wrote and its stderr (where the Dask cluster logs)."""
     result = subprocess.run(
         [sys.executable, "-m", "booksmith", "run", "--config", str(config)],
         env={**os.environ, "PREFECT_API_URL": api},
@@ -47,7 +48,7 @@ def _cli_run(config: Path, api: str) -> Path:
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    return Path(result.stdout.strip().splitlines()[-1])
+    return Path(result.stdout.strip().splitlines()[-1]), result.stderr
 
 
 def _requests(n: int) -> list[GenerationRequest]:
@@ -96,16 +97,20 @@ def test_dask_cluster_writes_the_same_dataset_as_the_thread_pool(
     dask["runner"] = "dask"
     dask["dask"] = {"n_workers": 2, "threads_per_worker": 1}
 
-    on_threads = _cli_run(write_config(threads, "threads.yaml"), prefect_api)
-    on_dask = _cli_run(write_config(dask, "dask.yaml"), prefect_api)
+    on_threads, threads_log = _cli_run(write_config(threads, "threads.yaml"), prefect_api)
+    on_dask, dask_log = _cli_run(write_config(dask, "dask.yaml"), prefect_api)
+    # the run's tasks went through Prefect's Dask client to a cluster of two workers
+    assert "PrefectDaskClient" not in threads_log
+    assert "Receive client connection: PrefectDaskClient" in dask_log
+    assert dask_log.count("Register worker addr") == 2
 
     assert _documents(on_threads) == _documents(on_dask) and _documents(on_dask)
     a, b = read_manifest(on_threads), read_manifest(on_dask)
-    assert a["counts"]["generate"]["planned"] == b["counts"]["generate"]["planned"] == 16
+    assert a.counts.generate.planned == b.counts.generate.planned == 16
     assert pq.read_table(on_threads / "plan.parquet").equals(
         pq.read_table(on_dask / "plan.parquet")
     )
-    assert b["config"]["runner"] == "dask"
+    assert b.config["runner"] == "dask"
 
 
 def test_several_endpoints_share_the_load(
@@ -159,7 +164,7 @@ def test_nightly_runs_take_the_topics_not_yet_covered(
     covered_second = set(pq.read_table(second / "plan.parquet").column("topic").to_pylist())
     # the two never covered come first, then the least covered of the rest
     assert set(names[4:]) <= covered_second and len(covered_second) == 4
-    selection = read_manifest(second)["counts"]["plan"]["topics"]
+    selection = read_manifest(second).counts.plan.topics
     assert selection == {"rotation": "uncovered", "topics": 4, "uncovered_before": 2}
     assert list_versions(tmp_path / "out") == [first, second]
 

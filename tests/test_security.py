@@ -236,11 +236,11 @@ def test_key_from_the_environment_never_reaches_any_output(
     for kind in ("rate_limit", "server_error", "bad_request", "content_filter"):
         assert stats["faults"].get(kind, 0) > 0, stats["faults"]
     (version,) = list_versions(out)
-    gen = read_manifest(version)["counts"]["generate"]
-    assert gen["retries"] > 0 and gen["failed"] > 0, gen
-    assert pq.read_table(version / "failures.parquet").num_rows == gen["failed"]
+    gen = read_manifest(version).counts.generate
+    assert gen.retries > 0 and gen.failed > 0, gen
+    assert pq.read_table(version / "failures.parquet").num_rows == gen.failed
     with closing(sqlite3.connect(out / STATE_DIR / "responses.sqlite")) as db:
-        assert db.execute("SELECT count(*) FROM failures").fetchone()[0] == gen["failed"]
+        assert db.execute("SELECT count(*) FROM failures").fetchone()[0] == gen.failed
 
     # Every file the run wrote: shards, manifest, card, report and plots, the response cache
     # and failures table (with its -wal), the dedup index.

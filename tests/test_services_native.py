@@ -71,10 +71,10 @@ def test_nightly_runs_through_prefect_redis_and_s3(tmp_path: Path, write_config)
         assert sorted(asyncio.run(_flow_runs(api))) == [("booksmith-nightly", "COMPLETED")] * 2
         # the index holds the first run's documents, tagged with its run id
         index = RedisIndex(redis_url, "nightly")
-        kept = read_manifest(first)["documents"]
+        kept = read_manifest(first).documents
         assert kept > 0 and index.runs()[first.name] == kept
         assert index.runs().get(second.name, 0) == 0
-        assert read_manifest(second)["counts"]["filter"]["dedup_exact"]["dedup_exact"] == kept
+        assert read_manifest(second).counts.filter["dedup_exact"]["dedup_exact"] == kept
         index.close()
         # both versions are in the bucket, manifest included, and verify there
         s3 = boto3.client("s3", endpoint_url=s3_url, **_creds(aws))

@@ -108,30 +108,32 @@ def version(tmp_path: Path) -> Path:
 
 def test_version_layout_manifest_and_counts(version: Path) -> None:
     m = read_manifest(version)
+    raw = json.loads((version / "manifest.json").read_text())
     for key in ("run_id", "counts", "shards", "tokens", "diversity", "config_hash", "code_version"):
-        assert key in m
-    assert m["schema_version"] == 1 and m["documents"] == 60
-    kinds = {s["kind"] for s in m["shards"]}
+        assert key in raw
+    assert raw["manifest_version"] == 2
+    assert m.schema_version == 1 and m.documents == 60
+    kinds = {s.kind for s in m.shards}
     assert kinds == {"text", "tokens", "packed", "rejected", "plan", "failures"}
     # 60 documents at 25 rows a shard: 3 text shards, 3 token shards per encoding
-    assert [s["rows"] for s in m["shards"] if s["kind"] == "text"] == [25, 25, 10]
-    for s in m["shards"]:
-        path = version / s["path"]
-        assert not Path(s["path"]).is_absolute()
-        assert path.stat().st_size == s["bytes"] and file_sha256(path) == s["sha256"]
-        assert pq.ParquetFile(path).metadata.num_rows == s["rows"]
+    assert [s.rows for s in m.shards if s.kind == "text"] == [25, 25, 10]
+    for s in m.shards:
+        path = version / s.path
+        assert not Path(s.path).is_absolute()
+        assert path.stat().st_size == s.bytes and file_sha256(path) == s.sha256
+        assert pq.ParquetFile(path).metadata.num_rows == s.rows
     text = pq.read_table(version / "text")
     for name in ("cl100k_base", "smollm2"):
-        entry = m["tokens"][name]
+        entry = m.tokens[name]
         tokens = pq.read_table(version / "tokens" / name)
-        assert tokens.num_rows == entry["documents"] == 60
-        assert sum(tokens.column("n_tokens").to_pylist()) == entry["tokens"]
-        assert entry["stored_tokens"] == entry["tokens"] + 60
-        shard_tokens = [s["stored_tokens"] for s in m["shards"] if s.get("encoding") == name]
-        assert sum(shard_tokens[:3]) == entry["stored_tokens"]
-    assert m["tokens"]["cl100k_base"]["tokens"] == sum(text.column("n_tokens").to_pylist())
-    assert m["tokens"]["smollm2"]["dtype"] == "uint16"
-    assert m["tokens"]["cl100k_base"]["dtype"] == "uint32"
+        assert tokens.num_rows == entry.documents == 60
+        assert sum(tokens.column("n_tokens").to_pylist()) == entry.tokens
+        assert entry.stored_tokens == entry.tokens + 60
+        shard_tokens = [s.stored_tokens for s in m.shards if s.encoding == name]
+        assert sum(shard_tokens[:3]) == entry.stored_tokens
+    assert m.tokens["cl100k_base"].tokens == sum(text.column("n_tokens").to_pylist())
+    assert m.tokens["smollm2"].dtype == "uint16"
+    assert m.tokens["cl100k_base"].dtype == "uint32"
     # no temporary files are left behind
     assert not [p for p in version.rglob(".*")]
 
@@ -152,23 +154,24 @@ def test_token_shards_round_trip_and_end_of_text(version: Path) -> None:
 def test_packed_rows_cut_the_stream(version: Path) -> None:
     m = read_manifest(version)
     for name in ("cl100k_base", "smollm2"):
-        packed = m["tokens"][name]["packed"]
-        rows = pq.read_table(version / packed["path"]).column("input_ids").to_pylist()
-        assert len(rows) == packed["rows"] and all(len(r) == 33 for r in rows)
+        packed = m.tokens[name].packed
+        assert packed is not None
+        rows = pq.read_table(version / packed.path).column("input_ids").to_pylist()
+        assert len(rows) == packed.rows and all(len(r) == 33 for r in rows)
         docs = pq.read_table(version / "tokens" / name)["input_ids"].to_pylist()
         stream = [t for r in docs for t in r]
         flat = [t for r in rows for t in r]
         assert flat == stream[: len(flat)]
-        assert len(stream) - len(flat) == packed["dropped_tokens"] < 33
+        assert len(stream) - len(flat) == packed.dropped_tokens < 33
 
 
 def test_text_shards_roll_over_by_bytes(tmp_path: Path) -> None:
     root = tmp_path / "v"
     m = make_version(root, 1500, shard_rows=None, shard_bytes=100_000, run_id="v")
-    text = [s for s in m["shards"] if s["kind"] == "text"]
-    assert len(text) > 2 and sum(s["rows"] for s in text) == 1500
+    text = [s for s in m.shards if s.kind == "text"]
+    assert len(text) > 2 and sum(s.rows for s in text) == 1500
     # a shard closes once it reaches the limit, overshooting by at most a row group + footer
-    assert all(s["bytes"] < 2 * 100_000 for s in text)
+    assert all(s.bytes < 2 * 100_000 for s in text)
     assert pq.read_table(root / "text").column("id").to_pylist() == [
         f"v-{i:05d}" for i in range(1500)
     ]
@@ -201,7 +204,7 @@ def test_read_back_duckdb_polars_datasets(version: Path, tmp_path: Path, monkeyp
     (tokens,) = con.execute(
         f"SELECT sum(len(input_ids)) FROM read_parquet('{version}/tokens/smollm2/*.parquet')"
     ).fetchone()  # type: ignore[misc]
-    assert tokens == read_manifest(version)["tokens"]["smollm2"]["stored_tokens"]
+    assert tokens == read_manifest(version).tokens["smollm2"].stored_tokens
 
     frame = pl.read_parquet(version / "tokens" / "smollm2" / "*.parquet")
     assert frame.height == 60 and frame.schema["input_ids"] == pl.List(pl.UInt16)
@@ -229,7 +232,7 @@ def test_read_back_duckdb_polars_datasets(version: Path, tmp_path: Path, monkeyp
     enc = get_encoding()
     assert enc.decode(tok[0]["input_ids"][:-1]) == ds[0]["text"]
     # the card's configs, as the Hub would read them from README.md
-    packed_rows = read_manifest(version)["tokens"]["smollm2"]["packed"]["rows"]
+    packed_rows = read_manifest(version).tokens["smollm2"].packed.rows
     for config, rows in (
         ("tokens-smollm2", 60),
         ("packed-smollm2-32", packed_rows),
@@ -297,10 +300,13 @@ def test_verify_catches_tokens_that_do_not_match_the_text(tmp_path: Path) -> Non
     rows = table.to_pylist()
     rows[0]["input_ids"], rows[1]["input_ids"] = rows[1]["input_ids"], rows[0]["input_ids"]
     pq.write_table(table.from_pylist(rows, schema=table.schema), path)
-    for s in m["shards"]:
-        if s["path"] == "tokens/cl100k_base/part-00000.parquet":
-            s["sha256"], s["bytes"] = file_sha256(path), path.stat().st_size
-    (root / "manifest.json").write_text(json.dumps(m))
+    m.shards = [
+        s.model_copy(update={"sha256": file_sha256(path), "bytes": path.stat().st_size})
+        if s.path == "tokens/cl100k_base/part-00000.parquet"
+        else s
+        for s in m.shards
+    ]
+    (root / "manifest.json").write_text(m.to_json())
     problems = verify(root, sample=10).problems
     assert any("decode(input_ids) != text" in p for p in problems), problems
 
@@ -308,14 +314,14 @@ def test_verify_catches_tokens_that_do_not_match_the_text(tmp_path: Path) -> Non
 def test_add_encoding_to_an_existing_version(tmp_path: Path) -> None:
     root = tmp_path / "v"
     make_version(root, 30, run_id="v")
-    assert "smollm2" not in read_manifest(root)["tokens"]
+    assert "smollm2" not in read_manifest(root).tokens
     result = CliRunner().invoke(
         app, ["datasets", "tokenize", str(root), "--encoding", "smollm2", "--pack", "16"]
     )
     assert result.exit_code == 0, result.output
     m = read_manifest(root)
-    assert m["tokens"]["smollm2"]["documents"] == 30
-    assert m["tokens"]["smollm2"]["packed"]["seq_len"] == 16
+    assert m.tokens["smollm2"].documents == 30
+    assert m.tokens["smollm2"].packed.seq_len == 16
     assert "tokens-smollm2" in (root / "README.md").read_text()
     assert verify(root).ok
     again = CliRunner().invoke(app, ["datasets", "tokenize", str(root), "--encoding", "smollm2"])
@@ -355,8 +361,7 @@ def test_verify_checks_packed_rows_against_the_token_stream(version: Path) -> No
     rows = table.to_pylist()
     rows[0]["input_ids"] = list(reversed(rows[0]["input_ids"]))
     pq.write_table(table.from_pylist(rows, schema=table.schema), version / rel)
-    for s in m["shards"]:
-        if s["path"] == rel:
-            s["sha256"], s["bytes"] = file_sha256(version / rel), (version / rel).stat().st_size
-    (version / "manifest.json").write_text(json.dumps(m))
+    fixed = {"sha256": file_sha256(version / rel), "bytes": (version / rel).stat().st_size}
+    m.shards = [s.model_copy(update=fixed) if s.path == rel else s for s in m.shards]
+    (version / "manifest.json").write_text(m.to_json())
     assert verify(version).problems == [f"{rel}: row 0 is not the start of the token stream"]

@@ -102,15 +102,15 @@ def test_takedown_removes_ids_from_every_version(out: Path) -> None:
             ids = set(pq.read_table(version / kind, columns=["id"]).column("id").to_pylist())
             assert not ids & set(gone)
     after = read_manifest(a)
-    assert after["documents"] == before["documents"] - 1 == 29
-    assert after["counts"]["rejected"] == 4
-    assert after["tokens"]["smollm2"]["documents"] == 29
+    assert after.documents == before.documents - 1 == 29
+    assert after.counts.rejected == 4
+    assert after.tokens["smollm2"].documents == 29
     # packed rows were rebuilt from the remaining documents
-    packed = after["tokens"]["smollm2"]["packed"]
+    packed = after.tokens["smollm2"].packed
     stream = [t for r in pq.read_table(a / "tokens/smollm2")["input_ids"].to_pylist() for t in r]
-    rows = pq.read_table(a / packed["path"])["input_ids"].to_pylist()
+    rows = pq.read_table(a / packed.path)["input_ids"].to_pylist()
     assert [t for r in rows for t in r] == stream[: len(rows) * 17]
-    assert after["takedowns"][0]["ids"] == 3
+    assert after.takedowns[0].ids == 3
     # nothing left over from the swap
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["20261124T020000Z", "20261125T020000Z", "20261126T020000Z", "_state"]
@@ -148,7 +148,7 @@ def test_takedown_crash_while_building_keeps_the_old_version(out: Path, monkeypa
     with pytest.raises(KeyboardInterrupt):
         versions.takedown(out, ["20261125T020000Z-00001"])
     monkeypatch.undo()
-    assert read_manifest(out / "20261125T020000Z")["documents"] == 20
+    assert read_manifest(out / "20261125T020000Z").documents == 20
     versions.recover(out)
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
     shutil.rmtree(out / "20261126T020000Z")

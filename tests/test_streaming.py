@@ -1,6 +1,6 @@
-"""Streaming runs: the same dataset whatever the chunk size and worker count, near-duplicate
-clusters decided across chunks (best quality score kept), each chunk's stages equal to the
-in-memory engine."""
+"""Streaming runs: the same dataset whatever the chunk size, worker count and runner (the quality
+chain in process, on a local process pool or on Dask workers), near-duplicate clusters decided
+across chunks (best quality score kept), each chunk's stages equal to the in-memory engine."""
 
 from __future__ import annotations
 
@@ -116,9 +116,16 @@ def quality_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _run(
-    server: FakeServer, out: Path, write_config: Any, quality_model: Path, **plan: Any
+    server: FakeServer,
+    out: Path,
+    write_config: Any,
+    quality_model: Path,
+    dask: bool = False,
+    **plan: Any,
 ) -> Path:
     from booksmith.flows.nightly import nightly
+    from booksmith.flows.runners import with_runner
+    from booksmith.schemas.config import load_config
 
     cfg = fake_backend_config(server.base_url, out)
     cfg["plan"].update({"limit": 40, **plan})
@@ -126,7 +133,10 @@ def _run(
     # Threshold 0: every document is scored and kept by the classifier, so clusters are
     # decided by score.
     cfg["filters"] = {"quality": {"model_path": str(quality_model), "threshold": 0.0}}
-    return Path(nightly(config=str(write_config(cfg, f"{out.name}.yaml"))))
+    if dask:  # a local cluster of two worker processes: generation and the quality slices
+        cfg["runner"], cfg["dask"] = "dask", {"n_workers": 2, "threads_per_worker": 1}
+    config = write_config(cfg, f"{out.name}.yaml")
+    return Path(with_runner(nightly, load_config(config))(config=str(config)))
 
 
 def _rows(version: Path, kind: str) -> list[dict[str, Any]]:
@@ -150,22 +160,26 @@ def test_same_dataset_whatever_the_chunk_size_and_workers(
     small = _run(server, tmp_path / "small", write_config, quality_model, chunk_requests=7)
     monkeypatch.setattr(stages, "POOL_MIN_DOCS", 1)  # even 13-request chunks go to the pool
     pooled = _run(server, tmp_path / "pool", write_config, quality_model, chunk_requests=13)
+    monkeypatch.setenv("PREFECT_API_URL", prefect_api)  # what the Dask workers report to
+    on_dask = _run(
+        server, tmp_path / "dask", write_config, quality_model, dask=True, chunk_requests=13
+    )
 
-    manifests = [read_manifest(v) for v in (whole, small, pooled)]
-    chunks = [m["counts"]["chunks"]["count"] for m in manifests]
-    assert chunks[0] == len(manifests[0]["counts"]["fill"]["rounds"]) < chunks[2] < chunks[1]
-    assert len(manifests[0]["counts"]["fill"]["rounds"]) >= 2  # fill rounds were chunked too
+    manifests = [read_manifest(v) for v in (whole, small, pooled, on_dask)]
+    chunks = [m.counts.chunks.count for m in manifests]
+    assert chunks[0] == len(manifests[0].counts.fill.rounds) < chunks[2] < chunks[1]
+    assert len(manifests[0].counts.fill.rounds) >= 2  # fill rounds were chunked too
     for kind in ("text", "rejected"):
         a = _rows(whole, kind)
-        assert a == _rows(small, kind) == _rows(pooled, kind), kind
+        assert a == _rows(small, kind) == _rows(pooled, kind) == _rows(on_dask, kind), kind
     assert (
         pq.read_table(whole / "plan.parquet").column("id").to_pylist()
         == pq.read_table(small / "plan.parquet").column("id").to_pylist()
     )
     for m in manifests[1:]:
-        assert m["counts"]["filter"] == manifests[0]["counts"]["filter"]
-        assert m["diversity"] == manifests[0]["diversity"]
-        assert m["quality"] == manifests[0]["quality"]
+        assert m.counts.filter == manifests[0].counts.filter
+        assert m.diversity == manifests[0].diversity
+        assert m.quality == manifests[0].quality
     assert not (state_dir(tmp_path / "small") / "runs" / small.name).exists()  # spills removed
 
     # Rejects of every kind exist, and near-duplicates were decided across chunks.

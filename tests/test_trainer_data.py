@@ -21,6 +21,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from booksmith.shards.version import read_manifest
 from booksmith.trainer.data import (
     DataError,
     TokenWindows,
@@ -238,8 +239,11 @@ def test_several_encodings_default_to_the_smallest_vocabulary(tmp_path: Path) ->
     root = write_token_dataset(tmp_path / "v1", 40, shards=1)
     write_token_dataset(tmp_path / "other", 40, shards=1, encoding="cl100k_base")
     (tmp_path / "other" / "tokens" / "cl100k_base").rename(root / "tokens" / "cl100k_base")
-    manifest = json.loads((root / "manifest.json").read_text())
-    manifest["tokens"]["cl100k_base"] = {"n_vocab": 100277, "eot_token": 100257}
-    (root / "manifest.json").write_text(json.dumps(manifest))
+    manifest, other = read_manifest(root), read_manifest(tmp_path / "other")
+    # the synthetic shards hold byte ids; the manifest says they are cl100k_base's
+    cl100k = {"n_vocab": 100277, "eot_token": 100257}
+    manifest.tokens["cl100k_base"] = other.tokens["cl100k_base"].model_copy(update=cl100k)
+    manifest.shards += other.shards
+    (root / "manifest.json").write_text(manifest.to_json())
     assert open_source(str(root)).encoding == "bytes"
     assert open_source(str(root), encoding="cl100k_base").n_vocab == 100277

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
-import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -33,6 +32,8 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from booksmith.schemas.manifest import MANIFEST, Manifest, ManifestError
+
 # Known encodings: (n_vocab, end-of-text id); the manifest's own figures win.
 KNOWN_ENCODINGS: dict[str, tuple[int, int]] = {
     "cl100k_base": (100277, 100257),
@@ -40,8 +41,6 @@ KNOWN_ENCODINGS: dict[str, tuple[int, int]] = {
     "r50k_base": (50257, 50256),
     "o200k_base": (200019, 199999),
 }
-_VOCAB_KEYS = ("n_vocab", "vocab_size")
-_EOT_KEYS = ("eot_token", "eot", "eot_id", "end_of_text", "eos_token_id")
 
 
 class DataError(ValueError):
@@ -88,26 +87,20 @@ def _list(fs: pafs.FileSystem, base: str, pattern: str = "*.parquet") -> list[st
     return sorted(i.path for i in infos if i.is_file and fnmatch.fnmatch(i.path, full))
 
 
-def _read_json(fs: pafs.FileSystem, path: str) -> dict[str, Any]:
+def _read_manifest(fs: pafs.FileSystem, root: str) -> Manifest:
+    path = f"{root}/{MANIFEST}"
     with fs.open_input_stream(path) as f:
         try:
-            data: dict[str, Any] = json.loads(f.read().decode("utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise DataError(f"{path}: corrupt manifest: {e}") from None
-    return data
-
-
-def _pick(meta: dict[str, Any], keys: tuple[str, ...]) -> int | None:
-    for k in keys:
-        if isinstance(meta.get(k), int):
-            return int(meta[k])
-    return None
+            return Manifest.parse(f.read(), path)
+        except ManifestError as e:
+            raise DataError(str(e)) from None
 
 
 def open_source(uri: str, encoding: str | None = None) -> TokenSource:
     """Find the token shards behind `uri` and check them; raises DataError with the reason."""
     fs, path = filesystem(uri)
-    meta: dict[str, Any] = {}
+    n_vocab: int | None = None
+    eot: int | None = None
     root: str | None = None
     if any(c in path for c in "*?["):
         base = path[: min(path.find(c) for c in "*?[" if c in path)].rsplit("/", 1)[0]
@@ -118,20 +111,14 @@ def open_source(uri: str, encoding: str | None = None) -> TokenSource:
             raise DataError(f"{uri}: no such dataset, directory or file")
         if info.type == pafs.FileType.File:
             files = [path]
-        elif fs.get_file_info(f"{path}/manifest.json").is_file:
+        elif fs.get_file_info(f"{path}/{MANIFEST}").is_file:
             root = path
-            manifest = _read_json(fs, f"{path}/manifest.json")
-            tokens = manifest.get("tokens") or {}
-            vocab = {k: _pick(v or {}, _VOCAB_KEYS) or 1 << 30 for k, v in tokens.items()}
-            encoding = _choose_encoding(uri, sorted(tokens, key=lambda k: (vocab[k], k)), encoding)
-            meta = tokens.get(encoding) or {}
-            tdir = str(meta.get("path") or f"tokens/{encoding}").rstrip("/")
-            listed = [
-                f"{path}/{s['path']}"
-                for s in manifest.get("shards", [])
-                if str(s.get("path", "")).startswith(f"{tdir}/")
-            ]
-            files = sorted(listed) or _list(fs, f"{path}/{tdir}")
+            manifest = _read_manifest(fs, path)
+            tokens = manifest.tokens
+            by_vocab = sorted(tokens, key=lambda k: (tokens[k].n_vocab, k))
+            encoding = _choose_encoding(uri, by_vocab, encoding)
+            n_vocab, eot = tokens[encoding].n_vocab, tokens[encoding].eot_token
+            files = [f"{path}/{p}" for p in manifest.shard_paths("tokens", encoding)]
         elif fs.get_file_info(f"{path}/tokens").type == pafs.FileType.Directory:
             found = fs.get_file_info(pafs.FileSelector(f"{path}/tokens"))
             names = sorted(
@@ -145,9 +132,7 @@ def open_source(uri: str, encoding: str | None = None) -> TokenSource:
             files = _list(fs, path)
     if not files:
         raise DataError(f"{uri}: no token shards (*.parquet) found")
-    n_vocab = _pick(meta, _VOCAB_KEYS)
-    eot = _pick(meta, _EOT_KEYS)
-    if encoding in KNOWN_ENCODINGS:
+    if encoding in KNOWN_ENCODINGS:  # bare shards: the figures of a known encoding
         n_vocab = n_vocab or KNOWN_ENCODINGS[encoding][0]
         eot = eot if eot is not None else KNOWN_ENCODINGS[encoding][1]
     local_root = root if root and "://" not in uri else None

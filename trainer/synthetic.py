@@ -8,13 +8,13 @@ enough that a tiny model's loss falls within a few hundred steps.
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 from pathlib import Path
-from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from booksmith.schemas.manifest import MANIFEST, EncodingEntry, Manifest, ShardEntry
 
 ENCODING, N_VOCAB, EOT = "bytes", 256, 0
 
@@ -62,7 +62,7 @@ def write_token_dataset(
     docs = [document(rng) for _ in range(n_docs)]
     tdir = root / "tokens" / encoding
     tdir.mkdir(parents=True, exist_ok=True)
-    entries: list[dict[str, Any]] = []
+    entries: list[ShardEntry] = []
     per = -(-n_docs // shards)
     for s in range(shards):
         table = token_table(docs[s * per : (s + 1) * per], prefix=f"s{seed}")
@@ -70,26 +70,33 @@ def write_token_dataset(
         pq.write_table(table, path, row_group_size=row_group_size)
         data = path.read_bytes()
         entries.append(
-            {
-                "path": f"tokens/{encoding}/{path.name}",
-                "rows": table.num_rows,
-                "bytes": len(data),
-                "sha256": hashlib.sha256(data).hexdigest(),
-            }
+            ShardEntry(
+                path=f"tokens/{encoding}/{path.name}",
+                rows=table.num_rows,
+                bytes=len(data),
+                sha256=hashlib.sha256(data).hexdigest(),
+                kind="tokens",
+                encoding=encoding,
+                stored_tokens=sum(len(t) for t in table.column("input_ids").to_pylist()),
+            )
         )
     if manifest:
         total = sum(len(d.encode()) + 1 for d in docs)
-        m = {
-            "run_id": root.name,
-            "tokens": {
-                encoding: {
-                    "n_vocab": N_VOCAB,
-                    "eot_token": EOT,
-                    "stored_tokens": total,
-                    "path": f"tokens/{encoding}",
-                }
+        m = Manifest(
+            run_id=root.name,
+            primary_encoding=encoding,
+            tokens={
+                encoding: EncodingEntry(
+                    n_vocab=N_VOCAB,
+                    eot_token=EOT,
+                    stored_tokens=total,
+                    documents=len(docs),
+                    tokens=total - len(docs),
+                    dtype="uint16",
+                    path=f"tokens/{encoding}",
+                )
             },
-            "shards": entries,
-        }
-        (root / "manifest.json").write_text(json.dumps(m, indent=2), encoding="utf-8")
+            shards=entries,
+        )
+        (root / MANIFEST).write_text(m.to_json(), encoding="utf-8")
     return root

@@ -30,9 +30,7 @@ def version_texts(version: Path) -> tuple[list[str], list[str]]:
     """Ids and texts of a dataset version's kept documents (its text shards)."""
     manifest = read_manifest(version)
     tables = [
-        pq.read_table(version / s["path"], columns=["id", "text"])
-        for s in manifest["shards"]
-        if s.get("kind") == "text"
+        pq.read_table(version / rel, columns=["id", "text"]) for rel in manifest.shard_paths("text")
     ]
     if not tables:
         return [], []
@@ -46,7 +44,7 @@ def reconcile(
     result = Reconciled()
     have = {run: rows for run, rows in index.runs().items() if rows >= 0}  # -1: pending
     for version in list_versions(out):
-        run_id = str(read_manifest(version).get("run_id", version.name))
+        run_id = read_manifest(version).run_id
         if run_id in have:
             continue
         ids, texts = version_texts(version)
