@@ -365,10 +365,10 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_run(
         # filtered again), and found in the cache the rest of what the kill left there.
         assert counts.chunks.resumed == kills[-1].chunks_done, (specs, counts.chunks)
         if not kills[-1].chunks_done:
-            assert last["cached"] == len(kills[-1].cached), (specs, last)
-            assert last["requests"] - last["retries"] == LIMIT - len(kills[-1].cached), last
+            assert last.cached == len(kills[-1].cached), (specs, last)
+            assert last.requests - last.retries == LIMIT - len(kills[-1].cached), last
         else:
-            assert last["cached"] + last["requests"] - last["retries"] <= LIMIT, last
+            assert last.cached + last.requests - last.retries <= LIMIT, last
 
 
 # -- the embedded model ---------------------------------------------------------------------

@@ -82,11 +82,11 @@ def test_export_to_s3_then_verify_and_read_back(version: Path, bucket: str) -> N
     s3 = boto3.client("s3")
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]}
     manifest = read_manifest(version)
-    assert {f"datasets/v1/{s['path']}" for s in manifest.shards} <= keys
+    assert {f"datasets/v1/{s.path}" for s in manifest.shards} <= keys
     assert {"datasets/v1/manifest.json", "datasets/v1/README.md"} <= keys
     # sha256 in each object's metadata, equal to the manifest's
     for s in manifest.shards:
-        head = s3.head_object(Bucket=bucket, Key=f"datasets/v1/{s['path']}")
+        head = s3.head_object(Bucket=bucket, Key=f"datasets/v1/{s.path}")
         assert head["Metadata"]["sha256"] == s.sha256
     head = s3.head_object(Bucket=bucket, Key="datasets/v1/report/blob.bin")
     assert "-3" in head["ETag"]  # a multipart ETag: not an MD5 of the object
