@@ -51,8 +51,8 @@ from booksmith.filters.fasttext_model import bundled_lid176
 from booksmith.filters.quality import train
 from booksmith.filters.records_io import read_labelled
 from booksmith.filters.scored import run_detailed
-from booksmith.filters.settings import FilterSettings
 from booksmith.schemas import Document
+from booksmith.schemas.filter_settings import FilterSettings
 from booksmith.schemas.records import sha256_hex
 from tests.fakeserver import completion_text
 

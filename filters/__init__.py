@@ -8,7 +8,7 @@ from booksmith.filters.base import ChainResult, Filter, StageOutput, run_chain
 from booksmith.filters.chain import build_chain
 from booksmith.filters.dedup import DedupIndex, DedupSettings, ExactDedup, MinHashDedup
 from booksmith.filters.empty import EmptyFilter
-from booksmith.filters.settings import FilterError, FilterSettings
+from booksmith.schemas.filter_settings import FilterError, FilterSettings
 
 
 def nightly_chain(

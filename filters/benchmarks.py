@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from booksmith.filters.settings import FilterError
+from booksmith.schemas.filter_settings import FilterError
 from booksmith.schemas.jsonl import iter_jsonl
 
 DEFAULT_FIELDS = (

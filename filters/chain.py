@@ -18,7 +18,7 @@ from booksmith.filters.gopher_repetition import GopherRepetitionFilter
 from booksmith.filters.langid import LangIdFilter
 from booksmith.filters.lines import LineFilter
 from booksmith.filters.quality import MODEL_FILE, QualityFilter
-from booksmith.filters.settings import FilterError, FilterSettings
+from booksmith.schemas.filter_settings import FilterError, FilterSettings
 
 
 def quality_model_path(settings: FilterSettings, state: Path | None) -> Path | None:

@@ -30,9 +30,9 @@ import numpy as np
 
 from booksmith.filters.benchmarks import BenchmarkItem, load_benchmark
 from booksmith.filters.scored import ScoredOutput
-from booksmith.filters.settings import DecontamSettings
 from booksmith.filters.text import ngram_hashes
 from booksmith.schemas import Document
+from booksmith.schemas.filter_settings import DecontamSettings
 
 _WORD = re.compile(r"\w+")
 MAX_CANDIDATES = 64  # items confirmed per document at most (a bound for pathological input)

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from booksmith.filters.settings import FilterError
+from booksmith.schemas.filter_settings import FilterError
 
 
 def bundled_lid176() -> Path:

@@ -23,8 +23,8 @@ from __future__ import annotations
 import re
 
 from booksmith.filters.scored import RuleFilter, Verdict
-from booksmith.filters.settings import ArtifactSettings, FilterError
 from booksmith.schemas import Document
+from booksmith.schemas.filter_settings import ArtifactSettings, FilterError
 
 
 def _compile(key: str, patterns: dict[str, str]) -> list[tuple[str, re.Pattern[str]]]:

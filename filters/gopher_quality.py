@@ -22,8 +22,8 @@ import string
 from typing import Any
 
 from booksmith.filters.scored import RuleFilter, Verdict
-from booksmith.filters.settings import GopherQualitySettings
 from booksmith.schemas import Document
+from booksmith.schemas.filter_settings import GopherQualitySettings
 
 STOP_WORDS = frozenset({"the", "be", "to", "of", "and", "that", "have", "with"})
 BULLETS = ("•", "●", "○", "■", "□", "▪", "▫", "–", "‣", "⁃", "◦", "-", "*")

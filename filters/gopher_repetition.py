@@ -28,9 +28,9 @@ from typing import Any
 import numpy as np
 
 from booksmith.filters.scored import RuleFilter, Verdict
-from booksmith.filters.settings import GopherRepetitionSettings
 from booksmith.filters.text import ngram_hashes, word_ids
 from booksmith.schemas import Document
+from booksmith.schemas.filter_settings import GopherRepetitionSettings
 
 _PARAGRAPHS = re.compile(r"\n\s*\n")
 

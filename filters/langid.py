@@ -18,8 +18,8 @@ from typing import Any
 
 from booksmith.filters import fasttext_model
 from booksmith.filters.scored import ScoredOutput
-from booksmith.filters.settings import LangIdSettings
 from booksmith.schemas import Document
+from booksmith.schemas.filter_settings import LangIdSettings
 
 _PREFIX = len("__label__")
 

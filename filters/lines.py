@@ -19,8 +19,8 @@ from __future__ import annotations
 from typing import Any
 
 from booksmith.filters.scored import RuleFilter, Verdict
-from booksmith.filters.settings import LineSettings
 from booksmith.schemas import Document
+from booksmith.schemas.filter_settings import LineSettings
 
 TERMINAL = (".", "!", "?", '"', "'", ")", ":", ";", "”", "’", "```", "。")
 

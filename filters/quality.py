@@ -32,8 +32,8 @@ from typing import Any
 
 from booksmith.filters import fasttext_model
 from booksmith.filters.scored import ScoredOutput
-from booksmith.filters.settings import FilterError, QualitySettings
 from booksmith.schemas import Document
+from booksmith.schemas.filter_settings import FilterError, QualitySettings
 
 POSITIVE, NEGATIVE = "__label__edu", "__label__not_edu"
 MODEL_FILE = "model.bin"

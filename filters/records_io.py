@@ -18,9 +18,9 @@ import pyarrow.parquet as pq
 
 from booksmith.filters.quality import Labelled
 from booksmith.filters.scored import DetailedChainResult
-from booksmith.filters.settings import FilterError
 from booksmith.schemas import Document, Rejected, arrow_schema
 from booksmith.schemas.arrow import to_table
+from booksmith.schemas.filter_settings import FilterError
 from booksmith.schemas.jsonl import iter_jsonl
 from booksmith.schemas.records import sha256_hex
 from booksmith.shards.dataset import SingleFileWriter

@@ -30,6 +30,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from booksmith.filters.dedup import open_index, reconcile
+from booksmith.filters.retrain import MODEL_DIR, retrain_due, run_annotate, run_train
 from booksmith.flows.export import export_version
 from booksmith.flows.report import render_report
 from booksmith.flows.runners import dask_client
@@ -196,8 +197,6 @@ def retrain_quality(cfg: RunConfig, version_dir: Path) -> dict[str, Any]:
     """Re-annotate a sample of the new version with the judge and retrain the classifier when
     `filters.quality.retrain_every_days` says it is due; the next run filters with the new
     model. A failure here is logged, not raised: the version is already written."""
-    from booksmith.flows.cli_quality import MODEL_DIR, retrain_due, run_annotate, run_train
-
     every = cfg.filters.quality.retrain_every_days
     if not retrain_due(state_dir(cfg.output.dir) / MODEL_DIR, every):
         return {"retrained": False}

@@ -24,7 +24,6 @@ import pyarrow as pa
 
 from booksmith.filters.dedup import DedupIndex, DedupSettings
 from booksmith.filters.dedup.candidates import CandidateStore
-from booksmith.filters.settings import FilterSettings
 from booksmith.generation.documents import to_documents
 from booksmith.generation.ledger import GenerationReport
 from booksmith.pipeline.checkpoint import Checkpoint, write_table_atomically
@@ -32,6 +31,7 @@ from booksmith.pipeline.stages import ExactStage, NearStage, QualityStage
 from booksmith.schemas import GenerationRequest, GenerationResult, Rejected
 from booksmith.schemas.arrow import to_table
 from booksmith.schemas.crashpoints import crash_point
+from booksmith.schemas.filter_settings import FilterSettings
 from booksmith.shards.dataset import VersionWriter
 
 EXACT_ROW = np.dtype([("key", "<u8"), ("id", "S64")])

@@ -36,8 +36,8 @@ from booksmith.filters.dedup.candidates import CandidateStore
 from booksmith.filters.dedup.engine import EXACT
 from booksmith.filters.dedup.minhash import signatures
 from booksmith.filters.dedup.normalize import exact_key, words
-from booksmith.filters.settings import FilterSettings
 from booksmith.schemas import Document
+from booksmith.schemas.filter_settings import FilterSettings
 
 if TYPE_CHECKING:
     from distributed import Client

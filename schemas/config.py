@@ -13,8 +13,8 @@ from typing import Annotated, Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from booksmith.filters.dedup.settings import DedupSettings
-from booksmith.filters.settings import FilterSettings
+from booksmith.schemas.dedup_settings import DedupSettings
+from booksmith.schemas.filter_settings import FilterSettings
 from booksmith.schemas.records import Sampling, canonical_json
 
 

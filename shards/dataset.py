@@ -1,6 +1,6 @@
 """Write one dataset version: shards first, then the card, the manifest last.
 
-Layout (see DESIGN.md): text/, tokens/<encoding>/ (and packed rows if asked), rejected/,
+Layout (see docs/design.md): text/, tokens/<encoding>/ (and packed rows if asked), rejected/,
 plan.parquet, failures.parquet, README.md (the dataset card), and manifest.json with every
 file's rows, bytes and sha256, tokens per encoding, counts per stage and reason.
 """

@@ -30,6 +30,8 @@ import numpy as np
 import tiktoken
 import tiktoken.load
 
+from booksmith.shards.bundled import bundled_gguf, cache_dir
+
 PRIMARY = "cl100k_base"
 SMOLLM2 = "smollm2"
 OFFLINE_ENCODINGS = (PRIMARY, SMOLLM2)
@@ -64,8 +66,6 @@ def _byte_decoder() -> dict[str, int]:
 
 
 def _cache_root() -> Path:
-    from booksmith.generation.embedded.model import cache_dir
-
     return cache_dir() / "tokenizers"
 
 
@@ -92,8 +92,6 @@ def build_smollm2(gguf_path: Path | None = None) -> tiktoken.Encoding:
     file under booksmith's cache dir, keyed by the GGUF's size and mtime: reading the GGUF takes
     seconds, the cached file a fraction of one)."""
     if gguf_path is None:
-        from booksmith.generation.embedded.model import bundled_gguf
-
         gguf_path = bundled_gguf()
     st = gguf_path.stat()
     key = hashlib.sha256(

@@ -17,10 +17,10 @@ from distributed import Client, LocalCluster
 from booksmith.filters import run_chain
 from booksmith.filters.quality import train
 from booksmith.filters.records_io import read_labelled
-from booksmith.filters.settings import DecontamSettings, FilterSettings
 from booksmith.pipeline import stages
 from booksmith.pipeline.stages import QualityStage, StageOutput, dask_chain_tokens
 from booksmith.schemas import Document
+from booksmith.schemas.filter_settings import DecontamSettings, FilterSettings
 from tests.conftest import fake_backend_config
 from tests.fakeserver import FakeServer, completion_text
 from tests.filters_helpers import LABELLED, MMLU, TEXTBOOK, make_doc

@@ -10,7 +10,7 @@ import pytest
 from booksmith.filters.chain import build_chain
 from booksmith.filters.quality import train
 from booksmith.filters.records_io import read_labelled
-from booksmith.filters.settings import DecontamSettings, FilterError, FilterSettings
+from booksmith.schemas.filter_settings import DecontamSettings, FilterError, FilterSettings
 from tests.filters_helpers import LABELLED, MMLU
 
 

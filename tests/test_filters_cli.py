@@ -17,6 +17,7 @@ import yaml
 from typer.testing import CliRunner
 
 from booksmith.filters.annotate import parse_score
+from booksmith.filters.retrain import retrain_due
 from booksmith.flows import cli_quality
 from booksmith.shards.dataset import write_version
 from tests.conftest import fake_backend_config
@@ -197,13 +198,13 @@ def test_retrain_schedule(tmp_path: Path) -> None:
     from booksmith.filters.quality import train
     from booksmith.filters.records_io import read_labelled
 
-    assert not cli_quality.retrain_due(tmp_path, None)  # unscheduled: never
-    assert cli_quality.retrain_due(tmp_path, 7)  # scheduled and no model yet
+    assert not retrain_due(tmp_path, None)  # unscheduled: never
+    assert retrain_due(tmp_path, 7)  # scheduled and no model yet
     data, _ = read_labelled(LABELLED)
     train(data, tmp_path)
     now = datetime.now(UTC)
-    assert not cli_quality.retrain_due(tmp_path, 7, now=now + timedelta(days=6))
-    assert cli_quality.retrain_due(tmp_path, 7, now=now + timedelta(days=7, minutes=1))
+    assert not retrain_due(tmp_path, 7, now=now + timedelta(days=6))
+    assert retrain_due(tmp_path, 7, now=now + timedelta(days=7, minutes=1))
 
 
 def test_filter_streams_in_batches_with_the_same_output(

@@ -12,7 +12,7 @@ import pytest
 
 from booksmith.filters.benchmarks import load_benchmark
 from booksmith.filters.decontam import BenchmarkIndex, DecontamFilter, build_index
-from booksmith.filters.settings import DecontamSettings, FilterError
+from booksmith.schemas.filter_settings import DecontamSettings, FilterError
 from tests.filters_helpers import GSM8K, MMLU, TEXTBOOK, make_doc
 
 MMLU_Q0 = json.loads(MMLU.read_text().splitlines()[0])["question"]

@@ -16,7 +16,7 @@ from booksmith.filters.gopher_quality import GopherQualityFilter
 from booksmith.filters.gopher_repetition import GopherRepetitionFilter
 from booksmith.filters.lines import LineFilter
 from booksmith.filters.scored import run_detailed
-from booksmith.filters.settings import (
+from booksmith.schemas.filter_settings import (
     ArtifactSettings,
     FilterError,
     FilterSettings,

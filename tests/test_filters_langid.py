@@ -9,7 +9,7 @@ import pytest
 
 from booksmith.filters.fasttext_model import bundled_lid176
 from booksmith.filters.langid import LangIdFilter
-from booksmith.filters.settings import FilterError, LangIdSettings
+from booksmith.schemas.filter_settings import FilterError, LangIdSettings
 from tests.filters_helpers import TEXTBOOK, make_doc
 
 FRENCH = (

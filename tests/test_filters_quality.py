@@ -10,7 +10,7 @@ import pytest
 
 from booksmith.filters.quality import QualityFilter, QualityModel, TrainReport, in_holdout, train
 from booksmith.filters.records_io import read_labelled
-from booksmith.filters.settings import FilterError, QualitySettings
+from booksmith.schemas.filter_settings import FilterError, QualitySettings
 from tests.filters_helpers import LABELLED, TEXTBOOK, make_doc
 
 F1_FLOOR = 0.8  # measured 0.94 on the held-out part (18 documents, 8 educational)

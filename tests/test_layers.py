@@ -49,3 +49,35 @@ def test_every_sub_package_is_listed_for_the_wheel() -> None:
         for init in (ROOT / folder).rglob("__init__.py")
     }
     assert on_disk - listed == set(), "add these to [tool.setuptools] packages in pyproject.toml"
+
+
+# From the bottom: each folder may import only those below it (docs/design.md, "Layers").
+# prompts/ sits beside generation/ (generation imports it); the trainer reads only records and
+# shards, so it trains on any booksmith dataset without the pipeline installed around it.
+LAYERS = ["schemas", "shards", "prompts", "generation", "filters", "pipeline", "flows"]
+MAY_IMPORT = {name: set(LAYERS[:i]) for i, name in enumerate(LAYERS)}
+MAY_IMPORT["trainer"] = {"schemas", "shards"}
+MAY_IMPORT["flows"] |= {"trainer"}
+
+
+def test_layers_point_down_only() -> None:
+    upward = []
+    for folder, allowed in MAY_IMPORT.items():
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            for line, name in _imported_modules(path):
+                parts = [*name.split("."), ""]
+                layer = parts[1] if parts[0] == "booksmith" else ""
+                if layer in MAY_IMPORT and layer != folder and layer not in allowed:
+                    upward.append(f"{path.relative_to(ROOT)}:{line}: {folder} -> {name}")
+    assert upward == []
+
+
+def test_no_flow_imports_a_cli_module() -> None:
+    found = [
+        f"{path.relative_to(ROOT)}:{line}: {name}"
+        for path in sorted((ROOT / "flows").glob("*.py"))
+        if not path.name.startswith("cli")
+        for line, name in _imported_modules(path)
+        if name.startswith("booksmith.flows.cli")
+    ]
+    assert found == []

@@ -19,9 +19,9 @@ from booksmith.filters.dedup.minhash import signatures
 from booksmith.filters.dedup.normalize import exact_key, words
 from booksmith.filters.quality import train
 from booksmith.filters.records_io import read_labelled
-from booksmith.filters.settings import QualitySettings
 from booksmith.pipeline import stages
 from booksmith.pipeline.stages import ExactStage
+from booksmith.schemas.filter_settings import QualitySettings
 from booksmith.shards.version import read_manifest, state_dir
 from tests.conftest import fake_backend_config
 from tests.fakeserver import FakeServer, completion_text

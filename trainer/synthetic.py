@@ -1,4 +1,4 @@
-"""A tiny token dataset for tests, benchmarks and demos, in the token-shard layout of DESIGN.md.
+"""A tiny token dataset for tests, benchmarks and demos, in the token-shard layout.
 
 The "tokenizer" is bytes: token id = byte value, end-of-text = 0, vocabulary 256 (so the ids are
 uint16 as a small encoding's would be). The text is templated textbook sentences, learnable

@@ -1,6 +1,6 @@
 """Deduplication: exact and MinHash near-duplicates, within a run and against every earlier run.
 
-For the nightly flow (DESIGN.md's commit order):
+For the nightly flow (docs/design.md's commit order):
 
     index = open_index(cfg.dedup, cfg.output.dir)          # None when dedup.index == "none"
     chain = [ExactDedup(index), ..., MinHashDedup(cfg.dedup, index)]   # read the index only
@@ -22,9 +22,9 @@ from booksmith.filters.dedup.exact import ExactDedup
 from booksmith.filters.dedup.index import DedupIndex, DedupIndexError, FileIndex, Match, RedisIndex
 from booksmith.filters.dedup.minhash import MinHashParams, signatures, to_lean
 from booksmith.filters.dedup.near import MinHashDedup
-from booksmith.filters.dedup.settings import DedupSettings
 from booksmith.filters.dedup.sync import Reconciled, reconcile
 from booksmith.schemas import Document
+from booksmith.schemas.dedup_settings import DedupSettings
 
 STATE_SUBDIR = "minhash"
 

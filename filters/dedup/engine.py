@@ -19,7 +19,7 @@ from booksmith.filters.dedup.index import DedupIndex
 from booksmith.filters.dedup.lsh import band_keys, candidate_pairs, verified_pairs
 from booksmith.filters.dedup.minhash import signatures
 from booksmith.filters.dedup.normalize import exact_key, words
-from booksmith.filters.dedup.settings import DedupSettings
+from booksmith.schemas.dedup_settings import DedupSettings
 
 EXACT = "dedup_exact"
 MINHASH = "dedup_minhash"

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
 from functools import cache
 from itertools import chain
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from booksmith.schemas.dedup_settings import MinHashParams
 
 if TYPE_CHECKING:  # datasketch pulls in scipy: imported where used, so config loading stays quick
     from datasketch import LeanMinHash
@@ -34,28 +35,6 @@ _U64 = np.uint64
 _MASK64 = (1 << 64) - 1
 _MUL = 0x9E3779B97F4A7C15  # odd: combining word hashes stays a bijection in the last word
 _BLOCK = 8192  # shingles per permutation block: 112 x 8192 uint32 (3.7 MB) stays in cache
-
-
-@dataclass(frozen=True)
-class MinHashParams:
-    num_perm: int = 112
-    bands: int = 14
-    rows: int = 8
-    ngram: int = 5
-    seed: int = 1
-
-    def __post_init__(self) -> None:
-        if self.bands * self.rows > self.num_perm:
-            raise ValueError(
-                f"bands x rows ({self.bands} x {self.rows}) exceeds num_perm ({self.num_perm})"
-            )
-        if min(self.num_perm, self.bands, self.rows, self.ngram) < 1:
-            raise ValueError("num_perm, bands, rows and ngram must be positive")
-
-    @property
-    def band_threshold(self) -> float:
-        """Jaccard at which banding flags a pair half the time: (1/bands)^(1/rows)."""
-        return float((1.0 / self.bands) ** (1.0 / self.rows))
 
 
 class _WordHashes(dict[bytes, int]):

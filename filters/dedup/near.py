@@ -17,8 +17,8 @@ from booksmith.filters.dedup.engine import Verdict, find_near
 from booksmith.filters.dedup.exact import apply_verdicts
 from booksmith.filters.dedup.index import DedupIndex
 from booksmith.filters.dedup.normalize import words
-from booksmith.filters.dedup.settings import DedupSettings
 from booksmith.schemas import Document
+from booksmith.schemas.dedup_settings import DedupSettings
 
 
 class MinHashDedup:

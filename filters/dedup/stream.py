@@ -30,7 +30,7 @@ from booksmith.filters.dedup.engine import EXACT, MINHASH
 from booksmith.filters.dedup.index import DedupIndex
 from booksmith.filters.dedup.minhash import signatures
 from booksmith.filters.dedup.normalize import exact_key, words
-from booksmith.filters.dedup.settings import DedupSettings
+from booksmith.schemas.dedup_settings import DedupSettings
 
 KEEP, DROP_EXACT, DROP_NEAR = 0, 1, 2
 Batches = Callable[[], Iterator[pa.Table]]  # a fresh pass over the input each call

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 
 from booksmith.filters.dedup.engine import index_entries
 from booksmith.filters.dedup.index import DedupIndex
-from booksmith.filters.dedup.settings import DedupSettings
+from booksmith.schemas.dedup_settings import DedupSettings
 from booksmith.shards.version import MANIFEST, list_versions, read_manifest
 
 

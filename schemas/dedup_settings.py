@@ -1,14 +1,36 @@
-"""Dedup configuration: the `dedup:` section the run config embeds (RunConfig.dedup)."""
+"""Dedup configuration: the `dedup:` section the run config embeds (RunConfig.dedup), and the
+MinHash parameters it fixes (filters/dedup/minhash.py computes with them)."""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from booksmith.filters.dedup.minhash import MinHashParams
+
+@dataclass(frozen=True)
+class MinHashParams:
+    num_perm: int = 112
+    bands: int = 14
+    rows: int = 8
+    ngram: int = 5
+    seed: int = 1
+
+    def __post_init__(self) -> None:
+        if self.bands * self.rows > self.num_perm:
+            raise ValueError(
+                f"bands x rows ({self.bands} x {self.rows}) exceeds num_perm ({self.num_perm})"
+            )
+        if min(self.num_perm, self.bands, self.rows, self.ngram) < 1:
+            raise ValueError("num_perm, bands, rows and ngram must be positive")
+
+    @property
+    def band_threshold(self) -> float:
+        """Jaccard at which banding flags a pair half the time: (1/bands)^(1/rows)."""
+        return float((1.0 / self.bands) ** (1.0 / self.rows))
 
 
 class DedupSettings(BaseModel):
