@@ -3,6 +3,7 @@ runs a flow or a stage, and prints a summary; user errors end in one line and a 
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -41,9 +42,13 @@ def _user_errors() -> tuple[type[Exception], ...]:
     return (ConfigError, SeedFileError, PromptError, BackendError, FileNotFoundError)
 
 
-def _fail(message: str) -> None:
+EXIT_BAD_INPUT = 2  # a setting, a file or an argument is wrong
+EXIT_ENDPOINT_FAILING = 3  # the circuit breaker stopped the run (generation/breaker.py)
+
+
+def _fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
     console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
-    raise typer.Exit(2)
+    raise typer.Exit(code)
 
 
 class _GenerationProgress:
@@ -123,6 +128,7 @@ def run(
     """Run the nightly flow once: plan, generate, filter, write a dataset version."""
     configure_prefect(quiet=not verbose)
     from booksmith.generation import progress
+    from booksmith.generation.breaker import EndpointFailing
     from booksmith.generation.seeds import load_seeds
     from booksmith.shards.version import read_manifest
 
@@ -132,6 +138,10 @@ def run(
         load_seeds(cfg.topics)
         from booksmith.flows.nightly import nightly
         from booksmith.flows.runners import with_runner
+
+        if not verbose:  # the CLI says why a run failed, in one line: no traceback from Prefect
+            for name in ("prefect.flow_runs", "prefect.task_runs"):
+                logging.getLogger(name).setLevel(logging.CRITICAL)
 
         bar = _GenerationProgress()
         unsubscribe = progress.subscribe(bar)
@@ -148,6 +158,9 @@ def run(
             unsubscribe()
     except _user_errors() as e:
         _fail(str(e))
+        return
+    except EndpointFailing as e:
+        _fail(str(e), EXIT_ENDPOINT_FAILING)
         return
     manifest = read_manifest(Path(version_dir))
     gen = manifest.counts.generate

@@ -13,6 +13,7 @@ re-requests nothing that finished. Memory holds about two chunks, whatever the r
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, cast
@@ -99,6 +100,7 @@ def generate(
     run_id: str,
     budget: Budget,
     part: str = "",
+    history: Sequence[str] = (),
 ) -> GenerationReport:
     """One partition of one chunk against one endpoint (a chunk has one partition unless
     `generation.partitions` or several endpoints ask for more)."""
@@ -109,8 +111,9 @@ def generate(
 
     try:
         client = make_client(
-            cfg, endpoint, cache=cache, run_id=run_id, budget=budget, on_result=on_result
-        )
+            cfg, endpoint, cache=cache, run_id=run_id, budget=budget, on_result=on_result,
+            history=history,
+        )  # fmt: skip
         return asyncio.run(client.run(plan))
     finally:
         cache.close()
@@ -120,18 +123,18 @@ class Generating:
     """A chunk's generation submitted to the flow's task runner, one task per partition."""
 
     def __init__(
-        self, chunk: Chunk, endpoints: list[Endpoint], cfg: RunConfig, run_id: str, budget: Budget
-    ) -> None:
+        self, chunk: Chunk, endpoints: list[Endpoint], cfg: RunConfig, run_id: str, budget: Budget,
+        history: Sequence[str] = (),
+    ) -> None:  # fmt: skip
         # One batch client per state directory: the Batch API backend runs as one partition.
         wanted = 1 if cfg.generation.backend == "batch" else cfg.generation.partitions
         parts = partition(chunk.plan, wanted or len(endpoints))
         shares = assign(parts, endpoints)
         each = share_budget(budget, len(parts))
+        names = [f"part {k + 1}/{len(parts)}" if len(parts) > 1 else "" for k in range(len(parts))]
         self.futures = [
-            generate.submit(part, endpoint, cfg, run_id, each, f"part {k + 1}/{len(parts)}")
-            if len(parts) > 1
-            else generate.submit(part, endpoint, cfg, run_id, each)
-            for k, (part, endpoint) in enumerate(zip(parts, shares, strict=True))
+            generate.submit(part, endpoint, cfg, run_id, each, name, list(history))
+            for part, endpoint, name in zip(parts, shares, names, strict=True)
         ]
 
     def result(self) -> GenerationReport:
@@ -285,7 +288,8 @@ def stream_chunks(
             def start(chunk: Chunk) -> Generating:
                 progress.emit("plan", total=run.rounds.planned)
                 budget = remaining(cfg.generation.budget, run.state.generation)
-                return Generating(chunk, endpoints, cfg, run_id, budget)
+                history = run.state.generation.outcomes  # the circuit breaker's window so far
+                return Generating(chunk, endpoints, cfg, run_id, budget, history)
 
             def finish(chunk: Chunk, report: GenerationReport) -> None:
                 process_chunk(run, chunk, report)

@@ -22,6 +22,7 @@ import openai
 from aiolimiter import AsyncLimiter
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 
+from booksmith.generation.breaker import Breaker
 from booksmith.generation.cache import ResponseCache
 from booksmith.generation.ledger import GenerationReport, Ledger
 from booksmith.schemas import GenerationRequest, GenerationResult
@@ -60,6 +61,9 @@ class _Transient(Exception):
 
 
 _RETRYABLE_STATUS = {408, 409, 425, 429}
+# The failure reason of a 400 that names response_format: the endpoint lacks structured output
+# (or this schema), and a caller can ask again without it.
+RESPONSE_FORMAT_REJECTED = "http_400:response_format"
 
 
 def _is_transient(exc: BaseException) -> bool:
@@ -77,6 +81,8 @@ def _failure_reason(exc: BaseException) -> str:
         return "timeout"
     if isinstance(exc, openai.APIConnectionError):
         return "connection"
+    if isinstance(exc, openai.BadRequestError) and "response_format" in str(exc):
+        return RESPONSE_FORMAT_REJECTED
     if isinstance(exc, openai.APIStatusError):
         return f"http_{exc.status_code}"
     return type(exc).__name__
@@ -134,6 +140,7 @@ class GenerationClient:
         retry_failed: bool = False,
         on_result: Callable[[GenerationResult, GenerationReport], None] | None = None,
         token_counter: Callable[[str], int] | None = None,
+        breaker: Breaker | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.cache = cache
@@ -149,6 +156,7 @@ class GenerationClient:
             rate_limited=bool(endpoint.tpm),
             on_result=on_result,
             token_counter=token_counter,
+            breaker=breaker,
         )
 
     @property

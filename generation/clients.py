@@ -4,10 +4,11 @@ prices, budget and token counter."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from booksmith.generation.batch import BatchGenerationClient
+from booksmith.generation.breaker import Breaker
 from booksmith.generation.cache import ResponseCache
 from booksmith.generation.client import Endpoint, GenerationClient
 from booksmith.schemas import GenerationResult
@@ -25,8 +26,10 @@ def make_client(
     budget: Budget | None = None,
     on_result: Callable[[GenerationResult, Any], None] | None = None,
     batch: bool | None = None,
+    history: Sequence[str] = (),
 ) -> GenerationClient | BatchGenerationClient:
-    """`batch`: None follows `generation.backend`; False forces the live client."""
+    """`batch`: None follows `generation.backend`; False forces the live client. `history`:
+    the circuit breaker's window so far (the run's earlier chunks)."""
     gen = cfg.generation
     encoding = get_encoding(cfg.output.encoding)
     common: dict[str, Any] = {
@@ -50,4 +53,6 @@ def make_client(
             keep_files=b.keep_files,
             **common,
         )
-    return GenerationClient(endpoint, prices=gen.prices, **common)
+    # The breaker watches live requests only: a batch's answers come back all at once, later.
+    breaker = Breaker(gen.breaker, history)
+    return GenerationClient(endpoint, prices=gen.prices, breaker=breaker, **common)

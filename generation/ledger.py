@@ -14,6 +14,7 @@ from booksmith.schemas import GenerationRequest, GenerationResult
 from booksmith.schemas.config import Budget, Price
 
 if TYPE_CHECKING:
+    from booksmith.generation.breaker import Breaker
     from booksmith.generation.cache import ResponseCache
 
 
@@ -26,6 +27,7 @@ class GenerationReport:
     cached: int = 0  # completions found in the cache (not requested)
     failed: int = 0
     skipped_budget: int = 0
+    skipped_breaker: int = 0  # not attempted: the circuit breaker had tripped
     requests: int = 0  # HTTP attempts made
     retries: int = 0
     prompt_tokens: int = 0
@@ -35,8 +37,10 @@ class GenerationReport:
     empty: int = 0
     failures: Counter[str] = field(default_factory=Counter)
     budget_exhausted: bool = False
+    breaker: str | None = None  # why the circuit breaker tripped
     elapsed_s: float = 0.0
     results: list[GenerationResult] = field(default_factory=list, repr=False)
+    outcomes: list[str] = field(default_factory=list, repr=False)  # the breaker's window
 
     started_at: float = field(default_factory=time.perf_counter, repr=False)
 
@@ -55,6 +59,7 @@ class GenerationReport:
             "cached": self.cached,
             "failed": self.failed,
             "skipped_budget": self.skipped_budget,
+            "skipped_breaker": self.skipped_breaker,
             "requests": self.requests,
             "retries": self.retries,
             "prompt_tokens": self.prompt_tokens,
@@ -64,6 +69,7 @@ class GenerationReport:
             "empty": self.empty,
             "failures": dict(self.failures),
             "budget_exhausted": self.budget_exhausted,
+            "breaker": self.breaker,
             "elapsed_s": round(self.elapsed_s, 3),
         }
 
@@ -77,8 +83,10 @@ class Ledger:
         rate_limited: bool = False,
         on_result: Callable[[GenerationResult, GenerationReport], None] | None = None,
         token_counter: Callable[[str], int] | None = None,
+        breaker: Breaker | None = None,
     ) -> None:
         self.price = price
+        self.breaker = breaker
         self.budget = budget or Budget()
         self.on_result = on_result
         self._count_tokens = token_counter
@@ -128,6 +136,10 @@ class Ledger:
         """Reserve the request's estimate, or None when the budget cannot cover it: the request
         (and `copies` repeats of it in the plan) count as skipped, and so does every later one."""
         report = self.report
+        if self.breaker is not None and self.breaker.tripped:
+            report.breaker = self.breaker.tripped
+            report.skipped_breaker += 1 + copies
+            return None
         if report.budget_exhausted:
             report.skipped_budget += 1 + copies
             return None
@@ -160,11 +172,16 @@ class Ledger:
             cached = cache.permanent_failure(request.id)
         if cached is None:
             return False
-        self.account(cached, cached=cached.ok)
+        self.account(cached, cached=cached.ok, requested=False)
         return True
 
-    def account(self, result: GenerationResult, *, cached: bool) -> None:
+    def account(self, result: GenerationResult, *, cached: bool, requested: bool = True) -> None:
+        """Count a result; `requested`: it was asked of the endpoint now (the breaker sees it)."""
         r = self.report
+        if requested and not cached and self.breaker is not None:
+            self.breaker.record(None if result.ok else result.error or "unknown")
+            r.outcomes = list(self.breaker.outcomes)
+            r.breaker = r.breaker or self.breaker.tripped
         if result.ok:
             r.completed += 1
             r.truncated += result.truncated

@@ -64,12 +64,15 @@ def merge_reports(reports: Sequence[GenerationReport]) -> GenerationReport:
     total = GenerationReport()
     for r in reports:
         for name in (
-            "planned", "completed", "cached", "failed", "skipped_budget", "requests", "retries",
-            "prompt_tokens", "completion_tokens", "cost_usd", "truncated", "empty",
+            "planned", "completed", "cached", "failed", "skipped_budget", "skipped_breaker",
+            "requests", "retries", "prompt_tokens", "completion_tokens", "cost_usd", "truncated",
+            "empty",
         ):  # fmt: skip
             setattr(total, name, getattr(total, name) + getattr(r, name))
         total.failures.update(r.failures)
         total.budget_exhausted |= r.budget_exhausted
+        total.breaker = total.breaker or r.breaker
+        total.outcomes += r.outcomes
         total.elapsed_s = max(total.elapsed_s, r.elapsed_s)
         total.results.extend(r.results)
     return total

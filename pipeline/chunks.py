@@ -35,10 +35,12 @@ from booksmith.schemas.filter_settings import FilterSettings
 from booksmith.shards.dataset import VersionWriter
 
 EXACT_ROW = np.dtype([("key", "<u8"), ("id", "S64")])
+OUTCOMES_KEPT = 1_000  # the breaker's window across chunks is at most this long
 CANDIDATE = ""  # the spilled reason of a document still in the run (near-dup undecided)
 TOTALS = (
-    "planned", "completed", "cached", "failed", "skipped_budget", "requests", "retries",
-    "prompt_tokens", "completion_tokens", "cost_usd", "truncated", "empty", "elapsed_s",
+    "planned", "completed", "cached", "failed", "skipped_budget", "skipped_breaker", "requests",
+    "retries", "prompt_tokens", "completion_tokens", "cost_usd", "truncated", "empty",
+    "elapsed_s",
 )  # fmt: skip
 
 
@@ -48,6 +50,8 @@ def add_report(total: GenerationReport, part: GenerationReport) -> None:
         setattr(total, name, getattr(total, name) + getattr(part, name))
     total.failures.update(part.failures)
     total.budget_exhausted |= part.budget_exhausted
+    # the breaker's window carries over to the next chunk (RunState keeps its tail)
+    total.outcomes = (total.outcomes + part.outcomes)[-OUTCOMES_KEPT:]
 
 
 @dataclass

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Protocol
 
+from booksmith.generation.breaker import EndpointFailing
 from booksmith.generation.ledger import GenerationReport
 from booksmith.pipeline.chunks import Chunk
 from booksmith.pipeline.finalize import Tally
@@ -37,11 +38,26 @@ def overlapped(
             pending = (chunk, start(chunk))
             continue
         previous, running = pending
-        report = running.result()
+        report = _answered(running)
         pending = (chunk, start(chunk))
         finish(previous, report)
     if pending is not None:
-        finish(pending[0], pending[1].result())
+        finish(pending[0], _answered(pending[1]))
+
+
+def _answered(running: Pending) -> GenerationReport:
+    """A chunk's generation report; raises EndpointFailing when the circuit breaker tripped
+    in it, before the chunk is filtered and checkpointed, so a rerun resumes at this chunk and
+    asks again only for what was not answered (the answers are in the cache)."""
+    report = running.result()
+    if report.breaker is not None:
+        raise EndpointFailing(
+            f"{report.breaker}: the run stopped ({report.skipped_breaker} requests not "
+            "attempted). The answers so far are cached: fix the endpoint (generation.base_url, "
+            "generation.endpoints, the key) and run again with the same config and seed to "
+            "resume."
+        )
+    return report
 
 
 def run_rounds(

@@ -50,6 +50,7 @@ class Rounds:
     decisions: list[dict[str, Any]] = field(default_factory=list)
     _ids: set[int] = field(default_factory=set)
     _round_planned: int = 0
+    _first_round: int = 0  # requests the first round planned (the cap's unit)
 
     def first(self) -> Iterator[Chunk]:
         plan = self.cfg.plan
@@ -63,6 +64,8 @@ class Rounds:
         """The next round's chunks, or None when the run stops (`stop` says why)."""
         fill = self.cfg.fill
         done = len(self.rounds)
+        if done == 0:
+            self._first_round = self._round_planned  # the unit of the request cap
         if done < len(self.decisions):  # resumed: this round's end was decided before the kill
             decision = self.decisions[done]
         else:
@@ -73,7 +76,9 @@ class Rounds:
                 else {}
             )
             decision = {"kept_total": kept.documents, "need": need, "wanted": []}
-            decision["stop"] = stop = self._stop_reason(need, report, done + 1)
+            before = self.decisions[-1]["kept_total"] if self.decisions else 0
+            progress = kept.documents > before
+            decision["stop"] = stop = self._stop_reason(need, report, done + 1, progress)
             if stop is None:
                 keep_rate = kept.documents / max(1, self.planned)
                 wanted = seeds_for(need, self.seeds, keep_rate, fill.oversample)
@@ -90,7 +95,7 @@ class Rounds:
             self.cfg, seeds, self.seed, samples_per_topic=1, salt=f"-fill-{len(self.rounds)}"
         )
         fresh = (r for r in requests if _key(r.id) not in self._ids)
-        chunks = self._chunks(fresh)
+        chunks = self._chunks(islice(fresh, max(0, self.max_requests - self.planned)))
         first = next(chunks, None)
         if first is None:
             self.stop = decision["stop"] = "nothing_to_plan"
@@ -102,8 +107,19 @@ class Rounds:
 
         return round_chunks()
 
+    @property
+    def max_requests(self) -> int:
+        """The most requests the fill rounds may plan in all, the first round included."""
+        fill = self.cfg.fill
+        if fill.max_requests is not None:
+            return fill.max_requests
+        # a multiple of the first round, or of the documents asked for when that is larger (a
+        # run may start deliberately small: one request per topic)
+        wanted = max(fill.documents or 0, (fill.documents_per_topic or 0) * len(self.seeds))
+        return max(1, int(max(self._first_round, wanted) * fill.max_plan_factor))
+
     def _stop_reason(
-        self, need: dict[str, int], report: GenerationReport, rounds: int
+        self, need: dict[str, int], report: GenerationReport, rounds: int, progress: bool
     ) -> str | None:
         fill = self.cfg.fill
         if not fill.enabled:
@@ -112,8 +128,12 @@ class Rounds:
             return "target_met"
         if report.budget_exhausted:
             return "budget_exhausted"
+        if not progress:  # a round that kept nothing new: more of the same would not either
+            return "no_progress"
         if rounds >= fill.max_rounds:
             return "max_rounds"
+        if self.planned >= self.max_requests:
+            return "max_requests"
         return None
 
     def _chunks(self, requests: Iterator[GenerationRequest]) -> Iterator[Chunk]:

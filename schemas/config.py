@@ -53,6 +53,17 @@ class Budget(_Strict):
     max_cost_usd: float | None = Field(default=None, gt=0)
 
 
+class BreakerSettings(_Strict):
+    """Stop a run whose endpoint is clearly broken: when at least `max_failure_share` of the
+    last `window` requests (over `min_requests` at least) failed after their retries, the run
+    stops dispatching, keeps what was answered (the cache) and ends non-zero. Transient faults
+    a healthy endpoint has (a few in a hundred, retried) stay far below the share."""
+
+    window: int = Field(default=50, ge=1)
+    min_requests: int = Field(default=20, ge=1)
+    max_failure_share: float | None = Field(default=0.9, gt=0, le=1)  # None: never trip
+
+
 class EmbeddedSettings(_Strict):
     """The embedded llama.cpp server (the default backend)."""
 
@@ -109,6 +120,7 @@ class GenerationSettings(_Strict):
     sampling: Sampling = Field(default_factory=Sampling)
     prices: dict[str, Price] = Field(default_factory=dict)  # by model name
     budget: Budget = Field(default_factory=Budget)
+    breaker: BreakerSettings = Field(default_factory=BreakerSettings)
     # Several servers of the same model share the load (each with its own limits); with
     # `endpoints` set, `base_url` is not used.
     endpoints: list[EndpointSettings] = Field(default_factory=list)
@@ -200,6 +212,11 @@ class FillSettings(_Strict):
     documents_per_topic: int | None = Field(default=None, ge=1)
     max_rounds: int = Field(default=4, ge=1)  # planning rounds, the first included
     oversample: float = Field(default=1.25, ge=1)  # plan this much more than the expected need
+    # Fill rounds never plan more than this many requests in all, whatever the keep rate (a
+    # dead endpoint keeps nothing, and dividing by that rate would plan without end); None:
+    # `max_plan_factor` times the first round's plan or the documents asked for, the larger.
+    max_requests: int | None = Field(default=None, ge=1)
+    max_plan_factor: float = Field(default=8.0, ge=1)
 
     @property
     def enabled(self) -> bool:

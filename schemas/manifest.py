@@ -85,6 +85,7 @@ class GenerateCounts(_Strict):
     cached: int = 0
     failed: int = 0
     skipped_budget: int = 0
+    skipped_breaker: int = 0
     requests: int = 0
     retries: int = 0
     prompt_tokens: int = 0
@@ -94,6 +95,7 @@ class GenerateCounts(_Strict):
     empty: int = 0
     failures: dict[str, int] = Field(default_factory=dict)  # reason -> requests
     budget_exhausted: bool = False
+    breaker: str | None = None
     elapsed_s: float = 0.0
 
 

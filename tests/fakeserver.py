@@ -83,6 +83,9 @@ class FaultConfig:
     near_duplicate_edit: float = 0.01
     # request key -> fault kind (or "none"): pins a key's fault whatever the fractions draw
     overrides: dict[str, str] = field(default_factory=dict)
+    # The endpoint goes down: every request after this many answers a server error, retries
+    # included (the circuit breaker's tests).
+    fail_after: int | None = None
 
     def __post_init__(self) -> None:
         total = sum(getattr(self, kind) for kind in FAULT_KINDS)
@@ -391,11 +394,14 @@ class FakeApp:
         fault = cfg.fault_for(key)
         if fault in TRANSIENT and attempt > cfg.transient_attempts:
             fault = None
+        if cfg.fail_after is not None and stats.requests > cfg.fail_after:
+            fault = "server_error"
         info: Headers = [
             (b"x-fake-key", key.encode()),
             (b"x-fake-attempt", str(attempt).encode()),
             (b"x-fake-fault", (fault or "none").encode()),
         ]
+
 
         delay = cfg.latency_s + cfg.latency_jitter_s * _unit(f"latency:{key}:{attempt}")
         if await _hold(receive, delay):

@@ -44,7 +44,7 @@ def test_fill_a_document_target_per_topic(
     version = run(write_config(cfg))
     manifest = read_manifest(version)
     fill = manifest.counts.fill
-    assert fill.stopped == "target_met" and fill.short == {}
+    assert fill.stopped == "target_met" and fill.short == {}, fill
     assert len(fill.rounds) > 1  # the empties had to be made up for
     kept = pq.read_table(version / "text", columns=["topic"]).column("topic").to_pylist()
     per_topic = Counter(kept)
@@ -76,7 +76,10 @@ def test_fill_stops_at_the_budget_with_an_account(
     assert gen.prompt_tokens + gen.completion_tokens <= 8 * 600
 
 
-def test_fill_stops_at_the_round_ceiling(prefect_api: str, tmp_path: Path, write_config) -> None:
+def test_fill_stops_when_a_round_keeps_nothing_new(
+    prefect_api: str, tmp_path: Path, write_config
+) -> None:
+    # Nothing is ever kept: dividing the need by that keep rate would plan without end.
     with FakeServer({"empty": 1.0}) as nothing_useful:
         cfg = fake_backend_config(nothing_useful.base_url, tmp_path / "out")
         cfg["plan"] = {"limit": 3}
@@ -84,5 +87,29 @@ def test_fill_stops_at_the_round_ceiling(prefect_api: str, tmp_path: Path, write
         version = run(write_config(cfg))
     manifest = read_manifest(version)
     fill = manifest.counts.fill
-    assert fill.stopped == "max_rounds" and len(fill.rounds) == 3
+    assert fill is not None and fill.stopped == "no_progress" and len(fill.rounds) == 1
+    assert manifest.counts.generate.planned == 3
     assert manifest.documents == 0 and fill.short["*"] > 0
+
+
+def test_fill_stops_at_the_round_ceiling(
+    prefect_api: str, lossy: FakeServer, tmp_path: Path, write_config
+) -> None:
+    cfg = fake_backend_config(lossy.base_url, tmp_path / "out")
+    cfg["plan"] = {"limit": 10}
+    cfg["fill"] = {"documents": 100, "max_rounds": 2, "max_requests": 20}
+    fill = read_manifest(run(write_config(cfg))).counts.fill
+    assert fill is not None and fill.stopped == "max_rounds", fill
+    assert [r.planned for r in fill.rounds] == [10, 10]
+
+
+def test_fill_never_plans_past_the_request_cap(
+    prefect_api: str, lossy: FakeServer, tmp_path: Path, write_config
+) -> None:
+    cfg = fake_backend_config(lossy.base_url, tmp_path / "out")
+    cfg["plan"] = {"limit": 4}
+    cfg["fill"] = {"documents": 1_000, "max_rounds": 10, "max_requests": 16}
+    manifest = read_manifest(run(write_config(cfg)))
+    fill = manifest.counts.fill
+    assert fill is not None and fill.stopped == "max_requests"
+    assert manifest.counts.generate.planned == 16 == sum(r.planned for r in fill.rounds)
