@@ -15,6 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.tree import Tree
 
+from booksmith.flows.cli_errors import EXIT_ENDPOINT_FAILING, fail, user_errors
 from booksmith.flows.runtime import configure_prefect
 
 if TYPE_CHECKING:
@@ -31,24 +32,6 @@ app.add_typer(config_app, name="config")
 app.add_typer(topics_app, name="topics")
 
 console = Console(stderr=True)
-
-
-def _user_errors() -> tuple[type[Exception], ...]:
-    from booksmith.generation.backends import BackendError
-    from booksmith.generation.seeds import SeedFileError
-    from booksmith.prompts import PromptError
-    from booksmith.schemas.config import ConfigError
-
-    return (ConfigError, SeedFileError, PromptError, BackendError, FileNotFoundError)
-
-
-EXIT_BAD_INPUT = 2  # a setting, a file or an argument is wrong
-EXIT_ENDPOINT_FAILING = 3  # the circuit breaker stopped the run (generation/breaker.py)
-
-
-def _fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
-    console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
 
 
 class _GenerationProgress:
@@ -156,11 +139,11 @@ def run(
                 )
         finally:
             unsubscribe()
-    except _user_errors() as e:
-        _fail(str(e))
+    except user_errors() as e:
+        fail(str(e))
         return
     except EndpointFailing as e:
-        _fail(str(e), EXIT_ENDPOINT_FAILING)
+        fail(str(e), EXIT_ENDPOINT_FAILING)
         return
     manifest = read_manifest(Path(version_dir))
     gen = manifest.counts.generate
@@ -216,8 +199,8 @@ def plan(
             seeds, cfg, run_seed, samples_per_topic=cfg.plan.samples_per_topic,
             limit=cfg.plan.limit,
         )  # fmt: skip
-    except _user_errors() as e:
-        _fail(str(e))
+    except user_errors() as e:
+        fail(str(e))
         return
     table = Table(title=f"plan, seed {run_seed}", show_header=False)
     prompts = [r.prompt for r in requests]
@@ -256,7 +239,7 @@ def report(
         manifest = read_manifest(dataset)
         path = render_report(dataset)
     except (FileNotFoundError, ValueError) as e:
-        _fail(str(e))
+        fail(str(e))
         return
     div = manifest.diversity
     table = Table(title=f"dataset {manifest.run_id}", show_header=False)
@@ -284,7 +267,7 @@ def config_show(
     try:
         cfg = load_config(config)
     except ConfigError as e:
-        _fail(str(e))
+        fail(str(e))
         return
     print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
 
@@ -322,8 +305,8 @@ def topics_expand(
             existing=str(existing) if existing else None,
             leaves_only=leaves_only,
         )
-    except _user_errors() as e:
-        _fail(str(e))
+    except user_errors() as e:
+        fail(str(e))
         return
     table = Table(title=f"topics expanded into {output}", show_header=False)
     for key, value in counts.items():
@@ -339,7 +322,7 @@ def topics_show(file: Annotated[Path, typer.Argument(help="Topic seed file.")]) 
     try:
         seeds = load_seeds(file)
     except SeedFileError as e:
-        _fail(str(e))
+        fail(str(e))
         return
     root = Tree(str(file))
     nodes: dict[tuple[str, ...], Tree] = {}
@@ -370,8 +353,8 @@ def serve(
 
     try:
         cfg = load_config(config)
-    except _user_errors() as e:
-        _fail(str(e))
+    except user_errors() as e:
+        fail(str(e))
         return
     from booksmith.flows.serve import serve as serve_deployments
 
@@ -394,8 +377,8 @@ def batches_list(
 
     try:
         cfg = resolve_config(str(config) if config else None, out=str(out) if out else None)
-    except _user_errors() as e:
-        _fail(str(e))
+    except user_errors() as e:
+        fail(str(e))
         return
     folder = cfg.generation.batch.state_dir or state_dir(cfg.output.dir) / "batches"
     table = Table("file", "run", "requests", "state", "batch", "status")

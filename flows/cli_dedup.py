@@ -29,6 +29,7 @@ from booksmith.filters.dedup import DedupIndexError, DedupSettings, open_index_s
 from booksmith.filters.dedup.engine import index_entries
 from booksmith.filters.dedup.index import MANIFEST as INDEX_MANIFEST
 from booksmith.filters.dedup.stream import DuplicateIdError, StreamVerdicts, decide
+from booksmith.flows.cli_errors import fail
 from booksmith.schemas.jsonl import iter_jsonl
 from booksmith.schemas.manifest import ManifestError
 from booksmith.shards.version import is_dataset, read_manifest
@@ -39,11 +40,6 @@ index_app = typer.Typer(help="Inspect or edit a persistent dedup index.", no_arg
 
 class InputError(ValueError):
     """Input a user can fix; the message names the file, line or column."""
-
-
-def _fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(2)
 
 
 BATCH_ROWS = 10_000  # records per batch: what a pass over the input holds at once
@@ -159,9 +155,9 @@ def dedup(
     try:
         _dedup(input, out, against, commit_as, threshold)
     except (InputError, DedupIndexError, FileNotFoundError) as e:
-        _fail(str(e))
+        fail(str(e))
     except DuplicateIdError as e:
-        _fail(f"{input}: {e}")
+        fail(f"{input}: {e}")
 
 
 def _dedup(
@@ -256,7 +252,7 @@ def index_show(index: Annotated[str, typer.Argument(help="Index directory or Red
         for run_id, rows in sorted(idx.runs().items()):
             typer.echo(f"{run_id}\t{rows}")
     except (DedupIndexError, FileNotFoundError) as e:
-        _fail(str(e))
+        fail(str(e))
 
 
 @index_app.command("remove")
@@ -268,7 +264,7 @@ def index_remove(
     try:
         removed = open_index_spec(index).remove_run(run_id)
     except DedupIndexError as e:
-        _fail(str(e))
+        fail(str(e))
         return
     typer.echo(f"removed {removed} documents of run {run_id}", err=True)
 

@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
 from booksmith.filters.retrain import run_annotate, run_train, settings_of
+from booksmith.flows.cli_errors import fail, user_errors
 
 if TYPE_CHECKING:
     pass
@@ -29,19 +29,6 @@ quality_app = typer.Typer(
     no_args_is_help=True,
 )
 console = Console(stderr=True)
-
-
-def _fail(message: str) -> None:
-    console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
-    raise typer.Exit(2)
-
-
-def _user_errors() -> tuple[type[Exception], ...]:
-    from booksmith.generation.backends import BackendError
-    from booksmith.schemas.config import ConfigError
-    from booksmith.schemas.filter_settings import FilterError
-
-    return (FilterError, ConfigError, BackendError, FileNotFoundError)
 
 
 def _split(values: list[str] | None) -> list[str]:
@@ -74,8 +61,8 @@ def annotate_command(
         target, summary = run_annotate(
             dataset, config, sample=sample, annotations=out, max_tokens=max_tokens
         )
-    except _user_errors() as e:
-        _fail(str(e))
+    except user_errors() as e:
+        fail(str(e))
         return
     table = Table(title="annotate", show_header=False)
     for key, value in summary.items():
@@ -98,8 +85,8 @@ def train_command(
     """Train the fastText classifier; print held-out precision, recall and F1."""
     try:
         report = run_train(config, annotations=annotations, model_dir=model_dir)
-    except _user_errors() as e:
-        _fail(str(e))
+    except user_errors() as e:
+        fail(str(e))
         return
     table = Table(title="quality classifier")
     for col in ("split", "n", "positives", "precision", "recall", "f1", "accuracy"):
@@ -160,8 +147,8 @@ def filter_command(
             for docs in iter_documents(input, cfg.output.encoding):
                 writer.add(run_detailed(docs, chain), docs)
             counts = writer.close()
-    except _user_errors() as e:
-        _fail(str(e))
+    except user_errors() as e:
+        fail(str(e))
         return
     table = Table(title=f"filter {input}")
     table.add_column("reason")

@@ -16,38 +16,12 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from booksmith.flows.cli_errors import fail, one_line, user_errors
+
 console = Console(stderr=True)
 app = typer.Typer(help="Dataset versions: verify, export, list, retire, take down.")
 datasets_app = typer.Typer(help="Dataset versions under an output directory.", no_args_is_help=True)
 app.add_typer(datasets_app, name="datasets")
-
-
-def _fail(message: str) -> None:
-    console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
-    raise typer.Exit(2)
-
-
-def _user_errors() -> tuple[type[Exception], ...]:
-    from booksmith.shards.encodings import EncodingUnavailable
-    from booksmith.shards.export import ExportError
-
-    errors: tuple[type[Exception], ...] = (
-        FileNotFoundError,
-        NotADirectoryError,
-        PermissionError,
-        ValueError,
-        EncodingUnavailable,
-        ExportError,
-    )
-    try:  # S3 errors (credentials, endpoint, bucket): botocore is there when S3 is
-        from botocore.exceptions import BotoCoreError, ClientError
-    except ImportError:
-        return errors
-    return (*errors, BotoCoreError, ClientError)
-
-
-def _one_line(e: Exception) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
 
 
 @app.command()
@@ -60,8 +34,8 @@ def verify(
 
     try:
         report = run_verify(location, sample=sample)
-    except _user_errors() as e:
-        _fail(f"{location}: {_one_line(e)}")
+    except user_errors(ValueError) as e:
+        fail(f"{location}: {one_line(e)}")
         return
     for note in report.notes:
         console.print(f"note: {escape(note)}", highlight=False)
@@ -99,8 +73,8 @@ def export(
                 for problem in result.problems:
                     console.print(f"[red]FAIL[/red] {escape(problem)}", highlight=False)
                 raise typer.Exit(1)
-    except _user_errors() as e:
-        _fail(f"{version} -> {to}: {_one_line(e)}")
+    except user_errors(ValueError) as e:
+        fail(f"{version} -> {to}: {one_line(e)}")
         return
     print(report.url)
 
@@ -114,7 +88,7 @@ def datasets_list(
     from booksmith.shards.versions import summarize
 
     if not out.is_dir():
-        _fail(f"{out}: no such directory")
+        fail(f"{out}: no such directory")
     rows = summarize(out)
     if as_json:
         for row in rows:
@@ -157,8 +131,8 @@ def datasets_rm(
         dropped = 0
         if index is not None or Path(spec).is_dir():
             dropped = remove_run(open_index_spec(spec), run_id)
-    except _user_errors() as e:
-        _fail(_one_line(e))
+    except user_errors(ValueError) as e:
+        fail(one_line(e))
         return
     console.print(f"retired {run_id}; {dropped} MinHash index entries removed")
 
@@ -179,8 +153,8 @@ def datasets_takedown(
         if not wanted:
             raise ValueError("no document ids given (arguments or --ids-file)")
         results = takedown(out, wanted)
-    except _user_errors() as e:
-        _fail(_one_line(e))
+    except user_errors(ValueError) as e:
+        fail(one_line(e))
         return
     for run_id, n in results.items():
         console.print(f"{run_id}: removed {n} rows")
@@ -200,8 +174,8 @@ def datasets_corpus(
 
     try:
         view = corpus(out, encoding, version or None)
-    except _user_errors() as e:
-        _fail(_one_line(e))
+    except user_errors(ValueError) as e:
+        fail(one_line(e))
         return
     print(json.dumps(view.to_json(), indent=2))
 
@@ -222,8 +196,8 @@ def datasets_tokenize(
         manifest = add_encoding(
             version, EncodingSpec(encoding, bpe_file, sha256), pack_seq_len=pack
         )
-    except _user_errors() as e:
-        _fail(_one_line(e))
+    except user_errors(ValueError) as e:
+        fail(one_line(e))
         return
     print(json.dumps({k: v.model_dump(exclude_none=True) for k, v in manifest.tokens.items()}))
 
@@ -249,8 +223,8 @@ def datasets_bin(
             fmt=fmt,  # type: ignore[arg-type]
             shard_tokens=shard_tokens,
         )
-    except _user_errors() as e:
-        _fail(_one_line(e))
+    except user_errors(ValueError) as e:
+        fail(one_line(e))
         return
     for path in paths:
         print(path)

@@ -15,8 +15,9 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
+
+from booksmith.flows.cli_errors import fail, user_errors
 
 app = typer.Typer(
     help="Train the bundled Phi-style model on token shards.",
@@ -24,19 +25,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 console = Console(stderr=True)
-
-
-def _fail(message: str) -> None:
-    console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
-    raise typer.Exit(2)
-
-
-def _user_errors() -> tuple[type[Exception], ...]:
-    from booksmith.schemas.config import ConfigError
-    from booksmith.trainer.checkpoint import CheckpointError
-    from booksmith.trainer.data import DataError
-
-    return (ConfigError, DataError, CheckpointError, FileNotFoundError)
 
 
 @app.callback()
@@ -56,7 +44,7 @@ def train(
     if ctx.invoked_subcommand is not None:
         return
     if data is None or out is None:
-        _fail("booksmith train needs --data and --out (see --help)")
+        fail("booksmith train needs --data and --out (see --help)")
         return
     from booksmith.trainer.config import load_train_config
 
@@ -78,8 +66,8 @@ def train(
         from booksmith.trainer.train import train as run_training
 
         summary = run_training(cfg, data, out, log=lambda m: console.print(m, highlight=False))
-    except _user_errors() as e:
-        _fail(str(e))
+    except user_errors() as e:
+        fail(str(e))
         return
     print(summary["checkpoint"] or out)  # stdout: the newest checkpoint, for scripts
 
@@ -94,8 +82,8 @@ def export(
 
     try:
         path = export_hf(ckpt, out_dir)
-    except _user_errors() as e:
-        _fail(str(e))
+    except user_errors() as e:
+        fail(str(e))
         return
     print(path)
 
@@ -110,7 +98,7 @@ def compare(
     try:
         c = compare_runs(runs)
     except (FileNotFoundError, ValueError, KeyError) as e:
-        _fail(str(e))
+        fail(str(e))
         return
     table = Table(title="eval loss by tokens seen")
     table.add_column("tokens", justify="right")

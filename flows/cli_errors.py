@@ -1,0 +1,54 @@
+"""How every booksmith command fails: one line on stderr that names what is wrong and the fix,
+and an exit code that says which kind. No traceback: the messages of the errors below are
+written to be read alone (an unexpected exception still shows its traceback).
+"""
+
+from __future__ import annotations
+
+from typing import NoReturn
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+EXIT_BAD_INPUT = 2  # a setting, a file or an argument is wrong
+EXIT_ENDPOINT_FAILING = 3  # the circuit breaker stopped the run (generation/breaker.py)
+
+console = Console(stderr=True)
+
+
+def one_line(e: BaseException) -> str:
+    """An exception's message on one line (some libraries' messages span several)."""
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
+    console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def user_errors(*extra: type[BaseException]) -> tuple[type[BaseException], ...]:
+    """The exceptions a user's input or setup causes, with `extra` a command adds. Imported
+    here, not at the top, so `booksmith --help` stays quick."""
+    from booksmith.filters.dedup import DedupIndexError
+    from booksmith.generation.backends import BackendError
+    from booksmith.generation.seeds import SeedFileError
+    from booksmith.prompts import PromptError
+    from booksmith.schemas.config import ConfigError
+    from booksmith.schemas.filter_settings import FilterError
+    from booksmith.schemas.manifest import ManifestError
+    from booksmith.shards.encodings import EncodingUnavailable
+    from booksmith.shards.export import ExportError
+    from booksmith.trainer.checkpoint import CheckpointError
+    from booksmith.trainer.data import DataError
+
+    errors: tuple[type[BaseException], ...] = (
+        ConfigError, SeedFileError, PromptError, BackendError, FilterError, ManifestError,
+        DedupIndexError, EncodingUnavailable, ExportError, CheckpointError, DataError,
+        FileNotFoundError, NotADirectoryError, PermissionError, *extra,
+    )  # fmt: skip
+    try:  # S3 errors (credentials, endpoint, bucket): botocore is there when S3 is
+        from botocore.exceptions import BotoCoreError, ClientError
+    except ImportError:
+        return errors
+    return (*errors, BotoCoreError, ClientError)
