@@ -11,7 +11,6 @@ fastText's predict() refuses newlines (it reads one line per example), so text i
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.util
 import os
 import subprocess
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from booksmith.schemas.filter_settings import FilterError
+from booksmith.shards.files import file_sha256
 
 
 def bundled_lid176() -> Path:
@@ -47,14 +47,6 @@ import fasttext
 m = fasttext.load_model(sys.argv[1])
 m.predict(["probe text for a model check", "ein kleiner Test"], k=-1)
 """
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _probe(path: Path, what: str) -> None:

@@ -34,6 +34,7 @@ from booksmith.filters import fasttext_model
 from booksmith.filters.scored import ScoredOutput
 from booksmith.schemas import Document
 from booksmith.schemas.filter_settings import FilterError, QualitySettings
+from booksmith.shards.files import file_sha256, replace_atomically
 
 POSITIVE, NEGATIVE = "__label__edu", "__label__not_edu"
 MODEL_FILE = "model.bin"
@@ -238,8 +239,8 @@ def train(
         }
         _train_in_child(params, tmp_model, source or "training data")
         model_path = out_dir / MODEL_FILE
-        os.replace(tmp_model, model_path)
-    sha = fasttext_model.file_sha256(model_path)
+        replace_atomically(tmp_model, model_path)
+    sha = file_sha256(model_path)
     card = {
         "model": {
             "file": MODEL_FILE,

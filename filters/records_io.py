@@ -24,7 +24,8 @@ from booksmith.schemas.filter_settings import FilterError
 from booksmith.schemas.jsonl import iter_jsonl
 from booksmith.schemas.records import sha256_hex
 from booksmith.shards.dataset import SingleFileWriter
-from booksmith.shards.writer import atomic_write_bytes, commit, tmp_name
+from booksmith.shards.files import tmp_name
+from booksmith.shards.writer import atomic_write_bytes, commit
 
 _JSONL = (".jsonl", ".json", ".ndjson")
 _PARQUET = (".parquet", ".pq")

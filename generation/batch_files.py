@@ -11,7 +11,6 @@ same reasons the live client would record.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from pydantic import ConfigDict, TypeAdapter, ValidationError, with_config
 
 from booksmith.generation.client import chat_body
 from booksmith.schemas import GenerationRequest, GenerationResult
+from booksmith.shards.files import write_bytes_atomically
 
 BATCH_URL: Literal["/v1/chat/completions"] = "/v1/chat/completions"
 # OpenAI's limits for one input file (https://platform.openai.com/docs/guides/batch).
@@ -146,17 +146,6 @@ class BatchFile:
     n_bytes: int
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write then rename, so a killed process never leaves half a file under the final name."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def split_lines(
     requests: Iterable[GenerationRequest],
     *,
@@ -197,7 +186,7 @@ def write_batch_files(
     for n, chunk in enumerate(chunks):
         path = directory / f"{prefix}-{n:04d}.jsonl"
         data = b"".join(line for _, line in chunk)
-        write_atomic(path, data)
+        write_bytes_atomically(path, data)
         files.append(BatchFile(path, tuple(cid for cid, _ in chunk), len(data)))
     return files
 

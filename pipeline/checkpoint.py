@@ -16,31 +16,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
 from booksmith.schemas import TopicSeed
 from booksmith.schemas.config import RunConfig
 from booksmith.schemas.crashpoints import crash_point
-from booksmith.shards.writer import fsync_dir, tmp_name
-
-
-def replace_atomically(path: Path, data: bytes) -> None:
-    """Write, fsync, rename: a reader sees the old file or the new one, never half of one.
-    (Not shards.writer.atomic_write_bytes, whose crash point counts the version's files.)"""
-    tmp = tmp_name(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
+from booksmith.shards.files import write_bytes_atomically
 
 CHECKPOINT = "checkpoint.json"
 FORMAT = 1
@@ -73,7 +56,7 @@ class Checkpoint:
 
     def save(self, work: Path) -> None:
         body = json.dumps(asdict(self), sort_keys=True).encode("utf-8")
-        replace_atomically(work / CHECKPOINT, body)
+        write_bytes_atomically(work / CHECKPOINT, body)
         crash_point("chunk.done")
 
     @classmethod
@@ -86,12 +69,3 @@ class Checkpoint:
             return cls(**data)
         except (OSError, ValueError, TypeError):
             return None
-
-
-def write_table_atomically(table: pa.Table, path: Path) -> None:
-    """A spill file: Parquet under a temporary name, fsynced, renamed."""
-    tmp = tmp_name(path)
-    pq.write_table(table, tmp, compression="zstd")
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

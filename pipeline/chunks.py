@@ -26,13 +26,14 @@ from booksmith.filters.dedup import DedupIndex, DedupSettings
 from booksmith.filters.dedup.candidates import CandidateStore
 from booksmith.generation.documents import to_documents
 from booksmith.generation.ledger import GenerationReport
-from booksmith.pipeline.checkpoint import Checkpoint, write_table_atomically
+from booksmith.pipeline.checkpoint import Checkpoint
 from booksmith.pipeline.stages import ExactStage, NearStage, QualityStage
 from booksmith.schemas import GenerationRequest, GenerationResult, Rejected
 from booksmith.schemas.arrow import to_table
 from booksmith.schemas.crashpoints import crash_point
 from booksmith.schemas.filter_settings import FilterSettings
 from booksmith.shards.dataset import VersionWriter
+from booksmith.shards.files import write_table_atomically
 
 EXACT_ROW = np.dtype([("key", "<u8"), ("id", "S64")])
 OUTCOMES_KEPT = 1_000  # the breaker's window across chunks is at most this long

@@ -18,8 +18,9 @@ from typing import Literal
 import numpy as np
 import pyarrow.parquet as pq
 
+from booksmith.shards.files import tmp_name
 from booksmith.shards.version import MANIFEST, read_manifest
-from booksmith.shards.writer import commit, tmp_name
+from booksmith.shards.writer import commit
 
 LLMC_MAGIC, LLMC_VERSION, LLMC_HEADER_INTS = 20240520, 1, 256
 DEFAULT_SHARD_TOKENS = 100_000_000  # llm.c's FineWeb shards hold 100M tokens

@@ -24,9 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from booksmith.schemas.manifest import Manifest, ManifestError
+from booksmith.shards.files import file_sha256
 from booksmith.shards.fs import filesystem, is_url, join, s3_client_kwargs
 from booksmith.shards.version import MANIFEST, STATE_DIR, read_manifest
-from booksmith.shards.writer import file_sha256, write_json_atomic
+from booksmith.shards.writer import write_json_atomic
 
 PART_SIZE = 64 << 20  # S3 parts: 5 MiB minimum (except the last), 10,000 at most
 MIN_PART_SIZE = 5 << 20
@@ -281,11 +282,7 @@ class _FsTarget:
         path = join(self.root, f.rel)
         if not self.fs.exists(path) or self.fs.size(path) != f.size:
             return False
-        h = hashlib.sha256()
-        with self.fs.open(path, "rb") as fh:
-            while block := fh.read(8 << 20):
-                h.update(block)
-        return h.hexdigest() == f.sha256
+        return file_sha256(path, self.fs) == f.sha256
 
     def _put(self, local: Path, rel: str) -> None:
         path = join(self.root, rel)

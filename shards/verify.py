@@ -8,7 +8,6 @@ decode(input_ids) == text followed by the end-of-text token.
 
 from __future__ import annotations
 
-import hashlib
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from booksmith.schemas import Document, GenerationRequest, GenerationResult, Rej
 from booksmith.schemas.arrow import arrow_schema
 from booksmith.schemas.manifest import MANIFEST, Manifest, ManifestError, Packed, ShardEntry
 from booksmith.shards.encodings import EncodingUnavailable, get_encoding
+from booksmith.shards.files import file_sha256
 from booksmith.shards.fs import filesystem, join
 from booksmith.shards.tokens import packed_schema, token_schema
 
@@ -43,14 +43,6 @@ class VerifyReport:
     @property
     def ok(self) -> bool:
         return not self.problems
-
-
-def _sha256(fs: fsspec.AbstractFileSystem, path: str) -> str:
-    h = hashlib.sha256()
-    with fs.open(path, "rb", block_size=8 << 20) as f:
-        while block := f.read(8 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _expected_schema(shard: ShardEntry, manifest: Manifest) -> pa.Schema | None:
@@ -84,7 +76,7 @@ def _check_shard(
     size = fs.size(path)
     if size != shard.bytes:
         report.problems.append(f"{rel}: {size} bytes, manifest says {shard.bytes} (truncated?)")
-    if checksums and (actual := _sha256(fs, path)) != shard.sha256:
+    if checksums and (actual := file_sha256(path, fs)) != shard.sha256:
         report.problems.append(f"{rel}: sha256 {actual} does not match the manifest")
     try:
         with fs.open(path, "rb") as f:

@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from booksmith.schemas.manifest import ShardEntry, ShardKind, Takedown
 from booksmith.shards.dataset import commit_manifest
 from booksmith.shards.encodings import get_encoding
+from booksmith.shards.files import fsync_dir
 from booksmith.shards.tokens import (
     Packer,
     arrow_token_type,
@@ -32,7 +33,7 @@ from booksmith.shards.tokens import (
     packed_schema,
 )
 from booksmith.shards.version import MANIFEST, STATE_DIR, is_dataset, list_versions, read_manifest
-from booksmith.shards.writer import DEFAULT_SHARD_BYTES, ShardWriter, fsync_dir
+from booksmith.shards.writer import DEFAULT_SHARD_BYTES, ShardWriter
 
 TAKEDOWN_PREFIX = ".takedown-"
 RETIRED_PREFIX = ".retired-"

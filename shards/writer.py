@@ -8,9 +8,7 @@ one reaches its row or byte limit.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ from pydantic import BaseModel
 from booksmith.schemas.arrow import arrow_schema, to_table
 from booksmith.schemas.crashpoints import crash_point
 from booksmith.schemas.manifest import ShardEntry, ShardKind
+from booksmith.shards.files import file_sha256, replace_atomically, tmp_name
 
 ROW_GROUP_ROWS = 2_000  # small enough to stream a shard, large enough to compress well
 ROW_GROUP_BYTES = 64 << 20  # and at most this much uncompressed Arrow data per row group
@@ -50,33 +49,10 @@ def _statistics_columns(schema: pa.Schema) -> list[str]:
     return paths
 
 
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def tmp_name(path: Path) -> Path:
-    """The temporary name a file has until it is complete (hidden, so no glob matches it)."""
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
 def commit(tmp: Path, path: Path) -> None:
-    """fsync a finished temporary file and give it its final name."""
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    """fsync a finished temporary file and give it its final name (a version's file: the kill
+    tests count this crash point)."""
+    replace_atomically(tmp, path)
     crash_point("shards.file")
 
 

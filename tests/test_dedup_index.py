@@ -210,7 +210,7 @@ def test_file_index_replaced_atomically_on_crash(tmp_path: Path, monkeypatch) ->
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("booksmith.filters.dedup.index.os.replace", crash)
+    monkeypatch.setattr("booksmith.shards.files.os.replace", crash)
     with pytest.raises(OSError, match="disk full"):
         commit(FileIndex(path), "run2", _docs(CORPUS.texts[10:20], "b"))
     monkeypatch.undo()

@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from booksmith.schemas import Document, arrow_schema
+from booksmith.shards.files import file_sha256
 from booksmith.shards.version import list_versions, read_manifest
-from booksmith.shards.writer import file_sha256
 from tests.conftest import fake_backend_config
 from tests.fakeserver import FakeServer
 

@@ -81,3 +81,26 @@ def test_no_flow_imports_a_cli_module() -> None:
         if name.startswith("booksmith.flows.cli")
     ]
     assert found == []
+
+
+# Directory swaps (a version rebuilt by a takedown, a checkpoint step) rename whole trees, and
+# llama.cpp's quantizer writes its own temporary file: those rename in place. Every file
+# write goes through shards/files.py.
+RENAMES_DIRECTORIES = {
+    "shards/versions.py",
+    "trainer/checkpoint.py",
+    "generation/embedded/model.py",
+}
+
+
+def test_files_are_written_and_hashed_in_one_place() -> None:
+    found = []
+    for folder in FOLDERS:
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            rel = path.relative_to(ROOT).as_posix()
+            text = path.read_text()
+            if "os.replace(" in text and rel not in {"shards/files.py", *RENAMES_DIRECTORIES}:
+                found.append(f"{rel}: os.replace (use booksmith.shards.files)")
+            if "h.update(block)" in text and rel != "shards/files.py":
+                found.append(f"{rel}: a file's sha256 (use booksmith.shards.files.file_sha256)")
+    assert found == []

@@ -21,9 +21,9 @@ from booksmith.shards import dataset as dataset_mod
 from booksmith.shards.card import size_category
 from booksmith.shards.dataset import write_version
 from booksmith.shards.encodings import get_encoding
+from booksmith.shards.files import file_sha256
 from booksmith.shards.verify import verify
 from booksmith.shards.version import list_versions, read_manifest
-from booksmith.shards.writer import file_sha256
 
 VOCABULARY = (
     "the photosynthesis chloroplast energy light water carbon algebra equation variable "

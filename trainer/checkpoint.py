@@ -9,7 +9,6 @@ previous checkpoint intact.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -18,6 +17,7 @@ from typing import Any
 
 import torch
 
+from booksmith.shards.files import file_sha256
 from booksmith.trainer.model import ModelConfig, Phi
 
 MODEL, STATE, META = "model.pt", "train_state.pt", "meta.json"
@@ -25,14 +25,6 @@ MODEL, STATE, META = "model.pt", "train_state.pt", "meta.json"
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, corrupt, or does not fit the run; names the directory."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def save(out: Path, step: int, model_state: dict, train_state: dict, meta: dict[str, Any]) -> Path:
@@ -43,7 +35,7 @@ def save(out: Path, step: int, model_state: dict, train_state: dict, meta: dict[
     tmp.mkdir(parents=True)
     torch.save(model_state, tmp / MODEL)
     torch.save(train_state, tmp / STATE)
-    meta = {**meta, "step": step, "model_sha256": _sha256(tmp / MODEL)}
+    meta = {**meta, "step": step, "model_sha256": file_sha256(tmp / MODEL)}
     (tmp / META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -90,7 +82,7 @@ def load_model_state(ckpt: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
     path = ckpt / MODEL
     if not path.is_file():
         raise CheckpointError(f"{path}: missing from the checkpoint")
-    if _sha256(path) != meta["model_sha256"]:
+    if file_sha256(path) != meta["model_sha256"]:
         raise CheckpointError(f"{path}: checksum mismatch (corrupt or truncated checkpoint)")
     return _load(path), meta
 

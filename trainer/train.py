@@ -36,6 +36,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
+from booksmith.shards.files import write_table_atomically
 from booksmith.trainer import checkpoint
 from booksmith.trainer.config import TrainConfig
 from booksmith.trainer.data import (
@@ -138,9 +139,7 @@ def _write_eval(path: Path, ids: list[str], tokens: np.ndarray) -> None:
             "input_ids": pa.array([tokens.tolist()], pa.list_(pa.uint32())),
         }
     )
-    tmp = path.with_suffix(".tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    write_table_atomically(table, path, compression="snappy")
 
 
 class Metrics:

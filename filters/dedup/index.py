@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
-import os
 import re
 import shutil
 from collections.abc import Iterator, Sequence
@@ -44,6 +42,7 @@ from booksmith.filters.dedup.lookup import SegmentLookup, build
 from booksmith.filters.dedup.lsh import band_keys
 from booksmith.filters.dedup.minhash import SCHEME, MinHashParams
 from booksmith.filters.dedup.normalize import NORMALIZER_VERSION
+from booksmith.shards.files import file_sha256, write_json_atomically, write_table_atomically
 
 FORMAT = "booksmith-minhash-index"
 VERSION = 1
@@ -97,22 +96,6 @@ _SEGMENT_SCHEMA = pa.schema(
 
 def _schema(num_perm: int) -> pa.Schema:
     return _SEGMENT_SCHEMA.set(2, pa.field("sig", pa.binary(4 * num_perm), nullable=False))
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class FileIndex:
@@ -179,14 +162,7 @@ class FileIndex:
         assert all(s["run_id"] in kept or s.get("_removing") for s in old["segments"]), (
             "an index write must keep every run it does not replace or remove"
         )
-        body = json.dumps(data, indent=1, ensure_ascii=False) + "\n"
-        tmp = self.path / f".{MANIFEST}.tmp-{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(body)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path / MANIFEST)
-        _fsync_dir(self.path)
+        write_json_atomically(self.path / MANIFEST, data, indent=1)
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[dict[str, Any]]:
@@ -233,18 +209,14 @@ class FileIndex:
                 },
                 schema=_schema(self.params.num_perm),
             )
-            tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
             # Signatures are random bytes: compressing them costs time and saves nothing.
-            pq.write_table(
+            write_table_atomically(
                 table,
-                tmp,
+                target,
                 compression={"id": "zstd", "exact": "none", "sig": "none"},
                 use_dictionary=False,
             )
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-            sha = _sha256(target)
+            sha = file_sha256(target)
             build(table, self._lookup_dir({"file": rel}), self.params, sha)
             replaced = [s for s in manifest["segments"] if s["run_id"] == run_id]
             for s in replaced:
@@ -316,7 +288,7 @@ class FileIndex:
         """Check every segment's sha256 against the manifest (slow: reads every byte)."""
         for seg in self._manifest["segments"]:
             path = self.path / seg["file"]
-            if not path.is_file() or _sha256(path) != seg.get("sha256"):
+            if not path.is_file() or file_sha256(path) != seg.get("sha256"):
                 raise DedupIndexError(f"{path}: segment does not match its sha256 in {MANIFEST}")
 
     def _lookup_dir(self, seg: dict[str, Any]) -> Path:
