@@ -183,12 +183,14 @@ def _free_port() -> int:
 
 
 @pytest.mark.e2e
+@pytest.mark.parametrize("endpoint_variable", ["AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"])
 def test_streams_from_s3_through_moto(
-    dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, endpoint_variable: str
 ) -> None:
+    """The trainer reads S3 through the same layer as export: either endpoint variable works."""
+    import boto3
+
     exe = Path(sys.executable).with_name("moto_server")
-    if not exe.exists():
-        pytest.skip("moto_server is not installed")
     port = _free_port()
     proc = subprocess.Popen(
         [str(exe), "-H", "127.0.0.1", "-p", str(port)],
@@ -205,14 +207,15 @@ def test_streams_from_s3_through_moto(
             except OSError:
                 assert time.monotonic() < deadline and proc.poll() is None, "moto did not start"
                 time.sleep(0.2)
+        monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+        monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
         for key, value in {
-            "AWS_ENDPOINT_URL": url,
+            endpoint_variable: url,
             "AWS_ACCESS_KEY_ID": "testing",
             "AWS_SECRET_ACCESS_KEY": "testing",
             "AWS_DEFAULT_REGION": "us-east-1",
         }.items():
             monkeypatch.setenv(key, value)
-        boto3 = pytest.importorskip("boto3")
         boto3.client("s3", endpoint_url=url).create_bucket(Bucket="corpus")
         s3, _ = filesystem("s3://corpus/v1")
         pafs.copy_files(str(dataset), "corpus/v1", source_filesystem=pafs.LocalFileSystem(),
@@ -227,6 +230,22 @@ def test_streams_from_s3_through_moto(
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_reads_any_store_the_shared_filesystem_layer_reaches(dataset: Path) -> None:
+    """memory:// exists only in fsspec: the trainer reads through booksmith's one layer
+    (shards/fs.py), not a filesystem of its own."""
+    import fsspec
+
+    mem = fsspec.filesystem("memory")
+    for path in dataset.rglob("*"):
+        if path.is_file():
+            mem.pipe(f"/corpus/v1/{path.relative_to(dataset).as_posix()}", path.read_bytes())
+    remote, local = open_source("memory://corpus/v1"), open_source(str(dataset))
+    assert remote.units == local.units and remote.encoding == local.encoding
+    a = [w for w, _, _ in islice(iter(TokenWindows(remote, 16, seed=1)), 20)]
+    b = [w for w, _, _ in islice(iter(TokenWindows(local, 16, seed=1)), 20)]
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
 def test_a_tiny_corpus_still_gets_an_eval_document(tmp_path: Path) -> None:

@@ -33,6 +33,8 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from booksmith.schemas.manifest import MANIFEST, Manifest, ManifestError
+from booksmith.shards.fs import filesystem as fsspec_filesystem
+from booksmith.shards.fs import is_url
 
 # Known encodings: (n_vocab, end-of-text id); the manifest's own figures win.
 KNOWN_ENCODINGS: dict[str, tuple[int, int]] = {
@@ -64,21 +66,14 @@ class TokenSource:
 
 
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    """A pyarrow filesystem and the path inside it; S3 honours AWS_ENDPOINT_URL (pyarrow's own
-    S3FileSystem does not read it)."""
-    if uri.startswith("s3://") and os.environ.get("AWS_ENDPOINT_URL"):
-        endpoint = os.environ["AWS_ENDPOINT_URL"]
-        scheme = "http" if endpoint.startswith("http://") else "https"
-        fs = pafs.S3FileSystem(
-            endpoint_override=endpoint.split("://", 1)[-1],
-            scheme=scheme,
-            region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
-        )
-        return fs, uri[len("s3://") :].rstrip("/")
-    if "://" in uri:
-        fs, path = pafs.FileSystem.from_uri(uri)
-        return fs, path.rstrip("/")
-    return pafs.LocalFileSystem(), os.path.abspath(uri)
+    """A pyarrow filesystem and the path inside it, over booksmith's one filesystem layer
+    (shards/fs.py, fsspec): a URL reaches the same store with the same environment
+    (AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL, AWS_PROFILE, ...) as export and verify. Local paths
+    use pyarrow's own filesystem, the fastest reader of a local file."""
+    if not is_url(uri):
+        return pafs.LocalFileSystem(), os.path.abspath(uri)
+    fs, path = fsspec_filesystem(uri)
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
 
 
 def _list(fs: pafs.FileSystem, base: str, pattern: str = "*.parquet") -> list[str]:
