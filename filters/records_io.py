@@ -1,135 +1,26 @@
-"""Reading what the filter commands take (a dataset version, or any JSONL/Parquet file of
-`{id, text}`) and writing what they give (kept.parquet, rejected.parquet, counts.json).
-
-A user's records keep their ids verbatim; columns a Document has and the file lacks get empty
-defaults, and `n_tokens` is counted with the primary encoding when the file has none.
+"""What the filter commands write (kept.parquet, rejected.parquet, counts.json) and the
+classifier's labelled data they read; the documents they read come from filters/inputs.py.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from booksmith.filters.inputs import iter_tables
 from booksmith.filters.quality import Labelled
 from booksmith.filters.scored import DetailedChainResult
-from booksmith.schemas import Document, Rejected, arrow_schema
+from booksmith.schemas import Document, Rejected
 from booksmith.schemas.arrow import to_table
 from booksmith.schemas.filter_settings import FilterError
-from booksmith.schemas.jsonl import iter_jsonl
 from booksmith.schemas.records import sha256_hex
 from booksmith.shards.dataset import SingleFileWriter
 from booksmith.shards.files import tmp_name
 from booksmith.shards.writer import atomic_write_bytes, commit
-
-_JSONL = (".jsonl", ".json", ".ndjson")
-_PARQUET = (".parquet", ".pq")
-BATCH_DOCS = 5_000  # documents a streamed read holds at once
-
-
-def _rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(where, row) for each record of a JSONL or Parquet file; `where` is `file:line`."""
-    suffix = path.suffix.lower()
-    if suffix in _JSONL:
-        for lineno, row in iter_jsonl(path, FilterError):
-            yield f"{path}:{lineno}", row
-    elif suffix in _PARQUET:
-        try:
-            batches = pq.ParquetFile(path).iter_batches(BATCH_DOCS)
-            i = 0
-            for batch in batches:
-                for row in batch.to_pylist():
-                    yield f"{path}:row {i}", row
-                    i += 1
-        except (pa.ArrowInvalid, OSError) as e:
-            raise FilterError(f"{path}: cannot read as Parquet: {e}") from None
-    else:
-        raise FilterError(f"{path}: unknown input format (use .jsonl or .parquet)")
-
-
-def _document(where: str, row: dict[str, Any]) -> Document:
-    if "text" not in row:
-        raise FilterError(f"{where}: no `text` field (fields: {', '.join(row) or 'none'})")
-    if row.get("id") is None:
-        raise FilterError(f"{where}: no `id` field")
-    text = row["text"]
-    if not isinstance(text, str):
-        raise FilterError(f"{where}: `text` must be a string, got {type(text).__name__}")
-    finish = row.get("finish_reason")
-    n_tokens = row.get("n_tokens")
-    return Document(
-        id=str(row["id"]),
-        text_sha256=sha256_hex(text),
-        text=text,
-        topic=str(row.get("topic") or ""),
-        topic_path=[],
-        audience="",
-        style="",
-        format="",
-        seed_words=[],
-        prompt="",
-        model=str(row.get("model") or ""),
-        backend="",
-        sampling="{}",
-        seed=0,
-        sample_index=0,
-        finish_reason=finish if isinstance(finish, str) else None,
-        truncated=finish == "length",
-        n_tokens=n_tokens if isinstance(n_tokens, int) else -1,  # -1: counted below
-        run_id="",
-        created_at=datetime.now(UTC),
-    )
-
-
-def read_documents(path: Path, encoding: str = "cl100k_base") -> list[Document]:
-    """Documents of a dataset version (its text shards) or of a JSONL/Parquet file."""
-    return [d for batch in iter_documents(path, encoding) for d in batch]
-
-
-def iter_documents(
-    path: Path, encoding: str = "cl100k_base", batch_docs: int | None = None
-) -> Iterator[list[Document]]:
-    """`read_documents` as a stream of lists of at most `batch_docs` documents: a corpus larger
-    than memory is read a batch at a time."""
-    from booksmith.shards.version import is_dataset, read_manifest
-
-    size = batch_docs or BATCH_DOCS
-    if path.is_dir():
-        if not is_dataset(path):
-            raise FilterError(f"{path}: a directory without manifest.json is not a dataset")
-        for rel in read_manifest(path).shard_paths("text"):
-            parquet = pq.ParquetFile(path / rel)
-            for record_batch in parquet.iter_batches(size):
-                table = pa.Table.from_batches([record_batch]).cast(arrow_schema(Document))
-                yield [Document.model_validate(row) for row in table.to_pylist()]
-        return
-    if not path.is_file():
-        raise FilterError(f"{path}: input not found")
-    batch: list[Document] = []
-    for where, row in _rows(path):
-        batch.append(_document(where, row))
-        if len(batch) == size:
-            yield _counted(batch, encoding)
-            batch = []
-    if batch:
-        yield _counted(batch, encoding)
-
-
-def _counted(docs: list[Document], encoding: str) -> list[Document]:
-    """Token counts for documents whose file gave none."""
-    from booksmith.shards.encodings import count_tokens
-
-    missing = [i for i, d in enumerate(docs) if d.n_tokens < 0]
-    if missing:
-        counts = count_tokens([docs[i].text for i in missing], encoding)
-        for i, n in zip(missing, counts, strict=True):
-            docs[i].n_tokens = n
-    return docs
 
 
 def read_labelled(path: Path) -> tuple[list[Labelled], int]:
@@ -138,9 +29,9 @@ def read_labelled(path: Path) -> tuple[list[Labelled], int]:
     out, skipped = [], 0
     if not path.is_file():
         raise FilterError(f"{path}: training data not found (run `booksmith quality annotate`)")
-    for where, row in _rows(path):
-        if "text" not in row or "score" not in row:
-            raise FilterError(f"{where}: training rows need `text` and `score` fields")
+    rows = (r for t in iter_tables(path, required=("text", "score")) for r in t.to_pylist())
+    for n, row in enumerate(rows, 1):
+        where = f"{path}: record {n}"
         score = row["score"]
         if score is None:
             skipped += 1

@@ -62,7 +62,7 @@ def run_annotate(
     Returns (annotations file, summary)."""
     from booksmith.filters.annotate import annotate, save_annotations
     from booksmith.filters.annotate import sample as take_sample
-    from booksmith.filters.records_io import read_documents
+    from booksmith.filters.inputs import read_documents
     from booksmith.generation.backends import open_endpoint
     from booksmith.generation.cache import ResponseCache
 

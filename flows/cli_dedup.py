@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -29,111 +28,11 @@ from booksmith.filters.dedup import DedupIndexError, DedupSettings, open_index_s
 from booksmith.filters.dedup.engine import index_entries
 from booksmith.filters.dedup.index import MANIFEST as INDEX_MANIFEST
 from booksmith.filters.dedup.stream import DuplicateIdError, StreamVerdicts, decide
+from booksmith.filters.inputs import InputError, iter_tables
 from booksmith.flows.cli_errors import fail
-from booksmith.schemas.jsonl import iter_jsonl
-from booksmith.schemas.manifest import ManifestError
-from booksmith.shards.version import is_dataset, read_manifest
 from booksmith.shards.writer import commit
 
 index_app = typer.Typer(help="Inspect or edit a persistent dedup index.", no_args_is_help=True)
-
-
-class InputError(ValueError):
-    """Input a user can fix; the message names the file, line or column."""
-
-
-BATCH_ROWS = 10_000  # records per batch: what a pass over the input holds at once
-
-
-def _check(path: Path, table: pa.Table, first_row: int) -> None:
-    for column in ("id", "text"):
-        if column not in table.column_names:
-            raise InputError(f"{path}: no '{column}' column (records need 'id' and 'text')")
-    if table.num_rows and table.column("id").null_count:
-        row = pc.index(pc.is_null(table.column("id")), True).as_py()
-        raise InputError(f"{path}: record {first_row + row + 1} has no id")
-    text_type = table.schema.field("text").type
-    if table.num_rows and not (
-        pa.types.is_string(text_type) or pa.types.is_large_string(text_type) or
-        pa.types.is_null(text_type)
-    ):  # fmt: skip
-        raise InputError(f"{path}: column 'text' must hold strings, not {text_type}")
-
-
-def _jsonl_batches(path: Path, batch_rows: int) -> Iterator[pa.Table]:
-    """JSONL as tables of `batch_rows` records; later batches take the first one's columns,
-    and a record with a column the first batch lacked is an error naming its line."""
-    schema: pa.Schema | None = None
-    rows: list[dict[str, Any]] = []
-    lines: list[int] = []
-
-    def table() -> pa.Table:
-        nonlocal schema
-        try:
-            if schema is None:
-                t = pa.Table.from_pylist(rows)
-                schema = t.schema
-                return t
-            for lineno, row in zip(lines, rows, strict=True):
-                extra = set(row) - set(schema.names)
-                if extra:
-                    raise InputError(
-                        f"{path}:{lineno}: column(s) {sorted(extra)} not in the first "
-                        f"{batch_rows} records; give every record the same keys"
-                    )
-            return pa.Table.from_pylist(rows, schema=schema)
-        except (pa.ArrowException, TypeError) as e:
-            where = f"{path}:{lines[0]}-{lines[-1]}"
-            raise InputError(f"{where}: records have inconsistent column types ({e})") from None
-
-    for lineno, row in iter_jsonl(path, InputError):
-        rows.append(row)
-        lines.append(lineno)
-        if len(rows) == batch_rows:
-            yield table()
-            rows, lines = [], []
-    if rows or schema is None:
-        yield table() if rows else pa.table({"id": pa.array([], pa.string()),
-                                             "text": pa.array([], pa.string())})  # fmt: skip
-
-
-def _parquet_batches(files: list[Path], batch_rows: int) -> Iterator[pa.Table]:
-    for f in files:
-        try:
-            parquet = pq.ParquetFile(f)
-            for batch in parquet.iter_batches(batch_rows):
-                yield pa.Table.from_batches([batch])
-            if parquet.metadata.num_rows == 0:
-                yield parquet.schema_arrow.empty_table()
-        except (OSError, pa.ArrowException) as e:
-            raise InputError(f"{f}: unreadable Parquet ({e})") from None
-
-
-def iter_input(path: Path, batch_rows: int | None = None) -> Iterator[pa.Table]:
-    """Tables of at most `batch_rows` records with `id` and `text`, from a dataset version,
-    JSONL or Parquet, read as a stream (a corpus larger than memory is fine)."""
-    batch_rows = batch_rows or BATCH_ROWS
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file or directory")
-    if path.is_dir():
-        if not is_dataset(path):
-            raise InputError(f"{path}: a directory without manifest.json is not a dataset version")
-        try:
-            files = [path / rel for rel in read_manifest(path).shard_paths("text")]
-        except ManifestError as e:
-            raise InputError(str(e)) from None
-        batches = _parquet_batches(files, batch_rows)
-    elif path.suffix in (".jsonl", ".ndjson", ".json"):
-        batches = _jsonl_batches(path, batch_rows)
-    elif path.suffix == ".parquet":
-        batches = _parquet_batches([path], batch_rows)
-    else:
-        raise InputError(f"{path}: expected a dataset directory, .jsonl or .parquet file")
-    row = 0
-    for table in batches:
-        _check(path, table, row)
-        row += table.num_rows
-        yield table
 
 
 def dedup(
@@ -174,14 +73,14 @@ def _dedup(
                 f"{against}: no dedup index here (create one with --commit-as RUN_ID)"
             )
         index = open_index_spec(against, settings)
-    verdicts = decide(lambda: iter_input(input), settings, index, work=out.parent)
+    verdicts = decide(lambda: iter_tables(input), settings, index, work=out.parent)
     out.mkdir(parents=True, exist_ok=True)
     kept_rows, counts = 0, Counter[str]()
     writers: dict[str, pq.ParquetWriter] = {}
     tmps = {name: out / f".{name}.parquet.tmp-{os.getpid()}" for name in ("kept", "rejected")}
     row = 0
     try:
-        for table in iter_input(input):  # pass 3: write each batch with its verdicts
+        for table in iter_tables(input):  # pass 3: write each batch with its verdicts
             found = verdicts.batch(row, table.num_rows)
             row += table.num_rows
             keep = pa.array([v is None for v in found], pa.bool_())
@@ -222,7 +121,7 @@ def _commit_kept(
     sigs: list[Any] = []
     exact: list[Any] = []
     row = 0
-    for table in iter_input(input):
+    for table in iter_tables(input):
         keep = [v is None for v in verdicts.batch(row, table.num_rows)]
         row += table.num_rows
         kept = table.filter(pa.array(keep, pa.bool_()))

@@ -31,6 +31,7 @@ def user_errors(*extra: type[BaseException]) -> tuple[type[BaseException], ...]:
     """The exceptions a user's input or setup causes, with `extra` a command adds. Imported
     here, not at the top, so `booksmith --help` stays quick."""
     from booksmith.filters.dedup import DedupIndexError
+    from booksmith.filters.inputs import InputError
     from booksmith.generation.backends import BackendError
     from booksmith.generation.seeds import SeedFileError
     from booksmith.prompts import PromptError
@@ -43,9 +44,9 @@ def user_errors(*extra: type[BaseException]) -> tuple[type[BaseException], ...]:
     from booksmith.trainer.data import DataError
 
     errors: tuple[type[BaseException], ...] = (
-        ConfigError, SeedFileError, PromptError, BackendError, FilterError, ManifestError,
-        DedupIndexError, EncodingUnavailable, ExportError, CheckpointError, DataError,
-        FileNotFoundError, NotADirectoryError, PermissionError, *extra,
+        ConfigError, SeedFileError, PromptError, BackendError, FilterError, InputError,
+        ManifestError, DedupIndexError, EncodingUnavailable, ExportError, CheckpointError,
+        DataError, FileNotFoundError, NotADirectoryError, PermissionError, *extra,
     )  # fmt: skip
     try:  # S3 errors (credentials, endpoint, bucket): botocore is there when S3 is
         from botocore.exceptions import BotoCoreError, ClientError

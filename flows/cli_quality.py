@@ -118,7 +118,8 @@ def filter_command(
 ) -> None:
     """Run the quality filter chain alone and write kept and rejected records with reasons."""
     from booksmith.filters.chain import build_chain
-    from booksmith.filters.records_io import OutputWriter, iter_documents
+    from booksmith.filters.inputs import iter_documents
+    from booksmith.filters.records_io import OutputWriter
     from booksmith.filters.scored import run_detailed
     from booksmith.shards.version import is_dataset, state_dir
 

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from booksmith.flows import cli_dedup
+from booksmith.filters import inputs
 from booksmith.flows.cli_dedup import app
 from booksmith.schemas import Rejected
 from booksmith.shards.dataset import write_version
@@ -121,12 +121,12 @@ def test_dedup_a_dataset_version(tmp_path: Path) -> None:
 
 def test_user_errors_exit_2_with_one_line(tmp_path: Path) -> None:
     cases = {
-        "no 'id' column": _jsonl(tmp_path / "noid.jsonl", [{"text": "a"}]),
+        "noid.jsonl:1: no `id` field": _jsonl(tmp_path / "noid.jsonl", [{"text": "a"}]),
         "bad.jsonl:2: invalid JSON": tmp_path / "bad.jsonl",
         "appears twice": _jsonl(tmp_path / "dup.jsonl", [{"id": 1, "text": "a"}] * 2),
         "expected a dataset directory": tmp_path / "x.csv",
         "without manifest.json": tmp_path / "emptydir",
-        "no such file": tmp_path / "nope.jsonl",
+        "input not found (no such file": tmp_path / "nope.jsonl",
     }
     (tmp_path / "bad.jsonl").write_text('{"id": 1, "text": "a"}\n{oops\n')
     (tmp_path / "x.csv").write_text("id,text\n")
@@ -164,7 +164,7 @@ def test_dedup_streams_batches_with_the_in_memory_verdicts(
             base[rng.randrange(len(base))] = "zebra"  # a near duplicate
         rows.append({"id": f"r{i}", "text": " ".join(base), "quality_score": rng.random()})
     src = _jsonl(tmp_path / "big.jsonl", rows)
-    monkeypatch.setattr(cli_dedup, "BATCH_ROWS", 7)
+    monkeypatch.setattr(inputs, "BATCH_ROWS", 7)
     result = runner.invoke(app, ["dedup", str(src), "--out", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
     want = find_duplicates(

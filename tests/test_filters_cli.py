@@ -212,7 +212,7 @@ def test_filter_streams_in_batches_with_the_same_output(
 ) -> None:
     """Batches of 3 documents give the files one batch gives: kept and rejected rows in input
     order, counts summed over the batches."""
-    from booksmith.filters import records_io
+    from booksmith.filters import inputs
 
     junk = "Buy cheap followers now! Click here, free shipping, limited offer, sign up. " * 12
     texts = [TEXTBOOK, "", junk, TEXTBOOK.replace("plant", "tree"), "   ", junk + " again"]
@@ -229,7 +229,7 @@ def test_filter_streams_in_batches_with_the_same_output(
         return tables[0], tables[1], json.loads((out / "counts.json").read_text())
 
     whole = run(tmp_path / "whole")
-    monkeypatch.setattr(records_io, "BATCH_DOCS", 3)
+    monkeypatch.setattr(inputs, "BATCH_ROWS", 3)
     batched = run(tmp_path / "batched")
     assert batched == whole
     kept, rejected, counts = whole

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from booksmith.filters.inputs import InputError
 from booksmith.filters.quality import QualityFilter, QualityModel, TrainReport, in_holdout, train
 from booksmith.filters.records_io import read_labelled
 from booksmith.schemas.filter_settings import FilterError, QualitySettings
@@ -101,7 +102,7 @@ def test_training_needs_both_classes(tmp_path: Path) -> None:
 def test_labelled_file_errors(tmp_path: Path) -> None:
     bad = tmp_path / "labels.jsonl"
     bad.write_text('{"text": "a", "score": 5}\n{"text": "b"}\n')
-    with pytest.raises(FilterError, match=r"labels\.jsonl:2: training rows need"):
+    with pytest.raises(InputError, match=r"labels\.jsonl:2: no `score` field"):
         read_labelled(bad)
     bad.write_text('{"text": "a", "score": "high"}\n')
     with pytest.raises(FilterError, match="must be a number"):
