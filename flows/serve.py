@@ -4,8 +4,9 @@ The one-machine way to run booksmith every night (Prefect's `flow.serve`): no wo
 worker; this process polls the Prefect server for due runs and executes them. The compose stack
 runs the same flows through prefect.yaml and a worker instead (docs/operations.md).
 
-Deployments: `nightly` (on the config's cron, default 02:00 UTC, one run at a time), and
-`expand-topics`, `export`, `train` for ad-hoc runs from the UI or `prefect deployment run`.
+Deployments (flows/deployments.py, the one table prefect.yaml also follows): `nightly` (on
+the config's cron, default 02:00 UTC, one run at a time), and `expand-topics`, `export`,
+`train` for ad-hoc runs from the UI or `prefect deployment run`.
 """
 
 from __future__ import annotations
@@ -16,43 +17,28 @@ from typing import Any
 from prefect.deployments.runner import RunnerDeployment
 from prefect.schedules import Cron
 
+from booksmith.flows.deployments import DEPLOYMENTS
 from booksmith.schemas.config import RunConfig
 
 
 def deployments(
     config: Path | None, cfg: RunConfig, schedule: bool = True
 ) -> list[RunnerDeployment]:
-    from booksmith.flows.expand import expand_topics
-    from booksmith.flows.export import export_flow
-    from booksmith.flows.nightly import nightly
+    """Every deployment of flows/deployments.py, for this config."""
     from booksmith.flows.runners import with_runner
-    from booksmith.flows.train import train_flow
 
     params: dict[str, Any] = {"config": str(config.resolve())} if config else {}
-    nightly_schedule = [Cron(cfg.schedule.cron, timezone=cfg.schedule.timezone)] if schedule else []
-    made = [
-        with_runner(nightly, cfg).to_deployment(
-            "nightly",
-            schedules=nightly_schedule,
-            parameters=params,
-            concurrency_limit=1,  # two runs at once would race for the same output directory
-            description="One dataset version from the configured topics; dedups against every "
-            "earlier version.",
-        ),
-        expand_topics.to_deployment(
-            "expand-topics",
-            parameters=params,
-            description="Grow seed topics into a topic tree file (pass topics and output).",
-        ),
-        export_flow.to_deployment(
-            "export",
-            description="Copy a version (or the newest under an output directory) to a URL.",
-        ),
-        train_flow.to_deployment(
-            "train",
-            description="Train the bundled Phi model on a dataset version.",
-        ),
-    ]
+    made = []
+    for d in DEPLOYMENTS:
+        options: dict[str, Any] = {"description": d.description}
+        if d.takes_config:
+            options["parameters"] = params
+        if d.nightly:
+            cron = Cron(cfg.schedule.cron, timezone=cfg.schedule.timezone)
+            options["schedules"] = [cron] if schedule else []
+            options["concurrency_limit"] = 1  # two runs at once would race for one output dir
+        flow = with_runner(d.flow(), cfg) if d.nightly else d.flow()
+        made.append(flow.to_deployment(d.name, **options))
     # to_deployment returns a coroutine only when called from async code, never here.
     assert all(isinstance(d, RunnerDeployment) for d in made)
     return [d for d in made if isinstance(d, RunnerDeployment)]

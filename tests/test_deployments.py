@@ -38,6 +38,39 @@ def test_prefect_yaml_deploys_every_flow_with_valid_parameters() -> None:
     assert nightly_schedule == {"cron": "0 2 * * *", "timezone": "UTC"}
 
 
+def test_prefect_yaml_says_what_the_deployment_table_says() -> None:
+    """One definition: `booksmith serve` serves flows/deployments.py's table, and prefect.yaml
+    (which a worker deploys) must name the same flows, descriptions, config and schedule."""
+    from booksmith.flows.deployments import DEPLOYMENTS
+    from booksmith.schemas.config import ScheduleSettings
+
+    spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    default = ScheduleSettings()
+    table = {
+        d.name: {
+            "entrypoint": d.entrypoint,
+            "description": d.description,
+            "config": d.takes_config,
+            "schedules": [{"cron": default.cron, "timezone": default.timezone}]
+            if d.nightly
+            else [],
+            "concurrency_limit": 1 if d.nightly else None,
+        }
+        for d in DEPLOYMENTS
+    }
+    yaml_side = {
+        d["name"]: {
+            "entrypoint": d["entrypoint"],
+            "description": d["description"],
+            "config": "config" in d.get("parameters", {}),
+            "schedules": d.get("schedules", []),
+            "concurrency_limit": d.get("concurrency_limit"),
+        }
+        for d in spec["deployments"]
+    }
+    assert yaml_side == table
+
+
 async def _deployments(names: list[str]) -> dict[str, object]:
     from prefect.client.orchestration import get_client
 
