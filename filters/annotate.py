@@ -22,36 +22,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from booksmith.generation.cache import ResponseCache
 from booksmith.generation.client import Endpoint, GenerationClient, GenerationReport
+from booksmith.prompts import prompt_text
 from booksmith.schemas import Document, GenerationRequest, Sampling
 from booksmith.schemas.arrow import arrow_schema, to_table
 from booksmith.schemas.config import Budget
 from booksmith.shards.writer import atomic_write_table
 
 RUBRIC_VERSION = "edu-additive-v1"
-RUBRIC = """Below is an extract from a textbook-style document. Evaluate whether it has a high \
-educational value and could be useful in an educational setting for teaching, using the \
-additive 5-point scoring system described below. Points accumulate for each criterion met:
-
-- Add 1 point if the extract provides some basic information relevant to educational topics, \
-even if it includes some irrelevant or non-academic content such as advertisements.
-- Add another point if the extract addresses certain elements pertinent to education but does \
-not align closely with educational standards: it might mix educational content with \
-non-educational material, or present topics superficially.
-- Award a third point if the extract is appropriate for educational use and introduces key \
-concepts relevant to school curricula. It is coherent though it may not be comprehensive.
-- Grant a fourth point if the extract is highly relevant and beneficial for educational \
-purposes, with a clear and consistent writing style, like a chapter of a textbook or a \
-tutorial, with substantial educational content and minimal irrelevant information.
-- Bestow a fifth point if the extract is outstanding in its educational value, perfectly \
-suited for teaching, with detailed reasoning, clear explanations and exercises or examples.
-
-The extract:
-<extract>
-{text}
-</extract>
-
-After examining the extract, briefly justify your total score in up to 100 words, then give \
-the score in the format: "Educational score: <total points>"."""
+RUBRIC = prompt_text(f"judge/{RUBRIC_VERSION}.txt")  # the judge's prompt, as data
 
 _SCORE = re.compile(r"educational score\W{0,5}([0-5])\b", re.IGNORECASE)
 _LOOSE = re.compile(r"\bscore\W{0,5}([0-5])\b", re.IGNORECASE)

@@ -88,6 +88,12 @@ def _package_dir() -> Path:
     return Path(str(resources.files("booksmith.prompts")))
 
 
+def prompt_text(name: str) -> str:
+    """A prompt kept as data beside the templates (e.g. `judge/edu-additive-v1.txt`), exactly
+    as written: its text is part of every request id made with it."""
+    return (_package_dir() / name).read_text(encoding="utf-8")
+
+
 def load_seed_words(path: Path | None = None) -> list[str]:
     """The bundled vocabulary of common English words (see the file's header for its source)."""
     path = path or _package_dir() / "seed_words.txt"
