@@ -140,10 +140,3 @@ def save_annotations(path: Path, annotations: Sequence[Annotation]) -> int:
     rows = list(merged.values())
     atomic_write_table(to_table(rows, Annotation), path)
     return len(rows)
-
-
-def load_annotations(path: Path) -> list[Annotation]:
-    return [
-        Annotation.model_validate(r)
-        for r in pq.read_table(path, schema=arrow_schema(Annotation)).to_pylist()
-    ]

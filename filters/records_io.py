@@ -44,13 +44,8 @@ def read_labelled(path: Path) -> tuple[list[Labelled], int]:
 
 
 def rejected_table(result: DetailedChainResult) -> pa.Table:
-    """The Rejected columns plus `detail` (JSON: the figures that decided each rejection)."""
-    table = to_table(result.rejected, Rejected)
-    if "detail" in table.schema.names:  # the schema already carries it
-        return table
-    return table.append_column(
-        pa.field("detail", pa.string()), pa.array(result.details, pa.string())
-    )
+    """The Rejected columns, `detail` included (JSON: the figures that decided each one)."""
+    return to_table(result.rejected, Rejected)
 
 
 def write_outputs(out: Path, result: DetailedChainResult) -> dict[str, Any]:

@@ -16,8 +16,6 @@ from typing import Any
 from booksmith.filters.base import ChainResult, Filter, StageOutput
 from booksmith.schemas import Document, Rejected
 
-_REJECTED_HAS_DETAIL = "detail" in Rejected.model_fields
-
 
 @dataclass
 class ScoredOutput(StageOutput):
@@ -32,8 +30,8 @@ class ScoredOutput(StageOutput):
     ) -> None:
         super().reject(doc, reason, duplicate_of)
         self.details.append(detail)
-        if detail is not None and _REJECTED_HAS_DETAIL:  # once the schema carries it
-            setattr(self.rejected[-1], "detail", json.dumps(detail, ensure_ascii=False))  # noqa: B010
+        if detail is not None:
+            self.rejected[-1].detail = json.dumps(detail, ensure_ascii=False)
 
 
 Verdict = tuple[str, dict[str, Any]] | None  # (reason, the figures that decided it), or keep

@@ -1,9 +1,5 @@
-"""`booksmith quality annotate|train` and `booksmith filter`: the quality stage's commands.
-
-Register in flows/cli.py:
-    from booksmith.flows import cli_quality
-    app.add_typer(cli_quality.quality_app, name="quality")
-    app.command("filter")(cli_quality.filter_command)
+"""`booksmith quality annotate|train` and `booksmith filter`: the quality stage's commands
+(flows/cli.py registers them).
 
 The stage functions behind them (`run_annotate`, `run_train`, `retrain_due`) live in
 filters/retrain.py, where the nightly flow calls them too.

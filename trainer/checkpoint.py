@@ -90,7 +90,8 @@ def load_model_state(ckpt: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
 def load_model(ckpt: Path) -> tuple[Phi, dict[str, Any]]:
     """The model of a checkpoint (CPU, eval mode) and its meta.json."""
     state, meta = load_model_state(ckpt)
-    model = Phi(ModelConfig(**meta["model"]))
+    fields = {k: v for k, v in meta["model"].items() if k != "extra"}  # a field older runs had
+    model = Phi(ModelConfig(**fields))
     try:
         model.load_state_dict(state)
     except RuntimeError as e:

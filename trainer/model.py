@@ -19,7 +19,7 @@ Three things differ from transformers' code without changing the maths:
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -45,7 +45,6 @@ class ModelConfig:
     attn_pdrop: float = 0.0
     resid_pdrop: float = 0.0
     init_std: float = 0.02
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.intermediate_size == 0:
