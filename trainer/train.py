@@ -196,6 +196,179 @@ def _batches(loader: DataLoader, states: dict[int, dict[str, Any]]) -> Iterator[
         yield windows
 
 
+@dataclass
+class Run:
+    """What one training run carries from step to step (the loop's state, in one place)."""
+
+    cfg: TrainConfig
+    data: str
+    out: Path
+    dd: Dist
+    device: torch.device
+    src: TokenSource
+    mcfg: ModelConfig
+    ev: dict[str, Any]  # the reference eval set: ids, tokens, sha256, origin
+    raw_model: Phi
+    optimizer: torch.optim.Optimizer
+    use_bf16: bool
+    step: int = 0
+    tokens_seen: int = 0
+    loader_states: dict[int, dict[str, Any]] = field(default_factory=dict)
+    batches_done: int = 0
+    resumed: bool = False
+
+    @property
+    def fused_loss(self) -> bool:
+        # The chunked fused loss computes its gradients in fp32; under bf16 autocast the plain
+        # loss (fused by torch.compile) is the better choice.
+        return not self.use_bf16
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.use_bf16:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+
+def setup(cfg: TrainConfig, data: str, out: Path) -> Run:
+    """The data, the reference eval set, the model and its optimizer."""
+    dd, device = setup_distributed()
+    t = cfg.train
+    out.mkdir(parents=True, exist_ok=True)
+    src = open_source(data, cfg.data.encoding)
+    mcfg = ModelConfig(**cfg.model.model_dump(), vocab_size=padded_vocab(src.n_vocab))
+    ev = reference_eval(src, cfg, out, dd.master)
+    torch.manual_seed(t.seed + dd.rank)
+    raw_model = Phi(mcfg).to(device)
+    use_bf16 = t.dtype == "bfloat16" or (t.dtype == "auto" and device.type == "cuda")
+    optimizer = torch.optim.AdamW(
+        raw_model.optim_groups(t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), fused=True
+    )
+    return Run(cfg, data, out, dd, device, src, mcfg, ev, raw_model, optimizer, use_bf16)
+
+
+def resume(run: Run, log: Callable[[str], None]) -> None:
+    """Continue from OUT/latest when it exists: weights, optimizer, step, loader, RNG."""
+    path = run.out / "latest"
+    if not path.exists():
+        return
+    _check_resume(checkpoint.read_meta(path), run.mcfg, run.cfg, run.dd, path)
+    state, _ = checkpoint.load_model_state(path)
+    run.raw_model.load_state_dict(state)
+    ts = checkpoint.load_train_state(path)
+    run.optimizer.load_state_dict(ts["optimizer"])
+    run.step, run.tokens_seen = ts["step"], ts["tokens_seen"]
+    run.loader_states = {int(k): v for k, v in ts["loader"]["streams"].items()}
+    run.batches_done = ts["loader"]["batches"]
+    torch.set_rng_state(ts["rng"][run.dd.rank])
+    run.resumed = True
+    log(f"resumed from {path} at step {run.step}")
+
+
+def wrap(run: Run) -> Any:
+    """The model the steps call: compiled and/or wrapped in DDP as the config asks."""
+    model: Any = run.raw_model
+    if run.cfg.train.compile:
+        model = torch.compile(model)
+    if run.dd.world > 1:
+        ids = [run.dd.local_rank] if run.device.type == "cuda" else None
+        model = DDP(model, device_ids=ids)
+    return model
+
+
+def make_loader(run: Run) -> DataLoader:
+    """Windows of the token shards, continuing where a resumed run's loader stopped."""
+    t, n_workers = run.cfg.train, run.cfg.data.num_workers
+    dataset = TokenWindows(
+        run.src,
+        t.seq_len,
+        seed=t.seed,
+        rank=run.dd.rank,
+        world_size=run.dd.world,
+        shuffle_block=run.cfg.data.shuffle_block,
+        exclude=run.ev["ids"],
+        states=run.loader_states,
+        worker_offset=run.batches_done % max(1, n_workers),
+    )
+    return DataLoader(
+        dataset,
+        batch_size=t.batch_size,
+        num_workers=n_workers,
+        collate_fn=collate,
+        pin_memory=run.device.type == "cuda",
+        prefetch_factor=4 if n_workers else None,
+    )
+
+
+def train_step(run: Run, model: Any, batches: Iterator[torch.Tensor], lr: float) -> Any:
+    """One optimizer step over `grad_accum` micro-batches; returns the summed loss (a tensor on
+    the device: reading it would wait for the GPU, so only the steps that log do)."""
+    t = run.cfg.train
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    loss_sum: Any = 0.0
+    for micro in range(t.grad_accum):
+        w = next(batches).to(run.device, non_blocking=True)
+        run.batches_done += 1
+        sync = micro == t.grad_accum - 1 or run.dd.world == 1
+        ctx = model.no_sync() if not sync else contextlib.nullcontext()
+        with ctx, run.autocast():
+            loss = model(w[:, :-1], w[:, 1:], fused_loss=run.fused_loss) / t.grad_accum
+        loss.backward()
+        loss_sum += loss.detach()
+    if t.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.step += 1
+    run.tokens_seen += t.batch_size * t.seq_len * t.grad_accum * run.dd.world
+    return loss_sum
+
+
+def evaluate(run: Run, windows: torch.Tensor) -> float:
+    """Mean loss on the reference eval set."""
+    bs = run.cfg.train.batch_size
+    run.raw_model.eval()
+    total, n = 0.0, 0
+    with torch.no_grad(), run.autocast():
+        for i in range(0, windows.shape[0], bs):
+            w = windows[i : i + bs].to(run.device)
+            total += float(run.raw_model(w[:, :-1], w[:, 1:], fused_loss=run.fused_loss)) * len(w)
+            n += w.shape[0]
+    run.raw_model.train()
+    return total / n
+
+
+def save(run: Run, metrics: Metrics, log: Callable[[str], None]) -> Path | None:
+    """A checkpoint with the loader's position and every rank's RNG (written by rank 0)."""
+    streams = _gather(run.loader_states, run.dd)
+    rng = _gather_list(torch.get_rng_state(), run.dd)
+    if not run.dd.master:
+        return None
+    ts = {
+        "optimizer": run.optimizer.state_dict(),
+        "step": run.step,
+        "tokens_seen": run.tokens_seen,
+        "loader": {"streams": streams, "batches": run.batches_done},
+        "rng": rng,
+    }
+    meta = {
+        "model": run.mcfg.to_dict(),
+        "config": run.cfg.model_dump(),
+        "data": run.data,
+        "encoding": run.src.encoding,
+        "n_vocab": run.src.n_vocab,
+        "eot_token": run.src.eot_token,
+        "world_size": run.dd.world,
+        "num_workers": run.cfg.data.num_workers,
+        "tokens_seen": run.tokens_seen,
+        "eval_sha256": run.ev["sha256"],
+    }
+    path = checkpoint.save(run.out, run.step, run.raw_model.state_dict(), ts, meta)
+    metrics.plot()
+    log(f"checkpoint {path}")
+    return path
+
+
 def train(
     cfg: TrainConfig,
     data: str,
@@ -206,174 +379,61 @@ def train(
 ) -> dict[str, Any]:
     """Train (or resume from OUT/latest) until train.max_steps, or `stop_after` steps, or
     SIGTERM; returns a summary (steps, last losses, checkpoint path)."""
-    dd, device = setup_distributed()
     t = cfg.train
-    out.mkdir(parents=True, exist_ok=True)
-    src = open_source(data, cfg.data.encoding)
-    mcfg = ModelConfig(**cfg.model.model_dump(), vocab_size=padded_vocab(src.n_vocab))
-    ev = reference_eval(src, cfg, out, dd.master)
-    ev_windows = eval_windows(ev["tokens"], t.seq_len, t.eval_batches * t.batch_size)
-
-    torch.manual_seed(t.seed + dd.rank)
-    raw_model = Phi(mcfg).to(device)
-    use_bf16 = t.dtype == "bfloat16" or (t.dtype == "auto" and device.type == "cuda")
-    # The chunked fused loss computes its gradients in fp32; under bf16 autocast the plain loss
-    # (fused by torch.compile) is the better choice.
-    fused_loss = not use_bf16
-    optimizer = torch.optim.AdamW(
-        raw_model.optim_groups(t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), fused=True
-    )
-
-    step, tokens_seen, loader_states, batches_done = 0, 0, {}, 0
-    resume_from = out / "latest"
-    if resume_from.exists():
-        meta = checkpoint.read_meta(resume_from)
-        _check_resume(meta, mcfg, cfg, dd, resume_from)
-        state, _ = checkpoint.load_model_state(resume_from)
-        raw_model.load_state_dict(state)
-        ts = checkpoint.load_train_state(resume_from)
-        optimizer.load_state_dict(ts["optimizer"])
-        step, tokens_seen = ts["step"], ts["tokens_seen"]
-        loader_states = {int(k): v for k, v in ts["loader"]["streams"].items()}
-        batches_done = ts["loader"]["batches"]
-        torch.set_rng_state(ts["rng"][dd.rank])
-        log(f"resumed from {resume_from} at step {step}")
-
-    metrics = Metrics(out, dd.master, step if resume_from.exists() else None)
+    run = setup(cfg, data, out)
+    ev_windows = eval_windows(run.ev["tokens"], t.seq_len, t.eval_batches * t.batch_size)
+    resume(run, log)
+    dd = run.dd
+    metrics = Metrics(out, dd.master, run.step if run.resumed else None)
     if dd.master:
-        _write_run_info(out, cfg, data, src, mcfg, ev, dd)
-
-    model: Any = raw_model
-    if t.compile:
-        model = torch.compile(model)
-    if dd.world > 1:
-        model = DDP(model, device_ids=[dd.local_rank] if device.type == "cuda" else None)
-
-    n_workers = cfg.data.num_workers
-    dataset = TokenWindows(
-        src,
-        t.seq_len,
-        seed=t.seed,
-        rank=dd.rank,
-        world_size=dd.world,
-        shuffle_block=cfg.data.shuffle_block,
-        exclude=ev["ids"],
-        states=loader_states,
-        worker_offset=batches_done % max(1, n_workers),
-    )
-    loader = DataLoader(
-        dataset,
-        batch_size=t.batch_size,
-        num_workers=n_workers,
-        collate_fn=collate,
-        pin_memory=device.type == "cuda",
-        prefetch_factor=4 if n_workers else None,
-    )
-    batches = _batches(loader, loader_states)
+        _write_run_info(out, cfg, data, run.src, run.mcfg, run.ev, dd)
+    model = wrap(run)
+    loader = make_loader(run)
+    batches = _batches(loader, run.loader_states)
 
     stop = {"flag": False}
     # Signal handlers can only be set from the main thread (a Prefect task may run elsewhere).
     main_thread = threading.current_thread() is threading.main_thread()
     if main_thread:
         old_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
-    peak = device_peak(device)
-    flops_tok = raw_model.flops_per_token(t.seq_len)
+    peak = device_peak(run.device)
+    flops_tok = run.raw_model.flops_per_token(t.seq_len)
     tokens_per_step = t.batch_size * t.seq_len * t.grad_accum * dd.world
-    autocast = (
-        torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
-    )
-    end = t.max_steps if stop_after is None else min(t.max_steps, step + stop_after)
+    end = t.max_steps if stop_after is None else min(t.max_steps, run.step + stop_after)
     last_ckpt: Path | None = None
     losses: list[float] = []
-    t0 = time.perf_counter()
-    steps_timed = 0
-
-    def evaluate() -> float:
-        raw_model.eval()
-        total, n = 0.0, 0
-        with torch.no_grad(), autocast:
-            for i in range(0, ev_windows.shape[0], t.batch_size):
-                w = ev_windows[i : i + t.batch_size].to(device)
-                total += float(raw_model(w[:, :-1], w[:, 1:], fused_loss=fused_loss)) * w.shape[0]
-                n += w.shape[0]
-        raw_model.train()
-        return total / n
-
-    def save() -> Path | None:
-        streams = _gather(loader_states, dd)
-        rng = _gather_list(torch.get_rng_state(), dd)
-        if not dd.master:
-            return None
-        ts = {
-            "optimizer": optimizer.state_dict(),
-            "step": step,
-            "tokens_seen": tokens_seen,
-            "loader": {"streams": streams, "batches": batches_done},
-            "rng": rng,
-        }
-        meta = {
-            "model": mcfg.to_dict(),
-            "config": cfg.model_dump(),
-            "data": data,
-            "encoding": src.encoding,
-            "n_vocab": src.n_vocab,
-            "eot_token": src.eot_token,
-            "world_size": dd.world,
-            "num_workers": n_workers,
-            "tokens_seen": tokens_seen,
-            "eval_sha256": ev["sha256"],
-        }
-        path = checkpoint.save(out, step, raw_model.state_dict(), ts, meta)
-        metrics.plot()
-        log(f"checkpoint {path}")
-        return path
+    t0, steps_timed = time.perf_counter(), 0
 
     model.train()
     try:
-        while step < end:
-            lr = lr_at(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss_sum = 0.0
-            for micro in range(t.grad_accum):
-                w = next(batches).to(device, non_blocking=True)
-                batches_done += 1
-                sync = micro == t.grad_accum - 1 or dd.world == 1
-                ctx = model.no_sync() if not sync else contextlib.nullcontext()
-                with ctx, autocast:
-                    loss = model(w[:, :-1], w[:, 1:], fused_loss=fused_loss) / t.grad_accum
-                loss.backward()
-                loss_sum += loss.detach()
-            if t.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            steps_timed += 1
-            tokens_seen += tokens_per_step
+        while run.step < end:
+            lr = lr_at(run.step, cfg)
+            loss_sum = train_step(run, model, batches, lr)
+            step, steps_timed = run.step, steps_timed + 1
             if step % t.log_every == 0 or step == end:
                 loss_val = _mean(float(loss_sum), dd)
                 losses.append(loss_val)
-                dt = time.perf_counter() - t0
-                tps = tokens_per_step * steps_timed / dt
+                tps = tokens_per_step * steps_timed / (time.perf_counter() - t0)
                 mfu = flops_tok * tps / (peak * dd.world) if peak else None
                 metrics.log(
-                    {"kind": "train", "step": step, "tokens": tokens_seen, "loss": loss_val,
+                    {"kind": "train", "step": step, "tokens": run.tokens_seen, "loss": loss_val,
                      "lr": lr, "tok_per_s": tps, "mfu": mfu}
                 )  # fmt: skip
                 mfu_s = f" | mfu {100 * mfu:.1f}%" if mfu is not None else ""
                 log(f"step {step} | loss {loss_val:.4f} | lr {lr:.2e} | {tps:,.0f} tok/s{mfu_s}")
                 t0, steps_timed = time.perf_counter(), 0
             if (t.eval_every and step % t.eval_every == 0) or step == end:
-                el = evaluate()
-                metrics.log({"kind": "eval", "step": step, "tokens": tokens_seen, "eval_loss": el})
+                el = evaluate(run, ev_windows)
+                metrics.log(
+                    {"kind": "eval", "step": step, "tokens": run.tokens_seen, "eval_loss": el}
+                )
                 log(f"step {step} | eval loss {el:.4f}")
             if _any(stop["flag"], dd):
                 log(f"SIGTERM: checkpointing at step {step}")
-                last_ckpt = save()
+                last_ckpt = save(run, metrics, log)
                 break
             if (t.ckpt_every and step % t.ckpt_every == 0) or step == end:
-                last_ckpt = save()
+                last_ckpt = save(run, metrics, log)
             if steps_timed == 0:  # eval and checkpoints do not count against tokens/s
                 t0 = time.perf_counter()
     finally:
@@ -382,8 +442,8 @@ def train(
         del batches, loader
         free_workspace()
     return {
-        "step": step,
-        "tokens_seen": tokens_seen,
+        "step": run.step,
+        "tokens_seen": run.tokens_seen,
         "losses": losses,
         "checkpoint": str(last_ckpt) if last_ckpt else None,
         "interrupted": stop["flag"],
