@@ -110,7 +110,7 @@ def run(
 ) -> None:
     """Run the nightly flow once: plan, generate, filter, write a dataset version."""
     configure_prefect(quiet=not verbose)
-    from booksmith.generation import progress
+    from booksmith.generation import preflight, progress
     from booksmith.generation.breaker import EndpointFailing
     from booksmith.generation.seeds import load_seeds
     from booksmith.shards.version import read_manifest
@@ -119,6 +119,7 @@ def run(
         # Validate before starting Prefect, so bad input fails fast and writes nothing.
         cfg = _run_config(config, topics, out, limit, seed)
         load_seeds(cfg.topics)
+        preflight.check(cfg)  # every problem at once, in seconds, before Prefect starts
         from booksmith.flows.nightly import nightly
         from booksmith.flows.runners import with_runner
 

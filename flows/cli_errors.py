@@ -23,7 +23,9 @@ def one_line(e: BaseException) -> str:
 
 
 def fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
-    console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+    """One line per problem (preflight reports all it found at once), then exit `code`."""
+    for line in message.splitlines() or [""]:
+        console.print(f"[red]error:[/red] {escape(line)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -33,6 +35,7 @@ def user_errors(*extra: type[BaseException]) -> tuple[type[BaseException], ...]:
     from booksmith.filters.dedup import DedupIndexError
     from booksmith.filters.inputs import InputError
     from booksmith.generation.backends import BackendError
+    from booksmith.generation.preflight import PreflightFailed
     from booksmith.generation.seeds import SeedFileError
     from booksmith.prompts import PromptError
     from booksmith.schemas.config import ConfigError
@@ -44,9 +47,10 @@ def user_errors(*extra: type[BaseException]) -> tuple[type[BaseException], ...]:
     from booksmith.trainer.data import DataError
 
     errors: tuple[type[BaseException], ...] = (
-        ConfigError, SeedFileError, PromptError, BackendError, FilterError, InputError,
-        ManifestError, DedupIndexError, EncodingUnavailable, ExportError, CheckpointError,
-        DataError, FileNotFoundError, NotADirectoryError, PermissionError, *extra,
+        ConfigError, SeedFileError, PromptError, BackendError, PreflightFailed, FilterError,
+        InputError, ManifestError, DedupIndexError, EncodingUnavailable, ExportError,
+        CheckpointError, DataError, FileNotFoundError, NotADirectoryError, PermissionError,
+        *extra,
     )  # fmt: skip
     try:  # S3 errors (credentials, endpoint, bucket): botocore is there when S3 is
         from botocore.exceptions import BotoCoreError, ClientError

@@ -35,7 +35,7 @@ from booksmith.filters.retrain import MODEL_DIR, retrain_due, run_annotate, run_
 from booksmith.flows.export import export_version
 from booksmith.flows.report import render_report
 from booksmith.flows.runners import dask_client
-from booksmith.generation import progress
+from booksmith.generation import preflight, progress
 from booksmith.generation.backends import open_endpoints
 from booksmith.generation.cache import ResponseCache
 from booksmith.generation.client import Endpoint, GenerationReport
@@ -252,6 +252,7 @@ def nightly(
 ) -> str:
     """Generate one dataset version; returns its directory."""
     cfg = resolve_config(config, topics, out, limit, seed)
+    preflight.check(cfg)  # in seconds, before anything is planned or spent
     # A scheduled run's date is its scheduled time (a late start still plans its own night).
     started = flow_run.scheduled_start_time or datetime.now(UTC)
     run_seed = cfg.seed if cfg.seed is not None else seed_for(started.astimezone(UTC).date())

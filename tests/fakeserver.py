@@ -86,6 +86,10 @@ class FaultConfig:
     # The endpoint goes down: every request after this many answers a server error, retries
     # included (the circuit breaker's tests).
     fail_after: int | None = None
+    # A server that wants a key: /v1/* without `Authorization: Bearer <api_key>` is a 401.
+    api_key: str | None = None
+    # The model names /v1/models lists (None: the server's own, `--model` or fake-model).
+    models: list[str] | None = None
 
     def __post_init__(self) -> None:
         total = sum(getattr(self, kind) for kind in FAULT_KINDS)
@@ -345,7 +349,7 @@ class FakeApp:
 
     def __init__(self, faults: FaultConfig | None = None, *, models: list[str] | None) -> None:
         self.faults = faults or FaultConfig()
-        self.models = models or [DEFAULT_MODEL]
+        self.models = self.faults.models or models or [DEFAULT_MODEL]
         self.stats = Stats()
 
     def control(self, method: str, path: str) -> tuple[int, bytes]:
@@ -369,6 +373,13 @@ class FakeApp:
         if scope["type"] != "http":
             return
         method, path = scope["method"], scope["path"]
+        key = self.faults.api_key
+        if key and path.startswith("/v1/"):
+            given = dict(scope.get("headers") or []).get(b"authorization", b"").decode()
+            if given != f"Bearer {key}":
+                body = _error("Incorrect API key provided (fake).", "invalid_api_key")
+                await _respond(send, 401, body)
+                return
         if path == "/v1/chat/completions" and method == "POST":
             await self._chat(receive, send)
         else:
