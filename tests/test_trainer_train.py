@@ -239,3 +239,36 @@ def test_prefect_train_flow(prefect_api: None, dataset: Path, tmp_path: Path) ->
     result = train_flow(data=str(dataset), config=str(cfg), out=str(tmp_path / "flow"), max_steps=5)
     assert result["step"] == 5
     assert (tmp_path / "flow" / "latest" / "model.pt").is_file()
+
+
+def test_bf16_autocast_on_cpu_trains_close_to_fp32(dataset: Path, tmp_path: Path) -> None:
+    """dtype: bfloat16 runs the matmuls in bf16 (so the losses differ from fp32's, a little)
+    and still learns."""
+    fp32 = _train_losses_of(_cfg(max_steps=6, dtype="float32"), dataset, tmp_path / "fp32")
+    bf16 = _train_losses_of(_cfg(max_steps=6, dtype="bfloat16"), dataset, tmp_path / "bf16")
+    assert fp32.keys() == bf16.keys()
+    assert any(abs(bf16[s] - fp32[s]) > 1e-4 for s in fp32)  # autocast did change the math
+    assert all(abs(bf16[s] - fp32[s]) < 0.05 * fp32[s] for s in fp32)
+
+
+@pytest.mark.slow
+def test_torch_compile_on_cpu_matches_eager(dataset: Path, tmp_path: Path) -> None:
+    """compile: true runs the model through torch.compile (inductor, C++ on CPU) to the same
+    losses as eager mode."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    eager = _train_losses_of(_cfg(max_steps=4, dtype="float32"), dataset, tmp_path / "eager")
+    torch._dynamo.utils.counters.clear()
+    compiled = _train_losses_of(
+        _cfg(max_steps=4, dtype="float32", compile=True), dataset, tmp_path / "compiled"
+    )
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # it was compiled
+    assert compiled.keys() == eager.keys()
+    for step, loss in eager.items():
+        assert compiled[step] == pytest.approx(loss, rel=1e-3), step
+
+
+def _train_losses_of(cfg: TrainConfig, dataset: Path, out: Path) -> dict[int, float]:
+    train(cfg, str(dataset), out, log=_quiet)
+    return _train_losses(out)
