@@ -44,13 +44,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from booksmith.filters.base import run_chain
 from booksmith.filters.benchmarks import BenchmarkItem, load_benchmark
 from booksmith.filters.chain import build_chain
 from booksmith.filters.decontam import BenchmarkIndex
 from booksmith.filters.fasttext_model import bundled_lid176
 from booksmith.filters.quality import train
 from booksmith.filters.records_io import read_labelled
-from booksmith.filters.scored import run_detailed
 from booksmith.schemas import Document
 from booksmith.schemas.filter_settings import FilterSettings
 from booksmith.schemas.records import sha256_hex
@@ -150,7 +150,7 @@ def quiet_stderr() -> Iterator[None]:
 def run_booksmith(docs: list[Document], chain: list[Any]) -> tuple[float, dict[str, int]]:
     gc.collect()
     start = time.perf_counter()
-    result = run_detailed(docs, chain)
+    result = run_chain(docs, chain)
     elapsed = time.perf_counter() - start
     return elapsed, dict(Counter(r.reason.split(":")[0] for r in result.rejected))
 

@@ -11,9 +11,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from booksmith.filters.base import ChainResult
 from booksmith.filters.inputs import iter_tables
 from booksmith.filters.quality import Labelled
-from booksmith.filters.scored import DetailedChainResult
 from booksmith.schemas import Document, Rejected
 from booksmith.schemas.arrow import to_table
 from booksmith.schemas.filter_settings import FilterError
@@ -43,12 +43,12 @@ def read_labelled(path: Path) -> tuple[list[Labelled], int]:
     return out, skipped
 
 
-def rejected_table(result: DetailedChainResult) -> pa.Table:
+def rejected_table(result: ChainResult) -> pa.Table:
     """The Rejected columns, `detail` included (JSON: the figures that decided each one)."""
     return to_table(result.rejected, Rejected)
 
 
-def write_outputs(out: Path, result: DetailedChainResult) -> dict[str, Any]:
+def write_outputs(out: Path, result: ChainResult) -> dict[str, Any]:
     """DIR/kept.parquet, DIR/rejected.parquet and DIR/counts.json; returns the counts."""
     with OutputWriter(out) as writer:
         writer.add(result)
@@ -69,7 +69,7 @@ class OutputWriter:
         self.per_filter: dict[str, dict[str, int]] = {}
         self.n_kept = self.n_rejected = 0
 
-    def add(self, result: DetailedChainResult, docs: list[Document] | None = None) -> None:
+    def add(self, result: ChainResult, docs: list[Document] | None = None) -> None:
         """One batch's result; with the batch's `docs`, rejections are written in input order
         (else filter by filter), so the output does not depend on the batch size."""
         if docs is not None:
@@ -79,11 +79,10 @@ class OutputWriter:
             order = sorted(
                 range(len(result.rejected)), key=lambda k: position[result.rejected[k].id]
             )
-            result = DetailedChainResult(
+            result = ChainResult(
                 kept=result.kept,
                 rejected=[result.rejected[k] for k in order],
                 counts=result.counts,
-                details=[result.details[k] for k in order] if result.details else [],
             )
         self.kept.write(result.kept)
         table = rejected_table(result)
@@ -101,7 +100,7 @@ class OutputWriter:
 
     def close(self) -> dict[str, Any]:
         if self.rejected is None:
-            self.add(DetailedChainResult(kept=[], rejected=[], counts={}))
+            self.add(ChainResult(kept=[], rejected=[], counts={}))
         assert self.rejected is not None
         self.kept.close()
         self.rejected.close()

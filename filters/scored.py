@@ -1,9 +1,10 @@
 """A StageOutput that also keeps, for each rejected document, the figures that decided it.
 
-`Rejected` carries `reason` only; the measured value, its threshold, a matched benchmark span
-and so on go into `details` (parallel to `rejected`), which the CLI writes as the JSON column
-`detail` of rejected.parquet. Scores that are Document columns (`lang_score`, `quality_score`)
-are set on the document itself before it is rejected.
+The measured value, its threshold, a matched benchmark span and so on go into each rejected
+record's `detail` (JSON, the column of rejected.parquet), and into `details` (parallel to
+`rejected`, for tests and callers that want the figures unparsed). Scores that are Document
+columns (`lang_score`, `quality_score`) are set on the document itself before it is rejected.
+One runner, `filters.base.run_chain`, serves every caller.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from booksmith.filters.base import ChainResult, Filter, StageOutput
-from booksmith.schemas import Document, Rejected
+from booksmith.filters.base import StageOutput
+from booksmith.schemas import Document
 
 
 @dataclass
@@ -54,25 +55,3 @@ class RuleFilter:
             else:
                 out.reject(doc, broken[0], detail=broken[1])
         return out
-
-
-@dataclass
-class DetailedChainResult(ChainResult):
-    details: list[str | None] = field(default_factory=list)  # JSON, parallel to `rejected`
-
-
-def run_detailed(docs: Sequence[Document], filters: Sequence[Filter]) -> DetailedChainResult:
-    """`run_chain`, keeping each rejection's detail (filters without details give None)."""
-    kept = list(docs)
-    rejected: list[Rejected] = []
-    details: list[str | None] = []
-    counts: dict[str, dict[str, int]] = {}
-    for f in filters:
-        out = f.run(kept)
-        counts[f.name] = {"input": len(kept), "kept": len(out.kept), **out.counts}
-        assert len(out.kept) + len(out.rejected) == len(kept), f"{f.name} lost documents"
-        extra = out.details if isinstance(out, ScoredOutput) else [None] * len(out.rejected)
-        kept = out.kept
-        rejected.extend(out.rejected)
-        details.extend(json.dumps(d, ensure_ascii=False) if d is not None else None for d in extra)
-    return DetailedChainResult(kept=kept, rejected=rejected, counts=counts, details=details)

@@ -113,10 +113,10 @@ def filter_command(
     langid: Annotated[bool, typer.Option(help="Run language id.")] = True,
 ) -> None:
     """Run the quality filter chain alone and write kept and rejected records with reasons."""
+    from booksmith.filters.base import run_chain
     from booksmith.filters.chain import build_chain
     from booksmith.filters.inputs import iter_documents
     from booksmith.filters.records_io import OutputWriter
-    from booksmith.filters.scored import run_detailed
     from booksmith.shards.version import is_dataset, state_dir
 
     try:
@@ -142,7 +142,7 @@ def filter_command(
         chain = build_chain(fs, state=state)
         with OutputWriter(out) as writer:  # a batch of documents at a time
             for docs in iter_documents(input, cfg.output.encoding):
-                writer.add(run_detailed(docs, chain), docs)
+                writer.add(run_chain(docs, chain), docs)
             counts = writer.close()
     except user_errors() as e:
         fail(str(e))

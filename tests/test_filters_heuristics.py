@@ -15,7 +15,6 @@ from booksmith.filters.generation_artifacts import GenerationArtifactFilter
 from booksmith.filters.gopher_quality import GopherQualityFilter
 from booksmith.filters.gopher_repetition import GopherRepetitionFilter
 from booksmith.filters.lines import LineFilter
-from booksmith.filters.scored import run_detailed
 from booksmith.schemas.filter_settings import (
     ArtifactSettings,
     FilterError,
@@ -214,9 +213,10 @@ def test_five_megabyte_document_is_rejected_quickly_by_word_count() -> None:
     settings.langid.enabled = False
     doc = make_doc("placeholder")
     doc = doc.model_copy(update={"text": text, "n_tokens": 1_000_000})
-    result = run_detailed([doc], build_chain(settings))
+    result = run_chain([doc], build_chain(settings))
     assert [r.reason for r in result.rejected] == ["quality_rule:too_many_words"]
-    assert result.details[0] is not None and '"max": 100000' in result.details[0]
+    detail = result.rejected[0].detail
+    assert detail is not None and '"max": 100000' in detail
 
 
 def test_filters_report_details_parallel_to_rejections() -> None:
