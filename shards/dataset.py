@@ -11,6 +11,7 @@ import shutil
 import subprocess
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from functools import cache
 from importlib import metadata
 from pathlib import Path
@@ -261,49 +262,57 @@ class SingleFileWriter:
         self.tmp.unlink(missing_ok=True)
 
 
-def write_version(
-    root: Path,
-    *,
-    run_id: str,
-    plan: Sequence[GenerationRequest],
-    kept: Sequence[Document],
-    rejected: Sequence[Rejected],
-    failures: Sequence[GenerationResult],
-    shard_rows: int | None,
-    encoding: str,
-    config: dict[str, Any],
-    config_hash: str,
-    counts: Counts | None = None,
-    shard_bytes: int | None = DEFAULT_SHARD_BYTES,
-    encodings: Sequence[EncodingSpec | str] = (),
-    pack_seq_len: int | None = None,
-    num_threads: int | None = None,
-    card: dict[str, Any] | None = None,
-) -> Manifest:
-    """Write every file of a version held in memory, then its card and manifest; returns the
-    manifest (a streaming run uses `VersionWriter` directly).
+@dataclass
+class InMemoryVersion:
+    """A whole version's records held in memory (small tools and tests; a run streams through
+    VersionWriter instead)."""
 
-    Token shards are written for `encoding` (the primary one, that `n_tokens` counts in) and
-    for each of `encodings`; `pack_seq_len` adds packed rows of that length + 1 for each.
-    `card` holds the dataset card's `license`, `language` and `pretty_name`."""
-    writer = VersionWriter(root, shard_rows=shard_rows, shard_bytes=shard_bytes)
+    run_id: str
+    kept: Sequence[Document]
+    rejected: Sequence[Rejected] = ()
+    plan: Sequence[GenerationRequest] = ()
+    failures: Sequence[GenerationResult] = ()
+    encoding: str = "cl100k_base"  # the primary one, that `n_tokens` counts in
+    encodings: Sequence[EncodingSpec | str] = ()  # token shards in these too
+    config: dict[str, Any] = field(default_factory=dict)
+    config_hash: str = ""
+    counts: Counts = field(default_factory=Counts)
+    card: dict[str, Any] | None = None  # the dataset card's license, language, pretty_name
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """How the files are cut: rows or bytes per shard, packed rows of `pack_seq_len` + 1."""
+
+    shard_rows: int | None = None
+    shard_bytes: int | None = DEFAULT_SHARD_BYTES
+    pack_seq_len: int | None = None
+    num_threads: int | None = None
+
+
+def write_version(
+    root: Path, version: InMemoryVersion, layout: ShardLayout | None = None
+) -> Manifest:
+    """Write every file of `version`, then its card and manifest; returns the manifest."""
+    v, layout = version, layout or ShardLayout()
+    writer = VersionWriter(root, shard_rows=layout.shard_rows, shard_bytes=layout.shard_bytes)
     try:
-        for start in range(0, max(len(kept), len(rejected), len(plan)), ROW_GROUP_ROWS):
+        for start in range(0, max(len(v.kept), len(v.rejected), len(v.plan)), ROW_GROUP_ROWS):
             end = start + ROW_GROUP_ROWS
-            if kept[start:end]:
-                writer.add_kept(to_table(kept[start:end], Document))
-            if rejected[start:end]:
-                writer.add_rejected(to_table(rejected[start:end], Rejected))
-            writer.plan.write(plan[start:end])
-        writer.failures.write(failures)
-        writer.write_tokens(encoding, encodings, pack_seq_len, num_threads)
+            if v.kept[start:end]:
+                writer.add_kept(to_table(v.kept[start:end], Document))
+            if v.rejected[start:end]:
+                writer.add_rejected(to_table(v.rejected[start:end], Rejected))
+            writer.plan.write(v.plan[start:end])
+        writer.failures.write(v.failures)
+        writer.write_tokens(v.encoding, v.encodings, layout.pack_seq_len, layout.num_threads)
         return writer.finish(
-            run_id=run_id,
-            encoding=encoding,
-            config=config,
-            config_hash=config_hash,
-            counts=counts or Counts(),
-            card=card,
+            run_id=v.run_id,
+            encoding=v.encoding,
+            config=v.config,
+            config_hash=v.config_hash,
+            counts=v.counts,
+            card=v.card,
         )
     except BaseException:
         writer.abort()

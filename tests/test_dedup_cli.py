@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from booksmith.filters import inputs
 from booksmith.flows.cli_dedup import app
 from booksmith.schemas import Rejected
-from booksmith.shards.dataset import write_version
+from booksmith.shards.dataset import InMemoryVersion, ShardLayout, write_version
 from tests.dedup_corpus import make_corpus
 from tests.test_dedup_core import doc
 from tests.test_dedup_index import redis_url  # noqa: F401  (module fixture: a redis-server)
@@ -98,18 +98,7 @@ def test_dedup_against_redis(tmp_path: Path, redis_url: str) -> None:  # noqa: F
 def test_dedup_a_dataset_version(tmp_path: Path) -> None:
     docs = [doc("d1", T[0], 0.3), doc("d2", T[0] + " more", 0.9), doc("d3", T[6])]
     version = tmp_path / "20260101T000000Z"
-    write_version(
-        version,
-        run_id=version.name,
-        plan=[],
-        kept=docs,
-        rejected=[],
-        failures=[],
-        shard_rows=2,
-        encoding="cl100k_base",
-        config={},
-        config_hash="x",
-    )
+    write_version(version, InMemoryVersion(version.name, docs), ShardLayout(shard_rows=2))
     result = runner.invoke(app, ["dedup", str(version), "--out", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
     kept = pq.read_table(tmp_path / "out" / "kept.parquet")

@@ -251,20 +251,9 @@ def test_file_index_with_a_million_entries_loads(tmp_path: Path) -> None:
 
 
 def _write_version(out: Path, run_id: str, docs: list) -> Path:
-    from booksmith.shards.dataset import write_version
+    from booksmith.shards.dataset import InMemoryVersion, ShardLayout, write_version
 
-    write_version(
-        out / run_id,
-        run_id=run_id,
-        plan=[],
-        kept=docs,
-        rejected=[],
-        failures=[],
-        shard_rows=1000,
-        encoding="cl100k_base",
-        config={},
-        config_hash="x",
-    )
+    write_version(out / run_id, InMemoryVersion(run_id, docs), ShardLayout(shard_rows=1000))
     return out / run_id
 
 

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from booksmith.filters.annotate import parse_score
 from booksmith.filters.retrain import retrain_due
 from booksmith.flows import cli_quality
-from booksmith.shards.dataset import write_version
+from booksmith.shards.dataset import InMemoryVersion, ShardLayout, write_version
 from tests.conftest import fake_backend_config
 from tests.fakeserver import FakeServer
 from tests.filters_helpers import LABELLED, MMLU, TEXTBOOK, make_doc
@@ -142,9 +142,7 @@ def test_filter_a_dataset_version_uses_its_trained_model(tmp_path: Path) -> None
     train(data, out_dir / "_state" / "quality")
     docs = [make_doc(TEXTBOOK, "a"), make_doc("Short.", "b")]
     version = out_dir / "20260101T000000Z"
-    write_version(version, run_id=version.name, plan=[], kept=docs, rejected=[], failures=[],
-                  shard_rows=100, encoding="cl100k_base", config={},
-                  config_hash="x")  # fmt: skip
+    write_version(version, InMemoryVersion(version.name, docs), ShardLayout(shard_rows=100))
     result = runner.invoke(app, ["filter", str(version), "--out", str(tmp_path / "f")])
     assert result.exit_code == 0, result.output
     kept = pq.read_table(tmp_path / "f" / "kept.parquet").to_pylist()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -16,10 +17,11 @@ from typer.testing import CliRunner
 
 from booksmith.flows.cli_shards import app
 from booksmith.schemas import Document, Rejected
+from booksmith.schemas.manifest import Counts, Manifest
 from booksmith.schemas.records import sha256_hex
 from booksmith.shards import dataset as dataset_mod
 from booksmith.shards.card import size_category
-from booksmith.shards.dataset import write_version
+from booksmith.shards.dataset import InMemoryVersion, ShardLayout, write_version
 from booksmith.shards.encodings import get_encoding
 from booksmith.shards.files import file_sha256
 from booksmith.shards.verify import verify
@@ -75,28 +77,23 @@ def make_rejected(docs: list[Document]) -> list[Rejected]:
 
 
 def make_version(
-    root: Path, n: int = 60, *, run_id: str | None = None, **kwargs: Any
-) -> dict[str, Any]:
+    root: Path,
+    n: int = 60,
+    *,
+    run_id: str | None = None,
+    encodings: Sequence[str] = (),
+    shard_rows: int | None = 25,
+    **layout: Any,
+) -> Manifest:
     run_id = run_id or root.name
     docs = make_docs(n, run_id=run_id, prefix=f"{run_id}-")
     rejected = make_rejected(make_docs(5, run_id=run_id, seed=1, prefix=f"{run_id}-rej-"))
-    defaults: dict[str, Any] = {
-        "shard_rows": 25,
-        "encoding": "cl100k_base",
-        "config": {"seed": 1},
-        "config_hash": "abc123",
-        "counts": {"filter": {"dedup": {"dedup_exact": 5}}, "kept": n, "rejected": 5},
-    }
-    defaults.update(kwargs)
-    return write_version(
-        root,
-        run_id=run_id,
-        plan=[],
-        kept=docs,
-        rejected=rejected,
-        failures=[],
-        **defaults,
-    )
+    counts = {"filter": {"dedup": {"dedup_exact": 5}}, "kept": n, "rejected": 5}
+    version = InMemoryVersion(
+        run_id, docs, rejected, encodings=encodings, config={"seed": 1}, config_hash="abc123",
+        counts=Counts.model_validate(counts),
+    )  # fmt: skip
+    return write_version(root, version, ShardLayout(shard_rows=shard_rows, **layout))
 
 
 @pytest.fixture
