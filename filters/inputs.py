@@ -21,7 +21,7 @@ from booksmith.schemas import Document, arrow_schema
 from booksmith.schemas.jsonl import iter_jsonl
 from booksmith.schemas.manifest import ManifestError
 from booksmith.schemas.records import sha256_hex
-from booksmith.shards.version import is_dataset, read_manifest
+from booksmith.shards.version_dir import is_dataset, read_manifest
 
 BATCH_ROWS = 10_000  # records a batch holds: what a pass over the input holds at once
 JSONL = (".jsonl", ".ndjson", ".json")

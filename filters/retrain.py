@@ -27,7 +27,7 @@ def settings_of(config: Path | RunConfig | None) -> tuple[RunConfig, FilterSetti
 
 def _state_for(path: Path, default_out: Path) -> Path:
     """`<out>/_state` of a dataset version (its parent's), else the configured output's."""
-    from booksmith.shards.version import is_dataset, state_dir
+    from booksmith.shards.version_dir import is_dataset, state_dir
 
     if path.is_dir() and is_dataset(path):
         return state_dir(path.parent)
@@ -111,7 +111,7 @@ def run_train(
     from booksmith.filters.annotate import RUBRIC
     from booksmith.filters.quality import train
     from booksmith.filters.records_io import read_labelled
-    from booksmith.shards.version import state_dir
+    from booksmith.shards.version_dir import state_dir
 
     cfg, fs = settings_of(config)
     state = state_dir(cfg.output.dir)

@@ -16,7 +16,7 @@ from rich.table import Table
 from rich.tree import Tree
 
 from booksmith.flows.cli_errors import EXIT_ENDPOINT_FAILING, fail, user_errors
-from booksmith.flows.runtime import configure_prefect
+from booksmith.flows.prefect_env import configure_prefect
 
 if TYPE_CHECKING:
     from booksmith.schemas.config import RunConfig
@@ -113,7 +113,7 @@ def run(
     from booksmith.generation import preflight, progress
     from booksmith.generation.breaker import EndpointFailing
     from booksmith.generation.seeds import load_seeds
-    from booksmith.shards.version import read_manifest
+    from booksmith.shards.version_dir import read_manifest
 
     try:
         # Validate before starting Prefect, so bad input fails fast and writes nothing.
@@ -121,7 +121,7 @@ def run(
         load_seeds(cfg.topics)
         preflight.check(cfg)  # every problem at once, in seconds, before Prefect starts
         from booksmith.flows.nightly import nightly
-        from booksmith.flows.runners import with_runner
+        from booksmith.flows.task_runners import with_runner
 
         if not verbose:  # the CLI says why a run failed, in one line: no traceback from Prefect
             for name in ("prefect.flow_runs", "prefect.task_runs"):
@@ -234,7 +234,7 @@ def report(
 ) -> None:
     """Print a dataset version's counts and diversity, and write report/ (markdown and plots)."""
     from booksmith.flows.report import render_report
-    from booksmith.shards.version import read_manifest
+    from booksmith.shards.version_dir import read_manifest
 
     try:
         manifest = read_manifest(dataset)
@@ -374,7 +374,7 @@ def batches_list(
     """Every batch file and job this output directory has made, with its state."""
     from booksmith.flows.nightly import resolve_config
     from booksmith.generation.batch import list_batches
-    from booksmith.shards.version import state_dir
+    from booksmith.shards.version_dir import state_dir
 
     try:
         cfg = resolve_config(str(config) if config else None, out=str(out) if out else None)

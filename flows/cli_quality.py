@@ -50,7 +50,7 @@ def annotate_command(
     max_tokens: Annotated[int | None, typer.Option(help="Judge reply cap.", min=1)] = None,
 ) -> None:
     """Score a sample of documents for educational value (0-5) with an LLM judge."""
-    from booksmith.flows.runtime import configure_prefect
+    from booksmith.flows.prefect_env import configure_prefect
 
     configure_prefect(quiet=True)
     try:
@@ -117,7 +117,7 @@ def filter_command(
     from booksmith.filters.chain import build_chain
     from booksmith.filters.inputs import iter_documents
     from booksmith.filters.records_io import OutputWriter
-    from booksmith.shards.version import is_dataset, state_dir
+    from booksmith.shards.version_dir import is_dataset, state_dir
 
     try:
         cfg, fs = settings_of(config)

@@ -85,7 +85,7 @@ def datasets_list(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
 ) -> None:
     """List versions, oldest first, with documents, sizes and token counts."""
-    from booksmith.shards.versions import summarize
+    from booksmith.shards.catalog import summarize
 
     if not out.is_dir():
         fail(f"{out}: no such directory")
@@ -123,7 +123,7 @@ def datasets_rm(
 ) -> None:
     """Retire a version: its manifest, its files, and its MinHash index entries."""
     from booksmith.filters.dedup import default_index_path, open_index_spec, remove_run
-    from booksmith.shards.versions import retire
+    from booksmith.shards.catalog import retire
 
     try:
         retire(out, run_id)
@@ -144,7 +144,7 @@ def datasets_takedown(
     ids_file: Annotated[Path | None, typer.Option("--ids-file", help="One id per line.")] = None,
 ) -> None:
     """Remove documents by id from every version, rewriting shards and manifests safely."""
-    from booksmith.shards.versions import takedown
+    from booksmith.shards.catalog import takedown
 
     wanted = list(ids or [])
     try:
@@ -170,7 +170,7 @@ def datasets_corpus(
     encoding: Annotated[str, typer.Option(help="Token encoding.")] = "cl100k_base",
 ) -> None:
     """Print (JSON) the token shards of the chosen versions, unioned for training."""
-    from booksmith.shards.versions import corpus
+    from booksmith.shards.catalog import corpus
 
     try:
         view = corpus(out, encoding, version or None)

@@ -20,7 +20,7 @@ from booksmith.generation.clients import make_client
 from booksmith.generation.topics import ExpansionReport, TopicExpander, TopicNode, write_topic_file
 from booksmith.schemas import GenerationRequest, GenerationResult
 from booksmith.schemas.config import RunConfig, load_config
-from booksmith.shards.version import state_dir
+from booksmith.shards.version_dir import state_dir
 
 # The JSON schema sent as structured output where the endpoint supports it.
 SUBTOPICS_SCHEMA: dict[str, Any] = {

@@ -12,7 +12,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from booksmith.shards.version import is_dataset, list_versions
+from booksmith.shards.version_dir import is_dataset, list_versions
 
 
 def resolve_version(path: Path) -> Path:

@@ -34,7 +34,7 @@ from booksmith.filters.dedup import open_index, reconcile
 from booksmith.filters.retrain import MODEL_DIR, retrain_due, run_annotate, run_train
 from booksmith.flows.export import export_version
 from booksmith.flows.report import render_report
-from booksmith.flows.runners import dask_client
+from booksmith.flows.task_runners import dask_client
 from booksmith.generation import preflight, progress
 from booksmith.generation.backends import open_endpoints
 from booksmith.generation.cache import ResponseCache
@@ -52,7 +52,7 @@ from booksmith.schemas import GenerationRequest, GenerationResult, TopicSeed
 from booksmith.schemas.config import Budget, RunConfig, load_config
 from booksmith.schemas.crashpoints import crash_point
 from booksmith.schemas.manifest import Manifest
-from booksmith.shards.version import claim_run_dir, release_run_dir, state_dir, sweep_abandoned
+from booksmith.shards.version_dir import claim_run_dir, release_run_dir, state_dir, sweep_abandoned
 
 
 def seed_for(day: date) -> int:

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 from matplotlib.figure import Figure
 
 from booksmith.schemas.manifest import Diversity, Manifest, QualityHistogram
-from booksmith.shards.version import read_manifest
+from booksmith.shards.version_dir import read_manifest
 
 SAMPLES = 3  # documents shown in the report
 SAMPLE_CHARS = 600

@@ -25,7 +25,7 @@ def deployments(
     config: Path | None, cfg: RunConfig, schedule: bool = True
 ) -> list[RunnerDeployment]:
     """Every deployment of flows/deployments.py, for this config."""
-    from booksmith.flows.runners import with_runner
+    from booksmith.flows.task_runners import with_runner
 
     params: dict[str, Any] = {"config": str(config.resolve())} if config else {}
     made = []

@@ -14,7 +14,7 @@ from booksmith.generation.client import Endpoint, GenerationClient
 from booksmith.schemas import GenerationResult
 from booksmith.schemas.config import Budget, RunConfig
 from booksmith.shards.encodings import get_encoding
-from booksmith.shards.version import state_dir
+from booksmith.shards.version_dir import state_dir
 
 
 def make_client(

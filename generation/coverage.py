@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 
 from booksmith.schemas import Document, TopicSeed
 from booksmith.schemas.config import FillSettings, PlanSettings
-from booksmith.shards.version import list_versions, read_manifest
+from booksmith.shards.version_dir import list_versions, read_manifest
 
 
 def topic_key(path: Sequence[str]) -> str:

@@ -20,7 +20,7 @@ from booksmith.schemas.config import EncodingFile, RunConfig
 from booksmith.schemas.manifest import Counts, Manifest
 from booksmith.shards.dataset import VersionWriter
 from booksmith.shards.encodings import EncodingSpec
-from booksmith.shards.version import (
+from booksmith.shards.version_dir import (
     RUNS_DIR,
     abandoned_runs,
     list_versions,

@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from booksmith.shards.files import tmp_name
-from booksmith.shards.version import MANIFEST, read_manifest
+from booksmith.shards.version_dir import MANIFEST, read_manifest
 from booksmith.shards.writer import commit
 
 LLMC_MAGIC, LLMC_VERSION, LLMC_HEADER_INTS = 20240520, 1, 256

@@ -42,7 +42,7 @@ from booksmith.schemas.manifest import (
 from booksmith.shards.card import render_card
 from booksmith.shards.encodings import EncodingSpec
 from booksmith.shards.tokens import write_token_shards
-from booksmith.shards.version import MANIFEST, read_manifest
+from booksmith.shards.version_dir import MANIFEST, read_manifest
 from booksmith.shards.writer import (
     COMPRESSION,
     DEFAULT_SHARD_BYTES,

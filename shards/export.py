@@ -26,7 +26,7 @@ from typing import Any
 from booksmith.schemas.manifest import Manifest, ManifestError
 from booksmith.shards.files import file_sha256
 from booksmith.shards.fs import filesystem, is_url, join, s3_client_kwargs
-from booksmith.shards.version import MANIFEST, STATE_DIR, read_manifest
+from booksmith.shards.version_dir import MANIFEST, STATE_DIR, read_manifest
 from booksmith.shards.writer import write_json_atomic
 
 PART_SIZE = 64 << 20  # S3 parts: 5 MiB minimum (except the last), 10,000 at most

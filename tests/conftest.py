@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from booksmith.flows.runtime import configure_prefect
+from booksmith.flows.prefect_env import configure_prefect
 
 configure_prefect(quiet=True)
 os.environ.setdefault("PREFECT_LOGGING_TO_API_ENABLED", "false")

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from booksmith.flows.cli import app
 from booksmith.generation.batch import list_batches
-from booksmith.shards.version import read_manifest
+from booksmith.shards.version_dir import read_manifest
 from tests.batchserver import BatchServer
 from tests.conftest import fake_backend_config
 from tests.fakeserver import FakeServer

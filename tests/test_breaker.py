@@ -14,7 +14,7 @@ import pytest
 
 from booksmith.generation.breaker import Breaker
 from booksmith.schemas.config import BreakerSettings
-from booksmith.shards.version import list_versions, read_manifest
+from booksmith.shards.version_dir import list_versions, read_manifest
 from tests.conftest import fake_backend_config
 from tests.fakeserver import FakeServer
 

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from booksmith.flows.cli import app
 from booksmith.schemas import GenerationRequest, Message, Sampling
-from booksmith.shards.version import list_versions, read_manifest
+from booksmith.shards.version_dir import list_versions, read_manifest
 from tests.conftest import fake_backend_config
 from tests.fakeserver import FakeServer, request_key
 

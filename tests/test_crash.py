@@ -26,7 +26,7 @@ import yaml
 
 from booksmith.schemas import GenerationRequest, Message
 from booksmith.schemas.crashpoints import ENV as CRASH_ENV
-from booksmith.shards.version import OWNER, STATE_DIR, is_dataset, list_versions, read_manifest
+from booksmith.shards.version_dir import OWNER, STATE_DIR, is_dataset, list_versions, read_manifest
 from tests.conftest import fake_backend_config
 from tests.fakeserver import FakeServer, request_key
 

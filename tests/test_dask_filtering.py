@@ -133,7 +133,7 @@ def test_nightly_on_dask_filters_on_the_cluster_workers(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from booksmith.flows.nightly import nightly
-    from booksmith.flows.runners import with_runner
+    from booksmith.flows.task_runners import with_runner
     from booksmith.schemas.config import load_config
 
     seen: list[tuple[QualityStage, dict[str, int]]] = []

@@ -18,7 +18,7 @@ import yaml
 from prefect.exceptions import ObjectNotFound
 from prefect.flows import load_flow_from_entrypoint
 
-from booksmith.shards.version import list_versions
+from booksmith.shards.version_dir import list_versions
 from tests.conftest import fake_backend_config
 from tests.fakeserver import FakeServer
 

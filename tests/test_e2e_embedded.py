@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from booksmith.generation.seeds import load_seeds
-from booksmith.shards.version import list_versions, read_manifest
+from booksmith.shards.version_dir import list_versions, read_manifest
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

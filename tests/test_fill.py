@@ -10,7 +10,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from booksmith.shards.version import read_manifest
+from booksmith.shards.version_dir import read_manifest
 from tests.conftest import fake_backend_config
 from tests.fakeserver import FakeServer
 

@@ -14,7 +14,7 @@ import pytest
 
 from booksmith.schemas import Document, arrow_schema
 from booksmith.shards.files import file_sha256
-from booksmith.shards.version import list_versions, read_manifest
+from booksmith.shards.version_dir import list_versions, read_manifest
 from tests.conftest import fake_backend_config
 from tests.fakeserver import FakeServer
 

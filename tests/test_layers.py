@@ -87,7 +87,7 @@ def test_no_flow_imports_a_cli_module() -> None:
 # llama.cpp's quantizer writes its own temporary file: those rename in place. Every file
 # write goes through shards/files.py.
 RENAMES_DIRECTORIES = {
-    "shards/versions.py",
+    "shards/catalog.py",
     "trainer/checkpoint.py",
     "generation/embedded/model.py",
 }

@@ -12,9 +12,9 @@ from typer.testing import CliRunner
 from booksmith.flows.cli import app
 from booksmith.flows.report import render_report
 from booksmith.schemas.manifest import MANIFEST_VERSION, Manifest, ManifestError
+from booksmith.shards.catalog import corpus
 from booksmith.shards.verify import verify
-from booksmith.shards.version import read_manifest
-from booksmith.shards.versions import corpus
+from booksmith.shards.version_dir import read_manifest
 from booksmith.trainer.data import DataError, open_source
 from tests.test_shards_dataset import make_version
 

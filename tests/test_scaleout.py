@@ -18,7 +18,7 @@ from booksmith.generation.client import Endpoint
 from booksmith.generation.scaleout import assign, merge_reports, partition
 from booksmith.schemas import Sampling
 from booksmith.schemas.records import GenerationRequest
-from booksmith.shards.version import list_versions, read_manifest
+from booksmith.shards.version_dir import list_versions, read_manifest
 from tests.conftest import fake_backend_config
 from tests.fakeserver import FakeServer
 

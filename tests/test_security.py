@@ -30,7 +30,7 @@ import pytest
 from typer.testing import CliRunner
 
 from booksmith.flows.cli import app
-from booksmith.shards.version import STATE_DIR, list_versions, read_manifest
+from booksmith.shards.version_dir import STATE_DIR, list_versions, read_manifest
 from tests.conftest import fake_backend_config
 from tests.fakeserver import FakeApp, FaultConfig
 

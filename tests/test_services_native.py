@@ -14,7 +14,7 @@ import boto3
 import pytest
 
 from booksmith.filters.dedup import RedisIndex
-from booksmith.shards.version import list_versions, read_manifest
+from booksmith.shards.version_dir import list_versions, read_manifest
 from tests.conftest import fake_backend_config
 from tests.fakeserver import FakeServer
 from tests.services import moto_s3, prefect_server, redis_server

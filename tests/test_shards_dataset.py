@@ -25,7 +25,7 @@ from booksmith.shards.dataset import InMemoryVersion, ShardLayout, write_version
 from booksmith.shards.encodings import get_encoding
 from booksmith.shards.files import file_sha256
 from booksmith.shards.verify import verify
-from booksmith.shards.version import list_versions, read_manifest
+from booksmith.shards.version_dir import list_versions, read_manifest
 
 VOCABULARY = (
     "the photosynthesis chloroplast energy light water carbon algebra equation variable "

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from booksmith.flows.cli_shards import app
 from booksmith.shards.export import MIN_PART_SIZE, export
 from booksmith.shards.verify import verify
-from booksmith.shards.version import read_manifest
+from booksmith.shards.version_dir import read_manifest
 from tests.services import moto_s3
 from tests.test_shards_dataset import make_version
 

@@ -22,7 +22,7 @@ from booksmith.filters.records_io import read_labelled
 from booksmith.pipeline import stages
 from booksmith.pipeline.stages import ExactStage
 from booksmith.schemas.filter_settings import QualitySettings
-from booksmith.shards.version import read_manifest, state_dir
+from booksmith.shards.version_dir import read_manifest, state_dir
 from tests.conftest import fake_backend_config
 from tests.fakeserver import FakeServer, completion_text
 from tests.filters_helpers import LABELLED, make_doc
@@ -124,7 +124,7 @@ def _run(
     **plan: Any,
 ) -> Path:
     from booksmith.flows.nightly import nightly
-    from booksmith.flows.runners import with_runner
+    from booksmith.flows.task_runners import with_runner
     from booksmith.schemas.config import load_config
 
     cfg = fake_backend_config(server.base_url, out)

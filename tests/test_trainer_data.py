@@ -21,7 +21,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from booksmith.shards.version import read_manifest
+from booksmith.shards.version_dir import read_manifest
 from booksmith.trainer.data import (
     DataError,
     TokenWindows,

@@ -21,7 +21,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from booksmith.shards.version import list_versions
+from booksmith.shards.version_dir import list_versions
 from tests.conftest import fake_backend_config
 from tests.fakeserver import FakeServer
 

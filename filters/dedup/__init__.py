@@ -30,7 +30,7 @@ STATE_SUBDIR = "minhash"
 
 
 def default_index_path(out: Path) -> Path:
-    from booksmith.shards.version import state_dir
+    from booksmith.shards.version_dir import state_dir
 
     return state_dir(out) / STATE_SUBDIR
 

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 from booksmith.filters.dedup.engine import index_entries
 from booksmith.filters.dedup.index import DedupIndex
 from booksmith.schemas.dedup_settings import DedupSettings
-from booksmith.shards.version import MANIFEST, list_versions, read_manifest
+from booksmith.shards.version_dir import MANIFEST, list_versions, read_manifest
 
 
 @dataclass

@@ -12,9 +12,9 @@ import pytest
 from typer.testing import CliRunner
 
 from booksmith.flows.cli_shards import app
-from booksmith.shards import versions
+from booksmith.shards import catalog
 from booksmith.shards.verify import verify
-from booksmith.shards.version import list_versions, read_manifest
+from booksmith.shards.version_dir import list_versions, read_manifest
 from tests.test_shards_dataset import make_docs, make_version
 
 
@@ -42,15 +42,15 @@ def test_list_versions_cli(out: Path) -> None:
 
 
 def test_corpus_unions_chosen_versions(out: Path) -> None:
-    view = versions.corpus(out, "cl100k_base")
+    view = catalog.corpus(out, "cl100k_base")
     assert view.versions == ["20261124T020000Z", "20261125T020000Z"] and view.documents == 50
     table = view.dataset().to_table()
     assert table.num_rows == 50
     assert sum(len(r) for r in table.column("input_ids").to_pylist()) == view.tokens
-    one = versions.corpus(out, "cl100k_base", ["20261125T020000Z"])
+    one = catalog.corpus(out, "cl100k_base", ["20261125T020000Z"])
     assert one.documents == 20
     with pytest.raises(ValueError, match="no 'smollm2' token shards"):
-        versions.corpus(out, "smollm2")
+        catalog.corpus(out, "smollm2")
     result = CliRunner().invoke(
         app,
         [
@@ -69,7 +69,7 @@ def test_corpus_unions_chosen_versions(out: Path) -> None:
 
 def test_rm_retires_a_version_and_calls_the_index_hooks(out: Path, monkeypatch) -> None:
     calls: list[tuple[Path, str]] = []
-    monkeypatch.setattr(versions, "RETIRE_HOOKS", [lambda o, r: calls.append((o, r))])
+    monkeypatch.setattr(catalog, "RETIRE_HOOKS", [lambda o, r: calls.append((o, r))])
     result = CliRunner().invoke(app, ["datasets", "rm", str(out), "20261124T020000Z"])
     assert result.exit_code == 0, result.output
     assert [p.name for p in list_versions(out)] == ["20261125T020000Z"]
@@ -122,18 +122,18 @@ def test_takedown_crash_between_renames_is_recovered(out: Path, monkeypatch) -> 
     calls = {"n": 0}
 
     def crash_on_second_rename(src: os.PathLike[str], dst: os.PathLike[str]) -> None:
-        if Path(src).name.startswith(versions.TAKEDOWN_PREFIX):
+        if Path(src).name.startswith(catalog.TAKEDOWN_PREFIX):
             calls["n"] += 1
             raise KeyboardInterrupt("killed between the two renames")
         real_replace(src, dst)
 
-    monkeypatch.setattr(versions.os, "replace", crash_on_second_rename)
+    monkeypatch.setattr(catalog.os, "replace", crash_on_second_rename)
     with pytest.raises(KeyboardInterrupt):
-        versions.takedown(out, ["20261125T020000Z-00001"])
+        catalog.takedown(out, ["20261125T020000Z-00001"])
     monkeypatch.undo()
     assert calls["n"] == 1
     assert not (out / "20261125T020000Z").exists()  # mid-swap: not visible, never half
-    rows = versions.summarize(out)  # recovers first
+    rows = catalog.summarize(out)  # recovers first
     assert [r.run_id for r in rows] == ["20261124T020000Z", "20261125T020000Z"]
     assert rows[1].documents == 19
     assert verify(out / "20261125T020000Z").ok
@@ -144,15 +144,15 @@ def test_takedown_crash_while_building_keeps_the_old_version(out: Path, monkeypa
     def crash(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt("killed while rewriting")
 
-    monkeypatch.setattr(versions, "commit_manifest", crash)
+    monkeypatch.setattr(catalog, "commit_manifest", crash)
     with pytest.raises(KeyboardInterrupt):
-        versions.takedown(out, ["20261125T020000Z-00001"])
+        catalog.takedown(out, ["20261125T020000Z-00001"])
     monkeypatch.undo()
     assert read_manifest(out / "20261125T020000Z").documents == 20
-    versions.recover(out)
+    catalog.recover(out)
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
     shutil.rmtree(out / "20261126T020000Z")
-    assert versions.takedown(out, ["20261125T020000Z-00001"]) == {"20261125T020000Z": 1}
+    assert catalog.takedown(out, ["20261125T020000Z-00001"]) == {"20261125T020000Z": 1}
 
 
 def test_bin_exports_for_nanogpt_and_llmc(out: Path, tmp_path: Path) -> None:

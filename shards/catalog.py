@@ -32,7 +32,13 @@ from booksmith.shards.tokens import (
     packed_dir,
     packed_schema,
 )
-from booksmith.shards.version import MANIFEST, STATE_DIR, is_dataset, list_versions, read_manifest
+from booksmith.shards.version_dir import (
+    MANIFEST,
+    STATE_DIR,
+    is_dataset,
+    list_versions,
+    read_manifest,
+)
 from booksmith.shards.writer import DEFAULT_SHARD_BYTES, ShardWriter
 
 TAKEDOWN_PREFIX = ".takedown-"
