@@ -26,7 +26,7 @@ import typer
 
 from booksmith.filters.dedup import DedupIndexError, DedupSettings, open_index_spec
 from booksmith.filters.dedup.engine import index_entries
-from booksmith.filters.dedup.index import MANIFEST as INDEX_MANIFEST
+from booksmith.filters.dedup.file_index import MANIFEST as INDEX_MANIFEST
 from booksmith.filters.dedup.stream import DuplicateIdError, StreamVerdicts, decide
 from booksmith.filters.inputs import InputError, iter_tables
 from booksmith.flows.cli_errors import fail

@@ -19,9 +19,11 @@ from pathlib import Path
 
 from booksmith.filters.dedup.engine import EXACT, MINHASH, Verdict, find_duplicates, index_entries
 from booksmith.filters.dedup.exact import ExactDedup
-from booksmith.filters.dedup.index import DedupIndex, DedupIndexError, FileIndex, Match, RedisIndex
+from booksmith.filters.dedup.file_index import FileIndex
+from booksmith.filters.dedup.index import DedupIndex, DedupIndexError, Match
 from booksmith.filters.dedup.minhash import MinHashParams, signatures, to_lean
 from booksmith.filters.dedup.near import MinHashDedup
+from booksmith.filters.dedup.redis_index import RedisIndex
 from booksmith.filters.dedup.sync import Reconciled, reconcile
 from booksmith.schemas import Document
 from booksmith.schemas.dedup_settings import DedupSettings
