@@ -61,7 +61,9 @@ class _GenerationProgress:
             self._show()
         elif event == "generated":  # a chunk is done: keep its sums, drop its reports
             report = data["report"]
-            self.done["completed"] += report.completed + report.failed + report.skipped_budget
+            self.done["completed"] += (
+                report.completed + report.failed + report.skipped_budget + report.skipped_breaker
+            )
             self.done["failed"] += report.failed
             self.parts.clear()
             self._show()
@@ -71,7 +73,7 @@ class _GenerationProgress:
         self.progress.update(
             self.task,
             completed=self.done["completed"]
-            + sum(r.completed + r.failed + r.skipped_budget for r in reports),
+            + sum(r.completed + r.failed + r.skipped_budget + r.skipped_breaker for r in reports),
             rate=sum(r.completion_tokens_per_s_live() for r in reports),
             failed=self.done["failed"] + sum(r.failed for r in reports),
         )

@@ -156,3 +156,23 @@ def test_sigkill_during_generation_then_rerun(
     assert len(ids) == len(set(ids)) == 24, "every document exactly once"
     gen = read_manifest(version).counts.generate
     assert gen.cached == len(done_at_kill) and gen.completed == 24
+
+
+@pytest.mark.slow
+def test_run_shows_progress_with_the_failures_it_counted(
+    prefect_api: str, tmp_path: Path, write_config
+) -> None:
+    """The progress bar ends at every planned request, with the failures the manifest counts."""
+    out = tmp_path / "out"
+    with FakeServer({"bad_request": 0.25}) as server:
+        config = write_config(fake_backend_config(server.base_url, out))
+        run = subprocess.run(
+            [*BOOKSMITH, "run", "--config", str(config)],
+            env={**os.environ, "PREFECT_API_URL": prefect_api}, capture_output=True, text=True,
+        )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    (version,) = list_versions(out)
+    gen = read_manifest(version).counts.generate
+    assert gen.failed > 0
+    (last,) = [line for line in run.stderr.splitlines() if line.startswith("generating")][-1:]
+    assert f" {gen.planned}/{gen.planned} " in last and f"failures {gen.failed} " in last, last
