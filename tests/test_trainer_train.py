@@ -132,13 +132,19 @@ def _app() -> typer.Typer:
 
 
 def test_cli_train_export_compare(dataset: Path, tmp_path: Path) -> None:
+    """Two corpora judged by the models they train, on one shared eval set: compare prints
+    each run's eval losses as its metrics recorded them."""
+    other = write_token_dataset(tmp_path / "other" / "v1", 60, shards=1, seed=5)
+    shared_eval = write_token_dataset(tmp_path / "eval" / "v1", 30, shards=1, seed=9)
     cfg = tmp_path / "fast.yaml"
-    cfg.write_text(json.dumps(FAST))  # JSON is YAML
+    spec = json.loads(json.dumps(FAST))
+    spec["data"]["eval_data"] = str(shared_eval)
+    cfg.write_text(json.dumps(spec))  # JSON is YAML
     runner, app = CliRunner(), _app()
-    for run, steps in (("r1", "10"), ("r2", "20")):
+    for run, data, steps in (("r1", dataset, "10"), ("r2", other, "20")):
         res = runner.invoke(
             app,
-            ["train", "--data", str(dataset), "--config", str(cfg), "--out",
+            ["train", "--data", str(data), "--config", str(cfg), "--out",
              str(tmp_path / run), "--max-steps", steps],
         )  # fmt: skip
         assert res.exit_code == 0, res.output
@@ -149,8 +155,15 @@ def test_cli_train_export_compare(dataset: Path, tmp_path: Path) -> None:
     assert (tmp_path / "hf" / "model.safetensors").is_file()
     res = runner.invoke(app, ["train", "compare", str(tmp_path / "r1"), str(tmp_path / "r2")])
     assert res.exit_code == 0, res.output
-    assert "eval loss by tokens seen" in res.output and "final" in res.output
-    assert "5,120" in res.output  # 10 steps x 8 x 32 tokens: both runs evaluated there
+    assert "warning" not in res.output  # one eval set: the losses compare
+    evals = [_eval_losses(tmp_path / run) for run in ("r1", "r2")]
+    assert evals[0][2560] != evals[1][2560]  # two corpora, two models
+    rows = {line.split("│")[1].strip(): line for line in res.output.splitlines() if "│" in line}
+    # 10 steps x 8 x 32 tokens: both runs evaluated there; r2 alone after 20 steps
+    assert f"{evals[0][2560]:.4f}" in rows["2,560"] and f"{evals[1][2560]:.4f}" in rows["2,560"]
+    assert f"{evals[1][5120]:.4f}" in rows["5,120"] and " - " in rows["5,120"]
+    final = [f"{max(e.items())[1]:.4f}" for e in evals]
+    assert all(v in rows["final"] for v in final), rows["final"]
     bad = runner.invoke(app, ["train", "--data", str(tmp_path / "nope"), "--out", str(tmp_path)])
     assert bad.exit_code == 2 and "no such dataset" in bad.output
     bad = runner.invoke(app, ["train", "export", str(tmp_path / "r1"), str(tmp_path / "x")])
@@ -267,6 +280,11 @@ def test_torch_compile_on_cpu_matches_eager(dataset: Path, tmp_path: Path) -> No
     assert compiled.keys() == eager.keys()
     for step, loss in eager.items():
         assert compiled[step] == pytest.approx(loss, rel=1e-3), step
+
+
+def _eval_losses(run: Path) -> dict[int, float]:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return {r["tokens"]: r["eval_loss"] for r in map(json.loads, lines) if r["kind"] == "eval"}
 
 
 def _train_losses_of(cfg: TrainConfig, dataset: Path, out: Path) -> dict[int, float]:
