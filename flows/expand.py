@@ -17,25 +17,16 @@ from prefect.cache_policies import NO_CACHE
 from booksmith.generation.backends import open_endpoint
 from booksmith.generation.cache import ResponseCache
 from booksmith.generation.clients import make_client
-from booksmith.generation.topics import ExpansionReport, TopicExpander, TopicNode, write_topic_file
+from booksmith.generation.topics import (
+    ExpansionReport,
+    TopicExpander,
+    TopicNode,
+    subtopics_format,
+    write_topic_file,
+)
 from booksmith.schemas import GenerationRequest, GenerationResult
 from booksmith.schemas.config import RunConfig, load_config
 from booksmith.shards.version_dir import state_dir
-
-# The JSON schema sent as structured output where the endpoint supports it.
-SUBTOPICS_SCHEMA: dict[str, Any] = {
-    "type": "json_schema",
-    "json_schema": {
-        "name": "subtopics",
-        "schema": {
-            "type": "object",
-            "properties": {"subtopics": {"type": "array", "items": {"type": "string"}}},
-            "required": ["subtopics"],
-            "additionalProperties": False,
-        },
-        "strict": True,
-    },
-}
 
 
 @task(retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
@@ -61,7 +52,10 @@ def expand(
                 depth=depth,
                 relevance_check=cfg.expansion.relevance_check,
                 sampling=cfg.expansion.sampling,
-                response_format=SUBTOPICS_SCHEMA if cfg.expansion.structured_output else None,
+                # the subtopics schema, bounded by breadth (enforced where the endpoint can)
+                response_format=subtopics_format(breadth)
+                if cfg.expansion.structured_output
+                else None,
             )
             nodes = asyncio.run(expander.expand(roots, existing))
             return nodes, expander.report
@@ -96,6 +90,7 @@ def expand_topics(
         "answers_unparsed": report.answers_unparsed,
         "answers_failed": report.answers_failed,
         "relevance": dict(report.relevance),
+        "structured_fallbacks": report.structured_fallbacks,
     }
     get_run_logger().info("expanded %s into %d topics: %s", topics, written, counts)
     return counts

@@ -1,20 +1,24 @@
 """Topic expansion: grow seed topics into a tree of subtopics with an LLM.
 
-Per level, every frontier topic asks the LLM for `breadth` subtopics. Answers are parsed as a
-JSON list when they are one (structured output where the endpoint supports it), and as a
-tolerant list (numbers, bullets, bold, "Title: description") when they are not. Children are
-dropped, with a counted reason, when they are empty or junk (URLs, template syntax, chatter,
-over 12 words, generic section names such as "Introduction" or "Summary"), repeat their parent,
-each other or a topic already in the tree (normalised text, or word-set Jaccard >= 0.7 as with
-near-duplicate titles), or are off-topic: the LLM is asked whether each child belongs under its
-parent. Where it gives no usable answer (a small model often cannot), the lexical rules above
-are the fallback: a child that passed them is kept, counted as `lexical`. Requests go through
-the generation client, so expansion is cached (a killed expansion resumes without re-asking),
-rate-limited and budgeted.
+Per level, every frontier topic asks the LLM for `breadth` subtopics. With structured output
+(`response_format`, on by default) the answer is JSON that a schema bounds: at most `breadth`
+titles of at most SCHEMA_TITLE_CHARS characters, and the relevance question below answers from
+an enum. An endpoint that rejects response_format (a 400 naming it) is asked again without it,
+counted as `structured_fallbacks`, and not asked for it again. Answers are parsed as JSON when
+they are, and as a tolerant list (numbers, bullets, bold, "Title: description") when not.
+Children are dropped, with a counted reason, when they are empty or junk (URLs, template syntax,
+chatter, over 12 words, generic section names such as "Introduction" or "Summary"), repeat their
+parent, each other or a topic already in the tree (normalised text, or word-set Jaccard >= 0.7
+as with near-duplicate titles), or are off-topic: the LLM is asked whether each child belongs
+under its parent. Where it gives no usable answer (a small model often cannot), the lexical
+rules above are the fallback: a child that passed them is kept, counted as `lexical`. Requests
+go through the generation client, so expansion is cached (a killed expansion resumes without
+re-asking), rate-limited and budgeted.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import unicodedata
@@ -24,11 +28,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from booksmith.generation.client import RESPONSE_FORMAT_REJECTED
 from booksmith.schemas import GenerationRequest, GenerationResult, Sampling, TopicSeed
 
 Complete = Callable[[Sequence[GenerationRequest]], Awaitable[dict[str, GenerationResult]]]
 
 MAX_TITLE_CHARS = 100
+SCHEMA_TITLE_CHARS = 64  # the length a structured answer's titles are held to
 MAX_TITLE_WORDS = 12
 SIMILAR = 0.7  # word-set Jaccard at which two titles are the same topic
 _STOP = frozenset(
@@ -128,6 +134,60 @@ class ExpansionReport:
     kept: int = 0
     dropped: Counter[str] = field(default_factory=Counter)
     relevance: Counter[str] = field(default_factory=Counter)  # llm_yes, llm_no, lexical_*
+    structured_fallbacks: int = 0  # requests re-asked without response_format (rejected)
+
+
+# The relevance question's structured answer: {"answer": "yes"} or {"answer": "no"}.
+RELEVANCE_FORMAT: dict[str, Any] = {
+    "type": "json_schema",
+    "json_schema": {
+        "name": "relevance",
+        "schema": {
+            "type": "object",
+            "properties": {"answer": {"type": "string", "enum": ["yes", "no"]}},
+            "required": ["answer"],
+            "additionalProperties": False,
+        },
+        "strict": True,
+    },
+}
+
+
+def subtopics_format(breadth: int) -> dict[str, Any]:
+    """The expansion answer's structured output: {"subtopics": [1..breadth short titles]}."""
+    titles = {"type": "string", "minLength": 1, "maxLength": SCHEMA_TITLE_CHARS}
+    schema = {
+        "type": "object",
+        "properties": {
+            "subtopics": {"type": "array", "items": titles, "minItems": 1, "maxItems": breadth}
+        },
+        "required": ["subtopics"],
+        "additionalProperties": False,
+    }
+    return {
+        "type": "json_schema",
+        "json_schema": {"name": "subtopics", "schema": schema, "strict": True},
+    }
+
+
+def bound_subtopics(fmt: dict[str, Any], breadth: int) -> dict[str, Any]:
+    """`fmt` with its `subtopics` array bounded as subtopics_format bounds it, where it sets no
+    bounds of its own: a static schema (the flow's) cannot know the breadth."""
+    fmt = copy.deepcopy(fmt)
+    spec = fmt.get("json_schema")
+    schema = spec.get("schema") if isinstance(spec, dict) else None
+    props = schema.get("properties") if isinstance(schema, dict) else None
+    array = props.get("subtopics") if isinstance(props, dict) else None
+    if not (isinstance(array, dict) and array.get("type") == "array"):
+        return fmt
+    bounds = subtopics_format(breadth)["json_schema"]["schema"]["properties"]["subtopics"]
+    for key in ("minItems", "maxItems"):
+        array.setdefault(key, bounds[key])
+    items = array.get("items")
+    if isinstance(items, dict) and items.get("type") == "string":
+        for key in ("minLength", "maxLength"):
+            items.setdefault(key, bounds["items"][key])
+    return fmt
 
 
 def normalise(title: str) -> str:
@@ -210,13 +270,21 @@ def junk_reason(title: str) -> str | None:
     return None
 
 
-def expansion_prompt(node: TopicNode, breadth: int, existing: Sequence[str]) -> str:
+def expansion_prompt(
+    node: TopicNode, breadth: int, existing: Sequence[str], *, structured: bool = False
+) -> str:
     where = " > ".join([*node.path, node.topic])
     avoid = f" Do not repeat: {'; '.join(existing[:20])}." if existing else ""
+    # Structured: the grammar makes the JSON, so no example for a small model to copy (shown
+    # one, SmolLM2-135M answered "First subtopic" or "./first_subtopic_1.json").
+    shape = (
+        "their short titles"
+        if structured
+        else 'a JSON list of short titles only, like ["First subtopic", "Second subtopic"]'
+    )
     return (
         f'List {breadth} distinct subtopics of "{node.topic}" (within {where}) that a textbook '
-        f"would teach as separate sections.{avoid} Answer with a JSON list of short titles only, "
-        'like ["First subtopic", "Second subtopic"].'
+        f"would teach as separate sections.{avoid} Answer with {shape}."
     )
 
 
@@ -237,6 +305,22 @@ def parse_yes_no(answer: str) -> bool | None:
     return None
 
 
+def parse_verdict(answer: str) -> bool | None:
+    """A relevance answer: the structured {"answer": "yes"|"no"}, or a plain yes or no."""
+    if answer.lstrip().startswith("{"):
+        try:
+            data = json.loads(answer)
+        except json.JSONDecodeError:
+            data = None
+        if isinstance(data, dict) and isinstance(data.get("answer"), str):
+            return parse_yes_no(data["answer"])
+    return parse_yes_no(answer)
+
+
+# Builds an ask's request, with structured output (True) or without it (False).
+Ask = Callable[[bool], GenerationRequest]
+
+
 @dataclass
 class TopicExpander:
     complete: Complete
@@ -247,20 +331,70 @@ class TopicExpander:
     sampling: Sampling = field(
         default_factory=lambda: Sampling(max_tokens=256, temperature=0.7, top_p=0.95)
     )
-    response_format: dict[str, object] | None = None  # JSON schema, where the endpoint has it
+    # The expansion answer's structured output (a subtopics JSON schema), or None for none;
+    # bounded by breadth here (bound_subtopics). It also turns on the relevance enum.
+    response_format: dict[str, Any] | None = None
     report: ExpansionReport = field(default_factory=ExpansionReport)
 
+    def __post_init__(self) -> None:
+        self._structured = self.response_format is not None
+        self._subtopics_format = (
+            bound_subtopics(self.response_format, self.breadth) if self.response_format else None
+        )
+
     def _request(
-        self, prompt: str, sampling: Sampling, *, structured: bool = False, **meta: Any
+        self, prompt: str, sampling: Sampling, fmt: dict[str, Any] | None, **meta: Any
     ) -> GenerationRequest:
-        fmt = json.dumps(self.response_format) if structured and self.response_format else None
         return GenerationRequest.build(
             messages=[{"role": "user", "content": prompt}],
             model=self.model,
             sampling=sampling,
-            response_format=fmt,
+            response_format=json.dumps(fmt) if fmt else None,
             **meta,
         )
+
+    async def _ask(self, asks: Sequence[Ask]) -> list[GenerationResult | None]:
+        """One result per ask, in order: structured while the endpoint takes it; the asks it
+        rejected for their response_format are asked again without."""
+        requests = [ask(self._structured) for ask in asks]
+        results = await self.complete(requests)
+        self.report.requests += len(requests)
+        out = [results.get(req.id) for req in requests]
+        rejected = [
+            i for i, r in enumerate(out) if r is not None and r.error == RESPONSE_FORMAT_REJECTED
+        ]
+        if rejected:
+            self._structured = False  # this endpoint has no structured output: stop asking
+            self.report.structured_fallbacks += len(rejected)
+            plain = {i: asks[i](False) for i in rejected}
+            again = await self.complete(list(plain.values()))
+            self.report.requests += len(plain)
+            for i, req in plain.items():
+                out[i] = again.get(req.id)
+        return out
+
+    def _expansion_ask(self, node: TopicNode, known: Sequence[str]) -> Ask:
+        existing = [t for t in known if t != node.topic]
+
+        def build(structured: bool) -> GenerationRequest:
+            return self._request(
+                expansion_prompt(node, self.breadth, existing, structured=structured),
+                self.sampling,
+                self._subtopics_format if structured else None,
+                topic=node.topic,
+                topic_path=[*node.path, node.topic],
+            )
+
+        return build
+
+    def _relevance_ask(self, node: TopicNode, title: str) -> Ask:
+        def build(structured: bool) -> GenerationRequest:
+            # {"answer": "yes"} takes about 8 tokens; a plain "yes" one.
+            check = Sampling(max_tokens=16 if structured else 4, temperature=0.0, top_p=1.0)
+            fmt = RELEVANCE_FORMAT if structured else None
+            return self._request(relevance_prompt(title, node), check, fmt)
+
+        return build
 
     async def expand(self, roots: Sequence[str], existing: Sequence[str] = ()) -> list[TopicNode]:
         """The tree, parents before children, roots first (depth 0)."""
@@ -268,24 +402,9 @@ class TopicExpander:
         known = [*existing, *(n.topic for n in tree)]
         frontier = list(tree)
         for level in range(1, self.depth + 1):
-            asks = [
-                (
-                    node,
-                    self._request(
-                        expansion_prompt(node, self.breadth, [t for t in known if t != node.topic]),
-                        self.sampling,
-                        topic=node.topic,
-                        topic_path=[*node.path, node.topic],
-                        structured=True,
-                    ),
-                )
-                for node in frontier
-            ]
-            results = await self.complete([req for _, req in asks])
-            self.report.requests += len(asks)
+            results = await self._ask([self._expansion_ask(node, known) for node in frontier])
             candidates: list[tuple[TopicNode, str]] = []
-            for node, req in asks:
-                result = results.get(req.id)
+            for node, result in zip(frontier, results, strict=True):
                 if result is None or not result.ok:
                     self.report.answers_failed += 1
                     continue
@@ -333,15 +452,9 @@ class TopicExpander:
     ) -> list[tuple[TopicNode, str]]:
         verdicts: dict[int, bool | None] = {}
         if self.relevance_check and candidates:
-            check = Sampling(max_tokens=4, temperature=0.0, top_p=1.0)
-            reqs = [
-                self._request(relevance_prompt(title, node), check) for node, title in candidates
-            ]
-            results = await self.complete(reqs)
-            self.report.requests += len(reqs)
-            for i, req in enumerate(reqs):
-                result = results.get(req.id)
-                verdicts[i] = parse_yes_no(result.text) if result and result.ok else None
+            results = await self._ask([self._relevance_ask(n, t) for n, t in candidates])
+            for i, result in enumerate(results):
+                verdicts[i] = parse_verdict(result.text) if result and result.ok else None
         kept = []
         for i, (node, title) in enumerate(candidates):
             verdict = verdicts.get(i)

@@ -160,7 +160,9 @@ class ExpansionSettings(_Strict):
     """`booksmith topics expand`: growing seed topics into a tree with the LLM."""
 
     relevance_check: bool = True  # ask the LLM whether each child belongs under its parent
-    structured_output: bool = False  # send a JSON schema (response_format); vLLM and OpenAI do
+    # Send a JSON schema (response_format): embedded, vLLM and OpenAI enforce it; an endpoint
+    # that rejects it (a 400 naming response_format) is asked again without it.
+    structured_output: bool = True
     sampling: Sampling = Field(
         default_factory=lambda: Sampling(max_tokens=256, temperature=0.7, top_p=0.95)
     )

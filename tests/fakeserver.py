@@ -90,6 +90,9 @@ class FaultConfig:
     api_key: str | None = None
     # The model names /v1/models lists (None: the server's own, `--model` or fake-model).
     models: list[str] | None = None
+    # Answer every request that carries response_format with a 400 naming it, as an endpoint
+    # without structured output does (counted as the fault "response_format").
+    reject_response_format: bool = False
 
     def __post_init__(self) -> None:
         total = sum(getattr(self, kind) for kind in FAULT_KINDS)
@@ -413,6 +416,11 @@ class FakeApp:
             (b"x-fake-fault", (fault or "none").encode()),
         ]
 
+        if cfg.reject_response_format and body.get("response_format") is not None:
+            stats.faults["response_format"] += 1
+            message = "response_format is not supported by this server (fake)."
+            await _respond(send, 400, _error(message, "invalid_request_error"), info)
+            return
 
         delay = cfg.latency_s + cfg.latency_jitter_s * _unit(f"latency:{key}:{attempt}")
         if await _hold(receive, delay):

@@ -10,11 +10,14 @@ import pytest
 
 from booksmith.generation.seeds import load_seeds
 from booksmith.generation.topics import (
+    RELEVANCE_FORMAT,
+    SCHEMA_TITLE_CHARS,
     TopicExpander,
     junk_reason,
     parse_subtopics,
     parse_yes_no,
     similar,
+    subtopics_format,
     write_topic_file,
 )
 from booksmith.schemas import GenerationRequest, GenerationResult
@@ -178,3 +181,76 @@ def test_expand_flow_on_the_fault_injecting_server(
     assert counts["answers_failed"] >= 0 and counts["requests"] == 3
     seeds = load_seeds(out)
     assert [s.topic for s in seeds] == ["Optics", "Genetics", "Poetry"]
+
+
+async def test_structured_output_bounds_the_answer_and_constrains_the_verdict() -> None:
+    # a schema that sets no bounds of its own: the expander bounds it by breadth
+    unbounded = {
+        "type": "json_schema",
+        "json_schema": {
+            "name": "subtopics",
+            "schema": {
+                "type": "object",
+                "properties": {"subtopics": {"type": "array", "items": {"type": "string"}}},
+                "required": ["subtopics"],
+            },
+        },
+    }
+    sent: list[GenerationRequest] = []
+
+    async def complete(requests: Sequence[GenerationRequest]) -> dict[str, GenerationResult]:
+        sent.extend(requests)
+        out = {}
+        for req in requests:
+            prompt = req.messages[0].content
+            if prompt.startswith("Is "):
+                text = json.dumps({"answer": "no" if "Football" in prompt else "yes"})
+            else:
+                text = json.dumps({"subtopics": ["Alkanes", "Football", "Polymers"]})
+            out[req.id] = GenerationResult(request_id=req.id, text=text, finish_reason="stop")
+        return out
+
+    expander = TopicExpander(
+        complete=complete, model="m", breadth=3, depth=1, response_format=unbounded
+    )
+    nodes = await expander.expand(["Organic chemistry"])
+    assert {n.topic for n in nodes if n.depth == 1} == {"Alkanes", "Polymers"}
+    ask, checks = sent[0], sent[1:]
+    assert ask.response_format is not None
+    array = json.loads(ask.response_format)["json_schema"]["schema"]["properties"]["subtopics"]
+    assert array["maxItems"] == 3 and array["items"]["maxLength"] == SCHEMA_TITLE_CHARS
+    assert len(checks) == 3
+    assert all(json.loads(c.response_format or "null") == RELEVANCE_FORMAT for c in checks)
+    assert expander.report.relevance == {"llm_yes": 2, "llm_no": 1}
+    assert expander.report.structured_fallbacks == 0
+
+
+async def test_an_endpoint_that_rejects_response_format_is_asked_plainly(tmp_path: Path) -> None:
+    from booksmith.generation.cache import ResponseCache
+    from booksmith.generation.client import Endpoint, GenerationClient
+    from tests.fakeserver import FakeServer
+
+    with FakeServer({"reject_response_format": True}) as server:
+        endpoint = Endpoint(base_url=server.base_url, model="fake-model", max_retries=0)
+        client = GenerationClient(endpoint, cache=ResponseCache(tmp_path / "cache.sqlite"))
+
+        async def complete(requests: Sequence[GenerationRequest]) -> dict[str, GenerationResult]:
+            report = await client.run(requests)
+            return {r.request_id: r for r in report.results}
+
+        expander = TopicExpander(
+            complete=complete,
+            model="fake-model",
+            breadth=3,
+            depth=1,
+            response_format=subtopics_format(3),
+        )
+        await expander.expand(["Optics", "Genetics"])
+        await expander.expand(["Poetry"])  # known now: asked plainly at once
+        stats = server.stats()
+    r = expander.report
+    assert r.structured_fallbacks == 2
+    assert r.requests == 5 and stats["requests"] == 5
+    assert stats["faults"] == {"response_format": 2}
+    # the plain answers arrived (the fake server's prose is no list, but nothing failed)
+    assert r.answers_failed == 0 and r.answers_unparsed == 3

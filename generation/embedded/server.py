@@ -5,6 +5,12 @@
 Endpoints: GET /health (503 while the model loads, then 200), GET /v1/models and
 POST /v1/chat/completions (non-streaming, n=1). Every request goes to one continuous-batching
 Engine; the event loop only parses, validates and waits on the engine's futures.
+
+Structured output: `response_format` {"type": "json_schema", "json_schema": {"schema": ...}} or
+{"type": "json_object"} becomes a GBNF grammar (llama-cpp-python's JSON-schema converter, once
+per schema) that the engine enforces token by token. It fails closed: a schema keyword the
+converter would silently ignore (minimum, pattern, oneOf, ...) is a 400 naming it and where it
+is, never unconstrained text.
 """
 
 from __future__ import annotations
@@ -12,6 +18,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
+import json
 import logging
 import socket
 import threading
@@ -23,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import uvicorn
+from llama_cpp.llama_grammar import SchemaConverter
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -33,6 +42,7 @@ from booksmith.generation.embedded.engine import (
     Engine,
     EngineClosedError,
     EngineConfig,
+    GrammarError,
     PromptTooLongError,
     SamplingParams,
 )
@@ -55,6 +65,178 @@ def error_response(
 ) -> JSONResponse:
     body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
     return JSONResponse(body, status_code=status)
+
+
+# Keywords that constrain nothing: the converter may ignore them.
+_ANNOTATIONS = frozenset(
+    ["title", "description", "$schema", "$id", "$comment", "examples", "default", "deprecated"]
+) | frozenset(["readOnly", "writeOnly", "$defs", "definitions"])
+_TYPES = frozenset(["object", "array", "string", "number", "integer", "boolean", "null"])
+_FORMATS = frozenset(
+    ["date", "time", "date-time", "uuid", "uuid1", "uuid2", "uuid3", "uuid4", "uuid5"]
+)
+MAX_REPEAT = 1000  # maxItems/maxLength: the grammar grows with the bound
+# The converter's `char` lets raw control characters into strings, which JSON forbids; this is
+# llama.cpp's own rule (common/json-schema-to-grammar.cpp).
+_SAFE_CHAR = r'char ::= [^"\\\x7F\x00-\x1F] | [\\] (["\\/bfnrt] | "u" [0-9a-fA-F]{4})'
+JSON_OBJECT_SCHEMA: dict[str, Any] = {"type": "object"}
+
+
+def _unsupported(where: str, what: str) -> BadRequestError:
+    return BadRequestError(
+        f"response_format: unsupported JSON schema: {what} at {where} "
+        "(structured output here cannot enforce it)",
+        "response_format",
+        "unsupported_schema",
+    )
+
+
+def _enforced(node: dict[str, Any], where: str) -> set[str]:
+    """The keywords the converter enforces for this schema, in its own order of cases."""
+    kind = node.get("type")
+    if "$ref" in node:
+        ref = node["$ref"]
+        if not isinstance(ref, str) or not ref.startswith("#/"):
+            raise _unsupported(where, f"'$ref' {ref!r} (only local '#/...' references)")
+        return {"$ref"}
+    if "anyOf" in node:
+        return {"anyOf"}
+    if isinstance(kind, list):
+        if not kind or any(t not in _TYPES for t in kind):
+            raise _unsupported(where, f"'type' {kind!r}")
+        return {"type"}
+    if "const" in node:
+        return {"const", "type"}
+    if "enum" in node:
+        return {"enum", "type"}
+    if kind is None and ("properties" in node or "additionalProperties" in node):
+        kind = "object"
+    if kind is None:
+        return set()  # {}: the converter makes it a JSON object
+    if kind not in _TYPES:
+        raise _unsupported(where, f"'type' {kind!r}")
+    if kind == "object":
+        return {"type", "properties", "required", "additionalProperties"}
+    if kind == "array":
+        if "prefixItems" in node or isinstance(node.get("items"), list):
+            return {"type", "prefixItems" if "prefixItems" in node else "items"}
+        return {"type", "items", "minItems", "maxItems"} if "items" in node else {"type"}
+    if kind == "string":
+        if "format" in node:
+            if node["format"] not in _FORMATS:
+                raise _unsupported(where, f"'format' {node['format']!r}")
+            return {"type", "format"}
+        return {"type", "minLength", "maxLength"}
+    return {"type"}
+
+
+def _check_bounds(node: dict[str, Any], where: str) -> None:
+    for low, high in (("minItems", "maxItems"), ("minLength", "maxLength")):
+        for key in (low, high):
+            value = node.get(key)
+            if value is not None and (
+                isinstance(value, bool)
+                or not isinstance(value, int)
+                or not 0 <= value <= MAX_REPEAT
+            ):
+                raise _unsupported(where, f"'{key}' {value!r} (an integer 0..{MAX_REPEAT})")
+        if node.get(high) is not None and node.get(low, 0) > node[high]:
+            raise _unsupported(where, f"'{low}' above '{high}'")
+
+
+def _subschemas(node: dict[str, Any], where: str) -> list[tuple[Any, str]]:
+    """(subschema, where) for every place a schema nests one."""
+    out: list[tuple[Any, str]] = []
+    for key in ("properties", "$defs", "definitions"):
+        value = node.get(key, {})
+        if not isinstance(value, dict):
+            raise _unsupported(where, f"'{key}' that is not an object")
+        out += [(sub, f"{where}.{key}.{name}") for name, sub in value.items()]
+    for key in ("anyOf", "prefixItems", "items"):
+        value = node.get(key)
+        if isinstance(value, list):
+            if not value:
+                raise _unsupported(where, f"an empty '{key}'")
+            out += [(sub, f"{where}.{key}[{i}]") for i, sub in enumerate(value)]
+        elif value is not None:
+            out.append((value, f"{where}.{key}"))
+    extra = node.get("additionalProperties")
+    if extra is not None and not isinstance(extra, bool):
+        out.append((extra, f"{where}.additionalProperties"))
+    return out
+
+
+def check_schema(node: Any, where: str = "schema") -> None:
+    """Raise a 400 naming the first part of a JSON schema that the grammar would not enforce."""
+    if not isinstance(node, dict):
+        raise _unsupported(where, "a schema that is not an object (true/false schemas)")
+    extra = sorted(set(node) - _ANNOTATIONS - _enforced(node, where))
+    if extra:
+        raise _unsupported(where, f"'{extra[0]}'")
+    _check_bounds(node, where)
+    if "enum" in node and not (isinstance(node["enum"], list) and node["enum"]):
+        raise _unsupported(where, "'enum' that is not a non-empty list")
+    required = node.get("required", [])
+    properties = node.get("properties", {})
+    missing = (
+        [name for name in required if name not in properties]
+        if isinstance(required, list)
+        else [required]
+    )
+    if missing:
+        raise _unsupported(where, f"'required' {missing[0]!r} without a schema in 'properties'")
+    for sub, sub_where in _subschemas(node, where):
+        check_schema(sub, sub_where)
+
+
+@functools.lru_cache(maxsize=256)
+def schema_grammar(canonical: str) -> str:
+    """The GBNF grammar for a JSON schema given as compact JSON; converted once per schema."""
+    schema = json.loads(canonical)
+    try:
+        check_schema(schema)
+        converter = SchemaConverter(
+            prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False
+        )
+        converter.visit(converter.resolve_refs(schema, ""), "")
+    except RecursionError as exc:
+        raise _unsupported("schema", "nesting this deep") from exc
+    except (AssertionError, ValueError, KeyError, TypeError) as exc:
+        if isinstance(exc, BadRequestError):
+            raise
+        raise BadRequestError(
+            f"response_format: the JSON schema cannot be compiled to a grammar: {exc}",
+            "response_format",
+            "unsupported_schema",
+        ) from exc
+    lines = converter.format_grammar().splitlines()
+    return "\n".join(_SAFE_CHAR if line.startswith("char ::= ") else line for line in lines)
+
+
+def response_format_grammar(value: Any) -> str | None:
+    """The grammar an OpenAI `response_format` asks for; None for plain text."""
+    if value is None:
+        return None
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        schema: Any = JSON_OBJECT_SCHEMA
+    elif kind == "json_schema":
+        spec = value.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise BadRequestError(
+                "'response_format.json_schema.schema' is required: a JSON schema object",
+                "response_format",
+            )
+    else:
+        raise BadRequestError(
+            "'response_format.type' must be 'text', 'json_object' or 'json_schema'",
+            "response_format",
+        )
+    # Compact, not key-sorted: property order is the order the model writes them in.
+    return schema_grammar(json.dumps(schema, separators=(",", ":"), ensure_ascii=False))
 
 
 @dataclass
@@ -138,6 +320,7 @@ def parse_chat_request(body: Any) -> ChatRequest:
         stop=tuple(stop),
         frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
         presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
+        grammar=response_format_grammar(body.get("response_format")),
     )
     return ChatRequest(model=model, messages=messages, params=params)
 
@@ -232,6 +415,14 @@ def create_app(holder: ModelHolder) -> Starlette:
             return error_response(
                 400, str(exc), "invalid_request_error", "messages", "context_length_exceeded"
             )
+        except GrammarError as exc:
+            return error_response(
+                400,
+                f"response_format: {exc}",
+                "invalid_request_error",
+                "response_format",
+                "unsupported_schema",
+            )
         except EngineClosedError as exc:
             return error_response(503, str(exc), "server_error")
         result: asyncio.Future[Completion] = asyncio.wrap_future(future)
@@ -252,6 +443,8 @@ def create_app(holder: ModelHolder) -> Starlette:
             completion = result.result()
         except EngineClosedError as exc:
             return error_response(503, str(exc), "server_error")
+        except GrammarError as exc:  # never hand back text the grammar did not finish
+            return error_response(500, str(exc), "server_error")
         return JSONResponse(completion_body(chat, completion))
 
     @contextlib.asynccontextmanager
