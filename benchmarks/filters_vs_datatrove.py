@@ -40,7 +40,6 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +48,7 @@ from booksmith.filters.benchmarks import BenchmarkItem, load_benchmark
 from booksmith.filters.chain import build_chain
 from booksmith.filters.decontam import BenchmarkIndex
 from booksmith.filters.fasttext_model import bundled_lid176
+from booksmith.filters.inputs import user_document
 from booksmith.filters.quality import train
 from booksmith.filters.records_io import read_labelled
 from booksmith.schemas import Document
@@ -97,30 +97,9 @@ def make_corpus(n: int, seed: int = 0) -> tuple[list[tuple[str, str]], dict[str,
 
 
 def to_documents(corpus: list[tuple[str, str]], n_tokens: list[int]) -> list[Document]:
-    now = datetime.now(UTC)
+    """The corpus as `booksmith filter` reads a user's file (filters/inputs.py)."""
     return [
-        Document(
-            id=i,
-            text_sha256=sha256_hex(t),
-            text=t,
-            topic="",
-            topic_path=[],
-            audience="",
-            style="",
-            format="",
-            seed_words=[],
-            prompt="",
-            model="",
-            backend="",
-            sampling="{}",
-            seed=0,
-            sample_index=0,
-            finish_reason="stop",
-            truncated=False,
-            n_tokens=n,
-            run_id="",
-            created_at=now,
-        )
+        user_document({"id": i, "text": t, "n_tokens": n, "finish_reason": "stop"})
         for (i, t), n in zip(corpus, n_tokens, strict=True)
     ]
 

@@ -90,12 +90,12 @@ def render_each_rate(plan: list[GenerationRequest], seeds: list[TopicSeed], n: i
 
 def write_seconds(plan: list[GenerationRequest]) -> float:
     """plan.parquet as the dataset writes it: records to Arrow, then ZSTD Parquet, sha256."""
-    from booksmith.shards.writer import atomic_write_table
+    from booksmith.shards.files import write_table_atomically
 
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
         root = Path(tmp)
-        atomic_write_table(to_table(plan, GenerationRequest), root / "plan.parquet")
+        write_table_atomically(to_table(plan, GenerationRequest), root / "plan.parquet")
         return time.perf_counter() - started
 
 

@@ -26,7 +26,7 @@ from booksmith.prompts import prompt_text
 from booksmith.schemas import Document, GenerationRequest, Sampling
 from booksmith.schemas.arrow import arrow_schema, to_table
 from booksmith.schemas.config import Budget
-from booksmith.shards.writer import atomic_write_table
+from booksmith.shards.files import write_table_atomically
 
 RUBRIC_VERSION = "edu-additive-v1"
 RUBRIC = prompt_text(f"judge/{RUBRIC_VERSION}.txt")  # the judge's prompt, as data
@@ -138,5 +138,5 @@ def save_annotations(path: Path, annotations: Sequence[Annotation]) -> int:
     for a in annotations:
         merged[a.id] = a
     rows = list(merged.values())
-    atomic_write_table(to_table(rows, Annotation), path)
+    write_table_atomically(to_table(rows, Annotation), path)
     return len(rows)

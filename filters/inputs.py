@@ -164,14 +164,16 @@ def iter_documents(
             table = table.cast(arrow_schema(Document))
             yield [Document.model_validate(row) for row in table.to_pylist()]
         else:
-            yield _counted([_document(row) for row in table.to_pylist()], encoding)
+            yield _counted([user_document(row) for row in table.to_pylist()], encoding)
 
 
 def read_documents(path: Path, encoding: str = "cl100k_base") -> list[Document]:
     return [d for batch in iter_documents(path, encoding) for d in batch]
 
 
-def _document(row: dict[str, Any]) -> Document:
+def user_document(row: dict[str, Any]) -> Document:
+    """A Document from a user's record: its id verbatim (as text), its text, the few
+    provenance columns it has (topic, model, finish_reason, n_tokens; -1: not counted yet)."""
     text = row["text"] or ""
     finish = row.get("finish_reason")
     n_tokens = row.get("n_tokens")

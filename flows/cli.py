@@ -192,7 +192,7 @@ def plan(
     from booksmith.generation.seeds import load_seeds
     from booksmith.schemas import GenerationRequest
     from booksmith.schemas.arrow import to_table
-    from booksmith.shards.writer import atomic_write_table
+    from booksmith.shards.files import write_table_atomically
 
     try:
         cfg = _run_config(config, topics, out, limit, seed)
@@ -226,7 +226,7 @@ def plan(
         console.print(escape(request.prompt), highlight=False, soft_wrap=True)
     if write is not None:
         path = write.resolve()
-        atomic_write_table(to_table(requests, GenerationRequest), path)
+        write_table_atomically(to_table(requests, GenerationRequest), path)
         print(path)  # stdout: the file, for scripts
 
 

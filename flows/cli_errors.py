@@ -31,7 +31,8 @@ def fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
 
 def user_errors(*extra: type[BaseException]) -> tuple[type[BaseException], ...]:
     """The exceptions a user's input or setup causes, with `extra` a command adds. Imported
-    here, not at the top, so `booksmith --help` stays quick."""
+    here, not at the top, so `booksmith --help` stays quick; the trainer's (which import
+    torch, seconds) are the train command's `extra`."""
     from booksmith.filters.dedup import DedupIndexError
     from booksmith.filters.inputs import InputError
     from booksmith.generation.backends import BackendError
@@ -43,13 +44,11 @@ def user_errors(*extra: type[BaseException]) -> tuple[type[BaseException], ...]:
     from booksmith.schemas.manifest import ManifestError
     from booksmith.shards.encodings import EncodingUnavailable
     from booksmith.shards.export import ExportError
-    from booksmith.trainer.checkpoint import CheckpointError
-    from booksmith.trainer.data import DataError
 
     errors: tuple[type[BaseException], ...] = (
         ConfigError, SeedFileError, PromptError, BackendError, PreflightFailed, FilterError,
         InputError, ManifestError, DedupIndexError, EncodingUnavailable, ExportError,
-        CheckpointError, DataError, FileNotFoundError, NotADirectoryError, PermissionError,
+        FileNotFoundError, NotADirectoryError, PermissionError,
         *extra,
     )  # fmt: skip
     try:  # S3 errors (credentials, endpoint, bucket): botocore is there when S3 is

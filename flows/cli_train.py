@@ -27,6 +27,13 @@ app = typer.Typer(
 console = Console(stderr=True)
 
 
+def _trainer_errors() -> tuple[type[Exception], ...]:
+    from booksmith.trainer.checkpoint import CheckpointError
+    from booksmith.trainer.data import DataError
+
+    return (CheckpointError, DataError)
+
+
 @app.callback()
 def train(
     ctx: typer.Context,
@@ -66,7 +73,7 @@ def train(
         from booksmith.trainer.train import train as run_training
 
         summary = run_training(cfg, data, out, log=lambda m: console.print(m, highlight=False))
-    except user_errors() as e:
+    except user_errors(*_trainer_errors()) as e:
         fail(str(e))
         return
     print(summary["checkpoint"] or out)  # stdout: the newest checkpoint, for scripts
@@ -82,7 +89,7 @@ def export(
 
     try:
         path = export_hf(ckpt, out_dir)
-    except user_errors() as e:
+    except user_errors(*_trainer_errors()) as e:
         fail(str(e))
         return
     print(path)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -40,7 +40,8 @@ class GenerationReport:
     breaker: str | None = None  # why the circuit breaker tripped
     elapsed_s: float = 0.0
     results: list[GenerationResult] = field(default_factory=list, repr=False)
-    outcomes: list[str] = field(default_factory=list, repr=False)  # the breaker's window
+    # the breaker's window (its own deque while the client runs: no copy per result)
+    outcomes: Sequence[str] = field(default_factory=list, repr=False)
 
     started_at: float = field(default_factory=time.perf_counter, repr=False)
 
@@ -103,6 +104,8 @@ class Ledger:
     def start(self, planned: int) -> GenerationReport:
         """A new report for one run; the budget keeps counting across runs."""
         self.report = GenerationReport(planned=planned)
+        if self.breaker is not None:
+            self.report.outcomes = self.breaker.outcomes
         return self.report
 
     def cost(self, prompt_tokens: float, completion_tokens: float) -> float:
@@ -180,7 +183,6 @@ class Ledger:
         r = self.report
         if requested and not cached and self.breaker is not None:
             self.breaker.record(None if result.ok else result.error or "unknown")
-            r.outcomes = list(self.breaker.outcomes)
             r.breaker = r.breaker or self.breaker.tripped
         if result.ok:
             r.completed += 1

@@ -72,7 +72,7 @@ def merge_reports(reports: Sequence[GenerationReport]) -> GenerationReport:
         total.failures.update(r.failures)
         total.budget_exhausted |= r.budget_exhausted
         total.breaker = total.breaker or r.breaker
-        total.outcomes += r.outcomes
+        total.outcomes = [*total.outcomes, *r.outcomes]
         total.elapsed_s = max(total.elapsed_s, r.elapsed_s)
         total.results.extend(r.results)
     return total

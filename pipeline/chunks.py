@@ -51,8 +51,10 @@ def add_report(total: GenerationReport, part: GenerationReport) -> None:
         setattr(total, name, getattr(total, name) + getattr(part, name))
     total.failures.update(part.failures)
     total.budget_exhausted |= part.budget_exhausted
-    # the breaker's window carries over to the next chunk (RunState keeps its tail)
-    total.outcomes = (total.outcomes + part.outcomes)[-OUTCOMES_KEPT:]
+    # The breaker's window carries over to the next chunk: the chunk's report holds the window
+    # as it ended (the history it started from included), so it replaces the run's.
+    if part.outcomes:
+        total.outcomes = list(part.outcomes)[-OUTCOMES_KEPT:]
 
 
 @dataclass

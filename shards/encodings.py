@@ -107,14 +107,16 @@ def build_smollm2(gguf_path: Path | None = None) -> tiktoken.Encoding:
         }
     else:
         ranks, special = _smollm2_ranks(gguf_path)
-        from booksmith.shards.writer import atomic_write_bytes
+        from booksmith.shards.files import write_bytes_atomically
 
         body = b"".join(
             base64.b64encode(tok) + b" " + str(rank).encode() + b"\n"
             for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1])
         )
-        atomic_write_bytes(cached, body)
-        atomic_write_bytes(special_file, "".join(f"{n} {i}\n" for n, i in special.items()).encode())
+        write_bytes_atomically(cached, body)
+        write_bytes_atomically(
+            special_file, "".join(f"{n} {i}\n" for n, i in special.items()).encode()
+        )
     return tiktoken.Encoding(
         name=SMOLLM2,
         pat_str=SMOLLM2_PAT,

@@ -24,10 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from booksmith.schemas.manifest import Manifest, ManifestError
-from booksmith.shards.files import file_sha256
+from booksmith.shards.files import file_sha256, write_json_atomically
 from booksmith.shards.fs import filesystem, is_url, join, s3_client_kwargs
 from booksmith.shards.version_dir import MANIFEST, STATE_DIR, read_manifest
-from booksmith.shards.writer import write_json_atomic
 
 PART_SIZE = 64 << 20  # S3 parts: 5 MiB minimum (except the last), 10,000 at most
 MIN_PART_SIZE = 5 << 20
@@ -101,7 +100,7 @@ class _State:
                 self.data.pop(key, None)
             else:
                 self.data[key] = value
-            write_json_atomic(self.path, self.data)
+            write_json_atomically(self.path, self.data)
 
 
 def _md5_b64(data: bytes) -> str:

@@ -114,7 +114,7 @@ def _check_packed(
 ) -> None:
     """Packed rows: their count, and the first row against the start of the token stream."""
     paths = manifest.shard_paths("packed", name)
-    rows = sum(s.rows for s in manifest.shards if s.path in paths)
+    rows = sum(s.rows for s in manifest.shards if s.kind == "packed" and s.encoding == name)
     width = packed.seq_len + 1
     stored = sum(s.stored_tokens or 0 for s in tok_shards)
     if rows != packed.rows or rows != (stored - packed.dropped_tokens) // width:

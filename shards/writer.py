@@ -8,7 +8,6 @@ one reaches its row or byte limit.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,12 @@ from pydantic import BaseModel
 from booksmith.schemas.arrow import arrow_schema, to_table
 from booksmith.schemas.crashpoints import crash_point
 from booksmith.schemas.manifest import ShardEntry, ShardKind
-from booksmith.shards.files import file_sha256, replace_atomically, tmp_name
+from booksmith.shards.files import (
+    file_sha256,
+    replace_atomically,
+    tmp_name,
+    write_bytes_atomically,
+)
 
 ROW_GROUP_ROWS = 2_000  # small enough to stream a shard, large enough to compress well
 ROW_GROUP_BYTES = 64 << 20  # and at most this much uncompressed Arrow data per row group
@@ -57,21 +61,9 @@ def commit(tmp: Path, path: Path) -> None:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_name(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-    commit(tmp, path)
-
-
-def atomic_write_table(table: pa.Table, path: Path) -> None:
-    """Write one Parquet file (ZSTD) atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_name(path)
-    pq.write_table(
-        table, tmp, compression=COMPRESSION, row_group_size=ROW_GROUP_ROWS, write_page_index=True
-    )
-    commit(tmp, path)
+    """A version's small file (card, manifest): written atomically, then the crash point."""
+    write_bytes_atomically(path, data)
+    crash_point("shards.file")
 
 
 def describe(path: Path, *, root: Path, rows: int, kind: ShardKind, **extra: Any) -> ShardEntry:
@@ -217,8 +209,3 @@ def write_shards(
         for start in range(0, len(records), ROW_GROUP_ROWS):
             writer.write(to_table(records[start : start + ROW_GROUP_ROWS], model))
         return writer.close()
-
-
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    body = json.dumps(data, indent=2, sort_keys=False, ensure_ascii=False, default=str) + "\n"
-    atomic_write_bytes(path, body.encode("utf-8"))

@@ -66,7 +66,7 @@ def test_axis_coverage() -> None:
 
 def test_report_renders_from_a_manifest(tmp_path: Path) -> None:
     from booksmith.flows.report import render_report
-    from booksmith.shards.writer import write_json_atomic
+    from booksmith.shards.files import write_json_atomically
 
     texts = ["Once upon a time a cell divided.", "Light bends when it enters water."]
     rows = [{"format": "story"}, {"format": "textbook_section"}]
@@ -78,7 +78,7 @@ def test_report_renders_from_a_manifest(tmp_path: Path) -> None:
         "documents": 2,
         "counts": {"generate": {"planned": 2}},
     }
-    write_json_atomic(tmp_path / "manifest.json", {**manifest, "diversity": div})
+    write_json_atomically(tmp_path / "manifest.json", {**manifest, "diversity": div})
     report = render_report(tmp_path)
     text = report.read_text()
     assert "distinct-1" in text and "| documents kept | 2 |" in text
