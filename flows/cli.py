@@ -192,7 +192,7 @@ def plan(
     from booksmith.generation.seeds import load_seeds
     from booksmith.schemas import GenerationRequest
     from booksmith.schemas.arrow import to_table
-    from booksmith.shards.files import write_table_atomically
+    from booksmith.shards.dataset import SingleFileWriter
 
     try:
         cfg = _run_config(config, topics, out, limit, seed)
@@ -226,7 +226,10 @@ def plan(
         console.print(escape(request.prompt), highlight=False, soft_wrap=True)
     if write is not None:
         path = write.resolve()
-        write_table_atomically(to_table(requests, GenerationRequest), path)
+        # the version's own plan writer: byte for byte the plan.parquet the run will write
+        plan_file = SingleFileWriter(path.parent, path.name, GenerationRequest, kind="plan")
+        plan_file.write_table(to_table(requests, GenerationRequest))
+        plan_file.close()
         print(path)  # stdout: the file, for scripts
 
 
