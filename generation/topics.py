@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from booksmith.generation.client import RESPONSE_FORMAT_REJECTED
+from booksmith.prompts import render_prompt
 from booksmith.schemas import GenerationRequest, GenerationResult, Sampling, TopicSeed
 
 Complete = Callable[[Sequence[GenerationRequest]], Awaitable[dict[str, GenerationResult]]]
@@ -273,26 +274,19 @@ def junk_reason(title: str) -> str | None:
 def expansion_prompt(
     node: TopicNode, breadth: int, existing: Sequence[str], *, structured: bool = False
 ) -> str:
-    where = " > ".join([*node.path, node.topic])
-    avoid = f" Do not repeat: {'; '.join(existing[:20])}." if existing else ""
-    # Structured: the grammar makes the JSON, so no example for a small model to copy (shown
-    # one, SmolLM2-135M answered "First subtopic" or "./first_subtopic_1.json").
-    shape = (
-        "their short titles"
-        if structured
-        else 'a JSON list of short titles only, like ["First subtopic", "Second subtopic"]'
-    )
-    return (
-        f'List {breadth} distinct subtopics of "{node.topic}" (within {where}) that a textbook '
-        f"would teach as separate sections.{avoid} Answer with {shape}."
+    return render_prompt(
+        "expansion/subtopics.j2",
+        topic=node.topic,
+        path=[*node.path, node.topic],
+        breadth=breadth,
+        existing=list(existing),
+        structured=structured,
     )
 
 
 def relevance_prompt(child: str, node: TopicNode) -> str:
-    where = " > ".join([*node.path, node.topic])
-    return (
-        f'Is "{child}" a subtopic of "{node.topic}" ({where}) that belongs in a textbook about '
-        f'it? Answer only "yes" or "no".'
+    return render_prompt(
+        "expansion/relevance.j2", child=child, topic=node.topic, path=[*node.path, node.topic]
     )
 
 

@@ -9,7 +9,7 @@ never evaluated as template code.
 from __future__ import annotations
 
 import logging
-from functools import cached_property, partial
+from functools import cache, cached_property, partial
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,8 @@ __all__ = [
     "Splice",
     "Style",
     "load_seed_words",
+    "prompt_text",
+    "render_prompt",
 ]
 
 # What the plan passes to every template.
@@ -92,6 +94,25 @@ def prompt_text(name: str) -> str:
     """A prompt kept as data beside the templates (e.g. `judge/edu-additive-v1.txt`), exactly
     as written: its text is part of every request id made with it."""
     return (_package_dir() / name).read_text(encoding="utf-8")
+
+
+@cache
+def _prompt_template(name: str) -> Template:
+    env = SandboxedEnvironment(undefined=StrictUndefined, autoescape=False)
+    path = _package_dir() / name
+    try:
+        return env.from_string(path.read_text(encoding="utf-8"))
+    except (OSError, TemplateError) as e:
+        raise PromptError(f"{path}: cannot load prompt: {e}") from None
+
+
+def render_prompt(name: str, **variables: Any) -> str:
+    """A Jinja prompt kept as data (e.g. `expansion/subtopics.j2`), rendered sandboxed and
+    strict: a variable the caller did not pass is an error naming it, not an empty string."""
+    try:
+        return _prompt_template(name).render(**variables).strip()
+    except TemplateError as e:
+        raise PromptError(f"prompt {name!r}: {e}") from None
 
 
 def load_seed_words(path: Path | None = None) -> list[str]:

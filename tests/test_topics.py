@@ -166,19 +166,22 @@ def test_expand_flow_on_the_fault_injecting_server(
     from tests.conftest import fake_backend_config
     from tests.fakeserver import FakeServer
 
-    faults = {"rate_limit": 0.2, "retry_after_s": 0.05, "server_error": 0.2, "bad_request": 0.2}
+    faults = {"rate_limit": 0.2, "retry_after_s": 0.05, "server_error": 0.2, "bad_request": 0.4}
     with FakeServer(faults) as server:
         config = write_config(fake_backend_config(server.base_url, tmp_path / "out"))
         out = tmp_path / "topics.jsonl"
         args = {"topics": ["Optics", "Genetics", "Poetry"], "output": str(out), "depth": 2}
         counts = expand_topics(**args, breadth=3, config=str(config))
-        requests = server.stats()["requests"]
+        stats = server.stats()
+        requests = stats["requests"]
         again = expand_topics(**args, breadth=3, config=str(config))
         assert server.stats()["requests"] == requests, "a rerun asked again"
     assert again == counts
     # the fake server's prose is not a list: every answer is accounted for, nothing crashes
-    assert counts["answers_unparsed"] + counts["answers_failed"] == 3
-    assert counts["answers_failed"] >= 0 and counts["requests"] == 3
+    assert counts["answers_unparsed"] + counts["answers_failed"] == 3 == counts["requests"]
+    # a 400 is final (the transient faults are retried until they pass): each one is a
+    # failed answer, and the server's fault draw per prompt is fixed, so this is exact
+    assert counts["answers_failed"] == stats["faults"]["bad_request"] == 2
     seeds = load_seeds(out)
     assert [s.topic for s in seeds] == ["Optics", "Genetics", "Poetry"]
 
@@ -254,3 +257,29 @@ async def test_an_endpoint_that_rejects_response_format_is_asked_plainly(tmp_pat
     assert stats["faults"] == {"response_format": 2}
     # the plain answers arrived (the fake server's prose is no list, but nothing failed)
     assert r.answers_failed == 0 and r.answers_unparsed == 3
+
+
+def test_expansion_prompts_are_data_and_render_strictly() -> None:
+    """The questions come from prompts/expansion/*.j2; their text is part of every request id
+    (the response cache's key), so a change to it shows here, and a variable the caller
+    forgot is an error naming it, not an empty string in a prompt."""
+    from booksmith.generation.topics import TopicNode, expansion_prompt, relevance_prompt
+    from booksmith.prompts import PromptError, render_prompt
+
+    node = TopicNode("Acids", ["Chemistry"], 1)
+    assert expansion_prompt(node, 3, ["Bases", "Salts"]) == (
+        'List 3 distinct subtopics of "Acids" (within Chemistry > Acids) that a textbook would '
+        "teach as separate sections. Do not repeat: Bases; Salts. Answer with a JSON list of "
+        'short titles only, like ["First subtopic", "Second subtopic"].'
+    )
+    assert expansion_prompt(node, 2, [], structured=True).endswith(
+        "separate sections. Answer with their short titles."
+    )
+    assert relevance_prompt("Strong acids", node) == (
+        'Is "Strong acids" a subtopic of "Acids" (Chemistry > Acids) that belongs in a textbook '
+        'about it? Answer only "yes" or "no".'
+    )
+    # topic text is data: template syntax in a title is printed, never evaluated
+    assert "{{ 7*7 }}" in relevance_prompt("{{ 7*7 }}", node)
+    with pytest.raises(PromptError, match="'breadth' is undefined"):
+        render_prompt("expansion/subtopics.j2", topic="Acids", path=["Acids"], existing=[])
