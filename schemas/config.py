@@ -64,6 +64,30 @@ class BreakerSettings(_Strict):
     max_failure_share: float | None = Field(default=0.9, gt=0, le=1)  # None: never trip
 
 
+class AdaptiveSettings(_Strict):
+    """Limits that adapt (generation/limits.py): on a 429 (its Retry-After and the
+    `x-ratelimit-*` headers honoured) the client multiplies its concurrency and request rate by
+    `decrease`, then adds back step by step while requests succeed, never above
+    `max_concurrency`, `requests_per_minute` and `tokens_per_minute` (the ceilings)."""
+
+    enabled: bool = True
+    decrease: float = Field(default=0.5, gt=0, lt=1)  # the factor applied on a 429
+    # the request rate grows back by this share of its value at the last decrease, per second
+    increase_per_s: float = Field(default=0.05, gt=0)
+    min_concurrency: int = Field(default=1, ge=1)
+    min_requests_per_minute: float = Field(default=6, gt=0)
+    # 429s a request may get while the limits still come down, on top of `max_retries` (they
+    # are the limiter's signal, not the request's failure; the circuit breaker never sees them)
+    rate_limit_retries: int = Field(default=20, ge=0)
+    # the requests and tokens per minute limits (fixed or adapting) let this many seconds' worth
+    # pass at once; the rest are spaced
+    burst_s: float = Field(default=1.0, gt=0)
+    # the report's effective-rate series: one point per `interval_s`, at most `max_points`
+    # (older points are merged pairwise as a run grows)
+    interval_s: float = Field(default=10.0, gt=0)
+    max_points: int = Field(default=120, ge=2)
+
+
 class EmbeddedSettings(_Strict):
     """The embedded llama.cpp server (the default backend)."""
 
@@ -121,6 +145,7 @@ class GenerationSettings(_Strict):
     prices: dict[str, Price] = Field(default_factory=dict)  # by model name
     budget: Budget = Field(default_factory=Budget)
     breaker: BreakerSettings = Field(default_factory=BreakerSettings)
+    adaptive: AdaptiveSettings = Field(default_factory=AdaptiveSettings)
     # Several servers of the same model share the load (each with its own limits); with
     # `endpoints` set, `base_url` is not used.
     endpoints: list[EndpointSettings] = Field(default_factory=list)
