@@ -5,15 +5,22 @@ per criterion met, "Educational score: <points>" at the end); Phi-1 asked GPT-4 
 question. Requests go through `generation.client.GenerationClient`: any OpenAI-compatible
 backend, the durable response cache (a rerun asks nothing twice), limits, retries, budget.
 
-A reply without a parsable score is kept with `score = None` and its `error`, never dropped.
+The judge is asked for structured output by default (`JUDGE_FORMAT`: a short reason, then the
+score as an enum), so even SmolLM2-135M's replies parse; an endpoint that rejects
+`response_format` is asked again in plain text, and the rubric's "Educational score: N" line is
+parsed from the prose. A reply without a parsable score is kept with `score = None` and its
+`error`, never dropped.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import re
+from collections import Counter
 from collections.abc import Sequence
+from dataclasses import fields
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -21,7 +28,12 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
 from booksmith.generation.cache import ResponseCache
-from booksmith.generation.client import Endpoint, GenerationClient, GenerationReport
+from booksmith.generation.client import (
+    RESPONSE_FORMAT_REJECTED,
+    Endpoint,
+    GenerationClient,
+    GenerationReport,
+)
 from booksmith.prompts import prompt_text
 from booksmith.schemas import Document, GenerationRequest, Sampling
 from booksmith.schemas.arrow import arrow_schema, to_table
@@ -33,6 +45,25 @@ RUBRIC = prompt_text(f"judge/{RUBRIC_VERSION}.txt")  # the judge's prompt, as da
 
 _SCORE = re.compile(r"educational score\W{0,5}([0-5])\b", re.IGNORECASE)
 _LOOSE = re.compile(r"\bscore\W{0,5}([0-5])\b", re.IGNORECASE)
+
+# The judge's structured answer: the reason first (the rubric asks to justify, then score),
+# bounded so it cannot use up max_tokens before the score.
+JUDGE_FORMAT: dict[str, object] = {
+    "type": "json_schema",
+    "json_schema": {
+        "name": "educational_score",
+        "strict": True,
+        "schema": {
+            "type": "object",
+            "properties": {
+                "reason": {"type": "string", "maxLength": 300},
+                "score": {"type": "integer", "enum": [0, 1, 2, 3, 4, 5]},
+            },
+            "required": ["reason", "score"],
+            "additionalProperties": False,
+        },
+    },
+}
 
 
 class Annotation(BaseModel):
@@ -53,7 +84,15 @@ class Annotation(BaseModel):
 
 
 def parse_score(reply: str) -> int | None:
-    """The score the judge gave: "Educational score: N" (the last one), else "score: N"."""
+    """The score the judge gave: a structured answer's `score`, else "Educational score: N"
+    (the last one), else "score: N"."""
+    if reply.lstrip().startswith("{"):
+        try:
+            score = json.loads(reply).get("score")
+        except (ValueError, AttributeError):
+            score = None
+        if isinstance(score, int) and not isinstance(score, bool) and 0 <= score <= 5:
+            return score
     found = _SCORE.findall(reply) or _LOOSE.findall(reply)
     return int(found[-1]) if found else None
 
@@ -68,14 +107,21 @@ def sample(docs: Sequence[Document], n: int, seed: int = 0) -> list[Document]:
 
 
 def build_requests(
-    docs: Sequence[Document], model: str, *, max_tokens: int = 256, max_chars: int = 6_000
+    docs: Sequence[Document],
+    model: str,
+    *,
+    max_tokens: int = 256,
+    max_chars: int = 6_000,
+    structured: bool = False,
 ) -> list[GenerationRequest]:
     sampling = Sampling(max_tokens=max_tokens, temperature=0.0, top_p=1.0, seed=0)
+    fmt = json.dumps(JUDGE_FORMAT) if structured else None
     return [
         GenerationRequest.build(
             messages=[{"role": "user", "content": RUBRIC.format(text=doc.text[:max_chars])}],
             model=model,
             sampling=sampling,
+            response_format=fmt,
             topic=doc.id,
             template=RUBRIC_VERSION,
         )
@@ -91,15 +137,38 @@ def annotate(
     budget: Budget | None = None,
     max_tokens: int = 256,
     max_chars: int = 6_000,
+    structured: bool = True,
     run_id: str = "annotate",
 ) -> tuple[list[Annotation], GenerationReport]:
     """Judge every document; returns one Annotation per document answered, and the report.
 
-    Documents the budget skipped or whose request failed get an Annotation with `error` set."""
-    requests = build_requests(docs, endpoint.model, max_tokens=max_tokens, max_chars=max_chars)
+    Documents the budget skipped or whose request failed get an Annotation with `error` set.
+    With `structured`, the documents whose request the endpoint rejected for its
+    response_format are asked again in plain text (the report counts both requests)."""
     client = GenerationClient(endpoint, cache=cache, run_id=run_id, budget=budget)
+    requests = build_requests(
+        docs, endpoint.model, max_tokens=max_tokens, max_chars=max_chars, structured=structured
+    )
     report = asyncio.run(client.run(requests))
     by_request = {r.request_id: r for r in report.results}
+    rejected = [
+        i for i, req in enumerate(requests)
+        if (r := by_request.get(req.id)) is not None and r.error == RESPONSE_FORMAT_REJECTED
+    ]  # fmt: skip
+    if rejected:
+        again = build_requests(
+            [docs[i] for i in rejected], endpoint.model, max_tokens=max_tokens,
+            max_chars=max_chars,
+        )  # fmt: skip
+        plain = asyncio.run(client.run(again))
+        by_request.update({r.request_id: r for r in plain.results})
+        for i, req in zip(rejected, again, strict=True):
+            requests[i] = req
+        _add_counts(report, plain)
+        # a rejected structured request was asked again: not a failure of its document
+        report.failed -= len(rejected)
+        report.failures[RESPONSE_FORMAT_REJECTED] -= len(rejected)
+        report.failures += Counter()  # drops the zero
     out = []
     for doc, req in zip(docs, requests, strict=True):
         result = by_request.get(req.id)
@@ -126,6 +195,18 @@ def annotate(
             )
         )
     return out, report
+
+
+def _add_counts(report: GenerationReport, other: GenerationReport) -> None:
+    """`other`'s counts added to `report`'s (the plain retries of a structured run)."""
+    for f in fields(report):
+        if f.name in ("planned", "started_at"):
+            continue
+        value = getattr(report, f.name)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            setattr(report, f.name, value + getattr(other, f.name))
+    report.failures.update(other.failures)
+    report.results.extend(other.results)
 
 
 def save_annotations(path: Path, annotations: Sequence[Annotation]) -> int:

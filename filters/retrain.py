@@ -82,6 +82,7 @@ def run_annotate(
                 budget=cfg.generation.budget,
                 max_tokens=max_tokens or fs.annotate.max_tokens,
                 max_chars=fs.annotate.max_chars,
+                structured=fs.annotate.structured_output,
             )
     finally:
         cache.close()

@@ -154,6 +154,9 @@ class AnnotateSettings(_Strict):
     seed: int = 0
     max_tokens: int = Field(default=256, ge=1)
     max_chars: int = Field(default=6_000, ge=100)  # of each document shown to the judge
+    # Ask for {"reason", "score"} as structured output (JSON schema; an endpoint that rejects
+    # it is asked again in plain text): a small judge's prose seldom ends in a parsable score.
+    structured_output: bool = True
 
 
 class FilterSettings(_Strict):

@@ -84,6 +84,38 @@ def test_annotate_through_the_generation_client_with_faults_and_cache(tmp_path: 
         assert pq.read_table(target).num_rows == 6  # merged by id, not appended
 
 
+@pytest.mark.parametrize("structured_output", [True, False])
+def test_the_judge_answers_structured_or_falls_back_to_plain(
+    tmp_path: Path, structured_output: bool
+) -> None:
+    """Structured by default: the reply is {"reason", "score"} JSON; a server that rejects
+    response_format (400) is asked again in plain text and its "Educational score: N" parsed,
+    so every document gets its score either way, and the fallback is not a failure."""
+    docs = _jsonl(
+        tmp_path / "docs.jsonl", [{"id": f"d{i}", "text": f"{TEXTBOOK} {i}"} for i in range(4)]
+    )
+    with judge_server(lambda extract: int(extract[-1]), structured_output=structured_output) as (
+        url,
+        calls,
+    ):
+        config = _config(tmp_path, url)
+        result = runner.invoke(app, ["quality", "annotate", str(docs), "--config", str(config)])
+        assert result.exit_code == 0, result.output
+        assert calls[0] == (4 if structured_output else 8)  # each rejected request asked again
+    rows = pq.read_table(tmp_path / "out/_state/quality/annotations.parquet").to_pylist()
+    assert {r["id"]: r["score"] for r in rows} == {f"d{i}": i for i in range(4)}
+    assert all(r["error"] is None for r in rows)
+    replies = [r["response"] for r in rows]
+    if structured_output:
+        assert all(json.loads(r)["reason"] for r in replies)
+    else:
+        assert all(
+            r.endswith(f"Educational score: {r_id[-1]}")
+            for r, r_id in zip(replies, [r["id"] for r in rows], strict=True)
+        )
+    assert "http_400" not in result.output  # the fallback is not counted as a failure
+
+
 def test_annotate_train_filter_end_to_end(tmp_path: Path, judge: str) -> None:
     config = _config(tmp_path, judge)
     result = runner.invoke(app, ["quality", "annotate", str(LABELLED), "--config", str(config),
