@@ -83,13 +83,21 @@ def train(
 def export(
     ckpt: Annotated[Path, typer.Argument(help="A checkpoint directory (OUT/latest, step-N).")],
     out_dir: Annotated[Path, typer.Argument(help="Directory to write the Hugging Face model.")],
+    encoding: Annotated[
+        str | None, typer.Option(help="The tokenizer's encoding (default: the checkpoint's).")
+    ] = None,
+    no_tokenizer: Annotated[
+        bool, typer.Option("--no-tokenizer", help="Write the weights and configs alone.")
+    ] = False,
 ) -> None:
-    """Write config.json and model.safetensors that transformers loads (PhiForCausalLM)."""
+    """Write a model transformers loads and runs: config.json, model.safetensors,
+    generation_config.json and the tokenizer of the encoding it trained on."""
+    from booksmith.shards.hf_tokenizer import TokenizerExportError
     from booksmith.trainer.export import export_hf
 
     try:
-        path = export_hf(ckpt, out_dir)
-    except user_errors(*_trainer_errors()) as e:
+        path = export_hf(ckpt, out_dir, encoding=encoding, tokenizer=not no_tokenizer)
+    except user_errors(*_trainer_errors(), TokenizerExportError) as e:
         fail(str(e))
         return
     print(path)

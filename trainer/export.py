@@ -1,8 +1,11 @@
 """Hugging Face format: booksmith's Phi <-> transformers' PhiForCausalLM.
 
 `export_hf(ckpt, out_dir)` writes config.json (model_type "phi") and model.safetensors, which
-`transformers.AutoModelForCausalLM.from_pretrained(out_dir)` loads with the same logits. The only
-renaming is booksmith's fused `in_proj` ([q | k | v | fc1]), split back into four Linears.
+`transformers.AutoModelForCausalLM.from_pretrained(out_dir)` loads with the same logits, the
+tokenizer of the encoding the model was trained on (shards/hf_tokenizer.py: `AutoTokenizer`
+encodes as the token shards), and generation_config.json; end-of-text is the EOS and the padding
+token in all of them. The only renaming is booksmith's fused `in_proj` ([q | k | v | fc1]), split
+back into four Linears.
 """
 
 from __future__ import annotations
@@ -45,8 +48,14 @@ def hf_config(cfg: ModelConfig, eot_token: int | None = None) -> dict[str, Any]:
         "tie_word_embeddings": False,
         "bos_token_id": eot_token,
         "eos_token_id": eot_token,
+        "pad_token_id": eot_token,
         "torch_dtype": "float32",
     }
+
+
+def generation_config(eot_token: int | None) -> dict[str, Any]:
+    """generation_config.json: generation stops at end-of-text and pads with it."""
+    return {"bos_token_id": eot_token, "eos_token_id": eot_token, "pad_token_id": eot_token}
 
 
 def to_hf_state_dict(model: Phi) -> dict[str, torch.Tensor]:
@@ -104,17 +113,51 @@ def from_hf_state_dict(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> Phi:
     return model
 
 
-def export_hf(ckpt: Path, out_dir: Path) -> Path:
-    """Write `out_dir/config.json` and `out_dir/model.safetensors` from a booksmith checkpoint."""
+def export_hf(
+    ckpt: Path, out_dir: Path, *, encoding: str | None = None, tokenizer: bool = True
+) -> Path:
+    """Write `out_dir/config.json`, `model.safetensors`, `generation_config.json` and (unless
+    `tokenizer` is false) the tokenizer files of `encoding` (default: the one the checkpoint
+    trained on) from a booksmith checkpoint. An encoding with no tokenizer raises
+    TokenizerExportError before anything is written."""
     from safetensors.torch import save_file
 
+    from booksmith.shards.hf_tokenizer import TokenizerExportError, load_encoding
     from booksmith.trainer.checkpoint import load_model
 
     model, meta = load_model(ckpt)
+    eot = meta.get("eot_token")
+    name = encoding or meta.get("encoding")
+    if tokenizer:
+        if not name:
+            raise TokenizerExportError(
+                f"{ckpt}: the checkpoint names no encoding, so no tokenizer can be exported: "
+                "name it with --encoding NAME, or export the weights alone with --no-tokenizer"
+            )
+        enc = load_encoding(name)  # fails here, before any file is written
+        eot = enc.eot_token
+        if enc.n_vocab > model.cfg.vocab_size:
+            raise TokenizerExportError(
+                f"{ckpt}: encoding {name!r} has {enc.n_vocab} tokens, the model "
+                f"{model.cfg.vocab_size}: name the encoding it trained on with --encoding NAME"
+            )
+        if meta.get("eot_token") not in (None, eot):
+            raise TokenizerExportError(
+                f"{ckpt}: trained with end-of-text {meta['eot_token']}, but encoding {name!r} "
+                f"has {eot}: name the encoding it trained on with --encoding NAME"
+            )
     out_dir.mkdir(parents=True, exist_ok=True)
+    if tokenizer and name:
+        from booksmith.shards.hf_tokenizer import write_hf_tokenizer
+
+        write_hf_tokenizer(name, out_dir, model_max_length=model.cfg.max_seq_len)
     save_file(
         to_hf_state_dict(model), str(out_dir / "model.safetensors"), metadata={"format": "pt"}
     )
-    config = hf_config(model.cfg, meta.get("eot_token"))
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    _write_json(out_dir / "config.json", hf_config(model.cfg, eot))
+    _write_json(out_dir / "generation_config.json", generation_config(eot))
     return out_dir
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
