@@ -269,13 +269,15 @@ def config_show(
 ) -> None:
     """Print the full configuration with every default filled in."""
     from booksmith.schemas.config import ConfigError, load_config
+    from booksmith.schemas.redact import redact_config
 
     try:
         cfg = load_config(config)
     except ConfigError as e:
         fail(str(e))
         return
-    print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
+    shown = redact_config(cfg.model_dump(mode="json"))  # a passworded URL shows as ***
+    print(yaml.safe_dump(shown, sort_keys=False), end="")
 
 
 @topics_app.command("expand")

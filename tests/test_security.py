@@ -33,6 +33,7 @@ from booksmith.flows.cli import app
 from booksmith.shards.version_dir import STATE_DIR, list_versions, read_manifest
 from tests.conftest import fake_backend_config
 from tests.fakeserver import FakeApp, FaultConfig
+from tests.services import redis_server
 
 BOOKSMITH = [sys.executable, "-m", "booksmith"]
 runner = CliRunner()
@@ -201,6 +202,13 @@ def test_key_from_the_environment_never_reaches_any_output(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     planted = "sk-booksmith-planted-" + secrets.token_hex(16)
+    # credentials in URLs: the shared index's Redis password (used for real), and a password
+    # and a key in the URL of a judge the config records but this run does not call (an S3
+    # URL's keys are redacted by the same rules: test_redact.py)
+    redis_password = "rpw-planted-" + secrets.token_hex(8)
+    url_secret = "urlpw-planted-" + secrets.token_hex(8)
+    key_in_query = "urlkey-planted-" + secrets.token_hex(8)
+    url_secrets = (redis_password, url_secret, key_in_query)
     out = tmp_path / "out"
     prefect_home = tmp_path / "prefect-home"
     env = {
@@ -216,9 +224,15 @@ def test_key_from_the_environment_never_reaches_any_output(
     }
     env.pop("BOOKSMITH_CRASH_AT", None)
 
-    with recording_server(FAULTS) as (server, base_url):
+    with (
+        recording_server(FAULTS) as (server, base_url),
+        redis_server(password=redis_password) as redis_url,
+    ):
         cfg = fake_backend_config(base_url, out, max_retries=3, max_concurrency=4)
         cfg["plan"]["limit"] = 16
+        cfg["dedup"] = {"index": "redis", "redis_url": redis_url}
+        judge = f"https://judge:{url_secret}@judge.test/v1?api_key={key_in_query}"
+        cfg["filters"] = {"annotate": {"base_url": judge}}
         config = write_config(cfg)
         run = subprocess.run(
             [*BOOKSMITH, "run", "--config", str(config), "--verbose"],
@@ -248,11 +262,16 @@ def test_key_from_the_environment_never_reaches_any_output(
     assert any(p.suffix == ".parquet" for p in written) and any(
         p.name.startswith("responses.sqlite") for p in written
     )
-    assert files_with(out, planted) == {}
+    # The run used the passworded Redis (preflight and the index would have failed without it).
+    assert read_manifest(version).config["dedup"]["redis_url"].startswith("redis://:***@")
+    every = (planted, *url_secrets)
+    for secret in every:
+        assert files_with(out, secret) == {}, secret
 
     # What the process printed, and its Prefect settings directory.
-    assert leaks(run.stdout, planted) == [] and leaks(run.stderr, planted) == []
-    assert files_with(prefect_home, planted) == {}
+    for secret in every:
+        assert leaks(run.stdout, secret) == [] and leaks(run.stderr, secret) == [], secret
+        assert files_with(prefect_home, secret) == {}, secret
 
     # What the Prefect server holds about the run: the flow run and its parameters, the task
     # runs, the logs (sent at DEBUG) and the artifacts (report, failures table, progress).
@@ -261,17 +280,21 @@ def test_key_from_the_environment_never_reaches_any_output(
     assert any("failures" in a for a in records["artifacts"])
     for kind, items in records.items():
         for item in items if isinstance(items, list) else [items]:
-            assert leaks(item, planted) == [], (kind, item[:500])
+            for secret in every:
+                assert leaks(item, secret) == [], (kind, item[:500])
     database = prefect_database()
-    if database is not None and database.exists():
-        for path in database.parent.glob(database.name + "*"):  # the db, -wal, -shm
-            assert leaks(path.read_bytes(), planted) == [], path
+    assert database is not None and database.exists(), database
+    for path in database.parent.glob(database.name + "*"):  # the db, -wal, -shm
+        for secret in every:
+            assert leaks(path.read_bytes(), secret) == [], path
 
     # `booksmith config show` with the key in the environment prints the variable's name only.
     monkeypatch.setenv("OPENAI_API_KEY", planted)
     shown = runner.invoke(app, ["config", "show", str(config)])
     assert shown.exit_code == 0, shown.output
-    assert "OPENAI_API_KEY" in shown.output and leaks(shown.output, planted) == []
+    assert "OPENAI_API_KEY" in shown.output
+    for secret in every:
+        assert leaks(shown.output, secret) == [], secret
 
 
 # -- a key in the config file is refused -------------------------------------------------
