@@ -41,7 +41,7 @@ def test_every_problem_is_one_line_before_anything_starts(tmp_path: Path, write_
     assert len(lines) == 3 and all(line.startswith("error: ") for line in lines), lines
     assert "generation.base_url: nothing answers at http://127.0.0.1:" in lines[0]
     assert "output.dir:" in lines[1] and "is a file, not a directory" in lines[1]
-    assert "dedup.redis_url: Redis at 127.0.0.1:" in lines[2]
+    assert "dedup.redis_url: Redis at redis://:***@127.0.0.1:" in lines[2]
     assert "secret" not in run.stderr and "Traceback" not in run.stderr
     assert not (blocker.parent / "out").exists()
 
