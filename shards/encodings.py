@@ -7,7 +7,12 @@ tiktoken downloads its BPE files at first use, so `tiktoken.get_encoding` fails 
   from the vocabulary inside the bundled GGUF file: rank = token id, each token's GPT-2
   byte-to-unicode text mapped back to bytes, the 17 control tokens as special tokens
   (`<|endoftext|>` = 0), and a split pattern reproducing llama.cpp's two-pass "smollm"
-  pre-tokenizer (digits one at a time, then GPT-2's rule). It fits uint16.
+  pre-tokenizer (digits one at a time, then GPT-2's rule). It fits uint16. Its vocabulary lacks
+  21 single bytes (0x04, 0x06, 0x13, 0x14, 0x16, 0x1D, 0xC0, 0xC1, 0xF1, 0xF2, 0xF5-0xFF): a text
+  needing one made tiktoken panic. Like llama.cpp's tokenizer of the same GGUF (and a Hugging
+  Face BPE with no unknown token), the encoding drops those bytes and keeps every other token:
+  the six control characters vanish, a character in U+40000-U+BFFFF (planes 4-11, all
+  unassigned) keeps its three continuation bytes. `TotalEncoding` below.
 - any encoding tiktoken knows (`r50k_base`, `p50k_base`, `o200k_base`, ...) when its .tiktoken
   file is already in tiktoken's cache, or supplied by path (checked against the sha256 given,
   and against the hash tiktoken itself expects). Nothing here ever reaches the network.
@@ -19,12 +24,13 @@ import base64
 import hashlib
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
+from collections.abc import Set as AbstractSet
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import tiktoken
@@ -87,6 +93,122 @@ def _smollm2_ranks(gguf_path: Path) -> tuple[dict[bytes, int], dict[str, int]]:
     return ranks, special
 
 
+_AnySpecial = Literal["all"] | AbstractSet[str]
+_AnyDisallowed = Literal["all"] | Collection[str]
+
+
+class TotalEncoding(tiktoken.Encoding):
+    """A tiktoken Encoding whose BPE vocabulary lacks some single bytes, made total.
+
+    tiktoken panics ("no entry found for key") on a text needing a byte its ranks lack. Here
+    each missing byte gets a stand-in id above the vocabulary for tiktoken's core, and the
+    stand-ins are dropped from every encoding: what llama.cpp's BPE tokenizer does with a byte
+    it has no token for (its byte fallback skips it), and what a Hugging Face BPE with no
+    unknown token does. A single byte's rank never takes part in a merge (merges join two
+    parts into a token of two bytes or more), so every other token is the one the plain
+    encoding gives, and texts without those bytes encode exactly as before. `n_vocab`,
+    `max_token_value` and `_mergeable_ranks` are the real vocabulary's; decode never sees a
+    stand-in. An encoding with no id above the vocabulary is returned as tiktoken made it.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        pat_str: str,
+        mergeable_ranks: dict[bytes, int],
+        special_tokens: dict[str, int],
+        explicit_n_vocab: int | None = None,
+    ) -> None:
+        missing = bytes(b for b in range(256) if bytes([b]) not in mergeable_ranks)
+        top = max(max(mergeable_ranks.values()), max(special_tokens.values(), default=0))
+        stand_ins = {bytes([b]): top + 1 + i for i, b in enumerate(missing)}
+        super().__init__(
+            name,
+            pat_str=pat_str,
+            mergeable_ranks={**mergeable_ranks, **stand_ins},
+            special_tokens=special_tokens,
+        )
+        self._mergeable_ranks = mergeable_ranks  # what pickling and exports see
+        self.max_token_value = top
+        if explicit_n_vocab:
+            assert len(mergeable_ranks) + len(special_tokens) == explicit_n_vocab
+            assert top == explicit_n_vocab - 1
+        self.missing_bytes = missing
+
+    def _kept(self, ids: list[int]) -> list[int]:
+        top = self.max_token_value
+        return [i for i in ids if i <= top] if max(ids, default=-1) > top else ids
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        return self._kept(super().encode_ordinary(text))
+
+    def encode(
+        self,
+        text: str,
+        *,
+        allowed_special: _AnySpecial = set(),  # noqa: B006 (tiktoken's signature)
+        disallowed_special: _AnyDisallowed = "all",
+    ) -> list[int]:
+        return self._kept(
+            super().encode(
+                text, allowed_special=allowed_special, disallowed_special=disallowed_special
+            )
+        )
+
+    def encode_to_numpy(
+        self,
+        text: str,
+        *,
+        allowed_special: _AnySpecial = set(),  # noqa: B006
+        disallowed_special: _AnyDisallowed = "all",
+    ) -> np.ndarray[Any, Any]:
+        ids = super().encode_to_numpy(
+            text, allowed_special=allowed_special, disallowed_special=disallowed_special
+        )
+        top = self.max_token_value
+        return ids[ids <= top] if ids.size and ids.max() > top else ids
+
+    def encode_with_unstable(
+        self,
+        text: str,
+        *,
+        allowed_special: _AnySpecial = set(),  # noqa: B006
+        disallowed_special: _AnyDisallowed = "all",
+    ) -> tuple[list[int], list[list[int]]]:
+        ids, completions = super().encode_with_unstable(
+            text, allowed_special=allowed_special, disallowed_special=disallowed_special
+        )
+        return self._kept(ids), [self._kept(c) for c in completions]
+
+    def encode_single_token(self, text_or_bytes: str | bytes) -> int:
+        token = super().encode_single_token(text_or_bytes)
+        if token > self.max_token_value:
+            raise KeyError(text_or_bytes)
+        return token
+
+    def _encode_single_piece(self, text_or_bytes: str | bytes) -> list[int]:
+        return self._kept(super()._encode_single_piece(text_or_bytes))
+
+    def _encode_only_native_bpe(self, text: str) -> list[int]:
+        return self._kept(super()._encode_only_native_bpe(text))
+
+    def _encode_bytes(self, text: bytes) -> list[int]:
+        return self._kept(super()._encode_bytes(text))
+
+    def token_byte_values(self) -> list[bytes]:
+        return [t for t in super().token_byte_values() if t in self._mergeable_ranks]
+
+
+def decoded_bytes(enc: tiktoken.Encoding, text: str) -> bytes:
+    """What `enc.decode_bytes(enc.encode_ordinary(text))` gives back: the text's UTF-8 (lone
+    surrogates as U+FFFD, as tiktoken repairs them) less the bytes the encoding has no token
+    for (`TotalEncoding`)."""
+    data = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace").encode("utf-8")
+    missing = getattr(enc, "missing_bytes", b"")
+    return data.translate(None, missing) if missing else data
+
+
 def build_smollm2(gguf_path: Path | None = None) -> tiktoken.Encoding:
     """SmolLM2's tokenizer as a tiktoken Encoding, from the bundled GGUF (cached as a .tiktoken
     file under booksmith's cache dir, keyed by the GGUF's size and mtime: reading the GGUF takes
@@ -117,7 +239,7 @@ def build_smollm2(gguf_path: Path | None = None) -> tiktoken.Encoding:
         write_bytes_atomically(
             special_file, "".join(f"{n} {i}\n" for n, i in special.items()).encode()
         )
-    return tiktoken.Encoding(
+    return TotalEncoding(
         name=SMOLLM2,
         pat_str=SMOLLM2_PAT,
         mergeable_ranks=ranks,

@@ -362,3 +362,26 @@ def test_verify_checks_packed_rows_against_the_token_stream(version: Path) -> No
     m.shards = [s.model_copy(update=fixed) if s.path == rel else s for s in m.shards]
     (version / "manifest.json").write_text(m.to_json())
     assert verify(version).problems == [f"{rel}: row 0 is not the start of the token stream"]
+
+
+def test_a_version_with_bytes_smollm2_lacks_writes_and_verifies(tmp_path: Path) -> None:
+    """Documents with bytes SmolLM2's vocabulary has no token for (control characters, U+40000-
+    U+BFFFF) are written like any other, and verify's round trip accepts their tokens: the text
+    less those bytes, as the encoding drops them."""
+    root = tmp_path / "odd"
+    odd = ["end of\x04transmission", "a\x1dgroup\x16sep", "plane four \U00040000 and \U000bffff"]
+    enc = get_encoding()
+    docs = []
+    for i, d in enumerate(make_docs(12, run_id="odd", prefix="odd-")):
+        text = d.text + odd[i % 3]
+        update = {"text": text, "text_sha256": sha256_hex(text)}
+        docs.append(d.model_copy(update={**update, "n_tokens": len(enc.encode_ordinary(text))}))
+    version = InMemoryVersion(
+        "odd", docs, [], encodings=["smollm2"], config={"seed": 1}, config_hash="abc",
+        counts=Counts.model_validate({"kept": 12}),
+    )  # fmt: skip
+    write_version(root, version, ShardLayout(shard_rows=5))
+    assert read_manifest(root).tokens["smollm2"].documents == 12
+    report = verify(root, sample=100)
+    assert report.ok, report.problems
+    assert report.round_trips == 24

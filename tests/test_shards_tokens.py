@@ -4,6 +4,7 @@ and the threaded token-shard writer."""
 from __future__ import annotations
 
 import hashlib
+import pickle
 import random
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -11,8 +12,14 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import tiktoken
 
-from booksmith.shards.encodings import EncodingUnavailable, get_encoding, token_dtype
+from booksmith.shards.encodings import (
+    EncodingUnavailable,
+    decoded_bytes,
+    get_encoding,
+    token_dtype,
+)
 from booksmith.shards.tokens import encode_batch, write_token_shards
 
 SAMPLES = [
@@ -64,6 +71,101 @@ def test_smollm2_matches_llama_cpp_tokenizer() -> None:
         if enc.encode_ordinary(t) != llm.tokenize(t.encode(), add_bos=False, special=False)
     ]
     assert not mismatches, mismatches[:5]
+
+
+# SmolLM2's GGUF vocabulary has no token for these single bytes: six control characters, and
+# 0xF1/0xF2, the lead bytes of U+40000-U+BFFFF (0xC0, 0xC1, 0xF5-0xFF never occur in UTF-8)
+ODD = ["\x04", "\x06", "\x13", "\x14", "\x16", "\x1d", "\U00040000", "\U0007ffff",
+       "\U00080000", "\U000bffff", "\U00065432", "\U000a1234"]  # fmt: skip
+NEIGHBOURS = ["\x03", "\x05", "\x1c", "\x1e", "\x1f", "\U0003ffff", "\U000c0000", "\U0010ffff"]
+
+
+def odd_texts(n: int, seed: int = 0) -> list[str]:
+    """Texts with the bytes SmolLM2 lacks, next to words, digits, spaces, punctuation."""
+    rng = random.Random(seed)
+    alphabet = ALPHABET + ODD * 4 + NEIGHBOURS
+    fixed = [*ODD, "".join(ODD), "a\x04b", "a \x04 b", "\x04!!", "12\x1d34", " \U00040000x",
+             "don\x13't", "\x16\n\n", "\t\x06\t", "日本\x14語", "😀\U000bffff😀"]  # fmt: skip
+    return fixed + [
+        "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 60))) for _ in range(n)
+    ]
+
+
+def varied(n: int, seed: int = 0) -> list[str]:
+    """Any code point (outside the surrogates), mixed with words, digits and whitespace."""
+    rng = random.Random(seed)
+
+    def piece() -> str:
+        kind = rng.randrange(4)
+        if kind == 0:  # mostly the Basic Multilingual Plane, sometimes any plane
+            c = rng.randint(0, rng.choice([0xFFFF, 0xFFFF, 0xFFFF, 0x10FFFF]))
+            return chr(c) if not 0xD800 <= c <= 0xDFFF else "x"
+        if kind == 1:
+            return chr(rng.randint(0, 0x7F))
+        return rng.choice(ALPHABET)
+
+    return ["".join(piece() for _ in range(rng.randint(1, 80))) for _ in range(n)]
+
+
+def test_smollm2_is_total_and_drops_what_llama_cpp_drops() -> None:
+    """Every text encodes; a byte the vocabulary lacks is dropped exactly as llama.cpp drops it
+    (its tokenizer gives no id for it and keeps every other token), and decoding gives the text
+    back less those bytes."""
+    import llama_cpp
+
+    from booksmith.generation.embedded.model import bundled_gguf
+
+    llm = llama_cpp.Llama(model_path=str(bundled_gguf()), vocab_only=True, verbose=False)
+    enc = get_encoding("smollm2")
+    assert enc.missing_bytes == bytes([0x04, 0x06, 0x13, 0x14, 0x16, 0x1D, 0xC0, 0xC1, 0xF1,
+                                       0xF2, *range(0xF5, 0x100)])  # fmt: skip
+    texts = odd_texts(1_500) + varied(500, seed=1)
+    assert sum(bool(set(enc.missing_bytes) & set(t.encode())) for t in texts) > 1_000
+    mismatches = []
+    for t in texts:
+        ids = enc.encode_ordinary(t)
+        if ids != llm.tokenize(t.encode(), add_bos=False, special=False):
+            mismatches.append(t)
+        assert max(ids, default=0) < enc.n_vocab
+        assert enc.decode_bytes(ids) == decoded_bytes(enc, t)
+        assert enc.encode(t, disallowed_special=()) == ids
+        assert enc.encode_to_numpy(t, disallowed_special=()).tolist() == ids
+    assert not mismatches, [ascii(t) for t in mismatches[:5]]
+    assert enc.encode_ordinary_batch(texts[:50], num_threads=2) == [
+        enc.encode_ordinary(t) for t in texts[:50]
+    ]
+    # the six control characters vanish; a plane 4-11 character keeps its continuation bytes
+    assert enc.encode_ordinary("a\x04b") == enc.encode_ordinary("a") + enc.encode_ordinary("b")
+    assert enc.decode(enc.encode_ordinary("a\x04b\x1dc")) == "abc"
+    assert enc.decode_bytes(enc.encode_ordinary("\U00040000")) == b"\x80\x80\x80"
+    with pytest.raises(KeyError):
+        enc.encode_single_token("\x04")
+    # pickled (as process pools do) it is the same total encoding
+    again = pickle.loads(pickle.dumps(enc))
+    assert again.n_vocab == 49_152 and again.encode_ordinary("a\x04b") == [81, 82]
+
+
+def test_smollm2_fix_changes_no_ids_of_texts_that_encoded_before() -> None:
+    """Texts without those bytes get the ids of the plain tiktoken build of the same ranks (the
+    encoding before the fix), on a corpus of varied texts; with them, the plain build panics."""
+    enc = get_encoding("smollm2")
+    plain = tiktoken.Encoding(
+        name="plain",
+        pat_str=enc._pat_str,
+        mergeable_ranks=enc._mergeable_ranks,
+        special_tokens=enc._special_tokens,
+    )
+    missing = set(enc.missing_bytes)
+    corpus = SAMPLES + adversarial(1_000, seed=3) + varied(2_000, seed=4) + odd_texts(300, seed=5)
+    before = [t for t in corpus if not missing.intersection(t.encode())]
+    assert len(before) > 1_500
+    for t in before:
+        assert enc.encode_ordinary(t) == plain.encode_ordinary(t)
+        assert enc.encode(t, disallowed_special=()) == plain.encode(t, disallowed_special=())
+        assert enc.decode(enc.encode_ordinary(t)) == t
+    assert enc.token_byte_values() == [b for b in plain.token_byte_values()]
+    with pytest.raises(BaseException, match="no entry found for key"):
+        plain.encode_ordinary("a\x04b")  # the bug: tiktoken's core panics
 
 
 def test_supplied_bpe_file_is_checked(tmp_path: Path) -> None:
@@ -137,3 +239,21 @@ def test_failed_write_leaves_no_partial_shard(tmp_path: Path) -> None:
         write_token_shards(items(), enc, root=tmp_path, shard_rows=20, batch_docs=10)
     names = sorted(p.name for p in (tmp_path / "tokens" / "cl100k_base").iterdir())
     assert names == ["part-00000.parquet", "part-00001.parquet"]  # complete shards only
+
+
+def test_token_shard_writer_takes_odd_documents(tmp_path: Path) -> None:
+    """One document with a byte SmolLM2 lacks never stops a run: every document gets its row,
+    its ids are the encoding's, and its tokens decode to its text less those bytes."""
+    items = [(f"d{i}", t) for i, t in enumerate(adversarial(40, seed=6) + odd_texts(40, seed=7))]
+    items.append(("surrogate", "lone \ud800 surrogate and \x04"))
+    for name in ("smollm2", "cl100k_base"):
+        enc = get_encoding(name)
+        result = write_token_shards(items, enc, root=tmp_path, shard_rows=30, pack_seq_len=16)
+        assert result.documents == len(items)
+        rows = pq.read_table(tmp_path / "tokens" / name).to_pylist()
+        assert [r["id"] for r in rows] == [i for i, _ in items]
+        for row, (_, text) in zip(rows, items, strict=True):
+            assert row["input_ids"][-1] == enc.eot_token
+            assert enc.decode_bytes(row["input_ids"][:-1]) == decoded_bytes(enc, text)
+        if name == "cl100k_base":  # a complete byte vocabulary drops nothing
+            assert decoded_bytes(enc, "a\x04b") == b"a\x04b"

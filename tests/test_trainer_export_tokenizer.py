@@ -120,13 +120,12 @@ def texts(n: int = N_TEXTS, seed: int = 20) -> list[str]:
     return out
 
 
-def encodable(name: str, items: list[str]) -> list[str]:
-    """The texts booksmith's encoder takes: SmolLM2's vocabulary lacks 21 single bytes (six
-    control characters, 0xF1/0xF2 lead bytes: U+40000-U+BFFFF), and tiktoken aborts on a text
-    needing one; such texts cannot be in token shards, so they are left out of the comparison."""
-    ranks: dict[bytes, int] = get_encoding(name)._mergeable_ranks
-    missing = {b for b in range(256) if bytes([b]) not in ranks}
-    return [t for t in items if not missing.intersection(t.encode("utf-8", "surrogatepass"))]
+def lacking(name: str, items: list[str]) -> list[str]:
+    """The texts with a byte the encoding has no token for: SmolLM2's vocabulary lacks 21
+    single bytes (six control characters, the 0xF1/0xF2 lead bytes of U+40000-U+BFFFF); its
+    encoding drops them as llama.cpp does (shards/encodings.py), and so must the tokenizer."""
+    missing = set(getattr(get_encoding(name), "missing_bytes", b""))
+    return [t for t in items if missing.intersection(t.encode("utf-8", "surrogatepass"))]
 
 
 def shard_ids(name: str, items: list[str]) -> list[list[int]]:
@@ -173,17 +172,21 @@ def _auto_tokenizer(path: Path) -> Any:
 def test_exported_tokenizer_encodes_as_the_token_shards(
     name: str, hf_dirs: dict[str, Path]
 ) -> None:
-    items = encodable(name, texts(2_000))[:N_TEXTS]  # SmolLM2 leaves about a quarter out
-    assert len(items) == N_TEXTS
+    items = texts(N_TEXTS)
+    if name == "smollm2":  # about a quarter of the texts need a byte SmolLM2 lacks
+        assert len(lacking(name, items)) > N_TEXTS // 5
     expected = shard_ids(name, items)
     tok = _auto_tokenizer(hf_dirs[name])
     got = tok(items)["input_ids"]  # plain call: adds nothing, special strings are text
     bad = [(t, g, e) for t, g, e in zip(items, got, expected, strict=True) if g != e]
     assert not bad, f"{len(bad)} of {len(items)} texts differ; first: {bad[0]}"
-    # single-text encode() agrees with the batch call, and decoding gives the text back
-    for text, ids in list(zip(items, expected, strict=True))[:200]:
+    # single-text encode() agrees with the batch call, and decoding gives the text back (less
+    # the bytes the vocabulary lacks, as booksmith's encoding decodes them)
+    enc, odd = get_encoding(name), set(lacking(name, items))
+    for text, ids in list(zip(items, expected, strict=True))[:300]:
         assert tok.encode(text) == ids
-        assert tok.decode(ids) == text
+        assert tok.decode(ids) == (enc.decode(ids) if text in odd else text)
+    assert odd.intersection(items[:300]) or name != "smollm2"
 
 
 @pytest.mark.parametrize("name", ENCODINGS)
@@ -206,7 +209,7 @@ def test_lone_surrogates_are_repaired_as_booksmith_does(
     code points as its character); the Hugging Face tokenizer refuses such a text, so the
     caller repairs it the same way and gets the shard's ids."""
     rng = random.Random(7)
-    base = encodable(name, texts(60, seed=3))
+    base = texts(60, seed=3)
     items = [
         t[: (i := rng.randrange(len(t) + 1))] + rng.choice(["\ud800", "\udfff", "\udc00x",
                  "\ud83d\ude00", "\ude00\ud83d"]) + t[i:]
