@@ -102,6 +102,7 @@ def generate(
     budget: Budget,
     part: str = "",
     history: Sequence[str] = (),
+    limits: dict[str, Any] | None = None,
 ) -> GenerationReport:
     """One partition of one chunk against one endpoint (a chunk has one partition unless
     `generation.partitions` or several endpoints ask for more)."""
@@ -113,7 +114,7 @@ def generate(
     try:
         client = make_client(
             cfg, endpoint, cache=cache, run_id=run_id, budget=budget, on_result=on_result,
-            history=history,
+            history=history, limits=limits,
         )  # fmt: skip
         return asyncio.run(client.run(plan))
     finally:
@@ -125,8 +126,11 @@ class Generating:
 
     def __init__(
         self, chunk: Chunk, endpoints: list[Endpoint], cfg: RunConfig, run_id: str, budget: Budget,
-        history: Sequence[str] = (),
+        history: Sequence[str] = (), limits: dict[str, Any] | None = None,
     ) -> None:  # fmt: skip
+        # `limits`: where the adaptive limits ended so far, by endpoint; updated by `result`
+        # (before the next chunk starts) so each chunk starts where the one before ended.
+        self.limits = limits if limits is not None else {}
         # One batch client per state directory: the Batch API backend runs as one partition.
         wanted = 1 if cfg.generation.backend == "batch" else cfg.generation.partitions
         parts = partition(chunk.plan, wanted or len(endpoints))
@@ -134,12 +138,15 @@ class Generating:
         each = share_budget(budget, len(parts))
         names = [f"part {k + 1}/{len(parts)}" if len(parts) > 1 else "" for k in range(len(parts))]
         self.futures = [
-            generate.submit(part, endpoint, cfg, run_id, each, name, list(history))
+            generate.submit(
+                part, endpoint, cfg, run_id, each, name, list(history), dict(self.limits)
+            )
             for part, endpoint, name in zip(parts, shares, names, strict=True)
         ]
 
     def result(self) -> GenerationReport:
         report = merge_reports([f.result() for f in self.futures])
+        self.limits.update(report.limits)
         progress.emit("generated", report=report)
         return report
 
@@ -290,12 +297,13 @@ def stream_chunks(
         ):
             run.state.quality.client = dask_client()  # on Dask, the quality slices run there
             artifact = cast(UUID, create_progress_artifact(0.0, description=f"run {run_id}"))
+            learned: dict[str, Any] = {}  # the adaptive limits as the last chunk left them
 
             def start(chunk: Chunk) -> Generating:
                 progress.emit("plan", total=run.rounds.planned)
                 budget = remaining(cfg.generation.budget, run.state.generation)
                 history = run.state.generation.outcomes  # the circuit breaker's window so far
-                return Generating(chunk, endpoints, cfg, run_id, budget, history)
+                return Generating(chunk, endpoints, cfg, run_id, budget, history, learned)
 
             def finish(chunk: Chunk, report: GenerationReport) -> None:
                 process_chunk(run, chunk, report)

@@ -1,9 +1,16 @@
 """One generation client for every OpenAI-compatible endpoint (vLLM, Ollama, OpenAI, embedded).
 
 Built on the official AsyncOpenAI client. Around each request: the durable response cache,
-bounded concurrency, requests- and tokens-per-minute limits, retries with exponential backoff
-and jitter that honour Retry-After, a failures table for what retrying cannot fix, and the
-ledger (generation/ledger.py): accounting, and a budget that stops the run cleanly.
+concurrency and requests- and tokens-per-minute limits that adapt to 429s (generation/limits.py),
+retries with exponential backoff and jitter that honour Retry-After, a failures table for what
+retrying cannot fix, and the ledger (generation/ledger.py): accounting, and a budget that stops
+the run cleanly.
+
+The request goes out through the client's own `post` (the SDK's documented way to send a body
+as is): the body is built here already in wire form, so the SDK's per-request transform of the
+params and its response model add nothing but time (about a fifth of the client's CPU in
+benchmarks/client_overhead.py); the answer's JSON is read here, with its headers (the
+`x-ratelimit-*` ones feed the limits).
 """
 
 from __future__ import annotations
@@ -13,20 +20,19 @@ import email.utils
 import json
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import httpx2  # openai 3 speaks httpx2
 import openai
-from aiolimiter import AsyncLimiter
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 
 from booksmith.generation.breaker import Breaker
 from booksmith.generation.cache import ResponseCache
 from booksmith.generation.ledger import GenerationReport, Ledger
+from booksmith.generation.limits import Limits
 from booksmith.schemas import GenerationRequest, GenerationResult
-from booksmith.schemas.config import Budget, Price
+from booksmith.schemas.config import AdaptiveSettings, Budget, Price
 from booksmith.schemas.crashpoints import crash_point
 
 
@@ -61,6 +67,7 @@ class _Transient(Exception):
 
 
 _RETRYABLE_STATUS = {408, 409, 425, 429}
+_OPTIONS: Any = {"security": {"bearer_auth": True}}  # as chat.completions.create sends it
 # The failure reason of a 400 that names response_format: the endpoint lacks structured output
 # (or this schema), and a caller can ask again without it.
 RESPONSE_FORMAT_REJECTED = "http_400:response_format"
@@ -141,13 +148,23 @@ class GenerationClient:
         on_result: Callable[[GenerationResult, GenerationReport], None] | None = None,
         token_counter: Callable[[str], int] | None = None,
         breaker: Breaker | None = None,
+        adaptive: AdaptiveSettings | None = None,
+        limits_state: Mapping[str, float | None] | None = None,
     ) -> None:
+        """`adaptive`: how the limits adapt (None: the defaults, adaptive); `limits_state`:
+        where an earlier client of the same run left them (`GenerationReport.limits`)."""
         self.endpoint = endpoint
         self.cache = cache
         self.run_id = run_id
         self.retry_failed = retry_failed
-        self._rpm = AsyncLimiter(endpoint.rpm, 60) if endpoint.rpm else None
-        self._tpm = AsyncLimiter(endpoint.tpm, 60) if endpoint.tpm else None
+        # The limits live as long as the client: what they learned holds for its next run.
+        self.limits = Limits(
+            max_concurrency=endpoint.max_concurrency,
+            rpm=endpoint.rpm,
+            tpm=endpoint.tpm,
+            settings=adaptive,
+        )
+        self.limits.resume(limits_state)
         # The budget is the client's: it spans every `run` call (topic expansion makes one per
         # level).
         self.ledger = Ledger(
@@ -165,77 +182,117 @@ class GenerationClient:
 
     # -- one request ----------------------------------------------------------------------------
 
-    def _wait(self, state: RetryCallState) -> float:
-        exc = state.outcome.exception() if state.outcome else None
+    def _backoff(self, exc: BaseException, attempt: int) -> float:
         asked = retry_after_s(exc)
         if asked is not None:
             return asked + random.uniform(0, 0.1 * asked + 0.05)
         ep = self.endpoint
-        cap = min(ep.backoff_max_s, ep.backoff_base_s * 2**state.attempt_number)
+        cap = min(ep.backoff_max_s, ep.backoff_base_s * 2**attempt)
         return random.uniform(0, cap)  # full jitter
+
+    async def _send(
+        self, api: openai.AsyncOpenAI, request: GenerationRequest, body: dict[str, Any]
+    ) -> tuple[GenerationResult, httpx2.Response]:
+        response: httpx2.Response = await api.post(
+            "/chat/completions", body=body, cast_to=httpx2.Response, options=_OPTIONS
+        )
+        try:
+            data = json.loads(response.content)
+            choices = data.get("choices")
+            usage = data.get("usage") or {}
+        except (ValueError, AttributeError):
+            # as the SDK's own parsing says it (a 200 that is not a chat completion)
+            raise openai.APIResponseValidationError(
+                response=response, body=response.text, message="not a chat completion"
+            ) from None
+        if not choices:
+            raise _Transient("no choices in the response")
+        choice = choices[0]
+        finish_reason = choice.get("finish_reason")
+        if finish_reason == "content_filter":
+            raise _Permanent("content_filter")
+        message = choice.get("message") or {}
+        result = GenerationResult(
+            request_id=request.id,
+            text=message.get("content") or "",
+            finish_reason=finish_reason,
+            prompt_tokens=usage.get("prompt_tokens") or 0,
+            completion_tokens=usage.get("completion_tokens") or 0,
+            model=data.get("model") or request.model,
+            backend=self.endpoint.backend,
+        )
+        return result, response
 
     async def _complete(
         self, api: openai.AsyncOpenAI, request: GenerationRequest, estimate: float
     ) -> GenerationResult:
-        attempts = 0
+        """One request to its answer or its failure: retries on 5xx, 408/409/425/429, timeouts
+        and dropped connections, with backoff (Retry-After when the server says). A 429 while the
+        limits can still come down is their signal: it lowers them and is retried without
+        using the request's `max_retries` (at most `adaptive.rate_limit_retries` of them)."""
+        limits, report, ep = self.limits, self.report, self.endpoint
+        body = chat_body(request)
         started = time.perf_counter()
-
-        async def attempt() -> GenerationResult:
-            nonlocal attempts
+        attempts = counted = free = 0
+        while True:
             attempts += 1
-            if attempts > 1:
-                self.report.retries += 1
-            if self._rpm:
-                await self._rpm.acquire()
-            if self._tpm and estimate:
-                await self._tpm.acquire(min(estimate, self._tpm.max_rate))
-            self.report.requests += 1
-            response = await api.chat.completions.create(**chat_body(request))
-            if not response.choices:
-                raise _Transient("no choices in the response")
-            choice = response.choices[0]
-            if choice.finish_reason == "content_filter":
-                raise _Permanent("content_filter")
-            usage = response.usage
-            if self._tpm and usage and usage.total_tokens > estimate:
+            sent_at = await limits.acquire(estimate)
+            report.requests += 1
+            try:
+                result, response = await self._send(api, request, body)
+            except Exception as exc:
+                limits.release()  # (a cancellation ends the run: its slots go with it)
+                signal = False
+                if isinstance(exc, openai.APIStatusError) and exc.status_code == 429:
+                    report.rate_limited += 1
+                    headers = exc.response.headers
+                    signal = limits.rate_limited_answer(sent_at, retry_after_s(exc), headers)
+                if not _is_transient(exc):
+                    return self._failed(request, exc, attempts, started, permanent=True)
+                if signal and free < limits.settings.rate_limit_retries:
+                    free += 1
+                elif counted < ep.max_retries:
+                    counted += 1
+                else:
+                    return self._failed(request, exc, attempts, started, permanent=False)
+                report.retries += 1
+                await asyncio.sleep(self._backoff(exc, attempts))
+                continue
+            limits.release()
+            limits.succeeded()
+            if limits.adaptive:
+                limits.headers(response.headers)
+            used = result.prompt_tokens + result.completion_tokens
+            if used > estimate:
                 # The estimate was low (it is an upper bound unless the server pads): pay the
                 # difference, so the limiter tracks the tokens actually used.
-                await self._tpm.acquire(min(usage.total_tokens - estimate, self._tpm.max_rate))
-            return GenerationResult(
-                request_id=request.id,
-                text=choice.message.content or "",
-                finish_reason=choice.finish_reason,
-                prompt_tokens=usage.prompt_tokens if usage else 0,
-                completion_tokens=usage.completion_tokens if usage else 0,
-                model=response.model or request.model,
-                backend=self.endpoint.backend,
-                attempts=attempts,
-            )
+                limits.used_tokens(used - estimate)
+            result.attempts = attempts
+            result.latency_s = time.perf_counter() - started
+            return result
 
-        try:
-            async for retrying in AsyncRetrying(
-                stop=stop_after_attempt(self.endpoint.max_retries + 1),
-                wait=self._wait,
-                retry=retry_if_exception(_is_transient),
-                reraise=True,
-            ):
-                with retrying:
-                    result = await attempt()
-        except Exception as exc:
-            permanent = not _is_transient(exc)
-            reason = _failure_reason(exc)
-            if not permanent:
-                reason = f"retries_exhausted:{reason}"
-            result = GenerationResult(
-                request_id=request.id,
-                error=reason,
-                backend=self.endpoint.backend,
-                model=request.model,
-                attempts=attempts,
-            )
-            if self.cache is not None:
-                self.cache.record_failure(result, run_id=self.run_id, permanent=permanent)
-        result.latency_s = time.perf_counter() - started
+    def _failed(
+        self,
+        request: GenerationRequest,
+        exc: BaseException,
+        attempts: int,
+        started: float,
+        *,
+        permanent: bool,
+    ) -> GenerationResult:
+        reason = _failure_reason(exc)
+        if not permanent:
+            reason = f"retries_exhausted:{reason}"
+        result = GenerationResult(
+            request_id=request.id,
+            error=reason,
+            backend=self.endpoint.backend,
+            model=request.model,
+            attempts=attempts,
+            latency_s=time.perf_counter() - started,
+        )
+        if self.cache is not None:
+            self.cache.record_failure(result, run_id=self.run_id, permanent=permanent)
         return result
 
     # -- the stage ------------------------------------------------------------------------------
@@ -245,6 +302,7 @@ class GenerationClient:
         completion order. Every request ends as a result, a failure, or skipped by the budget."""
         ledger = self.ledger
         report = ledger.start(planned=len(requests))
+        self.limits.start_series()
         started = time.perf_counter()
         queue: asyncio.Queue[GenerationRequest] = asyncio.Queue()
         for req in requests:
@@ -252,6 +310,7 @@ class GenerationClient:
                 queue.put_nowait(req)
         if queue.empty():
             report.elapsed_s = time.perf_counter() - started
+            report.limits = {self.endpoint.base_url: self.limits.state()}
             return report
         n = self.endpoint.max_concurrency
         http = openai.DefaultAsyncHttpxClient(
@@ -285,4 +344,6 @@ class GenerationClient:
         finally:
             await api.close()
         report.elapsed_s = time.perf_counter() - started
+        report.rate = self.limits.finish()
+        report.limits = {self.endpoint.base_url: self.limits.state()}
         return report

@@ -4,7 +4,7 @@ prices, budget and token counter."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from booksmith.generation.batch import BatchGenerationClient
@@ -27,9 +27,11 @@ def make_client(
     on_result: Callable[[GenerationResult, Any], None] | None = None,
     batch: bool | None = None,
     history: Sequence[str] = (),
+    limits: Mapping[str, Mapping[str, float | None]] | None = None,
 ) -> GenerationClient | BatchGenerationClient:
     """`batch`: None follows `generation.backend`; False forces the live client. `history`:
-    the circuit breaker's window so far (the run's earlier chunks)."""
+    the circuit breaker's window so far (the run's earlier chunks); `limits`: where the
+    adaptive limits ended in them, by endpoint URL (`GenerationReport.limits`)."""
     gen = cfg.generation
     encoding = get_encoding(cfg.output.encoding)
     common: dict[str, Any] = {
@@ -55,4 +57,11 @@ def make_client(
         )
     # The breaker watches live requests only: a batch's answers come back all at once, later.
     breaker = Breaker(gen.breaker, history)
-    return GenerationClient(endpoint, prices=gen.prices, breaker=breaker, **common)
+    return GenerationClient(
+        endpoint,
+        prices=gen.prices,
+        breaker=breaker,
+        adaptive=gen.adaptive,
+        limits_state=(limits or {}).get(endpoint.base_url),
+        **common,
+    )

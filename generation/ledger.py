@@ -30,6 +30,7 @@ class GenerationReport:
     skipped_breaker: int = 0  # not attempted: the circuit breaker had tripped
     requests: int = 0  # HTTP attempts made
     retries: int = 0
+    rate_limited: int = 0  # attempts answered 429 (retried; the limits adapt to them)
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost_usd: float = 0.0
@@ -42,6 +43,10 @@ class GenerationReport:
     results: list[GenerationResult] = field(default_factory=list, repr=False)
     # the breaker's window (its own deque while the client runs: no copy per result)
     outcomes: Sequence[str] = field(default_factory=list, repr=False)
+    # the effective rate over time (generation/limits.py: a bounded series of points)
+    rate: list[dict[str, Any]] = field(default_factory=list, repr=False)
+    # where the adaptive limits ended, by endpoint URL: the run's next client starts there
+    limits: dict[str, dict[str, float | None]] = field(default_factory=dict, repr=False)
 
     started_at: float = field(default_factory=time.perf_counter, repr=False)
 
@@ -63,6 +68,7 @@ class GenerationReport:
             "skipped_breaker": self.skipped_breaker,
             "requests": self.requests,
             "retries": self.retries,
+            "rate_limited": self.rate_limited,
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "cost_usd": round(self.cost_usd, 6),
@@ -72,6 +78,7 @@ class GenerationReport:
             "budget_exhausted": self.budget_exhausted,
             "breaker": self.breaker,
             "elapsed_s": round(self.elapsed_s, 3),
+            "rate": self.rate,
         }
 
 

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from booksmith.generation.client import Endpoint, GenerationReport
+from booksmith.generation.limits import parallel_series
 from booksmith.schemas import GenerationRequest
 from booksmith.schemas.config import Budget
 
@@ -65,8 +66,8 @@ def merge_reports(reports: Sequence[GenerationReport]) -> GenerationReport:
     for r in reports:
         for name in (
             "planned", "completed", "cached", "failed", "skipped_budget", "skipped_breaker",
-            "requests", "retries", "prompt_tokens", "completion_tokens", "cost_usd", "truncated",
-            "empty",
+            "requests", "retries", "rate_limited", "prompt_tokens", "completion_tokens",
+            "cost_usd", "truncated", "empty",
         ):  # fmt: skip
             setattr(total, name, getattr(total, name) + getattr(r, name))
         total.failures.update(r.failures)
@@ -75,4 +76,6 @@ def merge_reports(reports: Sequence[GenerationReport]) -> GenerationReport:
         total.outcomes = [*total.outcomes, *r.outcomes]
         total.elapsed_s = max(total.elapsed_s, r.elapsed_s)
         total.results.extend(r.results)
+        total.limits.update(r.limits)
+    total.rate = parallel_series([r.rate for r in reports])  # side by side: summed
     return total

@@ -26,6 +26,7 @@ from booksmith.filters.dedup import DedupIndex, DedupSettings
 from booksmith.filters.dedup.candidates import CandidateStore
 from booksmith.generation.documents import to_documents
 from booksmith.generation.ledger import GenerationReport
+from booksmith.generation.limits import RATE_POINTS, append_series
 from booksmith.pipeline.checkpoint import Checkpoint
 from booksmith.pipeline.stages import ExactStage, NearStage, QualityStage
 from booksmith.schemas import GenerationRequest, GenerationResult, Rejected
@@ -40,13 +41,16 @@ OUTCOMES_KEPT = 1_000  # the breaker's window across chunks is at most this long
 CANDIDATE = ""  # the spilled reason of a document still in the run (near-dup undecided)
 TOTALS = (
     "planned", "completed", "cached", "failed", "skipped_budget", "skipped_breaker", "requests",
-    "retries", "prompt_tokens", "completion_tokens", "cost_usd", "truncated", "empty",
-    "elapsed_s",
+    "retries", "rate_limited", "prompt_tokens", "completion_tokens", "cost_usd", "truncated",
+    "empty", "elapsed_s",
 )  # fmt: skip
 
 
 def add_report(total: GenerationReport, part: GenerationReport) -> None:
     """Sum a chunk's generation accounting into the run's (its results are not kept)."""
+    # the chunk's effective-rate series after the run's, at the generation time so far
+    total.rate = append_series(total.rate, part.rate, total.elapsed_s, RATE_POINTS)
+    total.limits.update(part.limits)
     for name in TOTALS:
         setattr(total, name, getattr(total, name) + getattr(part, name))
     total.failures.update(part.failures)
@@ -152,6 +156,7 @@ class RunState:
             setattr(self.generation, name, gen.get(name, 0))
         self.generation.failures = Counter(gen.get("failures", {}))
         self.generation.budget_exhausted = bool(gen.get("budget_exhausted"))
+        self.generation.rate = list(gen.get("rate", []))
         self.exact_counts = Counter(cp.exact_counts)
         self.near_counts = Counter(cp.near_counts)
         self.quality.counts = cp.quality_counts

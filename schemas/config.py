@@ -71,7 +71,7 @@ class AdaptiveSettings(_Strict):
     `max_concurrency`, `requests_per_minute` and `tokens_per_minute` (the ceilings)."""
 
     enabled: bool = True
-    decrease: float = Field(default=0.5, gt=0, lt=1)  # the factor applied on a 429
+    decrease: float = Field(default=0.7, gt=0, lt=1)  # the factor applied on a 429
     # the request rate grows back by this share of its value at the last decrease, per second
     increase_per_s: float = Field(default=0.05, gt=0)
     min_concurrency: int = Field(default=1, ge=1)

@@ -90,6 +90,7 @@ class GenerateCounts(_Strict):
     skipped_breaker: int = 0
     requests: int = 0
     retries: int = 0
+    rate_limited: int = 0  # attempts answered 429
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost_usd: float = 0.0
@@ -99,6 +100,9 @@ class GenerateCounts(_Strict):
     budget_exhausted: bool = False
     breaker: str | None = None
     elapsed_s: float = 0.0
+    # the effective rate over time: {t_s, interval_s, requests, rpm, rate_limited, limit_rpm,
+    # concurrency} per point, a bounded series (generation/limits.py)
+    rate: list[dict[str, Any]] = Field(default_factory=list)
 
 
 class PlanCounts(_Strict):

@@ -36,7 +36,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -93,6 +93,16 @@ class FaultConfig:
     # Answer every request that carries response_format with a 400 naming it, as an endpoint
     # without structured output does (counted as the fault "response_format").
     reject_response_format: bool = False
+    # A server-side rate limit that may change mid-run: [[from_s, requests_per_s], ...], the
+    # times counted from the first chat request. Over the limit (a sliding 1 s window of the
+    # requests let through), the answer is a 429 whose Retry-After (and retry-after-ms) says
+    # when the window has room again (counted as the fault "server_rate_limit").
+    rate_limit_schedule: list[list[float]] | None = None
+    # Also send x-ratelimit-limit/remaining/reset-requests headers on every chat answer.
+    rate_limit_headers: bool = False
+    # Keep [seconds since the first chat request, status] per chat request in /stats
+    # ("arrivals"), to check how a client spaced its requests.
+    record_arrivals: bool = False
 
     def __post_init__(self) -> None:
         total = sum(getattr(self, kind) for kind in FAULT_KINDS)
@@ -333,6 +343,7 @@ class Stats:
         self.faults: Counter[str] = Counter()
         self.abandoned = 0  # replies the client did not wait for
         self.connections = 0  # TCP connections opened (fast mode only): shows pool churn
+        self.arrivals: list[tuple[float, int]] = []  # (s since the first request, status)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -344,6 +355,7 @@ class Stats:
             "faults": dict(self.faults),
             "abandoned": self.abandoned,
             "connections": self.connections,
+            "arrivals": [[round(t, 4), status] for t, status in self.arrivals],
         }
 
 
@@ -354,6 +366,35 @@ class FakeApp:
         self.faults = faults or FaultConfig()
         self.models = self.faults.models or models or [DEFAULT_MODEL]
         self.stats = Stats()
+        self.first_request: float | None = None
+        self.window: deque[float] = deque()  # requests let through in the last second
+
+    def _rate_limit(self, now: float) -> tuple[float | None, Headers]:
+        """(seconds to wait, None if let through; x-ratelimit headers) under the schedule."""
+        assert self.first_request is not None
+        schedule = self.faults.rate_limit_schedule or []
+        elapsed = now - self.first_request
+        limit = math.inf
+        for start, per_s in schedule:
+            if elapsed >= start:
+                limit = per_s
+        window = self.window
+        while window and window[0] <= now - 1.0:
+            window.popleft()
+        wait = None
+        if len(window) >= limit:
+            wait = max(0.001, window[0] + 1.0 - now)
+        else:
+            window.append(now)
+        headers: Headers = []
+        if self.faults.rate_limit_headers and limit < math.inf:
+            reset = max(0.001, window[0] + 1.0 - now) if window else 0.001
+            headers = [
+                (b"x-ratelimit-limit-requests", str(int(limit)).encode()),
+                (b"x-ratelimit-remaining-requests", str(max(0, int(limit) - len(window))).encode()),
+                (b"x-ratelimit-reset-requests", f"{round(reset * 1000)}ms".encode()),
+            ]
+        return wait, headers
 
     def control(self, method: str, path: str) -> tuple[int, bytes]:
         """Every route but chat completions: status and JSON body."""
@@ -369,6 +410,8 @@ class FakeApp:
             return 200, _json_body(self.stats.as_dict())
         if path == "/reset" and method == "POST":
             self.stats = Stats()
+            self.first_request = None
+            self.window.clear()
             return 200, b'{"status":"reset"}'
         return 404, _error(f"no route {method} {path}", "not_found")
 
@@ -394,6 +437,26 @@ class FakeApp:
         raw = await _read_body(receive)
         if raw is None:
             return
+        now = time.monotonic()
+        if self.first_request is None:
+            self.first_request = now
+        limit_headers: Headers = []
+        if cfg.rate_limit_schedule:
+            wait, limit_headers = self._rate_limit(now)
+            if wait is not None:
+                stats.faults["server_rate_limit"] += 1
+                if cfg.record_arrivals:
+                    stats.arrivals.append((now - self.first_request, 429))
+                headers = [
+                    (b"retry-after", f"{wait:.3f}".encode()),
+                    (b"retry-after-ms", str(round(wait * 1000)).encode()),
+                    *limit_headers,
+                ]
+                body_429 = _error("Rate limit reached (fake).", "rate_limit_exceeded", "rate_limit")
+                await _respond(send, 429, body_429, headers)
+                return
+        if cfg.record_arrivals:
+            stats.arrivals.append((now - self.first_request, 200))
         try:
             body = json.loads(raw)
             if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
@@ -414,6 +477,7 @@ class FakeApp:
             (b"x-fake-key", key.encode()),
             (b"x-fake-attempt", str(attempt).encode()),
             (b"x-fake-fault", (fault or "none").encode()),
+            *limit_headers,
         ]
 
         if cfg.reject_response_format and body.get("response_format") is not None:

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import itertools
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from booksmith.generation.breaker import Breaker
 from booksmith.generation.cache import ResponseCache
 from booksmith.generation.client import Endpoint, GenerationClient, retry_after_s
+from booksmith.generation.ledger import GenerationReport
+from booksmith.generation.limits import Limits, RateSeries, append_series, parse_reset
 from booksmith.schemas import GenerationRequest, Sampling
-from booksmith.schemas.config import Budget, Price
+from booksmith.schemas.config import AdaptiveSettings, BreakerSettings, Budget, Price
 from tests.fakeserver import FakeServer
 
 
@@ -186,14 +192,152 @@ async def test_cost_accounting_and_dollar_budget(tmp_path: Path) -> None:
     assert capped.budget_exhausted and capped.cost_usd <= expected / 2
 
 
-async def test_rate_limits_are_applied(tmp_path: Path) -> None:
-    # 30 requests at most per minute with a burst of 30: all 10 pass; the limiter saw them all.
-    with FakeServer() as server:
-        client = GenerationClient(endpoint(server, rpm=30, tpm=100_000))
-        report = await client.run(requests(10))
-    assert report.completed == 10
-    # the bucket holds the 10 requests, less what leaked (30 a minute) since they were counted
-    assert client._rpm is not None
-    leaked = 30 / 60 * (report.elapsed_s + 0.5)
-    assert 10 - leaked <= client._rpm._level <= 10
-    assert client._tpm is not None and client._tpm._level > 10 * 32
+def spacing(arrivals: list[list[float]]) -> list[float]:
+    times = sorted(t for t, status in arrivals if status == 200)
+    return [b - a for a, b in itertools.pairwise(times)]
+
+
+async def test_requests_are_delayed_by_the_rpm_limit() -> None:
+    # 120 a minute is 2 a second; a second's worth (about 2) may go at once, the rest are
+    # spaced. Without the limit all 12 arrive within a fraction of a second.
+    with FakeServer({"record_arrivals": True}) as server:
+        report = await GenerationClient(endpoint(server, rpm=120)).run(requests(12, tag="rpm"))
+        arrivals = server.stats()["arrivals"]
+    assert report.completed == 12 and len(arrivals) == 12
+    gaps = spacing(arrivals)
+    assert sum(gaps) >= 3.5, gaps  # 9 or 10 spaced requests at 0.5 s: about 4.5-5 s
+    assert sorted(gaps)[len(gaps) // 2] >= 0.3, gaps  # the typical gap is the limit's
+
+
+async def test_requests_are_delayed_by_the_tpm_limit() -> None:
+    # Each request is estimated at its prompt (about 5 tokens) plus max_tokens 40 plus 4 per
+    # message: about 50 tokens; 6,000 a minute is 100 a second, so about 2 requests a second.
+    with FakeServer({"record_arrivals": True}) as server:
+        client = GenerationClient(endpoint(server, tpm=6_000))
+        report = await client.run(requests(10, max_tokens=40, tag="tpm"))
+        arrivals = server.stats()["arrivals"]
+    assert report.completed == 10 and len(arrivals) == 10
+    gaps = spacing(arrivals)
+    assert sum(gaps) >= 2.5, gaps  # 8 or 9 spaced requests at about 0.5 s: about 4 s
+    assert sorted(gaps)[len(gaps) // 2] >= 0.25, gaps
+    # the limit spends the tokens actually used too: nothing here used more than estimated
+    assert report.prompt_tokens + report.completion_tokens <= 10 * 50
+
+
+def strict_breaker() -> Breaker:
+    # trips at 3 failures in 10 requests: a 429 counted as a failure would trip it at once
+    return Breaker(BreakerSettings(window=10, min_requests=5, max_failure_share=0.3))
+
+
+CHANGE_S = 3.0
+LIMITS = [[0.0, 40.0], [CHANGE_S, 15.0]]  # the server's requests per second, then lower
+
+
+async def converge(
+    adaptive: AdaptiveSettings, n: int = 330
+) -> tuple[GenerationReport, dict[str, Any]]:
+    faults = {"rate_limit_schedule": LIMITS, "record_arrivals": True, "latency_s": 0.02}
+    with FakeServer(faults) as server:
+        client = GenerationClient(
+            endpoint(server, max_retries=2, backoff_base_s=0.05, backoff_max_s=0.5, timeout_s=5),
+            breaker=strict_breaker(),
+            adaptive=adaptive,
+        )
+        report = await client.run(requests(n, max_tokens=16, tag="aimd"))
+        return report, server.stats()
+
+
+async def test_adaptive_limits_follow_a_server_limit_that_changes() -> None:
+    """The server lets 40 requests a second through, then 15; the client (16 in flight, no
+    rpm set) finds the first limit, comes down to the second with few 429s, and ends near it.
+    Every 429 is retried without counting as a failure: the strict breaker never trips, and
+    no request runs out of its 2 retries."""
+    report, stats = await converge(AdaptiveSettings(interval_s=1.0))
+    assert report.completed == 330 and report.failed == 0, report.failures
+    assert report.breaker is None
+    arrivals = stats["arrivals"]
+    assert stats["faults"].get("server_rate_limit", 0) == report.rate_limited > 0
+    after = [status for t, status in arrivals if t >= CHANGE_S]
+    share = after.count(429) / len(after)
+    assert share < 0.12, f"{after.count(429)} of {len(after)} requests after the change: 429"
+    # the effective rate near the end (the last second, the run's tail, left out)
+    end = max(t for t, _ in arrivals)
+    late = [t for t, status in arrivals if status == 200 and end - 6 <= t < end - 1]
+    assert 0.6 * 15 <= len(late) / 5 <= 15 * 1.05, len(late) / 5
+    # the report's series: one point a second, 429s where the server answered them
+    rate = report.rate
+    assert 10 <= len(rate) <= 120
+    assert sum(p["requests"] for p in rate) == report.requests
+    assert sum(p["rate_limited"] for p in rate) == report.rate_limited
+    assert all(p["limit_rpm"] is None or p["limit_rpm"] <= 60 * 40 for p in rate[3:])
+    assert 0.5 * 15 * 60 <= rate[-3]["limit_rpm"] <= 15 * 60 * 1.3, rate[-3:]
+    assert report.summary()["rate"] == rate and report.summary()["rate_limited"] > 0
+
+
+async def test_fixed_limits_against_the_same_server_are_often_refused() -> None:
+    """The control: with adapting off (Retry-After still honoured), the same run keeps asking
+    far more than the server lets through, and a large share of it is answered 429."""
+    report, stats = await converge(AdaptiveSettings(enabled=False), n=200)
+    after = [status for t, status in stats["arrivals"] if t >= CHANGE_S]
+    assert after.count(429) / len(after) > 0.2
+    assert report.rate_limited > 0.2 * report.requests
+
+
+async def test_a_rate_limit_that_never_lifts_ends_in_failures() -> None:
+    """At the floor of the limits, 429s count again: requests fail after their retries and
+    the breaker trips, in a bounded number of requests."""
+    faults = {"rate_limit": 1.0, "transient_attempts": 1_000, "retry_after_s": 0.01}
+    adaptive = AdaptiveSettings(min_requests_per_minute=1_200, rate_limit_retries=3)
+    with FakeServer(faults) as server:
+        client = GenerationClient(
+            endpoint(server, max_concurrency=4, max_retries=1),
+            breaker=strict_breaker(),
+            adaptive=adaptive,
+        )
+        report = await client.run(requests(12, tag="never"))
+        sent = server.stats()["requests"]
+    assert report.completed == 0
+    assert set(report.failures) == {"retries_exhausted:http_429"}
+    assert report.breaker is not None and report.skipped_breaker > 0
+    assert sent <= report.failed * (1 + 1 + 3)
+
+
+def test_rate_limit_headers_pause_dispatch() -> None:
+    limits = Limits(max_concurrency=4, rpm=None, tpm=None)
+    limits.headers({"x-ratelimit-remaining-requests": "3", "x-ratelimit-reset-requests": "2s"})
+    assert limits.paused_until == 0.0
+    before = time.monotonic()
+    limits.headers({"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "1.5s"})
+    assert 1.4 <= limits.paused_until - before <= 1.6
+    limits.headers({"x-ratelimit-remaining-tokens": "0", "x-ratelimit-reset-tokens": "6m0s"})
+    assert limits.paused_until - before >= 359
+    assert [parse_reset(v) for v in ("20ms", "1s", "6m0s", "1h2m3.5s", "0.25", "soon")] == [
+        0.02,
+        1.0,
+        360.0,
+        3723.5,
+        0.25,
+        None,
+    ]
+
+
+def test_additive_increase_stays_under_the_ceilings() -> None:
+    limits = Limits(max_concurrency=8, rpm=600, tpm=None, settings=AdaptiveSettings())
+    limits.rate_limited_answer(time.monotonic(), None, None)
+    assert limits.slots == 5 and limits.rate == pytest.approx(7.0)  # 0.7 x 8 and x 10 a second
+    for _ in range(10_000):
+        limits.paced = limits.saturated = True  # the limits hold requests back
+        limits.succeeded()
+    assert limits.slots == 8 and limits.rate == pytest.approx(10.0)
+
+
+def test_the_rate_series_stays_small() -> None:
+    series = RateSeries(interval_s=1.0, max_points=8, start=0.0)
+    for k in range(1, 100):
+        series.sent = 5
+        series.close_interval(float(k), 600.0, 4)
+    assert len(series.points) <= 8
+    assert sum(p["requests"] for p in series.points) == 5 * 99
+    assert series.points[-1]["t_s"] == 99.0
+    joined = append_series(series.points, series.points, offset_s=99.0, max_points=8)
+    assert len(joined) <= 8 and sum(p["requests"] for p in joined) == 2 * 5 * 99
