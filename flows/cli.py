@@ -4,6 +4,7 @@ runs a flow or a stage, and prints a summary; user errors end in one line and a 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -15,17 +16,29 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.tree import Tree
 
-from booksmith.flows.cli_errors import EXIT_ENDPOINT_FAILING, fail, user_errors
+from booksmith.flows.cli_errors import EXIT_CODES_HELP, EXIT_ENDPOINT_FAILING, fail, user_errors
 from booksmith.flows.prefect_env import configure_prefect
 
 if TYPE_CHECKING:
     from booksmith.schemas.config import RunConfig
 
 app = typer.Typer(
-    help="booksmith: synthetic textbook-quality pretraining data.",
+    help=f"booksmith: synthetic textbook-quality pretraining data. {EXIT_CODES_HELP}",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
+
+
+@app.callback()
+def _options(
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show the traceback behind an error line.")
+    ] = False,
+) -> None:
+    if debug:
+        os.environ["BOOKSMITH_DEBUG"] = "1"  # seen by fail() and by subprocesses
+
+
 config_app = typer.Typer(help="Inspect the configuration.", no_args_is_help=True)
 topics_app = typer.Typer(help="Topic seed files.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
@@ -295,13 +308,15 @@ def topics_expand(
 ) -> None:
     """Expand seed topics into a topic tree with the LLM; writes a file `booksmith run` reads."""
     configure_prefect(quiet=not verbose)
+    from booksmith.generation import preflight
     from booksmith.generation.seeds import load_seeds
     from booksmith.schemas.config import load_config
 
     try:
-        load_config(config)
+        cfg = load_config(config)
         if existing:
             load_seeds(existing)
+        preflight.check_expand(cfg, output)  # every problem at once, before Prefect starts
         from booksmith.flows.expand import expand_topics
 
         counts = expand_topics(

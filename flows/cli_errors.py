@@ -1,10 +1,18 @@
 """How every booksmith command fails: one line on stderr that names what is wrong and the fix,
 and an exit code that says which kind. No traceback: the messages of the errors below are
-written to be read alone (an unexpected exception still shows its traceback).
+written to be read alone (an unexpected exception still shows its traceback); `--debug` (or
+BOOKSMITH_DEBUG=1) prints the traceback above the line too.
+
+Exit codes: 0 done; 1 an unexpected error (a bug: the traceback is shown) or a check that
+found problems (`verify`); 2 bad input or configuration (a setting, a file, an argument, an
+unreachable endpoint, bucket or Redis found by preflight); 3 the endpoint failed mid-run (the
+circuit breaker stopped it; rerun to resume).
 """
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import NoReturn
 
 import typer
@@ -22,8 +30,22 @@ def one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
+EXIT_CODES_HELP = (
+    "Exit codes: 0 done; 1 unexpected error; 2 bad input or configuration (one line says "
+    "which setting and the fix); 3 the endpoint failed mid-run (rerun to resume). "
+    "--debug or BOOKSMITH_DEBUG=1 shows tracebacks."
+)
+
+
+def debugging() -> bool:
+    return os.environ.get("BOOKSMITH_DEBUG", "") not in ("", "0")
+
+
 def fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
-    """One line per problem (preflight reports all it found at once), then exit `code`."""
+    """One line per problem (preflight reports all it found at once), then exit `code`; with
+    --debug, the traceback of the exception being handled first."""
+    if debugging() and sys.exc_info()[1] is not None:
+        console.print_exception()
     for line in message.splitlines() or [""]:
         console.print(f"[red]error:[/red] {escape(line)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)

@@ -57,9 +57,14 @@ def export(
     """Copy a version to an object store (the URL becomes its root), manifest last;
     rerun to resume. AWS_ENDPOINT_URL and the other AWS variables configure S3."""
     from booksmith.shards.export import export as run_export
+    from booksmith.shards.reachable import export_target
     from booksmith.shards.verify import verify as run_verify
+    from booksmith.shards.version_dir import read_manifest
 
     try:
+        read_manifest(version)  # a version, before anything is sent
+        if problems := export_target(to, "--to"):
+            fail("\n".join(problems))
         report = run_export(version, to, workers=workers, part_size=part_size_mb << 20)
         console.print(
             f"uploaded {len(report.uploaded)} files ({report.bytes_uploaded:,} bytes, "

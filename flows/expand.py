@@ -14,6 +14,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from booksmith.generation import preflight
 from booksmith.generation.backends import open_endpoint
 from booksmith.generation.cache import ResponseCache
 from booksmith.generation.clients import make_client
@@ -77,6 +78,7 @@ def expand_topics(
     from booksmith.generation.seeds import load_seeds
 
     cfg = load_config(Path(config) if config else None)
+    preflight.check_expand(cfg, Path(output))  # in seconds, before any request
     known = [s.topic for s in load_seeds(existing)] if existing else []
     nodes, report = expand(list(topics), depth, breadth, cfg, known)
     written = write_topic_file(nodes, Path(output), leaves_only=leaves_only)

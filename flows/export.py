@@ -12,6 +12,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from booksmith.shards.reachable import export_target
 from booksmith.shards.version_dir import is_dataset, list_versions
 
 
@@ -49,6 +50,8 @@ def export_version(version: Path, to: str, workers: int = 8, verify: bool = True
 def export_flow(version: str, to: str, workers: int = 8, verify: bool = True) -> dict[str, Any]:
     """Export `version` (or the newest version under an output directory) to `to`/<run_id>."""
     path = resolve_version(Path(version))
+    if problems := export_target(to, "to"):  # the flow's state message says what to fix
+        raise ValueError("\n".join(problems))
     target = to.rstrip("/") + "/" + path.name
     summary = export_version(path, target, workers, verify)
     get_run_logger().info("exported %s to %s", path, target)

@@ -2,16 +2,15 @@
 
 Each endpoint answers (its `/models`), accepts the key (a 401/403 is a bad key, not a fault to
 retry) and serves the configured model; the output directory is writable with room left;
-Redis answers when the MinHash index lives there. Every problem found is one line naming the
-setting and the fix, and all of them are reported at once. `booksmith run` calls it before
-Prefect starts; the nightly flow calls it again (a scheduled run has no CLI in front of it).
+Redis answers when the MinHash index lives there; the export target (`export.to`) exists and
+takes the credentials. Every problem found is one line naming the setting and the fix, and all
+of them are reported at once. `booksmith run` and `topics expand` call it before Prefect
+starts; their flows call it again (a scheduled run has no CLI in front of it). The export and
+train commands check their targets with shards/reachable.py the same way.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import httpx
@@ -20,9 +19,9 @@ from booksmith.generation.backends import BackendError, api_key, model_name
 from booksmith.schemas.config import RunConfig
 from booksmith.schemas.redact import redact_url
 from booksmith.shards.bundled import ModelNotInstalledError, bundled_gguf
+from booksmith.shards.reachable import export_target, writable_dir
 
 CONNECT_TIMEOUT_S = 5.0  # a preflight, not a generation: a live server answers /models at once
-MIN_FREE_BYTES = 200 << 20  # below this a run would die writing its first shards
 
 
 class PreflightFailed(ValueError):
@@ -35,12 +34,24 @@ class PreflightFailed(ValueError):
 
 def preflight(cfg: RunConfig) -> list[str]:
     """Every problem that would stop the run, as lines naming the setting and the fix."""
-    return [*_endpoints(cfg), *_output(cfg.output.dir), *_redis(cfg)]
+    problems = [*_endpoints(cfg), *writable_dir(cfg.output.dir, "output.dir"), *_redis(cfg)]
+    if cfg.export.to:
+        problems += export_target(cfg.export.to, "export.to")
+    return problems
 
 
 def check(cfg: RunConfig) -> None:
     """Raise PreflightFailed with every problem, if there is any."""
-    if problems := preflight(cfg):
+    raise_if(preflight(cfg))
+
+
+def check_expand(cfg: RunConfig, output: Path) -> None:
+    """`topics expand`: the endpoint, and the topic file's directory."""
+    raise_if([*_endpoints(cfg), *writable_dir(output.parent, "--output")])
+
+
+def raise_if(problems: list[str]) -> None:
+    if problems:
         raise PreflightFailed(problems)
 
 
@@ -90,10 +101,11 @@ def _endpoint(setting: str, url: str, key: str, key_env: str, model: str) -> lis
         )
     except httpx.HTTPError as e:
         reason = " ".join(str(e).split()) or type(e).__name__
+        url = redact_url(url)
         return [f"{setting}: nothing answers at {url} ({reason}); start the server or fix the URL"]
     if reply.status_code in (401, 403):
         return [
-            f"generation.api_key_env: {url} refused the key in ${key_env} "
+            f"generation.api_key_env: {redact_url(url)} refused the key in ${key_env} "
             f"(HTTP {reply.status_code}); set a valid key"
         ]
     if reply.status_code != 200:
@@ -104,26 +116,9 @@ def _endpoint(setting: str, url: str, key: str, key_env: str, model: str) -> lis
         return []
     if served and model not in served:
         shown = ", ".join(served[:10]) + (", ..." if len(served) > 10 else "")
-        return [f"generation.model: {model!r} is not served at {url} (it serves: {shown})"]
-    return []
-
-
-def _output(out: Path) -> list[str]:
-    existing = out
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        return [f"output.dir: {existing} is a file, not a directory; choose another output.dir"]
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return [f"output.dir: {existing} is not writable; fix its permissions or the setting"]
-    try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as e:
-        return [f"output.dir: cannot write in {existing} ({e.strerror}); choose another"]
-    free = shutil.disk_usage(existing).free
-    if free < MIN_FREE_BYTES:
-        return [f"output.dir: only {free >> 20} MB free on {existing}; free some space"]
+        return [
+            f"generation.model: {model!r} is not served at {redact_url(url)} (it serves: {shown})"
+        ]
     return []
 
 

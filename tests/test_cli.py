@@ -176,3 +176,24 @@ def test_run_shows_progress_with_the_failures_it_counted(
     assert gen.failed > 0
     (last,) = [line for line in run.stderr.splitlines() if line.startswith("generating")][-1:]
     assert f" {gen.planned}/{gen.planned} " in last and f"failures {gen.failed} " in last, last
+
+
+def test_debug_shows_the_traceback_behind_the_error_line(tmp_path: Path) -> None:
+    """An error is one line and exit 2; --debug (or BOOKSMITH_DEBUG=1) adds the traceback
+    above that same line. --help names the exit codes."""
+    missing = str(tmp_path / "missing.yaml")
+    env = {k: v for k, v in os.environ.items() if k != "BOOKSMITH_DEBUG"}
+    plain = subprocess.run([*BOOKSMITH, "config", "show", missing], env=env,
+                           capture_output=True, text=True, timeout=60)  # fmt: skip
+    debug = subprocess.run([*BOOKSMITH, "--debug", "config", "show", missing], env=env,
+                           capture_output=True, text=True, timeout=60)  # fmt: skip
+    by_env = subprocess.run([*BOOKSMITH, "config", "show", missing], capture_output=True,
+                            env={**env, "BOOKSMITH_DEBUG": "1"}, text=True, timeout=60)  # fmt: skip
+    line = f"error: {missing}: config file not found"
+    assert plain.returncode == debug.returncode == by_env.returncode == 2
+    assert plain.stderr.strip() == line
+    for run in (debug, by_env):
+        assert "Traceback" in run.stderr and "ConfigError" in run.stderr, run.stderr
+        assert run.stderr.strip().splitlines()[-1] == line
+    shown = subprocess.run([*BOOKSMITH, "--help"], capture_output=True, text=True, timeout=60)
+    assert "Exit codes: 0 done" in " ".join(shown.stdout.split())

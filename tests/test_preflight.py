@@ -63,3 +63,26 @@ def test_a_refused_key_and_a_model_the_server_does_not_serve(tmp_path: Path, mon
         ]
         cfg["generation"]["model"] = "other-model"
         assert preflight(RunConfig.model_validate(cfg)) == []
+
+
+def test_topics_expand_checks_before_it_asks(tmp_path: Path, write_config) -> None:
+    """`topics expand` on a dead endpoint, writing under a file: both problems in one go, exit
+    2 in seconds (no Prefect server started), no topic file, no traceback."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    dead = f"http://user:pw-planted@127.0.0.1:{_closed_port()}/v1"
+    config = write_config(fake_backend_config(dead, tmp_path / "out"))
+    started = time.monotonic()
+    run = subprocess.run(
+        [*BOOKSMITH, "topics", "expand", "Optics", "-o", str(blocker / "t.jsonl"),
+         "--config", str(config)],
+        env={k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"},
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert time.monotonic() - started < 30
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 2 and all(line.startswith("error: ") for line in lines), lines
+    assert "generation.base_url: nothing answers at http://user:***@127.0.0.1:" in lines[0]
+    assert f"--output: {blocker} is a file, not a directory" in lines[1]
+    assert "pw-planted" not in run.stderr and "Traceback" not in run.stderr

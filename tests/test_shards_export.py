@@ -212,8 +212,59 @@ def test_cli_export_to_s3_and_to_a_local_url(version: Path, bucket: str, tmp_pat
     bad = runner.invoke(app, ["export", str(tmp_path / "nope"), "--to", f"s3://{bucket}/x"])
     assert bad.exit_code == 2 and "no manifest" in bad.stderr
     no_bucket = runner.invoke(app, ["export", str(version), "--to", "s3://no-such-bucket/x"])
-    assert no_bucket.exit_code == 2 and "NoSuchBucket" in no_bucket.stderr
-    assert len(no_bucket.stderr.strip().splitlines()) == 1
+    assert no_bucket.exit_code == 2, no_bucket.output
+    assert no_bucket.stderr.strip().splitlines() == [
+        "error: --to: bucket 'no-such-bucket' does not exist; create it first "
+        "(e.g. `aws s3 mb s3://no-such-bucket`) or fix the URL"
+    ]
+
+
+def test_export_targets_are_checked_before_anything_is_sent(
+    version: Path, bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, write_config
+) -> None:
+    """Preflight of an export: each way an S3 target fails is one line naming the fix, from
+    the CLI, the export flow's own check and a run's preflight (export.to), and no object is
+    written anywhere."""
+    from booksmith.generation import preflight
+    from booksmith.schemas.config import load_config
+    from booksmith.shards.reachable import export_target
+    from tests.services import free_port
+
+    assert export_target(f"s3://{bucket}/ok", "export.to") == []
+    assert export_target(str(tmp_path / "local" / "copy"), "export.to") == []
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    assert export_target(str(blocker / "copy"), "--to") == [
+        f"--to: {blocker} is a file, not a directory; choose another --to"
+    ]
+    # a run whose export.to names a missing bucket fails at its preflight
+    cfg = load_config(write_config({"export": {"to": "s3://missing-bucket/nightly"},
+                                    "output": {"dir": str(tmp_path / "out")}}))  # fmt: skip
+    assert [p for p in preflight.preflight(cfg) if p.startswith("export.to")] == [
+        "export.to: bucket 'missing-bucket' does not exist; create it first "
+        "(e.g. `aws s3 mb s3://missing-bucket`) or fix the URL"
+    ]
+    # no credentials at all (and no instance metadata to ask)
+    with monkeypatch.context() as m:
+        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
+            m.delenv(name, raising=False)
+        m.setenv("AWS_EC2_METADATA_DISABLED", "true")
+        m.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+        m.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+        (line,) = export_target(f"s3://{bucket}/x", "export.to")
+        assert line.startswith(f"export.to: no S3 credentials for s3://{bucket}/x; set ")
+    # an endpoint that does not answer
+    with monkeypatch.context() as m:
+        m.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+        (line,) = export_target(f"s3://{bucket}/x", "export.to")
+        assert line.startswith("export.to: S3 at http://127.0.0.1:") and "does not answer" in line
+    # the export flow checks too: its run fails with the same line as its state message
+    from booksmith.flows.export import export_flow
+
+    with pytest.raises(ValueError, match=r"to: bucket 'missing-bucket' does not exist"):
+        export_flow.fn(str(version), "s3://missing-bucket/x")
+    listed = boto3.client("s3").list_objects_v2(Bucket=bucket)
+    assert listed.get("KeyCount", 0) == 0  # nothing was sent by any of the above
 
 
 @pytest.mark.slow
