@@ -187,20 +187,55 @@ def datasets_corpus(
 
 @datasets_app.command("tokenize")
 def datasets_tokenize(
-    version: Annotated[Path, typer.Argument(help="Dataset version directory.")],
-    encoding: Annotated[str, typer.Option(help="Encoding name (e.g. smollm2, o200k_base).")],
+    input: Annotated[
+        Path,
+        typer.Argument(
+            help="A dataset version, or records: the output of `booksmith filter` or "
+            "`booksmith dedup` (its directory or kept.parquet), any {id, text} JSONL/Parquet."
+        ),
+    ],
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Write token shards here (for `train --data DIR`), not into INPUT."),
+    ] = None,
+    encoding: Annotated[
+        str | None,
+        typer.Option(help="Encoding name (e.g. smollm2, o200k_base); with --out: cl100k_base."),
+    ] = None,
     bpe_file: Annotated[Path | None, typer.Option(help="The encoding's .tiktoken file.")] = None,
     sha256: Annotated[str | None, typer.Option(help="Expected sha256 of --bpe-file.")] = None,
     pack: Annotated[int | None, typer.Option(help="Also write packed rows of N+1.", min=1)] = None,
 ) -> None:
-    """Add token shards under one more encoding to an existing version."""
+    """Add token shards under one more encoding to an existing version; with --out, write the
+    token shards of any corpus (a version, or `filter`/`dedup` output) to DIR for training."""
+    from booksmith.flows.cli_tokenize import tokenize_records
     from booksmith.shards.dataset import add_encoding
-    from booksmith.shards.encodings import EncodingSpec
+    from booksmith.shards.encodings import PRIMARY, EncodingSpec
+    from booksmith.shards.version_dir import is_dataset
 
     try:
-        manifest = add_encoding(
-            version, EncodingSpec(encoding, bpe_file, sha256), pack_seq_len=pack
-        )
+        if out is not None:
+            spec = EncodingSpec(encoding or PRIMARY, bpe_file, sha256)
+            entry = tokenize_records(input, out, spec, pack_seq_len=pack)
+            console.print(
+                f"{entry['documents']:,} documents, {entry['stored_tokens']:,} tokens "
+                f"({spec.name}) in {out / entry['path']}; train with: booksmith train --data "
+                f"{out} --config tiny --out runs/NAME",
+                highlight=False,
+            )
+            print(out)
+            return
+        if not is_dataset(input):
+            raise ValueError(
+                f"{input}: not a dataset version; write its token shards to a directory with "
+                "--out DIR (then: booksmith train --data DIR)"
+            )
+        if encoding is None:
+            raise ValueError(
+                f"{input}: name the encoding to add to this version with --encoding NAME, or "
+                "write token shards elsewhere with --out DIR"
+            )
+        manifest = add_encoding(input, EncodingSpec(encoding, bpe_file, sha256), pack_seq_len=pack)
     except user_errors(ValueError) as e:
         fail(one_line(e))
         return

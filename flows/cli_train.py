@@ -40,7 +40,10 @@ def train(
     data: Annotated[
         str | None, typer.Option(help="Dataset version, shard directory, glob or URL.")
     ] = None,
-    config: Annotated[Path | None, typer.Option(help="Trainer YAML (trainer/configs/).")] = None,
+    config: Annotated[
+        str | None,
+        typer.Option(help="Trainer YAML, or a bundled config: tiny, small, phi-1_5, phi-2."),
+    ] = None,
     out: Annotated[Path | None, typer.Option(help="Run directory; resumes from latest/.")] = None,
     max_steps: Annotated[int | None, typer.Option(help="Override train.max_steps.", min=1)] = None,
     nproc_per_node: Annotated[
@@ -53,17 +56,18 @@ def train(
     if data is None or out is None:
         fail("booksmith train needs --data and --out (see --help)")
         return
-    from booksmith.trainer.config import load_train_config
+    from booksmith.trainer.config import config_path, load_train_config
 
     try:
-        cfg = load_train_config(config, {"train.max_steps": max_steps})
+        path = config_path(config)  # no --config: one line listing the bundled configs
+        cfg = load_train_config(path, {"train.max_steps": max_steps})
         if nproc_per_node > 1:
             cmd = [
                 sys.executable, "-m", "torch.distributed.run", "--standalone",
                 f"--nproc_per_node={nproc_per_node}", "-m", "booksmith.trainer",
                 "--data", data, "--out", str(out),
             ]  # fmt: skip
-            cmd += ["--config", str(config)] if config else []
+            cmd += ["--config", str(path)]
             cmd += ["--max-steps", str(max_steps)] if max_steps else []
             rc = subprocess.run(cmd, env=os.environ.copy()).returncode
             if rc:
@@ -72,7 +76,9 @@ def train(
             return
         from booksmith.trainer.train import train as run_training
 
-        summary = run_training(cfg, data, out, log=lambda m: console.print(m, highlight=False))
+        summary = run_training(
+            cfg, data, out, log=lambda m: console.print(m, highlight=False), config_path=path
+        )
     except user_errors(*_trainer_errors()) as e:
         fail(str(e))
         return

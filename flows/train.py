@@ -19,19 +19,20 @@ from prefect.cache_policies import NO_CACHE
 def train_model(
     data: str, config: str | None, out: str, max_steps: int | None, nproc_per_node: int
 ) -> dict[str, Any]:
-    from booksmith.trainer.config import load_train_config
+    from booksmith.trainer.config import config_path, load_train_config
     from booksmith.trainer.train import train
 
-    cfg = load_train_config(Path(config) if config else None, {"train.max_steps": max_steps})
+    # no config: the tiny one, as the nightly's train.config documents (the header names it)
+    path = config_path(config or "tiny")
+    cfg = load_train_config(path, {"train.max_steps": max_steps})
     if nproc_per_node <= 1:
-        return train(cfg, data, Path(out))
+        return train(cfg, data, Path(out), config_path=path)
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone",
         f"--nproc_per_node={nproc_per_node}", "-m", "booksmith.trainer",
         "--data", data, "--out", out,
     ]  # fmt: skip
-    if config:
-        cmd += ["--config", config]
+    cmd += ["--config", str(path)]
     if max_steps:
         cmd += ["--max-steps", str(max_steps)]
     subprocess.run(cmd, check=True)

@@ -166,7 +166,9 @@ def test_cli_train_export_compare(dataset: Path, tmp_path: Path) -> None:
     assert f"{evals[1][5120]:.4f}" in rows["5,120"] and " - " in rows["5,120"]
     final = [f"{max(e.items())[1]:.4f}" for e in evals]
     assert all(v in rows["final"] for v in final), rows["final"]
-    bad = runner.invoke(app, ["train", "--data", str(tmp_path / "nope"), "--out", str(tmp_path)])
+    bad = runner.invoke(
+        app, ["train", "--data", str(tmp_path / "nope"), "--config", "tiny", "--out", str(tmp_path)]
+    )
     assert bad.exit_code == 2 and "no such dataset" in bad.output
     bad = runner.invoke(app, ["train", "export", str(tmp_path / "r1"), str(tmp_path / "x")])
     assert bad.exit_code == 2 and "not a checkpoint" in bad.output
@@ -240,7 +242,8 @@ def test_tiny_config_trains_a_few_hundred_steps(dataset: Path, tmp_path: Path) -
     ]
     evals = [r["eval_loss"] for r in records if r["kind"] == "eval"]
     assert len(evals) == 6 and evals[-1] < evals[0] < 5.6 and evals[-1] < 1.5
-    assert all(r["mfu"] > 0 and r["tok_per_s"] > 0 for r in records if r["kind"] == "train")
+    # on CPU: tokens per second, no MFU (a measured CPU peak is too noisy to divide by)
+    assert all(r["mfu"] is None and r["tok_per_s"] > 0 for r in records if r["kind"] == "train")
     assert torch.load(tmp_path / "tiny" / "latest" / "model.pt", weights_only=True)
 
 

@@ -2,6 +2,11 @@
 
 Every key has a default; unknown keys are errors that name the file, line and key. The
 vocabulary is not configured: it comes from the token shards' encoding, padded to 64.
+
+The commands that train (`booksmith train`, `python -m booksmith.trainer`) need a config:
+a YAML path, or a bundled config by name (`tiny`, `small`, `phi-1_5`, `phi-2`). Without one
+they stop and list the bundled configs: the model's size sets the cost by orders of magnitude
+(tiny trains in seconds on a CPU, phi-2 needs GPUs), so no default is safe to take silently.
 """
 
 from __future__ import annotations
@@ -70,8 +75,37 @@ class TrainConfig(_Strict):
     data: DataSection = DataSection()
 
 
-def load_train_config(path: Path | None, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """Read and validate a trainer YAML; `overrides` are dotted keys (e.g. train.max_steps)."""
+def bundled_configs() -> dict[str, str]:
+    """The bundled configs by name, smallest first, each with its model's shape."""
+    shapes: list[tuple[int, str, str]] = []
+    for path in CONFIG_DIR.glob("*.yaml"):
+        m = load_yaml_model(TrainConfig, path, None, what="trainer config").model
+        shapes.append((m.n_layer * m.n_embd**2, path.stem, f"{m.n_layer} layers x {m.n_embd}"))
+    return {name: shape for _, name, shape in sorted(shapes)}
+
+
+def config_path(value: str | Path | None) -> Path:
+    """A trainer config's file: a path, or a bundled config's name. None is a ConfigError that
+    lists the bundled configs (a missing --config never trains a model nobody chose)."""
+    if value is None:
+        choices = ", ".join(f"{n} ({shape})" for n, shape in bundled_configs().items())
+        raise ConfigError(
+            "no trainer config: pass --config with a YAML file or a bundled config's name, "
+            f"e.g. --config tiny. Bundled: {choices}"
+        )
+    path = Path(value)
+    if not path.exists() and path.suffix == "" and (CONFIG_DIR / f"{value}.yaml").is_file():
+        return CONFIG_DIR / f"{value}.yaml"
+    return path
+
+
+def load_train_config(
+    path: Path | str | None, overrides: dict[str, Any] | None = None
+) -> TrainConfig:
+    """Read and validate a trainer YAML (a path or a bundled config's name; None: the built-in
+    defaults, for library callers); `overrides` are dotted keys (e.g. train.max_steps)."""
+    if path is not None:
+        path = config_path(path)
     source = str(path) if path else "<defaults>"
     cfg = load_yaml_model(TrainConfig, path, overrides, what="trainer config")
     if cfg.train.seq_len > cfg.model.max_seq_len:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ from booksmith.shards.fs import is_url
 # Known encodings: (n_vocab, end-of-text id); the manifest's own figures win.
 KNOWN_ENCODINGS: dict[str, tuple[int, int]] = {
     "cl100k_base": (100277, 100257),
+    "smollm2": (49152, 0),
     "gpt2": (50257, 50256),
     "r50k_base": (50257, 50256),
     "o200k_base": (200019, 199999),
@@ -59,6 +61,8 @@ class TokenSource:
     eot_token: int | None
     root: str | None = None  # the dataset version's root when `uri` is one (local path)
     units: list[tuple[int, int, int, int]] = field(default_factory=list)  # file, rg, lo, hi
+    tokens: int = 0  # stored tokens (end-of-text included), from the Parquet metadata
+    kind: str = "token shards"  # what `uri` is: a dataset version, tokenized records, ...
 
     @property
     def n_rows(self) -> int:
@@ -123,6 +127,7 @@ def open_source(uri: str, encoding: str | None = None) -> TokenSource:
             )
             encoding = _choose_encoding(uri, names, encoding)
             files = _list(fs, f"{path}/tokens/{encoding}")
+            n_vocab, eot = _tokens_info(fs, path, encoding)
         else:
             files = _list(fs, path)
     if not files:
@@ -132,8 +137,30 @@ def open_source(uri: str, encoding: str | None = None) -> TokenSource:
         eot = eot if eot is not None else KNOWN_ENCODINGS[encoding][1]
     local_root = root if root and "://" not in uri else None
     src = TokenSource(files, fs, uri, encoding, n_vocab or 0, eot, local_root)
+    if root is not None:
+        src.kind = "dataset version"
+    elif n_vocab is not None:
+        src.kind = "datasets tokenize output"
     _scan(src)
     return src
+
+
+# `booksmith datasets tokenize INPUT --out DIR` writes DIR/tokens/<encoding>/ and DIR/tokens.json
+# (the encodings' manifest entries: vocabulary, end-of-text, documents, tokens).
+TOKENS_INFO = "tokens.json"
+
+
+def _tokens_info(fs: pafs.FileSystem, path: str, encoding: str) -> tuple[int | None, int | None]:
+    """(n_vocab, end-of-text id) from DIR/tokens.json when the directory has one."""
+    info_path = f"{path}/{TOKENS_INFO}"
+    if not fs.get_file_info(info_path).is_file:
+        return None, None
+    with fs.open_input_stream(info_path) as f:
+        try:
+            entry = json.loads(f.read())["tokens"][encoding]
+            return int(entry["n_vocab"]), int(entry["eot_token"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise DataError(f"{info_path}: no usable entry for {encoding!r} ({e})") from None
 
 
 def _choose_encoding(uri: str, available: list[str], wanted: str | None) -> str:
@@ -173,6 +200,7 @@ def _scan(src: TokenSource) -> None:
             if md.num_rows:
                 src.units.append((i, rg, 0, md.num_rows))
             if leaf is not None:
+                src.tokens += md.column(leaf).num_values  # list elements: the tokens
                 stats = md.column(leaf).statistics
                 if stats is not None and stats.has_min_max:
                     max_id = max(max_id, int(stats.max))

@@ -1,8 +1,9 @@
 """Model FLOPs utilisation: achieved training FLOP/s against the device's peak.
 
 FLOPs per token come from `Phi.flops_per_token` (6N plus attention). Peaks: dense bf16 tensor-core
-figures from the vendors' datasheets for known GPUs; on CPU a measured fp32 matmul rate, so CPU
-MFU says how close the loop comes to what this machine's BLAS can do.
+figures from the vendors' datasheets for known GPUs. On CPU the trainer reports tokens per second
+and no MFU: the only peak there is a measured matmul rate (`cpu_peak`), and on a shared machine
+that probe swings with the neighbours' load (86% MFU on one run, 44-51% on the next, on 2 cores).
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ def cpu_peak(n: int = 1024, reps: int = 5) -> float:
 
 
 def device_peak(device: torch.device) -> float | None:
+    """The peak MFU is measured against: a known GPU's datasheet figure; None on CPU (and on an
+    unknown GPU), where the trainer reports tokens per second alone."""
     if device.type == "cuda":
         return gpu_peak(torch.cuda.get_device_name(device))
-    return cpu_peak()
+    return None

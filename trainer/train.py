@@ -9,8 +9,12 @@ AdamW (fused where available) with decay on matrices only, linear warmup then co
 min_lr, gradient accumulation, clipping, bf16 autocast on CUDA and fp32 on CPU, optional
 torch.compile. Every `eval_every` steps: loss on the reference eval set. Every `ckpt_every`
 steps, at the end and on SIGTERM: a checkpoint with the loader's position, so a resumed run
-continues with the same batches and the same losses. Logs go to the console,
-OUT/metrics.jsonl and OUT/loss.png.
+continues with the same batches and the same losses. Before the first step, a header says
+what the run is (`plan`): the model's parameters, the data's tokens, tokens per step, the
+passes over the data the config implies (a warning above MAX_PASSES), the eval set and where it
+lives, and where the run writes. Logs go to the console, OUT/metrics.jsonl and OUT/loss.png;
+everything the run writes is under OUT, except a dataset version's reference eval set, which
+is the corpus's (see `reference_eval`).
 """
 
 from __future__ import annotations
@@ -99,35 +103,64 @@ def _sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def corpus_eval_path(src: TokenSource) -> Path | None:
+    """Where a dataset version's corpus keeps its reference eval set: `<out>/_state/trainer/
+    eval-<encoding>.parquet` beside the versions under one output, None for other data."""
+    if src.root is None:
+        return None
+    return Path(src.root).parent / "_state" / "trainer" / f"eval-{src.encoding}.parquet"
+
+
 def reference_eval(src: TokenSource, cfg: TrainConfig, out: Path, master: bool) -> dict[str, Any]:
-    """The fixed eval set: `data.eval_data` if given; else a held-out slice of the corpus, chosen
-    once and kept under `<datasets>/_state/trainer/` beside a dataset version (so later versions
-    are judged on the same documents), or in the run directory for bare shards."""
+    """The fixed eval set: `data.eval_data` if given; else a held-out slice of the data, never
+    trained on. For a dataset version the slice is the corpus's: chosen on the first run over
+    any version under that output and kept at `corpus_eval_path` (so later versions are judged
+    on the same documents); where that cannot be written, in the run's own OUT. For other data
+    it is chosen again each run (the same documents for the same shards: an id hash).
+    `where` says which, for the header."""
     d = cfg.data
+    held_here = False
     if d.eval_data:
         esrc = open_source(d.eval_data, d.encoding or src.encoding)
         tokens = read_units(esrc, esrc.units)
         ids: list[str] = []
-        origin = d.eval_data
+        origin, where = d.eval_data, "(data.eval_data in the config)"
     else:
-        kept = None
-        if src.root is not None:
-            kept = Path(src.root).parent / "_state" / "trainer" / f"eval-{src.encoding}.parquet"
+        kept = corpus_eval_path(src)
+        corpus = kept.parent.parent.parent if kept is not None else None
         if kept is not None and kept.is_file():
             table = pq.read_table(kept)
             ids = [str(i) for i in table.column("ids")[0].as_py()]
             tokens = table.column("input_ids")[0].values.to_numpy().astype(np.int64)
             origin = str(kept)
+            where = f"(the corpus's eval set: every version under {corpus} is judged on it)"
         else:
             ids, tokens = held_out(src, d.eval_fraction, d.eval_max_docs)
+            held_here = True
             origin = f"held out of {src.uri} (fraction {d.eval_fraction})"
-            if kept is not None and master and ids:
-                _write_eval(kept, ids, tokens)
+            where = "(held out of this data, never trained on; the same documents every run)"
+            if kept is not None and ids:
+                where = f"(chosen now as the eval set of every version under {corpus})"
                 origin = str(kept)
+                if master:
+                    try:
+                        _write_eval(kept, ids, tokens)
+                    except OSError as e:  # a read-only corpus: the run keeps its own copy
+                        kept = out / f"eval-{src.encoding}.parquet"
+                        _write_eval(kept, ids, tokens)
+                        origin = str(kept)
+                        where = f"(kept in the run: {corpus} is not writable, {e.strerror})"
     if tokens.size and tokens.max() >= src.n_vocab:
         raise DataError(f"{origin}: eval token ids outside the vocabulary ({src.n_vocab})")
     sha = _sha256_bytes(tokens.astype(np.int64).tobytes())
-    return {"ids": frozenset(ids), "tokens": tokens, "origin": origin, "sha256": sha}
+    return {
+        "ids": frozenset(ids),
+        "tokens": tokens,
+        "origin": origin,
+        "sha256": sha,
+        "where": where,
+        "held_out_here": held_here,
+    }
 
 
 def _write_eval(path: Path, ids: list[str], tokens: np.ndarray) -> None:
@@ -140,6 +173,87 @@ def _write_eval(path: Path, ids: list[str], tokens: np.ndarray) -> None:
         }
     )
     write_table_atomically(table, path, compression="snappy")
+
+
+MAX_PASSES = 4.0  # above this many passes over the data, the header warns
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"
+
+
+def _short(count: float) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if count >= size:
+            return f"{count / size:.1f}{unit}"
+    return f"{count:.0f}"
+
+
+def plan(run: Run) -> tuple[list[str], dict[str, Any]]:
+    """What the run will do, before its first step: the header's lines, and the same figures
+    for run.json. Passes over the data are the config's tokens (max_steps x tokens per step)
+    over the data's tokens, less the eval set when it was held out of them."""
+    t, src, ev, dd, m = run.cfg.train, run.src, run.ev, run.dd, run.mcfg
+    model = run.raw_model
+    params = model.num_params(non_embedding=False)
+    embed = model.embed.weight.numel()
+    head = sum(p.numel() for p in model.lm_head.parameters())
+    per_step = t.batch_size * t.seq_len * t.grad_accum * dd.world
+    eval_tokens = int(ev["tokens"].size)
+    train_tokens = max(1, src.tokens - (eval_tokens if ev["held_out_here"] else 0))
+    passes = t.max_steps * per_step / train_tokens
+    config = run.config_path or "none: the built-in defaults"
+    precision = "bf16" if run.use_bf16 else "fp32"
+    if run.device.type == "cuda":
+        speed = "tokens/s and MFU" if device_peak(run.device) else "tokens/s (GPU peak unknown)"
+        device = f"{torch.cuda.get_device_name(run.device)}, {precision}"
+    else:  # a measured CPU peak swings with a shared machine's load: no MFU
+        speed = "tokens/s (no MFU on CPU)"
+        device = f"cpu, {precision}, {_n(torch.get_num_threads(), 'thread')}"
+    procs = f" x {_n(dd.world, 'process')}" if dd.world > 1 else ""
+    eval_docs = f"{_n(len(ev['ids']), 'document')}, " if ev["ids"] else ""
+    lines = [
+        f"config   {config}",
+        f"model    {_short(params)} parameters: {m.n_layer} layers x {m.n_embd}, {m.n_head} "
+        f"heads ({_short(params - embed - head)} in the blocks, {_short(embed)} embedding, "
+        f"{_short(head)} head for {m.vocab_size:,} ids)",
+        f"data     {src.uri} ({src.kind}, {src.encoding or 'unnamed encoding'}): "
+        f"{_n(src.tokens, 'token')} in {_n(src.n_rows, 'document')}",
+        f"eval     {eval_docs}{_n(eval_tokens, 'token')}: {ev['origin']}",
+        f"         {ev['where']}",
+        f"steps    {t.max_steps:,} x {per_step:,} tokens (batch {t.batch_size} x seq {t.seq_len} "
+        f"x accum {t.grad_accum}{procs}) = {t.max_steps * per_step:,} tokens",
+        f"passes   {passes:.1f} over the {train_tokens:,} training tokens",
+        f"writes   {run.out}/: step-NNNNNN/, latest/, metrics.jsonl, loss.png, run.json",
+        f"device   {device}; progress in {speed}",
+    ]
+    if passes > MAX_PASSES:
+        steps = max(1, int(MAX_PASSES * train_tokens // per_step))
+        lines.append(
+            f"warning: {passes:.1f} passes over the data, more than {MAX_PASSES:g}: repeated "
+            f"tokens stop helping and the model memorises them; train.max_steps {steps:,} "
+            f"makes {MAX_PASSES:g} passes (--max-steps {steps}), or bring more data"
+        )
+    if run.resumed:
+        lines.append(f"resumes  at step {run.step:,} from {run.out / 'latest'}")
+    facts = {
+        "config": str(config),
+        "parameters": params,
+        "embedding_parameters": embed,
+        "head_parameters": head,
+        "data_tokens": src.tokens,
+        "data_documents": src.n_rows,
+        "eval_documents": len(ev["ids"]),
+        "eval_tokens": eval_tokens,
+        "eval_where": ev["where"],
+        "train_tokens": train_tokens,
+        "tokens_per_step": per_step,
+        "max_steps": t.max_steps,
+        "passes": passes,
+        "passes_warning": passes > MAX_PASSES,
+        "out": str(run.out),
+    }
+    return lines, facts
 
 
 class Metrics:
@@ -216,6 +330,7 @@ class Run:
     loader_states: dict[int, dict[str, Any]] = field(default_factory=dict)
     batches_done: int = 0
     resumed: bool = False
+    config_path: str | None = None  # the YAML the config came from, for the header
 
     @property
     def fused_loss(self) -> bool:
@@ -376,17 +491,23 @@ def train(
     *,
     stop_after: int | None = None,
     log: Callable[[str], None] = print,
+    config_path: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train (or resume from OUT/latest) until train.max_steps, or `stop_after` steps, or
-    SIGTERM; returns a summary (steps, last losses, checkpoint path)."""
+    SIGTERM; returns a summary (steps, last losses, checkpoint path, the header's figures).
+    `config_path` names the config's file in the header."""
     t = cfg.train
     run = setup(cfg, data, out)
+    run.config_path = str(config_path) if config_path else None
     ev_windows = eval_windows(run.ev["tokens"], t.seq_len, t.eval_batches * t.batch_size)
     resume(run, log)
     dd = run.dd
     metrics = Metrics(out, dd.master, run.step if run.resumed else None)
+    header, facts = plan(run)
     if dd.master:
-        _write_run_info(out, cfg, data, run.src, run.mcfg, run.ev, dd)
+        for line in header:
+            log(line)
+        _write_run_info(out, cfg, data, run.src, run.mcfg, run.ev, dd, facts)
     model = wrap(run)
     loader = make_loader(run)
     batches = _batches(loader, run.loader_states)
@@ -448,6 +569,7 @@ def train(
         "checkpoint": str(last_ckpt) if last_ckpt else None,
         "interrupted": stop["flag"],
         "rank": dd.rank,
+        "plan": facts,
     }
 
 
@@ -475,7 +597,14 @@ def _check_resume(
 
 
 def _write_run_info(
-    out: Path, cfg: TrainConfig, data: str, src: TokenSource, mcfg: ModelConfig, ev: dict, dd: Dist
+    out: Path,
+    cfg: TrainConfig,
+    data: str,
+    src: TokenSource,
+    mcfg: ModelConfig,
+    ev: dict,
+    dd: Dist,
+    facts: dict[str, Any],
 ) -> None:
     info = {
         "data": data,
@@ -486,6 +615,7 @@ def _write_run_info(
         "config": cfg.model_dump(),
         "world_size": dd.world,
         "eval": {"origin": ev["origin"], "sha256": ev["sha256"], "tokens": int(ev["tokens"].size)},
+        "plan": facts,
     }
     (out / "run.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
 
