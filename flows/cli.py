@@ -16,7 +16,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.tree import Tree
 
-from booksmith.flows.cli_errors import EXIT_CODES_HELP, EXIT_ENDPOINT_FAILING, fail, user_errors
+from booksmith.flows.cli_errors import (
+    EXIT_CODES_HELP,
+    EXIT_ENDPOINT_FAILING,
+    EXIT_NOT_PUBLISHED,
+    fail,
+    user_errors,
+)
 from booksmith.flows.prefect_env import configure_prefect
 
 if TYPE_CHECKING:
@@ -128,6 +134,7 @@ def run(
     from booksmith.generation import preflight, progress
     from booksmith.generation.breaker import EndpointFailing
     from booksmith.generation.seeds import load_seeds
+    from booksmith.pipeline.publish import RunNotPublished
     from booksmith.shards.version_dir import read_manifest
 
     try:
@@ -160,6 +167,9 @@ def run(
         return
     except EndpointFailing as e:
         fail(str(e), EXIT_ENDPOINT_FAILING)
+        return
+    except RunNotPublished as e:
+        fail(str(e), EXIT_NOT_PUBLISHED)
         return
     manifest = read_manifest(Path(version_dir))
     gen = manifest.counts.generate

@@ -6,7 +6,8 @@ BOOKSMITH_DEBUG=1) prints the traceback above the line too.
 Exit codes: 0 done; 1 an unexpected error (a bug: the traceback is shown) or a check that
 found problems (`verify`); 2 bad input or configuration (a setting, a file, an argument, an
 unreachable endpoint, bucket or Redis found by preflight); 3 the endpoint failed mid-run (the
-circuit breaker stopped it; rerun to resume).
+circuit breaker stopped it; rerun to resume); 4 the run finished but was not published (it kept
+nothing, or most requests failed: its files are set aside under _state/failed/).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from rich.markup import escape
 
 EXIT_BAD_INPUT = 2  # a setting, a file or an argument is wrong
 EXIT_ENDPOINT_FAILING = 3  # the circuit breaker stopped the run (generation/breaker.py)
+EXIT_NOT_PUBLISHED = 4  # the run finished with nothing worth a version (pipeline/publish.py)
 
 console = Console(stderr=True)
 
@@ -32,7 +34,8 @@ def one_line(e: BaseException) -> str:
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 done; 1 unexpected error; 2 bad input or configuration (one line says "
-    "which setting and the fix); 3 the endpoint failed mid-run (rerun to resume). "
+    "which setting and the fix); 3 the endpoint failed mid-run (rerun to resume); 4 the run "
+    "kept nothing or mostly failed, so it was not published. "
     "--debug or BOOKSMITH_DEBUG=1 shows tracebacks."
 )
 

@@ -47,13 +47,20 @@ from booksmith.generation.seeds import load_seeds
 from booksmith.pipeline.checkpoint import run_key
 from booksmith.pipeline.chunks import Chunk, ChunkStats
 from booksmith.pipeline.drive import run_rounds
+from booksmith.pipeline.publish import RunNotPublished, publish_problem
 from booksmith.pipeline.run import StreamingRun, completed_version, resumable_run
 from booksmith.schemas import GenerationRequest, GenerationResult, TopicSeed
 from booksmith.schemas.config import Budget, RunConfig, load_config
 from booksmith.schemas.crashpoints import crash_point
 from booksmith.schemas.manifest import Manifest
 from booksmith.schemas.redact import redact_text
-from booksmith.shards.version_dir import claim_run_dir, release_run_dir, state_dir, sweep_abandoned
+from booksmith.shards.version_dir import (
+    claim_run_dir,
+    release_run_dir,
+    set_aside,
+    state_dir,
+    sweep_abandoned,
+)
 
 
 def seed_for(day: date) -> int:
@@ -276,6 +283,8 @@ def nightly(
     run_id = start_run(cfg, key)
     get_run_logger().info("run %s: %d topics, seed %d", run_id, len(seeds), run_seed)
     manifest = stream_chunks(cfg, run_id, seeds, run_seed, key, selection)
+    if problem := publish_problem(manifest, cfg.publish):
+        raise not_published(cfg, run_id, problem)
     version_dir = cfg.output.dir / run_id
     release_run_dir(version_dir)
     after_run(cfg, version_dir, run_id)
@@ -319,6 +328,8 @@ def stream_chunks(
             stop, need = run.rounds.stop, run.rounds.need
             get_run_logger().info("fill: %s; still short: %s", stop, need or "-")
             manifest = write_dataset(run, selection)
+            if publish_problem(manifest, cfg.publish):
+                return manifest  # not a version (see `nightly`): nothing enters the index
             crash_point("index.commit")
             commit_index(run)
             crash_point("index.committed")
@@ -326,6 +337,16 @@ def stream_chunks(
     finally:
         if index is not None:
             index.close()
+
+
+def not_published(cfg: RunConfig, run_id: str, problem: str) -> RunNotPublished:
+    """Set a finished run that must not be a version aside, with its report, and say so."""
+    kept_at = set_aside(cfg.output.dir, run_id)
+    render_report(kept_at)
+    return RunNotPublished(
+        f"run {run_id} is not published: {problem}; its failures, rejected documents and "
+        f"report are in {kept_at}"
+    )
 
 
 def already_done(cfg: RunConfig, version: Path) -> Path:

@@ -221,6 +221,16 @@ class OutputSettings(_Strict):
     card: CardSettings = Field(default_factory=CardSettings)
 
 
+class PublishSettings(_Strict):
+    """When a finished run becomes a version. A run that kept fewer than `min_documents`, or
+    whose failed requests exceed `max_failed_share` of those attempted, is not published: it
+    ends Failed (exit 4), its files (failures, rejected shards, report) moved to
+    `<out>/_state/failed/<run_id>/` for reading, and the latest version stays the last good one."""
+
+    min_documents: int = Field(default=1, ge=0)
+    max_failed_share: float | None = Field(default=0.5, gt=0, le=1)  # None: any share
+
+
 class DaskSettings(_Strict):
     """`runner: dask`: Prefect's DaskTaskRunner, on a cluster at `address` or a local one."""
 
@@ -287,6 +297,7 @@ class RunConfig(_Strict):
     train: TrainSettings = Field(default_factory=TrainSettings)
     export: ExportSettings = Field(default_factory=ExportSettings)
     fill: FillSettings = Field(default_factory=FillSettings)
+    publish: PublishSettings = Field(default_factory=PublishSettings)
     runner: Literal["threads", "dask"] = "threads"  # where the generation tasks run
     dask: DaskSettings = Field(default_factory=DaskSettings)
     schedule: ScheduleSettings = Field(default_factory=ScheduleSettings)
@@ -302,6 +313,7 @@ class RunConfig(_Strict):
                 "output": {"dir"},
                 "export": True,
                 "schedule": True,
+                "publish": True,
                 "train": True,
                 "runner": True,
                 "dask": True,

@@ -110,6 +110,21 @@ def sweep_abandoned(out: Path) -> list[str]:
     return removed
 
 
+FAILED_DIR = "failed"  # <out>/_state/failed/<run_id>/: finished runs that were not published
+
+
+def set_aside(out: Path, run_id: str) -> Path:
+    """Move a finished run that must not be published out of the versions (a rename within
+    the output directory: readers of `list_versions` never see it); returns where it went."""
+    target = out / STATE_DIR / FAILED_DIR / run_id
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists():
+        shutil.rmtree(target)
+    (out / run_id).rename(target)
+    release_run_dir(target)
+    return target
+
+
 def is_dataset(path: Path) -> bool:
     return (path / MANIFEST).is_file()
 

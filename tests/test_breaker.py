@@ -96,3 +96,47 @@ def test_a_dead_endpoint_stops_the_run_and_a_rerun_resumes(
     gen = read_manifest(version).counts.generate
     assert gen.cached == 10 and gen.failed == 0 and gen.breaker is None
     assert asked == gen.planned - 10
+
+
+@pytest.mark.slow
+def test_a_run_that_keeps_nothing_or_mostly_fails_is_not_published(
+    prefect_api: str, tmp_path: Path, write_config
+) -> None:
+    """A finished run that kept no document, or whose endpoint failed most requests, exits 4
+    with one line, publishes no version (the latest stays the last good one) and leaves its
+    evidence, report included, under _state/failed/<run_id>/; `publish` sets the bar."""
+    env = {**os.environ, "PREFECT_API_URL": prefect_api}
+    out = tmp_path / "out"
+
+    def run(faults: dict, name: str, **publish: object) -> subprocess.CompletedProcess[str]:
+        with FakeServer(faults) as server:
+            cfg = fake_backend_config(server.base_url, out / name, max_retries=1)
+            cfg["plan"]["limit"] = 12
+            cfg["fill"] = {"documents": None}
+            cfg["generation"]["breaker"] = {"max_failure_share": None}
+            cfg["publish"] = publish
+            return subprocess.run(
+                [*BOOKSMITH, "run", "--config", str(write_config(cfg, name))],
+                env=env, capture_output=True, text=True, timeout=300,
+            )  # fmt: skip
+
+    empty = run({"truncated": 1.0}, "empty")  # every answer cut short: all rejected
+    assert empty.returncode == 4, empty.stderr[-2000:]
+    message = empty.stderr.strip().splitlines()[-1]
+    assert message.startswith("error: run ") and "is not published: it kept 0 documents" in message
+    assert "the filters rejected 12" in message and "Traceback" not in empty.stderr
+    assert list_versions(out / "empty") == []
+    (aside,) = (out / "empty" / "_state" / "failed").iterdir()
+    assert f"are in {aside}" in message
+    assert read_manifest(aside).counts.rejected == 12 and (aside / "report" / "report.md").exists()
+
+    failing = run({"bad_request": 0.7}, "failing")
+    assert failing.returncode == 4, failing.stderr[-2000:]
+    gen_failed = failing.stderr.strip().splitlines()[-1]
+    assert "requests failed" in gen_failed and "above publish.max_failed_share 50%" in gen_failed
+    assert list_versions(out / "failing") == []
+
+    tolerated = run({"bad_request": 0.7}, "tolerated", max_failed_share=None)
+    assert tolerated.returncode == 0, tolerated.stderr[-2000:]
+    (version,) = list_versions(out / "tolerated")
+    assert read_manifest(version).counts.generate.failed > 6

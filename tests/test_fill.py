@@ -84,6 +84,7 @@ def test_fill_stops_when_a_round_keeps_nothing_new(
         cfg = fake_backend_config(nothing_useful.base_url, tmp_path / "out")
         cfg["plan"] = {"limit": 3}
         cfg["fill"] = {"tokens": 10_000, "max_rounds": 3}
+        cfg["publish"] = {"min_documents": 0}  # publish the empty run, to read its fill account
         version = run(write_config(cfg))
     manifest = read_manifest(version)
     fill = manifest.counts.fill

@@ -12,6 +12,7 @@ import duckdb
 import pyarrow.parquet as pq
 import pytest
 
+from booksmith.pipeline.publish import RunNotPublished
 from booksmith.schemas import Document, arrow_schema
 from booksmith.shards.files import file_sha256
 from booksmith.shards.version_dir import list_versions, read_manifest
@@ -164,7 +165,11 @@ def test_a_second_run_drops_what_earlier_runs_kept(
     # The same requests under another config (the same config and seed would be a no-op).
     cfg = fake_backend_config(server.base_url, out)
     cfg["output"]["shard_rows"] = 1000
-    second = run_flow(write_config(cfg, "second.yaml"))
+    # It kept nothing, so it is not a version: set aside with its evidence (pipeline/publish)
+    with pytest.raises(RunNotPublished, match="kept 0 documents"):
+        run_flow(write_config(cfg, "second.yaml"))
+    assert list_versions(out) == [first]
+    (second,) = (out / "_state" / "failed").iterdir()
     assert pq.read_table(second / "text").num_rows == 0
     rejected = pq.read_table(second / "rejected").to_pylist()
     dups = {r["id"]: r for r in rejected if r["reason"] == "dedup_exact"}
