@@ -245,3 +245,15 @@ def test_tokens_json_gives_the_vocabulary_of_bare_shards(tmp_path: Path) -> None
     (root / "tokens.json").write_text(json.dumps({"tokens": {"other": entry}}))
     with pytest.raises(DataError, match=r"tokens\.json: no usable entry for 'bytes'"):
         open_source(str(root))
+
+
+def test_the_train_flow_without_a_config_trains_tiny_and_says_so(tmp_path: Path) -> None:
+    """The nightly's train.config and the Prefect deployment default to the tiny config (as
+    documented), named in the header and run.json, never the built-in defaults."""
+    from booksmith.flows.train import train_model
+
+    version = write_token_dataset(tmp_path / "out" / "v1", 40, shards=1)
+    result = train_model.fn(str(version), None, str(tmp_path / "run"), 1, 1)
+    assert result["plan"]["config"].endswith("trainer/configs/tiny.yaml")
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["config"]["train"]["seq_len"] == 64  # tiny.yaml's, not the default 32
