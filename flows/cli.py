@@ -71,7 +71,12 @@ class _GenerationProgress:
         self.done = {"completed": 0, "failed": 0}
 
     def __call__(self, event: str, data: dict[str, Any]) -> None:
-        if event == "plan":
+        if event == "estimate":  # above the bar: what the run will cost, before it starts
+            self.progress.console.print(escape(data["line"]), highlight=False, soft_wrap=True)
+        elif event == "warning":
+            line = f"[yellow]warning:[/yellow] {escape(data['line'])}"
+            self.progress.console.print(line, highlight=False, soft_wrap=True)
+        elif event == "plan":
             self.progress.update(self.task, total=data["total"])
         elif event == "generation":
             # Partitions report separately: sum the latest of each, plus finished chunks.
@@ -212,6 +217,7 @@ def plan(
 
     from booksmith.flows.nightly import make_plan, seed_for
     from booksmith.generation.coverage import select_topics
+    from booksmith.generation.estimate import estimate
     from booksmith.generation.seeds import load_seeds
     from booksmith.schemas import GenerationRequest
     from booksmith.schemas.arrow import to_table
@@ -235,14 +241,27 @@ def plan(
         ("requests", len(requests)),
         ("distinct prompts", len(set(prompts))),
         ("prompt characters (mean)", f"{sum(map(len, prompts)) / max(1, len(prompts)):.0f}"),
-        ("completion tokens (at most)", len(requests) * cfg.generation.sampling.max_tokens),
     ]
+    est = estimate(requests, cfg, len(seeds))
+    cost = "no price for this model (generation.prices)"
+    if est.cost_expected is not None:
+        cost = f"${est.cost_expected:,.2f} expected, ${est.cost_max:,.2f} at most"
+    rows += [
+        ("prompt tokens", f"{est.prompt_tokens:,}"),
+        ("completion tokens", f"{est.completion_tokens_expected:,} expected ({est.basis}), "
+                              f"{est.completion_tokens_max:,} at most"),
+        ("cost", cost),
+    ]  # fmt: skip
+    if est.max_requests and est.max_requests > est.requests:
+        rows.append(("fill rounds", f"may plan up to {est.max_requests:,} requests in all"))
     for axis in ("audience", "style", "format"):
         counts = Counter(getattr(r, axis) for r in requests)
         rows.append((axis, ", ".join(f"{k} {n}" for k, n in counts.most_common())))
     for key, value in rows:
         table.add_row(key, str(value))
     console.print(table)
+    if warning := _budget_warning(est, cfg):
+        console.print(f"[yellow]warning:[/yellow] {escape(warning)}", highlight=False)
     for request in requests[:show]:
         console.print(f"[bold]{escape(request.topic)}[/bold] ({request.audience}, "
                       f"{request.style}, {request.format}):", highlight=False)  # fmt: skip
@@ -301,6 +320,16 @@ def config_show(
         return
     shown = redact_config(cfg.model_dump(mode="json"))  # a passworded URL shows as ***
     print(yaml.safe_dump(shown, sort_keys=False), end="")
+
+
+def _budget_warning(est: Any, cfg: RunConfig) -> str | None:
+    """The over-budget line for a preview (a preview never refuses: it spends nothing)."""
+    from booksmith.generation.estimate import OverBudget, check_budget
+
+    try:
+        return check_budget(est, cfg)
+    except OverBudget as e:
+        return f"{e} (generation.budget.over_estimate: refuse stops such a run before it starts)"
 
 
 @topics_app.command("expand")

@@ -61,6 +61,7 @@ def user_errors(*extra: type[BaseException]) -> tuple[type[BaseException], ...]:
     from booksmith.filters.dedup import DedupIndexError
     from booksmith.filters.inputs import InputError
     from booksmith.generation.backends import BackendError
+    from booksmith.generation.estimate import OverBudget
     from booksmith.generation.preflight import PreflightFailed
     from booksmith.generation.seeds import SeedFileError
     from booksmith.prompts import PromptError
@@ -72,7 +73,7 @@ def user_errors(*extra: type[BaseException]) -> tuple[type[BaseException], ...]:
 
     errors: tuple[type[BaseException], ...] = (
         ConfigError, SeedFileError, PromptError, BackendError, PreflightFailed, FilterError,
-        InputError, ManifestError, DedupIndexError, EncodingUnavailable, ExportError,
+        InputError, ManifestError, DedupIndexError, EncodingUnavailable, ExportError, OverBudget,
         FileNotFoundError, NotADirectoryError, PermissionError,
         *extra,
     )  # fmt: skip

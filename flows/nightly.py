@@ -41,6 +41,7 @@ from booksmith.generation.cache import ResponseCache
 from booksmith.generation.client import Endpoint, GenerationReport
 from booksmith.generation.clients import make_client
 from booksmith.generation.coverage import select_topics
+from booksmith.generation.estimate import Estimate, check_budget, estimate
 from booksmith.generation.plan import plan_for
 from booksmith.generation.scaleout import assign, merge_reports, partition, share_budget
 from booksmith.generation.seeds import load_seeds
@@ -91,6 +92,22 @@ def load_topics(cfg: RunConfig, seed: int) -> tuple[list[TopicSeed], dict[str, A
     every = load_seeds(cfg.topics)
     seeds, selection = select_topics(every, cfg.plan, cfg.output.dir)
     return seeds, selection, run_key(cfg, seed, every)
+
+
+def announce_estimate(cfg: RunConfig, seeds: list[TopicSeed], seed: int) -> Estimate:
+    """The first round's tokens and dollars, logged and shown by the CLI before the first
+    request; over the budget it warns, or raises OverBudget when the budget says refuse."""
+    plan = cfg.plan
+    requests = plan_for(cfg, seeds, seed, samples_per_topic=plan.samples_per_topic,
+                        limit=plan.limit)  # fmt: skip
+    est = estimate(requests, cfg, len(seeds))
+    logger = get_run_logger()
+    logger.info(est.line())
+    progress.emit("estimate", line=est.line())
+    if warning := check_budget(est, cfg):
+        logger.warning(warning)
+        progress.emit("warning", line=warning)
+    return est
 
 
 def make_plan(
@@ -280,6 +297,7 @@ def nightly(
     done = completed_version(cfg.output.dir, key)
     if done is not None:  # a retried night: the same config, seed and topics
         return str(already_done(cfg, done))
+    announce_estimate(cfg, seeds, run_seed)  # refuses here when the budget says so
     run_id = start_run(cfg, key)
     get_run_logger().info("run %s: %d topics, seed %d", run_id, len(seeds), run_seed)
     manifest = stream_chunks(cfg, run_id, seeds, run_seed, key, selection)

@@ -110,13 +110,7 @@ class Rounds:
     @property
     def max_requests(self) -> int:
         """The most requests the fill rounds may plan in all, the first round included."""
-        fill = self.cfg.fill
-        if fill.max_requests is not None:
-            return fill.max_requests
-        # a multiple of the first round, or of the documents asked for when that is larger (a
-        # run may start deliberately small: one request per topic)
-        wanted = max(fill.documents or 0, (fill.documents_per_topic or 0) * len(self.seeds))
-        return max(1, int(max(self._first_round, wanted) * fill.max_plan_factor))
+        return self.cfg.fill.request_cap(self._first_round, len(self.seeds))
 
     def _stop_reason(
         self, need: dict[str, int], report: GenerationReport, rounds: int, progress: bool

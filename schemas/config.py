@@ -51,6 +51,9 @@ class Budget(_Strict):
 
     max_tokens: int | None = Field(default=None, gt=0)  # prompt + completion tokens
     max_cost_usd: float | None = Field(default=None, gt=0)
+    # When the estimate before a run (generation/estimate.py) exceeds max_cost_usd: say so and
+    # run until the budget is spent ("warn"), or stop before the first request ("refuse").
+    over_estimate: Literal["warn", "refuse"] = "warn"
 
 
 class BreakerSettings(_Strict):
@@ -258,6 +261,15 @@ class FillSettings(_Strict):
     @property
     def enabled(self) -> bool:
         return bool(self.documents or self.tokens or self.documents_per_topic)
+
+    def request_cap(self, first_round: int, topics: int) -> int:
+        """The most requests the fill rounds may plan in all, the first round included: a
+        multiple of the first round, or of the documents asked for when that is larger (a run
+        may start deliberately small: one request per topic)."""
+        if self.max_requests is not None:
+            return self.max_requests
+        wanted = max(self.documents or 0, (self.documents_per_topic or 0) * topics)
+        return max(1, int(max(first_round, wanted) * self.max_plan_factor))
 
 
 class ExportSettings(_Strict):

@@ -73,9 +73,10 @@ def test_a_dead_endpoint_stops_the_run_and_a_rerun_resumes(
         attempts = failing.stats()["requests"]
     assert run.returncode == 3, run.stderr[-2000:]
     # below the progress bar, one line that says why and how to resume, and no traceback
-    *progress, message = run.stderr.strip().splitlines()
+    estimate, *progress, message = run.stderr.strip().splitlines()
     assert message.startswith("error: the endpoint failed"), run.stderr[-2000:]
     assert "run again with the same config and seed to resume" in message
+    assert estimate.startswith("estimate: 60 requests, ")  # said before the first request
     assert all(line.startswith("generating") for line in progress), progress
     assert "Traceback" not in run.stderr
     assert list_versions(out) == []  # a failed night publishes nothing
