@@ -12,6 +12,7 @@ train commands check their targets with shards/reachable.py the same way.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -93,33 +94,75 @@ def _endpoints(cfg: RunConfig) -> list[str]:
 
 
 def _endpoint(setting: str, url: str, key: str, key_env: str, model: str) -> list[str]:
+    """One endpoint: its /models, or a 1-token request where /models is missing."""
+    shown = redact_url(url)
+    headers = {"Authorization": f"Bearer {key}"}
     try:
-        reply = httpx.get(
-            url.rstrip("/") + "/models",
-            headers={"Authorization": f"Bearer {key}"},
-            timeout=httpx.Timeout(CONNECT_TIMEOUT_S),
-        )
+        reply = httpx.get(url.rstrip("/") + "/models", headers=headers, timeout=CONNECT_TIMEOUT_S)
+        if reply.status_code in (404, 405):  # no /models (some proxies): ask for one token
+            reply = httpx.post(
+                url.rstrip("/") + "/chat/completions",
+                headers=headers,
+                json={"model": model, "max_tokens": 1,
+                      "messages": [{"role": "user", "content": "ping"}]},
+                timeout=CONNECT_TIMEOUT_S * 6,  # a real generation, if a short one
+            )  # fmt: skip
     except httpx.HTTPError as e:
-        reason = " ".join(str(e).split()) or type(e).__name__
-        url = redact_url(url)
-        return [f"{setting}: nothing answers at {url} ({reason}); start the server or fix the URL"]
-    if reply.status_code in (401, 403):
+        return [_unreachable(setting, shown, e)]
+    status = reply.status_code
+    if status in (401, 403):
         return [
-            f"generation.api_key_env: {redact_url(url)} refused the key in ${key_env} "
-            f"(HTTP {reply.status_code}); set a valid key"
+            f"generation.api_key_env: {shown} refused the key in ${key_env} "
+            f"(HTTP {status}); set a valid key"
         ]
-    if reply.status_code != 200:
-        return []  # a server without /models (some proxies): the model is checked by use
-    try:
-        served = [str(m["id"]) for m in reply.json().get("data", [])]
-    except (ValueError, KeyError, TypeError, AttributeError):
-        return []
+    body = _json(reply)
+    if body is None:
+        kind = reply.headers.get("content-type", "no content type").split(";")[0]
+        return [
+            f"{setting}: {shown} answered {kind} (HTTP {status}), not an OpenAI-compatible "
+            "API's JSON; check the URL (a web page, a login or a proxy's error page?)"
+        ]
+    if status == 404:
+        message = str(body.get("error", {}).get("message", "")) if isinstance(body, dict) else ""
+        if "model" in message.lower():  # vLLM and OpenAI: 404 for a model they do not serve
+            return [f"generation.model: {model!r} is not served at {shown} ({message})"]
+        return [
+            f"{setting}: {shown} has no OpenAI-compatible API at this path (/models and "
+            "/chat/completions answer 404); check the path: such servers serve under /v1, "
+            "e.g. http://host:8000/v1"
+        ]
+    if status != 200:
+        return []  # a server error now may pass; the run's retries and breaker handle it
+    served = _served(body)
     if served and model not in served:
-        shown = ", ".join(served[:10]) + (", ..." if len(served) > 10 else "")
-        return [
-            f"generation.model: {model!r} is not served at {redact_url(url)} (it serves: {shown})"
-        ]
+        listed = ", ".join(served[:10]) + (", ..." if len(served) > 10 else "")
+        return [f"generation.model: {model!r} is not served at {shown} (it serves: {listed})"]
     return []
+
+
+def _unreachable(setting: str, shown: str, e: httpx.HTTPError) -> str:
+    reason = " ".join(str(e).split()) or type(e).__name__
+    if isinstance(e, httpx.ConnectError) and ("SSL" in reason or "CERTIFICATE" in reason):
+        return (
+            f"{setting}: TLS with {shown} failed ({reason}); if the server's certificate comes "
+            "from your own CA, point SSL_CERT_FILE at its bundle, or fix the URL"
+        )
+    return f"{setting}: nothing answers at {shown} ({reason}); start the server or fix the URL"
+
+
+def _json(reply: httpx.Response) -> Any:
+    try:
+        return reply.json()
+    except ValueError:
+        return None
+
+
+def _served(body: Any) -> list[str]:
+    """The model ids of a /models answer (none for a chat completion's)."""
+    data = body.get("data") if isinstance(body, dict) else None
+    if not isinstance(data, list):
+        return []
+    return [str(m["id"]) for m in data if isinstance(m, dict) and "id" in m]
 
 
 def _redis(cfg: RunConfig) -> list[str]:
