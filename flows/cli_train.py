@@ -56,11 +56,14 @@ def train(
     if data is None or out is None:
         fail("booksmith train needs --data and --out (see --help)")
         return
+    from booksmith.shards.reachable import readable, writable_dir
     from booksmith.trainer.config import config_path, load_train_config
 
     try:
         path = config_path(config)  # no --config: one line listing the bundled configs
         cfg = load_train_config(path, {"train.max_steps": max_steps})
+        if problems := [*readable(data, "--data"), *writable_dir(out, "--out")]:
+            fail("\n".join(problems))  # before torch starts, every problem at once
         if nproc_per_node > 1:
             cmd = [
                 sys.executable, "-m", "torch.distributed.run", "--standalone",

@@ -14,6 +14,8 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
+from booksmith.shards.reachable import readable, writable_dir
+
 
 @task(cache_policy=NO_CACHE)
 def train_model(
@@ -48,4 +50,6 @@ def train_flow(
     nproc_per_node: int = 1,
 ) -> dict[str, Any]:
     """Train on `data` (a dataset version, shard directory or URL); checkpoints under `out`."""
+    if problems := [*readable(data, "data"), *writable_dir(Path(out), "out")]:
+        raise ValueError("\n".join(problems))  # the flow run's state message says what to fix
     return train_model(data, config, out, max_steps, nproc_per_node)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from glob import glob
 from pathlib import Path
 
 from booksmith.schemas.redact import redact_url
@@ -82,4 +83,29 @@ def _s3_bucket(url: str, setting: str) -> list[str]:
         reason = " ".join(str(e).split())
         return [f"{setting}: S3{where} does not answer for {shown} ({reason}); start it or "
                 "fix AWS_ENDPOINT_URL"]  # fmt: skip
+    return []
+
+
+def readable(location: str, setting: str) -> list[str]:
+    """Something is there to read: a local path or glob that matches, or a URL that exists
+    (asked through fsspec with the same environment as every read)."""
+    from booksmith.shards.fs import filesystem
+
+    def has_magic(pattern: str) -> bool:
+        return any(c in pattern for c in "*?[")
+
+    shown = redact_url(location)
+    try:
+        if is_url(location):
+            fs, root = filesystem(location)
+            found = bool(fs.glob(root)) if has_magic(root) else fs.exists(root)
+        else:
+            found = bool(glob(location)) if has_magic(location) else Path(location).exists()
+    except Exception as e:  # any store's own error: credentials, endpoint, bucket
+        return [f"{setting}: cannot read {shown} ({' '.join(str(e).split())}); check the URL"]
+    if not found:
+        return [
+            f"{setting}: nothing at {shown}; give a dataset version, a shard directory or "
+            "glob, or a URL"
+        ]
     return []

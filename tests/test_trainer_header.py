@@ -257,3 +257,43 @@ def test_the_train_flow_without_a_config_trains_tiny_and_says_so(tmp_path: Path)
     assert result["plan"]["config"].endswith("trainer/configs/tiny.yaml")
     run = json.loads((tmp_path / "run" / "run.json").read_text())
     assert run["config"]["train"]["seq_len"] == 64  # tiny.yaml's, not the default 32
+
+
+def test_train_checks_its_data_and_out_before_torch_starts(tmp_path: Path) -> None:
+    """A missing --data and an --out under a file: both at once, one line each, exit 2,
+    nothing written; the train flow checks the same (its state message says which)."""
+    from booksmith.flows.train import train_flow
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    missing = tmp_path / "no-such-version"
+    args = ["train", "--data", str(missing), "--out", str(blocker / "r"), "--config", "tiny"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 2, res.output
+    assert res.output.strip().splitlines() == [
+        f"error: --data: nothing at {missing}; give a dataset version, a shard directory or "
+        "glob, or a URL",
+        f"error: --out: {blocker} is a file, not a directory; choose another --out",
+    ]
+    glob = str(tmp_path / "shards-*.parquet")
+    res = CliRunner().invoke(app, ["train", "--data", glob, "--out", str(tmp_path / "r"),
+                                   "--config", "tiny"])  # fmt: skip
+    assert res.exit_code == 2 and "--data: nothing at" in res.output
+    with pytest.raises(ValueError, match=r"^data: nothing at .*no-such-version"):
+        train_flow.fn(str(missing), out=str(tmp_path / "r"))
+    assert not (tmp_path / "r").exists()
+
+
+def test_readable_asks_urls_through_fsspec() -> None:
+    import fsspec
+
+    from booksmith.shards.reachable import readable
+
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/corpus/v1/manifest.json", b"{}")
+    assert readable("memory://corpus/v1", "--data") == []
+    assert readable("memory://corpus/v*", "--data") == []
+    assert readable("memory://corpus/v2", "--data") == [
+        "--data: nothing at memory://corpus/v2; give a dataset version, a shard directory or "
+        "glob, or a URL"
+    ]
