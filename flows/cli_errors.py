@@ -70,11 +70,12 @@ def user_errors(*extra: type[BaseException]) -> tuple[type[BaseException], ...]:
     from booksmith.schemas.manifest import ManifestError
     from booksmith.shards.encodings import EncodingUnavailable
     from booksmith.shards.export import ExportError
+    from booksmith.shards.files import DiskFull
 
     errors: tuple[type[BaseException], ...] = (
         ConfigError, SeedFileError, PromptError, BackendError, PreflightFailed, FilterError,
         InputError, ManifestError, DedupIndexError, EncodingUnavailable, ExportError, OverBudget,
-        FileNotFoundError, NotADirectoryError, PermissionError,
+        DiskFull, FileNotFoundError, NotADirectoryError, PermissionError,
         *extra,
     )  # fmt: skip
     try:  # S3 errors (credentials, endpoint, bucket): botocore is there when S3 is

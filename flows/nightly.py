@@ -55,6 +55,7 @@ from booksmith.schemas.config import Budget, RunConfig, load_config
 from booksmith.schemas.crashpoints import crash_point
 from booksmith.schemas.manifest import Manifest
 from booksmith.schemas.redact import redact_text
+from booksmith.shards.files import DiskFull, disk_full
 from booksmith.shards.version_dir import (
     claim_run_dir,
     release_run_dir,
@@ -300,7 +301,17 @@ def nightly(
     announce_estimate(cfg, seeds, run_seed)  # refuses here when the budget says so
     run_id = start_run(cfg, key)
     get_run_logger().info("run %s: %d topics, seed %d", run_id, len(seeds), run_seed)
-    manifest = stream_chunks(cfg, run_id, seeds, run_seed, key, selection)
+    try:
+        manifest = stream_chunks(cfg, run_id, seeds, run_seed, key, selection)
+    except Exception as e:
+        if not disk_full(e):
+            raise
+        reason = " ".join(str(e).split())
+        raise DiskFull(
+            f"output.dir: the disk holding {cfg.output.dir} is full ({reason}); free "
+            "some space and run again with the same config and seed: it resumes at its last "
+            "completed chunk, every answer so far is in the cache, and no version was published"
+        ) from e
     if problem := publish_problem(manifest, cfg.publish):
         raise not_published(cfg, run_id, problem)
     version_dir = cfg.output.dir / run_id

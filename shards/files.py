@@ -78,3 +78,21 @@ def write_table_atomically(table: pa.Table, path: Path, **parquet: Any) -> None:
     tmp = tmp_name(path)
     pq.write_table(table, tmp, **{"compression": "zstd", **parquet})
     replace_atomically(tmp, path)
+
+
+class DiskFull(ValueError):
+    """The disk filled while writing; the message says where and how to go on."""
+
+
+def disk_full(e: BaseException) -> bool:
+    """Whether `e` is the disk (or a quota) running out: an OSError's errno, SQLite's own
+    "database or disk is full", or pyarrow's message for the same."""
+    import errno
+    import sqlite3
+
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(e).lower()
+    if isinstance(e, sqlite3.OperationalError) and "disk is full" in text:
+        return True
+    return isinstance(e, pa.ArrowException | OSError) and "no space left on device" in text

@@ -242,3 +242,44 @@ def test_run_publishes_report_failures_and_progress_artifacts(
     assert set(kinds) == {"markdown", "table", "progress"}
     assert f"# Run {run_id}" in str(kinds["markdown"].data)
     assert kinds["progress"].data == 100.0
+
+
+def test_a_full_disk_is_one_line_and_the_rerun_loses_nothing(
+    prefect_api: str, tmp_path: Path, write_config, monkeypatch
+) -> None:
+    """The disk fills while a run writes its Parquet files (a fault injected into pyarrow's
+    writer): the run stops with one line naming output.dir and what to do, publishes nothing,
+    and the run started again once there is room finishes without asking twice for what was
+    answered (at most the requests in flight when it stopped)."""
+    import errno
+
+    from booksmith.shards.files import DiskFull
+
+    real = pq.ParquetWriter.write_table
+    writes = [0]
+
+    def full(self: pq.ParquetWriter, table: object, *args: object, **kw: object) -> None:
+        writes[0] += 1
+        if writes[0] > 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(self, table, *args, **kw)
+
+    out = tmp_path / "out"
+    with FakeServer() as server:  # no faults: each request is answered once, counts are exact
+        cfg = fake_backend_config(server.base_url, out)
+        cfg["plan"].update({"limit": 30, "chunk_requests": 10})
+        config = write_config(cfg)
+        monkeypatch.setattr(pq.ParquetWriter, "write_table", full)
+        with pytest.raises(DiskFull) as failed:
+            run_flow(config)
+        first = server.stats()["requests"]
+        monkeypatch.undo()  # room again
+        version = run_flow(config)
+        second = server.stats()["requests"] - first
+    message = str(failed.value)
+    assert message.startswith(f"output.dir: the disk holding {out} is full (")
+    assert "run again with the same config and seed" in message and "\n" not in message
+    assert first > 0 and list_versions(out) == [version]
+    gen = read_manifest(version).counts.generate
+    assert gen.planned == 30 and gen.cached + second == 30
+    assert first + second <= 30 + cfg["generation"]["max_concurrency"]
