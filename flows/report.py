@@ -7,9 +7,11 @@ report can be rendered again at any time. One function per section, each returni
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 # The object-oriented API needs no display backend and no global pyplot state.
@@ -121,6 +123,7 @@ def _generation(m: Manifest) -> list[str]:
         ("wall time (s)", elapsed),
         ("completion tokens/s", round(gen.completion_tokens / elapsed, 1) if elapsed else "-"),
         ("retries", gen.retries),
+        ("rate-limited answers (429)", gen.rate_limited),
         ("prompt tokens", gen.prompt_tokens),
         ("completion tokens", gen.completion_tokens),
         ("cost (USD)", gen.cost_usd),
@@ -149,6 +152,70 @@ def _fill(m: Manifest) -> list[str]:
         f"{fill.short or 'nothing'}.",
         "",
     ]
+
+
+TOPICS_LISTED = 40  # the per-topic table lists every topic up to this many, else the widest gaps
+
+
+def _column_counts(path: Path, column: str) -> Counter[str]:
+    """Values of one column of a Parquet file or folder, counted batch by batch."""
+    counts: Counter[str] = Counter()
+    if not path.exists():
+        return counts
+    dataset = ds.dataset(path, format="parquet")
+    if column not in dataset.schema.names:
+        return counts
+    for batch in dataset.to_batches(columns=[column], batch_size=65_536):
+        counts.update(v if v is not None else "-" for v in batch.column(0).to_pylist())
+    return counts
+
+
+def plot_balance(planned: Counter[str], kept: Counter[str], path: Path) -> None:
+    names = sorted(planned, key=lambda s: -planned[s])
+    fig = Figure(figsize=(7, 0.4 * len(names) + 1.4))
+    ax = fig.subplots()
+    y = range(len(names))
+    ax.barh([i - 0.2 for i in y], [planned[n] for n in names], 0.4, label="planned")
+    ax.barh([i + 0.2 for i in y], [kept[n] for n in names], 0.4, label="kept")
+    ax.set_yticks(list(y), names, fontsize=8)
+    ax.invert_yaxis()
+    ax.legend(fontsize=8)
+    ax.set_title("Requests planned and documents kept per subject", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def _balance(m: Manifest, version: Path, out: Path) -> list[str]:
+    """Planned requests and kept documents per subject and per topic: whether fill rounds
+    kept the corpus balanced (they aim every subject at an equal share of the kept set)."""
+    planned = _column_counts(version / "plan.parquet", "subject")
+    kept = _column_counts(version / "text", "subject")
+    if not planned:
+        return []
+    share = sum(kept.values()) / len(planned)
+    lines = [
+        "## Balance",
+        "",
+        f"Equal share of the kept set: {share:.1f} documents per subject.",
+        "",
+        "| subject | planned | kept | kept vs share |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for subject in sorted(planned, key=lambda s: -planned[s]):
+        gap = kept[subject] - share
+        lines.append(f"| {subject} | {planned[subject]} | {kept[subject]} | {gap:+.1f} |")
+    plot_balance(planned, kept, out / "balance.png")
+    lines += ["", "![planned and kept per subject](balance.png)", ""]
+    by_topic_planned = _column_counts(version / "plan.parquet", "topic")
+    by_topic_kept = _column_counts(version / "text", "topic")
+    topics = sorted(by_topic_planned, key=lambda t: (by_topic_kept[t] - by_topic_planned[t], t))
+    if len(topics) > TOPICS_LISTED:
+        lines += [f"The {TOPICS_LISTED} topics that kept least of what they planned, "
+                  f"of {len(topics)}:", ""]  # fmt: skip
+        topics = topics[:TOPICS_LISTED]
+    lines += ["| topic | planned | kept |", "| --- | ---: | ---: |"]
+    lines += [f"| {t} | {by_topic_planned[t]} | {by_topic_kept[t]} |" for t in topics]
+    return [*lines, ""]
 
 
 def _quality(m: Manifest, out: Path) -> list[str]:
@@ -210,6 +277,7 @@ def render_report(version: Path) -> Path:
     out.mkdir(exist_ok=True)
     parts = [f"# Run {m.run_id}", ""]
     parts += _counts(m) + _filters(m) + _generation(m) + _tokens(m) + _fill(m)
+    parts += _balance(m, version, out)
     parts += _quality(m, out) + _diversity(m, out) + _samples(m, version)
     path = out / "report.md"
     path.write_text("\n".join(parts), encoding="utf-8")

@@ -85,19 +85,48 @@ def deficit_of(
     return need
 
 
-def seeds_for(need: dict[str, int], topics: Sequence[TopicSeed], keep_rate: float,
-              oversample: float) -> list[tuple[TopicSeed, int]]:  # fmt: skip
-    """(topic, requests) for the next round: each topic's need over the rate at which
-    requests ended up kept so far, times the oversampling factor. Run-wide need is spread over
-    every topic in turn."""
-    factor = oversample / max(keep_rate, 0.05)
+def seeds_for(
+    need: dict[str, int],
+    topics: Sequence[TopicSeed],
+    oversample: float,
+    kept: Mapping[str, int],
+    planned: Mapping[str, int],
+) -> list[tuple[TopicSeed, int]]:
+    """(topic, requests) for the next round. A topic's own need (`documents_per_topic`) is
+    asked over the rate its subject's requests have been kept at so far. The run-wide need
+    ("*") keeps the subjects balanced: the target is the first round's, an equal share of the
+    kept total per subject (as the stratified sample plans), so each subject asks for what
+    it lacks of that share, over its own keep rate (a subject whose documents the filters
+    reject more gets more requests), spread over its topics least-planned first. `kept` and
+    `planned` count documents and requests so far by topic key."""
     by_key = {topic_key(t.topic_path): t for t in topics}
+    subjects: dict[str, list[str]] = {}
+    for key, t in by_key.items():
+        subjects.setdefault(t.subject, []).append(key)
+
+    def rate(subject: str) -> float:
+        k = sum(kept.get(key, 0) for key in subjects[subject])
+        p = sum(planned.get(key, 0) for key in subjects[subject])
+        if not p:  # nothing asked yet: the run's rate
+            k, p = sum(kept.values()), sum(planned.values())
+        return max(k / p if p else 1.0, MIN_KEEP_RATE)
+
     out: Counter[str] = Counter()
     for key, n in need.items():
-        if key != "*":
-            out[key] += math.ceil(n * factor)
-    if "*" in need and topics:
-        total = math.ceil(need["*"] * factor)
-        for i in range(total):
-            out[topic_key(topics[i % len(topics)].topic_path)] += 1
-    return [(by_key[k], n) for k, n in out.items() if k in by_key]
+        if key != "*" and key in by_key:
+            out[key] += math.ceil(n * oversample / rate(by_key[key].subject))
+    if "*" in need and subjects:
+        target = (sum(kept.values()) + need["*"]) / len(subjects)
+        for subject, keys in subjects.items():
+            short = target - sum(kept.get(key, 0) for key in keys)
+            if short <= 0:
+                continue
+            asks = math.ceil(short * oversample / rate(subject))
+            # least planned first, then the seed file's order: a subject's topics take turns
+            order = sorted(keys, key=lambda k: planned.get(k, 0) + out[k])
+            for i in range(asks):
+                out[order[i % len(order)]] += 1
+    return [(by_key[k], n) for k, n in out.items() if n > 0]
+
+
+MIN_KEEP_RATE = 0.05  # a subject that kept nothing yet is asked 1/0.05 = 20 times its need

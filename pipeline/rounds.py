@@ -2,10 +2,12 @@
 
 The first round is the configured plan (`plan.limit`, `plan.samples_per_topic`); while the
 fill targets (`fill.documents`, `fill.tokens`, `fill.documents_per_topic`) are not met, each
-further round plans more requests for the topics still short, at the rate requests have been
-kept so far. Requests are made lazily, `plan.chunk_requests` at a time, so a plan of a million
-requests never sits in memory; what is remembered of them is an 8-byte key per planned id (a
-fill round never plans a request twice).
+further round plans more requests for the topics still short, over the rate their subject's
+requests have been kept at so far, so that the kept set stays balanced across subjects as the
+first round's stratified sample is (generation/coverage.seeds_for). Requests are made lazily,
+`plan.chunk_requests` at a time, so a plan of a million requests never sits in memory; what
+is remembered of them is an 8-byte key per planned id (a fill round never plans a request
+twice) and a count per topic.
 
 A round ends only once every one of its chunks is filtered and the near-duplicate clusters are
 decided over the whole run (pipeline/finalize.tally), so the rounds, and so the dataset, do not
@@ -15,6 +17,7 @@ depend on the chunk size.
 from __future__ import annotations
 
 import gc
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
@@ -49,6 +52,8 @@ class Rounds:
     # state (the checkpoint keeps them).
     decisions: list[dict[str, Any]] = field(default_factory=list)
     _ids: set[int] = field(default_factory=set)
+    # requests planned so far by topic key: the fill rounds' keep rate per subject
+    planned_by_topic: Counter[str] = field(default_factory=Counter)
     _round_planned: int = 0
     _first_round: int = 0  # requests the first round planned (the cap's unit)
 
@@ -80,8 +85,9 @@ class Rounds:
             progress = kept.documents > before
             decision["stop"] = stop = self._stop_reason(need, report, done + 1, progress)
             if stop is None:
-                keep_rate = kept.documents / max(1, self.planned)
-                wanted = seeds_for(need, self.seeds, keep_rate, fill.oversample)
+                wanted = seeds_for(
+                    need, self.seeds, fill.oversample, kept.per_topic, self.planned_by_topic
+                )
                 decision["wanted"] = [[topic_key(t.topic_path), n] for t, n in wanted]
             self.decisions.append(decision)
         self.rounds.append({"planned": self._round_planned, "kept_total": decision["kept_total"]})
@@ -143,6 +149,7 @@ class Rounds:
             if not plan:
                 return
             self._ids.update(_key(r.id) for r in plan)
+            self.planned_by_topic.update(topic_key(r.topic_path) for r in plan)
             self.planned += len(plan)
             self._round_planned += len(plan)
             chunk = Chunk(self.next_chunk, plan)

@@ -103,6 +103,10 @@ class FaultConfig:
     # Keep [seconds since the first chat request, status] per chat request in /stats
     # ("arrivals"), to check how a client spaced its requests.
     record_arrivals: bool = False
+    # Other fault fractions for requests whose last message contains a text: {text: {kind:
+    # fraction}} (the first text found wins), e.g. a subject whose documents are cut short
+    # more often, to test that fill rounds compensate.
+    prompt_faults: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         total = sum(getattr(self, kind) for kind in FAULT_KINDS)
@@ -124,16 +128,21 @@ class FaultConfig:
             )
         return cls(**data)
 
-    def fault_for(self, key: str) -> str | None:
+    def fault_for(self, key: str, prompt: str = "") -> str | None:
         """The fault kind planned for a request key, or None for a clean answer."""
         if key in self.overrides:
             kind = self.overrides[key]
             return None if kind == "none" else kind
+        rates = {kind: getattr(self, kind) for kind in FAULT_KINDS}
+        for text, own in self.prompt_faults.items():
+            if text in prompt:
+                rates = {kind: own.get(kind, 0.0) for kind in FAULT_KINDS}
+                break
         # An independent draw (salted hash), so the fault does not correlate with the text.
         u = _unit(f"fault:{key}")
         edge = 0.0
         for kind in FAULT_KINDS:
-            edge += getattr(self, kind)
+            edge += rates[kind]
             if u < edge:
                 return kind
         return None
@@ -468,7 +477,9 @@ class FakeApp:
         key = request_key(body)
         stats.by_key[key] += 1
         attempt = stats.by_key[key]
-        fault = cfg.fault_for(key)
+        messages = body["messages"]
+        prompt = str(messages[-1].get("content", "")) if messages else ""
+        fault = cfg.fault_for(key, prompt)
         if fault in TRANSIENT and attempt > cfg.transient_attempts:
             fault = None
         if cfg.fail_after is not None and stats.requests > cfg.fail_after:

@@ -114,3 +114,36 @@ def test_fill_never_plans_past_the_request_cap(
     fill = manifest.counts.fill
     assert fill is not None and fill.stopped == "max_requests"
     assert manifest.counts.generate.planned == 16 == sum(r.planned for r in fill.rounds)
+
+
+def test_fill_rounds_keep_the_subjects_balanced(
+    prefect_api: str, tmp_path: Path, write_config
+) -> None:
+    """The bundled seeds (9 subjects, Mathematics first), a first round of 3 per subject, and
+    a server that cuts most Chemistry answers short (rejected by the filters): the fill
+    rounds ask Chemistry for more, not the first subject of the file, and the kept set ends
+    with every subject within max(1, 20%) of an equal share."""
+    faults = {"prompt_faults": {"part of Chemistry": {"truncated": 0.7}}}
+    with FakeServer(faults) as server:
+        cfg = fake_backend_config(server.base_url, tmp_path / "out")
+        cfg["plan"] = {"limit": 27}
+        cfg["fill"] = {"documents": 27, "max_rounds": 4}
+        version = run(write_config(cfg))
+    kept = Counter(pq.read_table(version / "text", columns=["subject"])["subject"].to_pylist())
+    plan = pq.read_table(version / "plan.parquet", columns=["subject"])["subject"].to_pylist()
+    assert len(kept) == 9, kept
+    share = sum(kept.values()) / 9
+    assert all(abs(n - share) <= max(1, 0.2 * share) for n in kept.values()), (share, kept)
+    planned = Counter(plan)
+    # the plan deviates to compensate: Chemistry was asked most, Mathematics no more than most
+    assert planned.most_common(1)[0][0] == "Chemistry", planned
+    assert planned["Mathematics"] <= sorted(planned.values())[len(planned) // 2] + 1, planned
+    # the report shows both, per subject (table and plot) and per topic
+    report = (version / "report" / "report.md").read_text()
+    assert f"| Chemistry | {planned['Chemistry']} | {kept['Chemistry']} |" in report
+    assert (version / "report" / "balance.png").stat().st_size > 0
+    topics = Counter(
+        pq.read_table(version / "plan.parquet", columns=["topic"])["topic"].to_pylist()
+    )
+    topic, n = topics.most_common(1)[0]
+    assert f"| {topic} | {n} |" in report
