@@ -73,9 +73,22 @@ _OPTIONS: Any = {"security": {"bearer_auth": True}}  # as chat.completions.creat
 RESPONSE_FORMAT_REJECTED = "http_400:response_format"
 
 
+def _rejects_response_format(exc: BaseException) -> bool:
+    """An answer that refuses the request's response_format: a 400 or 422 naming it, or a 500
+    naming it (llama-cpp-python's server answers OpenAI's `json_schema` type with a 500 that
+    carries its validation error). The same body fails again: not worth a retry."""
+    return (
+        isinstance(exc, openai.APIStatusError)
+        and exc.status_code in (400, 422, 500)
+        and "response_format" in str(exc)
+    )
+
+
 def _is_transient(exc: BaseException) -> bool:
     if isinstance(exc, openai.APIConnectionError | _Transient):  # includes APITimeoutError
         return True
+    if _rejects_response_format(exc):
+        return False
     if isinstance(exc, openai.APIStatusError):
         return exc.status_code in _RETRYABLE_STATUS or exc.status_code >= 500
     return False
@@ -88,10 +101,17 @@ def _failure_reason(exc: BaseException) -> str:
         return "timeout"
     if isinstance(exc, openai.APIConnectionError):
         return "connection"
-    if isinstance(exc, openai.BadRequestError) and "response_format" in str(exc):
+    if _rejects_response_format(exc):
         return RESPONSE_FORMAT_REJECTED
     if isinstance(exc, openai.APIStatusError):
-        return f"http_{exc.status_code}"
+        status = exc.status_code
+        # a final 4xx says why with the server's error code where it names one:
+        # http_400:context_length_exceeded (OpenAI, llama-cpp-python, the embedded server);
+        # vLLM's code is the status again, which adds nothing
+        code = exc.code
+        if 400 <= status < 500 and status not in _RETRYABLE_STATUS and code and not code.isdigit():
+            return f"http_{status}:{code}"
+        return f"http_{status}"
     return type(exc).__name__
 
 
@@ -259,7 +279,7 @@ class GenerationClient:
                 await asyncio.sleep(self._backoff(exc, attempts))
                 continue
             limits.release()
-            limits.succeeded()
+            limits.succeeded(sent_at)
             if limits.adaptive:
                 limits.headers(response.headers)
             used = result.prompt_tokens + result.completion_tokens

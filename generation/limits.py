@@ -1,12 +1,15 @@
 """The live client's limits: concurrency, requests and tokens per minute, adapting to 429s.
 
 The configured `max_concurrency`, `requests_per_minute` and `tokens_per_minute` are ceilings.
-With `generation.adaptive.enabled` (the default), a 429 multiplies the concurrency and the
-request rate by `decrease` (once per round trip: a 429 to a request sent before the last
-decrease says nothing new), its `Retry-After` pauses every dispatch, and so do the
-`x-ratelimit-remaining-*` / `x-ratelimit-reset-*` headers when a limit is spent. While
+With `generation.adaptive.enabled` (the default), once `decrease_at_share` of the answers
+since the last decrease are 429s (the rate is the cause, not a few scattered refusals), the
+concurrency and the request rate are multiplied by `decrease` (a 429 to a request sent before
+the last decrease says nothing new), and that 429's `Retry-After` pauses every dispatch; so do
+the `x-ratelimit-remaining-*` / `x-ratelimit-reset-*` headers when a limit is spent. While
 requests succeed, the concurrency grows by one per window of successes and the rate by
-`increase_per_s` of its value at the last decrease per second (AIMD), back to the ceilings.
+`increase` of its value at the last decrease per answer (AIMD), back to the ceilings. Both
+steps count answers, not seconds, so scattered 429s at a steady share (below
+`decrease_at_share`) do not wear the rate down however fast or slow the endpoint is.
 
 Rates are enforced by GCRA pacing (a theoretical arrival time per limit, `burst_s` of
 tolerance): a request reserves its slot at once and sleeps only when it is early, so an
@@ -33,6 +36,8 @@ from booksmith.schemas.config import AdaptiveSettings
 
 RatePoint = dict[str, Any]  # {"t_s", "interval_s", "requests", "rpm", "limit_rpm", ...}
 RATE_POINTS = 120  # a run's series, its chunks' joined, is at most this long
+MIN_ANSWERS = 20  # answers since the last decrease before 429s among them lower the limits
+NUDGE = 0.9  # the rate's step back at a 429 below `decrease_at_share` (once in 40 answers)
 
 
 class Pacer:
@@ -221,6 +226,9 @@ class Limits:
         # then is there a reason to raise them (a limit nobody reaches is not tested)
         self.paced = self.saturated = False
         self.last_decrease = -math.inf
+        self.answers = self.refusals = 0  # answers (429s) since the last decrease
+        self.seen = 0  # answers counted, ever
+        self.nudged = -2 * MIN_ANSWERS  # `seen` at the last step back
         self.base_rate = 0.0  # the rate set by the last decrease: the additive step's unit
         self.decreases = 0
         self.rate_limited = 0  # 429 answers
@@ -352,10 +360,12 @@ class Limits:
 
     # -- what the server said -------------------------------------------------------------------
 
-    def succeeded(self) -> None:
+    def succeeded(self, sent_at: float) -> None:
         """Additive increase: one slot per window of successes; the rate by its step."""
         if not self.adaptive:
             return
+        if sent_at >= self.last_decrease:
+            self._answered(refused=False)
         if self.saturated and self.slots < self.max_concurrency:
             self.saturated = False
             self.window = min(self.window + 1 / self.window, float(self.max_concurrency))
@@ -368,7 +378,9 @@ class Limits:
             self.paced = False
             ceiling = self.max_rate
             if ceiling is None or pacer.rate < ceiling:
-                step = self.settings.increase_per_s * self.base_rate / pacer.rate
+                step = self.settings.increase * self.base_rate
+                if self.refusals:
+                    step *= 0.5  # 429s among the recent answers: near the edge, go slow
                 pacer.rate = (
                     pacer.rate + step if ceiling is None else min(ceiling, pacer.rate + step)
                 )
@@ -401,18 +413,50 @@ class Limits:
         failure of the request."""
         self.rate_limited += 1
         self.series.limited += 1
-        signal = self.adaptive
-        if signal and sent_at >= self.last_decrease:  # else already answered by that decrease
-            signal = self.adapting
-            self._decrease(time.monotonic())
-        if retry_after is not None and retry_after > 0:
-            self.pause(retry_after)
-        elif headers is not None:
+        if not self.adaptive:
+            return False
+        signal = self.adapting
+        # A 429 to a request sent before the last decrease was answered by it already.
+        if sent_at < self.last_decrease:
+            pass
+        elif self._answered(refused=True):
+            # by `decrease`, or to a little under what the server let through if that is less
+            self._decrease(time.monotonic(), 0.9 * (1 - self.refusals / self.answers))
+            if retry_after is not None and retry_after > 0:
+                self.pause(retry_after)  # every request waits what the server asked
+        elif self.requests is not None and self.seen - self.nudged >= 2 * MIN_ANSWERS:
+            # a 429 near the edge of the limit: the rate steps back a little (at most once in
+            # 40 answers, so scattered 429s at a steady share do not wear it down)
+            self.nudged = self.seen
+            self.requests.rate = max(self.min_rate, self.requests.rate * NUDGE)
+            self.base_rate = self.base_rate or self.requests.rate
+        if headers is not None:
             self.headers(headers)
         return signal
 
-    def _decrease(self, now: float) -> None:
+    def _answered(self, *, refused: bool) -> bool:
+        """Count an answer to a request sent since the last decrease; True when the 429s among
+        them reach `decrease_at_share` (of `MIN_ANSWERS` at least), or half of them (5 at
+        least): the rate is the cause. A few scattered 429s (a busy shared endpoint, other
+        jobs) are retried, nothing more."""
+        self.seen += 1
+        self.answers += 1
+        self.refusals += refused
+        if self.answers > 4 * MIN_ANSWERS:  # the older half weighs less
+            self.answers //= 2
+            self.refusals //= 2
+        if not refused:
+            return False
+        if self.refusals >= MIN_ANSWERS // 4 and 2 * self.refusals >= self.answers:
+            return True  # most answers refused: no need to wait for more
+        return (
+            self.answers >= MIN_ANSWERS
+            and self.refusals >= self.settings.decrease_at_share * self.answers
+        )
+
+    def _decrease(self, now: float, let_through: float = 1.0) -> None:
         d = self.settings.decrease
+        d = max(d * d, min(d, let_through))  # a share from few answers is rough: twice at most
         self.window = max(float(self.min_concurrency), self.window * d)
         self.slots = int(self.window)
         # From the rate set, or the rate actually sent over the last second where that is
@@ -427,9 +471,14 @@ class Limits:
             rate = self.min_rate
         rate = max(self.min_rate, rate)
         self._set_rate(rate)
+        # Once the server has shown its limit, requests are spaced evenly: a banked burst
+        # would go over it again.
+        assert self.requests is not None
+        self.requests.burst_s = min(self.settings.burst_s, 1 / rate)
         self.base_rate = rate
         self.last_decrease = now
         self.decreases += 1
+        self.answers = self.refusals = 0
 
     def finish(self) -> list[RatePoint]:
         """The series with the last, partial interval closed."""

@@ -75,8 +75,12 @@ class AdaptiveSettings(_Strict):
 
     enabled: bool = True
     decrease: float = Field(default=0.7, gt=0, lt=1)  # the factor applied on a 429
-    # the request rate grows back by this share of its value at the last decrease, per second
-    increase_per_s: float = Field(default=0.05, gt=0)
+    # the request rate grows back by this share of its value at the last decrease, per answer
+    # (while the rate is what holds requests back)
+    increase: float = Field(default=0.005, gt=0)
+    # the limits come down once this share of the answers since the last decrease (20 at
+    # least) are 429s: scattered ones (a busy shared endpoint) are only retried
+    decrease_at_share: float = Field(default=0.15, gt=0, le=1)
     min_concurrency: int = Field(default=1, ge=1)
     min_requests_per_minute: float = Field(default=6, gt=0)
     # 429s a request may get while the limits still come down, on top of `max_retries` (they
