@@ -268,6 +268,8 @@ class Limits:
             rate = max(self.min_rate, min(rate, self.max_rate or math.inf))
             self._set_rate(rate)
         self.base_rate = state.get("base_rate") or self.base_rate
+        if self.base_rate and self.requests is not None:  # a limit was found: no bursts
+            self.requests.burst_s = min(self.settings.burst_s, 1 / self.requests.rate)
 
     def start_series(self) -> None:
         """A new effective-rate series (one per run of the client)."""
