@@ -393,3 +393,30 @@ def test_a_later_client_starts_where_the_limits_ended() -> None:
     fixed = Limits(max_concurrency=8, rpm=600, tpm=None, settings=AdaptiveSettings(enabled=False))
     fixed.resume(state)
     assert (fixed.slots, fixed.rate) == (8, 10.0)
+
+
+def test_the_run_joins_its_chunks_series_and_limits() -> None:
+    from booksmith.generation.scaleout import merge_reports
+    from booksmith.pipeline.chunks import add_report
+
+    def chunk(requests: int, limited: int, elapsed: float, url: str) -> GenerationReport:
+        series = RateSeries(interval_s=1.0, max_points=120, start=0.0)
+        for k in range(1, int(elapsed) + 1):
+            series.sent, series.limited = requests, limited
+            series.close_interval(float(k), 600.0, 4)
+        report = GenerationReport(requests=requests * int(elapsed), rate_limited=limited)
+        report.elapsed_s, report.rate = elapsed, series.points
+        report.limits = {url: {"concurrency": 4.0, "rate": 10.0, "base_rate": 10.0}}
+        return report
+
+    # two partitions side by side: their points summed
+    both = merge_reports([chunk(5, 1, 3, "a"), chunk(7, 0, 3, "b")])
+    assert [p["requests"] for p in both.rate] == [12, 12, 12]
+    assert both.rate_limited == 1 and set(both.limits) == {"a", "b"}
+    # chunks one after the other: the second's points after the first's, in run time
+    run = GenerationReport()
+    add_report(run, both)
+    add_report(run, chunk(2, 2, 2, "a"))
+    assert [p["t_s"] for p in run.rate] == [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert sum(p["rate_limited"] for p in run.rate) == 3 + 4 and run.rate_limited == 3
+    assert run.summary()["rate"] == run.rate and set(run.limits) == {"a", "b"}
