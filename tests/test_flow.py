@@ -62,6 +62,8 @@ def test_nightly_writes_a_complete_dataset_version(
     assert manifest.documents + manifest.counts.rejected == gen.completed
     assert gen.failed > 0 and gen.retries > 0 and gen.empty > 0
     assert manifest.counts.filter["empty"]["empty:no_text"] == gen.empty
+    # the effective rate over time: every request made is in one of its points
+    assert gen.rate and sum(p["requests"] for p in gen.rate) == gen.requests
 
     # every shard is where the manifest says, with its rows, bytes and checksum
     for shard in manifest.shards:
