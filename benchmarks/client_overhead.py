@@ -3,8 +3,9 @@
 Both sides send the same number of distinct chat completions to the fake server in fast mode
 (one prebuilt reply, so the server is not what is measured), from one process, alternately
 A B A B; the best run of each counts. booksmith runs with its cache (a fresh SQLite file per
-run, distinct prompts so it never hits), rpm/tpm limiters set high enough not to throttle,
-a price table and a budget cap, so every per-request cost it adds is paid.
+run, distinct prompts so it never hits), rpm/tpm limits set high enough not to throttle (adaptive,
+the default: generation/limits.py), the circuit breaker, a price table and a budget cap, so every
+per-request cost it adds is paid.
 
     python -m benchmarks.client_overhead [--requests 20000] [--concurrency 256]
 
@@ -73,10 +74,11 @@ async def bare_openai(
 
 async def booksmith(base_url: str, run: str, n: int, concurrency: int, tmp: Path) -> float:
     """booksmith's generation stage over the same kind of requests. Returns requests per second."""
+    from booksmith.generation.breaker import Breaker
     from booksmith.generation.cache import ResponseCache
     from booksmith.generation.client import Endpoint, GenerationClient
     from booksmith.schemas import GenerationRequest, Sampling
-    from booksmith.schemas.config import Budget, Price
+    from booksmith.schemas.config import BreakerSettings, Budget, Price
 
     sampling = Sampling(max_tokens=MAX_TOKENS, temperature=0.7, top_p=0.95)
     requests = [
@@ -104,6 +106,7 @@ async def booksmith(base_url: str, run: str, n: int, concurrency: int, tmp: Path
         run_id="bench",
         prices={MODEL: Price(prompt_per_million=0.1, completion_per_million=0.4)},
         budget=Budget(max_cost_usd=1e6),
+        breaker=Breaker(BreakerSettings()),
     )
     started = time.perf_counter()
     report = await client.run(requests)
