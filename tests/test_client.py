@@ -420,3 +420,22 @@ def test_the_run_joins_its_chunks_series_and_limits() -> None:
     assert [p["t_s"] for p in run.rate] == [1.0, 2.0, 3.0, 4.0, 5.0]
     assert sum(p["rate_limited"] for p in run.rate) == 3 + 4 and run.rate_limited == 3
     assert run.summary()["rate"] == run.rate and set(run.limits) == {"a", "b"}
+
+
+async def test_rate_limit_headers_keep_requests_under_the_limit() -> None:
+    """A server that says how many requests it has left (x-ratelimit-remaining-requests) and
+    when that resets: the client waits for the reset at zero instead of meeting 429s."""
+    faults = {
+        "rate_limit_schedule": [[0.0, 10.0]],
+        "rate_limit_headers": True,
+        "record_arrivals": True,
+        "latency_s": 0.02,
+    }
+    with FakeServer(faults) as server:
+        client = GenerationClient(endpoint(server, max_concurrency=4), breaker=strict_breaker())
+        report = await client.run(requests(50, max_tokens=16, tag="headers"))
+        arrivals = server.stats()["arrivals"]
+    assert report.completed == 50 and report.breaker is None
+    assert refused_share(arrivals, 0.0) < 0.15, refused_share(arrivals, 0.0)
+    # about 10 a second: 50 requests take 4 s or more
+    assert max(t for t, _ in arrivals) >= 3.5
