@@ -1,8 +1,11 @@
 """The quality part of the filter chain, in order: cheap rules first, models last.
 
-empty -> generation artifacts -> Gopher quality -> Gopher repetition -> lines (C4/FineWeb)
--> language id -> decontamination (when benchmarks are configured) -> quality classifier (when a
+empty -> language id -> generation artifacts -> Gopher quality -> Gopher repetition -> lines
+(C4/FineWeb) -> decontamination (when benchmarks are configured) -> quality classifier (when a
 model is configured or trained). Exact and MinHash dedup are added around it by the dedup stage.
+Language id comes first, as in datatrove's pipelines: the English rules (stop words, line
+shapes) would otherwise reject a French text for its French, and the language counts would
+miss it.
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ def build_chain(
     Raises FilterError for a missing or corrupt model, or a bad benchmark file."""
     s = settings or FilterSettings()
     chain: list[Filter] = [EmptyFilter()]
+    if s.langid.enabled:
+        chain.append(LangIdFilter(s.langid))
     if s.artifacts.enabled:
         chain.append(GenerationArtifactFilter(s.artifacts))
     if s.gopher_quality.enabled:
@@ -50,8 +55,6 @@ def build_chain(
         chain.append(GopherRepetitionFilter(s.gopher_repetition))
     if s.lines.enabled:
         chain.append(LineFilter(s.lines))
-    if s.langid.enabled:
-        chain.append(LangIdFilter(s.langid))
     if index is None and s.decontam.benchmarks:
         index = build_index(s.decontam)
     if index is not None:

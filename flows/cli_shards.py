@@ -30,8 +30,14 @@ def verify(
     sample: Annotated[int, typer.Option(help="Documents to round-trip per encoding.", min=0)] = 64,
 ) -> None:
     """Check a dataset version: schemas, row counts, sha256s, token round trip on a sample."""
+    from booksmith.shards.fs import is_url
     from booksmith.shards.verify import verify as run_verify
+    from booksmith.shards.version_dir import list_versions, not_a_version
 
+    path = Path(location)
+    if not is_url(location) and (not path.exists() or list_versions(path)):
+        fail(not_a_version(path))  # missing, or an output root: say which and how (a version
+        # without its manifest is verify's own finding, exit 1)
     try:
         report = run_verify(location, sample=sample)
     except user_errors(ValueError) as e:
@@ -91,10 +97,18 @@ def datasets_list(
 ) -> None:
     """List versions, oldest first, with documents, sizes and token counts."""
     from booksmith.shards.catalog import summarize
+    from booksmith.shards.version_dir import is_dataset
 
     if not out.is_dir():
         fail(f"{out}: no such directory")
+    if is_dataset(out):
+        fail(f"{out} is a dataset version; datasets list takes the output directory that holds "
+             f"versions, e.g. {out.parent}")  # fmt: skip
     rows = summarize(out)
+    if not rows:  # not an error: a new output directory has none yet
+        console.print(f"{escape(str(out))}: no dataset versions yet (`booksmith run --out "
+                      f"{escape(str(out))}` makes one)", highlight=False)  # fmt: skip
+        return
     if as_json:
         for row in rows:
             print(json.dumps(row.to_json()))

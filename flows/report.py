@@ -154,6 +154,7 @@ def _fill(m: Manifest) -> list[str]:
     ]
 
 
+OPENERS_PLOT_MIN = 100  # below this many documents the openers are a table, not a plot
 TOPICS_LISTED = 40  # the per-topic table lists every topic up to this many, else the widest gaps
 
 
@@ -239,17 +240,13 @@ def _diversity(m: Manifest, out: Path) -> list[str]:
         (f"mean pairwise MinHash (sample {div.minhash_sample})", div.mean_pairwise_minhash),
     ]
     plot_axis_coverage(div, out / "axis_coverage.png")
+    lines = ["## Diversity", "", _table(rows), "", "![axis coverage](axis_coverage.png)", ""]
+    if div.documents < OPENERS_PLOT_MIN:  # a few documents: bars of 1 and 2 say nothing
+        (out / "openers.png").unlink(missing_ok=True)
+        openers = [(f"`{o}`" if o else "-", n) for o, n in div.top_openers[:10]]
+        return [*lines, "Most common openers:", "", _table(openers or [("-", 0)]), ""]
     plot_openers(div.top_openers, div.documents, out / "openers.png")
-    return [
-        "## Diversity",
-        "",
-        _table(rows),
-        "",
-        "![axis coverage](axis_coverage.png)",
-        "",
-        "![openers](openers.png)",
-        "",
-    ]
+    return [*lines, "![openers](openers.png)", ""]
 
 
 def _samples(m: Manifest, version: Path) -> list[str]:

@@ -102,7 +102,7 @@ def seeds_for(
     by_key = {topic_key(t.topic_path): t for t in topics}
     subjects: dict[str, list[str]] = {}
     for key, t in by_key.items():
-        subjects.setdefault(t.subject, []).append(key)
+        subjects.setdefault(_subject(t), []).append(key)
 
     def rate(subject: str) -> float:
         k = sum(kept.get(key, 0) for key in subjects[subject])
@@ -114,7 +114,7 @@ def seeds_for(
     out: Counter[str] = Counter()
     for key, n in need.items():
         if key != "*" and key in by_key:
-            out[key] += math.ceil(n * oversample / rate(by_key[key].subject))
+            out[key] += math.ceil(n * oversample / rate(_subject(by_key[key])))
     if "*" in need and subjects:
         target = (sum(kept.values()) + need["*"]) / len(subjects)
         for subject, keys in subjects.items():
@@ -130,3 +130,8 @@ def seeds_for(
 
 
 MIN_KEEP_RATE = 0.05  # a subject that kept nothing yet is asked 1/0.05 = 20 times its need
+
+
+def _subject(t: TopicSeed) -> str:
+    """A topic's subject, as the stratified sample groups it (plan.stratified_sample)."""
+    return t.subject or (t.path[0] if t.path else "")

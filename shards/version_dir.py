@@ -134,7 +134,23 @@ def read_manifest(path: Path) -> Manifest:
     try:
         return Manifest.read(path)
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path / MANIFEST}: no manifest, not a dataset version") from None
+        raise FileNotFoundError(not_a_version(path)) from None
+
+
+def not_a_version(path: Path) -> str:
+    """Why `path` is not a dataset version, with the way on: a missing path says so, an
+    output directory lists its versions and names the newest."""
+    if not path.exists():
+        return f"{path}: no such file or directory"
+    versions = list_versions(path) if path.is_dir() else []
+    if versions:
+        names = ", ".join(v.name for v in versions[-3:])
+        more = f"{len(versions)} versions, the last: {names}" if len(versions) > 3 else names
+        return (
+            f"{path} is an output directory, not a dataset version ({more}); give a version, "
+            f"e.g. {versions[-1]}"
+        )
+    return f"{path / MANIFEST}: no manifest, not a dataset version"
 
 
 def list_versions(out: Path) -> list[Path]:

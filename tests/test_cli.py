@@ -197,3 +197,32 @@ def test_debug_shows_the_traceback_behind_the_error_line(tmp_path: Path) -> None
         assert run.stderr.strip().splitlines()[-1] == line
     shown = subprocess.run([*BOOKSMITH, "--help"], capture_output=True, text=True, timeout=60)
     assert "Exit codes: 0 done" in " ".join(shown.stdout.split())
+
+
+def test_commands_given_the_wrong_kind_of_path_point_the_way(tmp_path: Path) -> None:
+    """An output root where a version is needed lists its versions and names the newest; a
+    missing path says it is missing; `datasets list` on a version says what it takes."""
+    from tests.test_shards_dataset import make_version
+
+    out = tmp_path / "out"
+    for run_id in ("20261201T020000Z", "20261202T020000Z"):
+        make_version(out / run_id, 5)
+    newest = out / "20261202T020000Z"
+    root = runner.invoke(app, ["report", str(out)])
+    assert root.exit_code == 2
+    assert root.output.strip() == (
+        f"error: {out} is an output directory, not a dataset version (20261201T020000Z, "
+        f"20261202T020000Z); give a version, e.g. {newest}"
+    )
+    missing = runner.invoke(app, ["verify", str(tmp_path / "nope")])
+    assert missing.exit_code == 2, missing.output
+    assert f"{tmp_path / 'nope'}: no such file or directory" in missing.output
+    listed = runner.invoke(app, ["datasets", "list", str(newest)])
+    assert listed.exit_code == 2 and "is a dataset version; datasets list takes the output" in (
+        " ".join(listed.output.split())
+    )
+    empty = tmp_path / "new-out"
+    empty.mkdir()
+    nothing = runner.invoke(app, ["datasets", "list", str(empty)])
+    assert nothing.exit_code == 0 and "no dataset versions yet" in " ".join(nothing.output.split())
+    assert runner.invoke(app, ["report", str(newest)]).exit_code == 0

@@ -82,5 +82,15 @@ def test_report_renders_from_a_manifest(tmp_path: Path) -> None:
     report = render_report(tmp_path)
     text = report.read_text()
     assert "distinct-1" in text and "| documents kept | 2 |" in text
-    for png in ("axis_coverage.png", "openers.png"):
-        assert (tmp_path / "report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "report" / "axis_coverage.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # two documents: the openers are a table (a plot of bars of 1 says nothing)
+    assert not (tmp_path / "report" / "openers.png").exists()
+    assert "Most common openers:" in text and "| `once upon a time a` | 1 |" in text
+
+    many = diversity_report(texts * 60, rows * 60, {"format": ["story", "textbook_section"]})
+    write_json_atomically(
+        tmp_path / "manifest.json", {**manifest, "documents": 120, "diversity": many}
+    )
+    text = render_report(tmp_path).read_text()
+    assert "![openers](openers.png)" in text and "Most common openers" not in text
+    assert (tmp_path / "report" / "openers.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
