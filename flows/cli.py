@@ -218,6 +218,7 @@ def plan(
     from booksmith.flows.nightly import make_plan, seed_for
     from booksmith.generation.coverage import select_topics
     from booksmith.generation.estimate import estimate
+    from booksmith.generation.grow import with_grown
     from booksmith.generation.seeds import load_seeds
     from booksmith.schemas import GenerationRequest
     from booksmith.schemas.arrow import to_table
@@ -226,7 +227,8 @@ def plan(
     try:
         cfg = _run_config(config, topics, out, limit, seed)
         run_seed = cfg.seed if cfg.seed is not None else seed_for(datetime.now(UTC).date())
-        seeds, selection = select_topics(load_seeds(cfg.topics), cfg.plan, cfg.output.dir)
+        every = with_grown(load_seeds(cfg.topics), cfg.output.dir)  # as the run plans
+        seeds, selection = select_topics(every, cfg.plan, cfg.output.dir)
         requests = make_plan(
             seeds, cfg, run_seed, samples_per_topic=cfg.plan.samples_per_topic,
             limit=cfg.plan.limit,

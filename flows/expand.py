@@ -32,7 +32,11 @@ from booksmith.shards.version_dir import state_dir
 
 @task(retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def expand(
-    roots: list[str], depth: int, breadth: int, cfg: RunConfig, existing: list[str]
+    roots: Sequence[str | TopicNode],
+    depth: int,
+    breadth: int,
+    cfg: RunConfig,
+    existing: Sequence[str],
 ) -> tuple[list[TopicNode], ExpansionReport]:
     cache = ResponseCache(state_dir(cfg.output.dir) / "responses.sqlite")
     try:

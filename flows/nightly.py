@@ -13,12 +13,14 @@ re-requests nothing that finished. Memory holds about two chunks, whatever the r
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import Sequence
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, cast
 from uuid import UUID
 
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import (
@@ -32,6 +34,7 @@ from prefect.runtime import flow_run
 
 from booksmith.filters.dedup import open_index, reconcile
 from booksmith.filters.retrain import MODEL_DIR, retrain_due, run_annotate, run_train
+from booksmith.flows.expand import expand
 from booksmith.flows.export import export_version
 from booksmith.flows.report import render_report
 from booksmith.flows.task_runners import dask_client
@@ -40,8 +43,9 @@ from booksmith.generation.backends import open_endpoints
 from booksmith.generation.cache import ResponseCache
 from booksmith.generation.client import Endpoint, GenerationReport
 from booksmith.generation.clients import make_client
-from booksmith.generation.coverage import select_topics
+from booksmith.generation.coverage import select_topics, topic_key
 from booksmith.generation.estimate import Estimate, check_budget, estimate
+from booksmith.generation.grow import add_grown, as_node, leaves_to_grow, with_grown
 from booksmith.generation.plan import plan_for
 from booksmith.generation.scaleout import assign, merge_reports, partition, share_budget
 from booksmith.generation.seeds import load_seeds
@@ -90,7 +94,7 @@ def resolve_config(
 def load_topics(cfg: RunConfig, seed: int) -> tuple[list[TopicSeed], dict[str, Any], str]:
     """The seed file's topics, narrowed to this run's share when `plan.topics_per_run` is set,
     and the run's key (config, seed and every seed topic: what makes two runs the same)."""
-    every = load_seeds(cfg.topics)
+    every = with_grown(load_seeds(cfg.topics), cfg.output.dir)  # the tree grown so far too
     seeds, selection = select_topics(every, cfg.plan, cfg.output.dir)
     return seeds, selection, run_key(cfg, seed, every)
 
@@ -246,6 +250,41 @@ def retrain_quality(cfg: RunConfig, version_dir: Path) -> dict[str, Any]:
     metrics = trained.card.get("metrics", {})
     logger.info("quality classifier retrained on %s judged documents: %s", annotated, metrics)
     return {"retrained": True, "annotated": annotated, "model": str(trained.model_path)}
+
+
+@task(cache_policy=NO_CACHE)
+def grow_tree(cfg: RunConfig, version_dir: Path, run_id: str) -> dict[str, Any]:
+    """Expand the leaves whose documents fared best in this version; the next run plans
+    from their new children too (generation/grow.py). A failure here is logged, not raised:
+    the version is already written."""
+    g = cfg.expansion.grow
+    logger = get_run_logger()
+    seeds = with_grown(load_seeds(cfg.topics), cfg.output.dir)
+    kept = _topic_counts(version_dir / "text")
+    planned = _topic_counts(version_dir / "plan.parquet")
+    leaves = leaves_to_grow(seeds, kept, planned, g.leaves)
+    if not leaves:
+        logger.info("the topic tree did not grow: no leaf kept a document")
+        return {"grown": 0}
+    try:
+        nodes, report = expand.fn([as_node(s) for s in leaves], 1, g.breadth, cfg,
+                                  [s.topic for s in seeds])  # fmt: skip
+    except Exception as e:  # an endpoint down after the run: tomorrow grows instead
+        logger.warning("the topic tree did not grow: %s", e)
+        return {"grown": 0, "error": str(e)}
+    added = add_grown(cfg.output.dir, leaves, nodes, run_id, g.new_topics)
+    logger.info("the topic tree grew by %d under %s: %s (proposed %d, dropped %s, relevance "
+                "%s)", len(added), [s.topic for s in leaves], [s.topic for s in added],
+                report.proposed, dict(report.dropped), dict(report.relevance))  # fmt: skip
+    return {"grown": len(added), "leaves": [s.topic for s in leaves], "kept": report.kept}
+
+
+def _topic_counts(path: Path) -> Counter[str]:
+    """Rows per topic key (`topic_path`) of a version's Parquet file or folder."""
+    counts: Counter[str] = Counter()
+    for batch in ds.dataset(path, format="parquet").to_batches(columns=["topic_path"]):
+        counts.update(topic_key(p) for p in batch.column(0).to_pylist())
+    return counts
 
 
 FAILURES_SHOWN = 100  # the failures table shows the first ones; failures.parquet has all
@@ -405,6 +444,8 @@ def after_run(cfg: RunConfig, version_dir: Path, run_id: str) -> None:
     publish_artifacts(report_md, version_dir, run_id)
     if cfg.filters.quality.retrain_every_days:
         retrain_quality(cfg, version_dir)
+    if cfg.expansion.grow.new_topics:
+        grow_tree(cfg, version_dir, run_id)
     if cfg.export.to:
         target = cfg.export.to.rstrip("/") + "/" + run_id
         export_version(version_dir, target, cfg.export.workers, cfg.export.verify)

@@ -390,9 +390,16 @@ class TopicExpander:
 
         return build
 
-    async def expand(self, roots: Sequence[str], existing: Sequence[str] = ()) -> list[TopicNode]:
-        """The tree, parents before children, roots first (depth 0)."""
-        tree = [TopicNode(topic=r.strip(), path=[], depth=0) for r in roots if r.strip()]
+    async def expand(
+        self, roots: Sequence[str | TopicNode], existing: Sequence[str] = ()
+    ) -> list[TopicNode]:
+        """The tree, parents before children, roots first: titles (depth 0), or nodes of a
+        tree already grown (a leaf's new children, `expansion.grow`)."""
+        tree = [
+            r if isinstance(r, TopicNode) else TopicNode(topic=r.strip(), path=[], depth=0)
+            for r in roots
+            if isinstance(r, TopicNode) or r.strip()
+        ]
         known = [*existing, *(n.topic for n in tree)]
         frontier = list(tree)
         for level in range(1, self.depth + 1):

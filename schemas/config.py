@@ -188,6 +188,17 @@ class PlanSettings(_Strict):
     system_prompt: str | None = None
 
 
+class GrowSettings(_Strict):
+    """The tree grows on its own: after each published run, the `leaves` whose documents fared
+    best get up to `new_topics` new children in all (off at 0), added to
+    `<out>/_state/topics.jsonl`, which later runs plan from with the seed file
+    (generation/grow.py)."""
+
+    new_topics: int = Field(default=0, ge=0)
+    leaves: int = Field(default=2, ge=1)
+    breadth: int = Field(default=3, ge=1, le=20)  # children asked of each leaf
+
+
 class ExpansionSettings(_Strict):
     """`booksmith topics expand`: growing seed topics into a tree with the LLM."""
 
@@ -198,6 +209,7 @@ class ExpansionSettings(_Strict):
     sampling: Sampling = Field(
         default_factory=lambda: Sampling(max_tokens=256, temperature=0.7, top_p=0.95)
     )
+    grow: GrowSettings = Field(default_factory=GrowSettings)
 
 
 class CardSettings(_Strict):
@@ -325,6 +337,10 @@ class RunConfig(_Strict):
             mode="json",
             exclude={
                 "plan": {"chunk_requests"},
+                # what decides whether and how a run goes on, not what it writes (the grown
+                # topics enter the run key through the topics themselves)
+                "generation": {"budget": {"over_estimate"}},
+                "expansion": {"grow"},
                 "filters": {"workers"},
                 "output": {"dir"},
                 "export": True,

@@ -93,6 +93,9 @@ class FaultConfig:
     # Answer every request that carries response_format with a 400 naming it, as an endpoint
     # without structured output does (counted as the fault "response_format").
     reject_response_format: bool = False
+    # Answer a request with a response_format by a JSON value that follows its schema (words
+    # seeded from the request), as vLLM or OpenAI do; off: such requests get prose too.
+    structured_output: bool = False
     # A server-side rate limit that may change mid-run: [[from_s, requests_per_s], ...], the
     # times counted from the first chat request. Over the limit (a sliding 1 s window of the
     # requests let through), the answer is a 429 whose Retry-After (and retry-after-ms) says
@@ -229,6 +232,44 @@ def completion_text(key_digest: str, n_words: int) -> str:
         words.append(word)
     text = " ".join(words)
     return text if text.endswith(".") else text + "."
+
+
+def json_schema_of(body: dict[str, Any]) -> dict[str, Any] | None:
+    """The JSON schema a request's response_format asks for (json_object: any object)."""
+    fmt = body.get("response_format")
+    if not isinstance(fmt, dict):
+        return None
+    if fmt.get("type") == "json_object":
+        return {"type": "object", "properties": {}}
+    if fmt.get("type") == "json_schema":
+        schema = (fmt.get("json_schema") or {}).get("schema")
+        return schema if isinstance(schema, dict) else None
+    return None
+
+
+def schema_instance(schema: dict[str, Any], rng: random.Random) -> Any:
+    """A value that follows `schema` (the keywords booksmith's schemas use: object properties,
+    arrays with item bounds, enums, strings with length bounds, integers), of seeded words,
+    as a server with structured output would answer."""
+    if "enum" in schema:
+        return rng.choice(schema["enum"])
+    kind = schema.get("type")
+    if kind == "object":
+        props = schema.get("properties", {})
+        return {name: schema_instance(sub, rng) for name, sub in props.items()}
+    if kind == "array":
+        low = int(schema.get("minItems", 1))
+        high = int(schema.get("maxItems", max(low, 3)))
+        item = schema.get("items", {"type": "string"})
+        return [schema_instance(item, rng) for _ in range(rng.randint(low, high))]
+    if kind == "integer":
+        return int(schema.get("minimum", 0))
+    if kind == "boolean":
+        return rng.random() < 0.5
+    words = [rng.choice(_CONTENT) for _ in range(rng.randint(2, 3))]
+    text = " ".join(words).capitalize()
+    low, high = int(schema.get("minLength", 1)), int(schema.get("maxLength", 200))
+    return (text + " " + "x" * max(0, low - len(text)))[:high].strip()
 
 
 def near_duplicate_text(key: str, n_words: int, cfg: FaultConfig) -> str:
@@ -547,6 +588,10 @@ class FakeApp:
             text = completion_text(digest, n_words)
             cut = text[: max(1, int(len(text) * 0.6))]
             reply = _completion(key, model, cut, "length", prompt_tokens, max_tokens)
+        elif cfg.structured_output and (schema := json_schema_of(body)) is not None:
+            text = json.dumps(schema_instance(schema, random.Random(digest)))
+            tokens = max(1, len(text.split()))
+            reply = _completion(key, model, text, "stop", prompt_tokens, tokens)
         else:
             if is_near_duplicate(key, cfg):
                 text = near_duplicate_text(key, n_words, cfg)

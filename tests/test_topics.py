@@ -6,6 +6,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 from booksmith.generation.seeds import load_seeds
@@ -283,3 +284,44 @@ def test_expansion_prompts_are_data_and_render_strictly() -> None:
     assert "{{ 7*7 }}" in relevance_prompt("{{ 7*7 }}", node)
     with pytest.raises(PromptError, match="'breadth' is undefined"):
         render_prompt("expansion/subtopics.j2", topic="Acids", path=["Acids"], existing=[])
+
+
+@pytest.mark.slow
+def test_the_tree_grows_night_by_night(prefect_api: str, tmp_path: Path, write_config) -> None:
+    """Two nightly runs with expansion.grow: after the first, the leaves that kept documents
+    have new children in <out>/_state/topics.jsonl (marked by the run, the seed file left as
+    it was), and the second run plans from them; after it the tree is larger again."""
+    from booksmith.flows.nightly import nightly
+    from booksmith.generation.grow import grown_path, load_grown
+    from tests.conftest import fake_backend_config
+    from tests.fakeserver import FakeServer
+
+    topics = tmp_path / "topics.csv"
+    seed_file = "topic,subject\nFractions,Mathematics\nVolcanoes,Geology\nHaiku,Arts\n"
+    topics.write_text(seed_file)
+    out = tmp_path / "out"
+    with FakeServer({"structured_output": True}) as server:  # JSON answers to JSON schemas
+        cfg = fake_backend_config(server.base_url, out)
+        cfg["topics"] = str(topics)
+        # the fake server's yes/no is a coin toss: the relevance check is tested above
+        cfg["expansion"] = {
+            "grow": {"new_topics": 4, "leaves": 2, "breadth": 3},
+            "relevance_check": False,
+        }
+        first = Path(nightly(config=str(write_config(cfg))))
+        grown = load_grown(out)
+        assert 1 <= len(grown) <= 4, grown
+        assert {run for _, run in grown} == {first.name}
+        parents = {tuple(s.path) for s, _ in grown}
+        assert len(parents) <= 2 and all(len(p) == 1 for p in parents)  # under seed leaves
+        assert all(s.subject in ("Mathematics", "Geology", "Arts") for s, _ in grown)
+        assert topics.read_text() == seed_file
+
+        cfg["seed"] = 8
+        second = Path(nightly(config=str(write_config(cfg, "again.yaml"))))
+        planned = pq.read_table(second / "plan.parquet", columns=["topic"])["topic"].to_pylist()
+        assert {s.topic for s, _ in grown} <= set(planned)  # the new nodes are planned
+        after = load_grown(out)
+        assert len(after) > len(grown) and after[: len(grown)] == grown
+        assert {run for _, run in after[len(grown) :]} == {second.name}
+    assert grown_path(out).is_file()
