@@ -158,13 +158,38 @@ def iter_documents(
     """Documents of a dataset version (as written) or of a user's file (ids kept verbatim,
     the columns a Document has and the file lacks left empty, `n_tokens` counted with
     `encoding` when the file has none), a batch at a time."""
+    for docs, _ in iter_batches(path, encoding, batch_docs):
+        yield docs
+
+
+def iter_batches(
+    path: Path, encoding: str = "cl100k_base", batch_docs: int | None = None
+) -> Iterator[tuple[list[Document], pa.Table | None]]:
+    """`iter_documents`, each batch with the user file's own columns that a Document does not
+    have (row for row; None for a dataset version), so outputs can carry them through."""
     version = path.is_dir()
+    own = set(arrow_schema(Document).names)
+    first: list[str] | None = None  # the first batch's own columns: every batch has those
+    rows = 0
     for table in iter_tables(path, batch_docs, uniform=False):
         if version:
             table = table.cast(arrow_schema(Document))
-            yield [Document.model_validate(row) for row in table.to_pylist()]
-        else:
-            yield _counted([user_document(row) for row in table.to_pylist()], encoding)
+            yield [Document.model_validate(row) for row in table.to_pylist()], None
+            continue
+        docs = _counted([user_document(row) for row in table.to_pylist()], encoding)
+        extra = [c for c in table.column_names if c not in own]
+        if first is None:
+            first = extra
+        elif late := sorted(set(extra) - set(first)):
+            raise InputError(
+                f"{path}: column(s) {late} first appear after record {rows}; put them in the "
+                "first records (or none) so every output row has the same columns"
+            )
+        for name in first:  # a later batch whose records lack a column: null there
+            if name not in table.column_names:
+                table = table.append_column(name, pa.nulls(table.num_rows))
+        rows += table.num_rows
+        yield docs, table.select(first) if first else None
 
 
 def read_documents(path: Path, encoding: str = "cl100k_base") -> list[Document]:

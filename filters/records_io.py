@@ -18,7 +18,6 @@ from booksmith.schemas import Document, Rejected
 from booksmith.schemas.arrow import to_table
 from booksmith.schemas.filter_settings import FilterError
 from booksmith.schemas.records import sha256_hex
-from booksmith.shards.dataset import SingleFileWriter
 from booksmith.shards.files import tmp_name
 from booksmith.shards.writer import atomic_write_bytes, commit
 
@@ -48,6 +47,16 @@ def rejected_table(result: ChainResult) -> pa.Table:
     return to_table(result.rejected, Rejected)
 
 
+def _with_extras(table: pa.Table, extras: pa.Table, rows: list[int]) -> pa.Table:
+    """`table` with the input's own columns of `rows` appended (a name the output already has
+    keeps the output's column)."""
+    taken = extras.take(pa.array(rows, pa.int64()))
+    for name in taken.column_names:
+        if name not in table.column_names:
+            table = table.append_column(name, taken.column(name))
+    return table
+
+
 def write_outputs(out: Path, result: ChainResult) -> dict[str, Any]:
     """DIR/kept.parquet, DIR/rejected.parquet and DIR/counts.json; returns the counts."""
     with OutputWriter(out) as writer:
@@ -62,18 +71,26 @@ class OutputWriter:
     def __init__(self, out: Path) -> None:
         out.mkdir(parents=True, exist_ok=True)
         self.out = out
-        self.kept = SingleFileWriter(out, "kept.parquet", Document, kind="text")
+        self.kept: pq.ParquetWriter | None = None
+        self.kept_tmp = tmp_name(out / "kept.parquet")
         self.rejected: pq.ParquetWriter | None = None
         self.rejected_tmp = tmp_name(out / "rejected.parquet")
         self.by_reason: dict[str, int] = {}
         self.per_filter: dict[str, dict[str, int]] = {}
         self.n_kept = self.n_rejected = 0
 
-    def add(self, result: ChainResult, docs: list[Document] | None = None) -> None:
+    def add(
+        self,
+        result: ChainResult,
+        docs: list[Document] | None = None,
+        extras: pa.Table | None = None,
+    ) -> None:
         """One batch's result; with the batch's `docs`, rejections are written in input order
-        (else filter by filter), so the output does not depend on the batch size."""
+        (else filter by filter), so the output does not depend on the batch size, and the
+        input's own columns (`extras`, row for row with `docs`) are carried through to both
+        files, as `booksmith dedup` does."""
+        position: dict[str, int] = {}
         if docs is not None:
-            position: dict[str, int] = {}
             for i, d in enumerate(docs):
                 position.setdefault(d.id, i)
             order = sorted(
@@ -84,11 +101,18 @@ class OutputWriter:
                 rejected=[result.rejected[k] for k in order],
                 counts=result.counts,
             )
-        self.kept.write(result.kept)
-        table = rejected_table(result)
+        kept = to_table(result.kept, Document)
+        rejected = rejected_table(result)
+        if extras is not None and docs is not None:
+            kept = _with_extras(kept, extras, [position[d.id] for d in result.kept])
+            rejected = _with_extras(rejected, extras, [position[r.id] for r in result.rejected])
+        if self.kept is None:
+            self.kept = pq.ParquetWriter(self.kept_tmp, kept.schema, compression="zstd")
+        self.kept.write_table(kept.cast(self.kept.schema))
         if self.rejected is None:
-            self.rejected = pq.ParquetWriter(self.rejected_tmp, table.schema, compression="zstd")
-        self.rejected.write_table(table)
+            schema = rejected.schema
+            self.rejected = pq.ParquetWriter(self.rejected_tmp, schema, compression="zstd")
+        self.rejected.write_table(rejected.cast(self.rejected.schema))
         self.n_kept += len(result.kept)
         self.n_rejected += len(result.rejected)
         for r in result.rejected:
@@ -101,9 +125,10 @@ class OutputWriter:
     def close(self) -> dict[str, Any]:
         if self.rejected is None:
             self.add(ChainResult(kept=[], rejected=[], counts={}))
-        assert self.rejected is not None
+        assert self.rejected is not None and self.kept is not None
         self.kept.close()
         self.rejected.close()
+        commit(self.kept_tmp, self.out / "kept.parquet")
         commit(self.rejected_tmp, self.out / "rejected.parquet")
         counts = {
             "input": self.n_kept + self.n_rejected,
@@ -120,7 +145,7 @@ class OutputWriter:
 
     def __exit__(self, exc_type: object, *_: object) -> None:
         if exc_type is not None:
-            self.kept.abort()
-            if self.rejected is not None:
-                self.rejected.close()
-            self.rejected_tmp.unlink(missing_ok=True)
+            for writer, tmp in ((self.kept, self.kept_tmp), (self.rejected, self.rejected_tmp)):
+                if writer is not None:
+                    writer.close()
+                tmp.unlink(missing_ok=True)

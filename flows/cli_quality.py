@@ -115,7 +115,7 @@ def filter_command(
     """Run the quality filter chain alone and write kept and rejected records with reasons."""
     from booksmith.filters.base import run_chain
     from booksmith.filters.chain import build_chain
-    from booksmith.filters.inputs import iter_documents
+    from booksmith.filters.inputs import iter_batches
     from booksmith.filters.records_io import OutputWriter
     from booksmith.shards.version_dir import is_dataset, state_dir
 
@@ -141,8 +141,8 @@ def filter_command(
         state = state_dir(input.parent) if input.is_dir() and is_dataset(input) else None
         chain = build_chain(fs, state=state)
         with OutputWriter(out) as writer:  # a batch of documents at a time
-            for docs in iter_documents(input, cfg.output.encoding):
-                writer.add(run_chain(docs, chain), docs)
+            for docs, extras in iter_batches(input, cfg.output.encoding):
+                writer.add(run_chain(docs, chain), docs, extras)
             counts = writer.close()
     except user_errors() as e:
         fail(str(e))

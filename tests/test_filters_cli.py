@@ -267,3 +267,43 @@ def test_filter_streams_in_batches_with_the_same_output(
     order = [r["id"] for r in rows]
     assert [r["id"] for r in rejected] == [i for i in order if i in {r["id"] for r in rejected}]
     assert counts["per_filter"]["empty"]["input"] == 14
+
+
+def test_filter_carries_the_inputs_own_columns_through(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A user's file keeps its own columns (as `booksmith dedup` does): each kept and rejected
+    row has the values of its input record, whatever the batch size; a column first seen
+    after the first batch is one line naming it."""
+    from booksmith.filters import inputs
+
+    junk = "Buy cheap followers now! Click here, free shipping, limited offer, sign up. " * 12
+    rows = [
+        {"id": f"d{i}", "text": [TEXTBOOK + f" v{i}", "", junk][i % 3], "source": f"s{i}",
+         **({"license": "cc-by"} if i % 2 else {})}
+        for i in range(9)
+    ]  # fmt: skip
+    src = _jsonl(tmp_path / "in.jsonl", rows)
+
+    def run(out: Path) -> dict[str, dict[str, Any]]:
+        result = runner.invoke(app, ["filter", str(src), "--out", str(out), "--no-langid"])
+        assert result.exit_code == 0, result.output
+        by_id = {}
+        for name in ("kept", "rejected"):
+            for r in pq.read_table(out / f"{name}.parquet").to_pylist():
+                by_id[r["id"]] = {"file": name, "source": r["source"], "license": r["license"]}
+        return by_id
+
+    whole = run(tmp_path / "whole")
+    monkeypatch.setattr(inputs, "BATCH_ROWS", 2)
+    assert run(tmp_path / "batched") == whole
+    assert set(whole) == {r["id"] for r in rows}
+    assert {v["file"] for v in whole.values()} == {"kept", "rejected"}
+    for r in rows:
+        assert whole[r["id"]]["source"] == r["source"]
+        assert whole[r["id"]]["license"] == r.get("license")
+
+    late = _jsonl(tmp_path / "late.jsonl", [*rows[:4], {**rows[4], "lang_hint": "en"}])
+    result = runner.invoke(app, ["filter", str(late), "--out", str(tmp_path / "l")])
+    assert result.exit_code == 2
+    assert "column(s) ['lang_hint'] first appear after record 4" in " ".join(result.output.split())
