@@ -279,11 +279,20 @@ def plan(
 
 @app.command()
 def report(
-    dataset: Annotated[Path, typer.Argument(help="A dataset version directory.")],
+    location: Annotated[str, typer.Argument(help="A dataset version directory.")],
 ) -> None:
     """Print a dataset version's counts and diversity, and write report/ (markdown and plots)."""
     from booksmith.flows.report import render_report
+    from booksmith.shards.fs import is_url
     from booksmith.shards.version_dir import read_manifest
+
+    if is_url(location):
+        fail(
+            f"{location}: report writes report/ inside the version, which booksmith does in a "
+            "local output directory only; run it on the version it was exported from (the "
+            "export carries its report/)"
+        )
+    dataset = Path(location)
 
     try:
         manifest = read_manifest(dataset)

@@ -90,21 +90,43 @@ def export(
     print(report.url)
 
 
+def _local(location: str, command: str) -> Path:
+    """An output directory a command changes in place: local only, one line otherwise."""
+    from booksmith.shards.fs import is_url
+
+    if is_url(location):
+        fail(
+            f"{location}: {command} changes versions in place, which booksmith does in a local "
+            "output directory only; run it where the versions were written, then export again"
+        )
+    return Path(location)
+
+
 @datasets_app.command("list")
 def datasets_list(
-    out: Annotated[Path, typer.Argument(help="Output directory holding dataset versions.")],
+    location: Annotated[
+        str, typer.Argument(help="Output directory holding versions, or an export URL.")
+    ],
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
 ) -> None:
     """List versions, oldest first, with documents, sizes and token counts."""
-    from booksmith.shards.catalog import summarize
+    from booksmith.shards.catalog import summarize, summarize_url
+    from booksmith.shards.fs import is_url
     from booksmith.shards.version_dir import is_dataset
 
-    if not out.is_dir():
+    out = Path(location)
+    if is_url(location):
+        try:
+            rows = summarize_url(location)
+        except user_errors(ValueError, OSError) as e:
+            fail(f"{location}: {one_line(e)}")
+    elif not out.is_dir():
         fail(f"{out}: no such directory")
-    if is_dataset(out):
+    elif is_dataset(out):
         fail(f"{out} is a dataset version; datasets list takes the output directory that holds "
              f"versions, e.g. {out.parent}")  # fmt: skip
-    rows = summarize(out)
+    else:
+        rows = summarize(out)
     if not rows:  # not an error: a new output directory has none yet
         console.print(f"{escape(str(out))}: no dataset versions yet (`booksmith run --out "
                       f"{escape(str(out))}` makes one)", highlight=False)  # fmt: skip
@@ -113,7 +135,7 @@ def datasets_list(
         for row in rows:
             print(json.dumps(row.to_json()))
         return
-    table = Table(title=str(out))
+    table = Table(title=location)
     table.add_column("run id", no_wrap=True)
     for col in ("documents", "rejected", "MB", "tokens"):
         table.add_column(col, justify="left" if col == "tokens" else "right")
@@ -131,7 +153,7 @@ def datasets_list(
 
 @datasets_app.command("rm")
 def datasets_rm(
-    out: Annotated[Path, typer.Argument(help="Output directory.")],
+    location: Annotated[str, typer.Argument(help="Output directory.")],
     run_id: Annotated[str, typer.Argument(help="The version to retire.")],
     index: Annotated[
         str | None,
@@ -144,6 +166,7 @@ def datasets_rm(
     from booksmith.filters.dedup import default_index_path, open_index_spec, remove_run
     from booksmith.shards.catalog import retire
 
+    out = _local(location, "datasets rm")
     try:
         retire(out, run_id)
         spec = index or str(default_index_path(out))
@@ -158,13 +181,14 @@ def datasets_rm(
 
 @datasets_app.command("takedown")
 def datasets_takedown(
-    out: Annotated[Path, typer.Argument(help="Output directory.")],
+    location: Annotated[str, typer.Argument(help="Output directory.")],
     ids: Annotated[list[str] | None, typer.Argument(help="Document ids.")] = None,
     ids_file: Annotated[Path | None, typer.Option("--ids-file", help="One id per line.")] = None,
 ) -> None:
     """Remove documents by id from every version, rewriting shards and manifests safely."""
     from booksmith.shards.catalog import takedown
 
+    out = _local(location, "datasets takedown")
     wanted = list(ids or [])
     try:
         if ids_file is not None:

@@ -83,6 +83,34 @@ def summarize(out: Path) -> list[VersionSummary]:
     return rows
 
 
+def summarize_url(url: str) -> list[VersionSummary]:
+    """`summarize` for versions in an object store (an export target, `s3://bucket/prefix`):
+    every folder under it with a manifest, read through fsspec."""
+    from booksmith.schemas.manifest import Manifest
+    from booksmith.shards.fs import filesystem
+
+    fs, root = filesystem(url)
+    rows = []
+    for entry in sorted(fs.ls(root, detail=False)):
+        name = entry.rstrip("/").rsplit("/", 1)[-1]
+        where = f"{entry.rstrip('/')}/{MANIFEST}"
+        if name == STATE_DIR or not fs.exists(where):
+            continue
+        m = Manifest.parse(fs.cat_file(where), f"{url.rstrip('/')}/{name}/{MANIFEST}")
+        rows.append(
+            VersionSummary(
+                run_id=m.run_id,
+                path=Path(name),
+                created_at=m.created_at,
+                documents=m.documents,
+                rejected=m.counts.rejected,
+                bytes=sum(s.bytes for s in m.shards),
+                tokens={k: v.tokens for k, v in m.tokens.items()},
+            )
+        )
+    return sorted(rows, key=lambda r: r.run_id)
+
+
 def _version_dir(out: Path, run_id: str) -> Path:
     if run_id in ("", ".", "..") or "/" in run_id or run_id == STATE_DIR:
         raise ValueError(f"{run_id!r} is not a run id")

@@ -3,6 +3,7 @@ fsspec URLs; verify there; resume a killed export without re-sending finished pa
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -210,7 +211,7 @@ def test_cli_export_to_s3_and_to_a_local_url(version: Path, bucket: str, tmp_pat
     assert verify(moved).ok
 
     bad = runner.invoke(app, ["export", str(tmp_path / "nope"), "--to", f"s3://{bucket}/x"])
-    assert bad.exit_code == 2 and "no manifest" in bad.stderr
+    assert bad.exit_code == 2 and "nope: no such file or directory" in bad.stderr
     no_bucket = runner.invoke(app, ["export", str(version), "--to", "s3://no-such-bucket/x"])
     assert no_bucket.exit_code == 2, no_bucket.output
     assert no_bucket.stderr.strip().splitlines() == [
@@ -324,3 +325,30 @@ def test_export_through_a_pyarrow_filesystem(version: Path, tmp_path: Path) -> N
     finally:
         monkey.undo()
     assert verify(tmp_path / "arrow").ok
+
+
+def test_commands_on_an_export_url(version: Path, bucket: str, tmp_path: Path) -> None:
+    """`datasets list s3://...` lists the exported versions (read through fsspec), `verify`
+    checks one there; commands that change versions in place (rm, takedown) and `report`
+    (which writes report/ into the version) refuse a URL with one line."""
+    from booksmith.flows.cli import app as booksmith
+
+    runner = CliRunner()
+    second = tmp_path / "out" / "20261127T000000Z"
+    make_version(second, 10)
+    for v in (version, second):
+        assert export(v, f"s3://{bucket}/nightly/{v.name}").url
+    listed = runner.invoke(booksmith, ["datasets", "list", f"s3://{bucket}/nightly", "--json"])
+    assert listed.exit_code == 0, listed.output
+    rows = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert [r["run_id"] for r in rows] == [version.name, second.name]
+    assert [r["documents"] for r in rows] == [40, 10]
+    url = f"s3://{bucket}/nightly/{version.name}"
+    assert runner.invoke(booksmith, ["verify", url]).exit_code == 0
+    for args in (["datasets", "rm", f"s3://{bucket}/nightly", version.name],
+                 ["datasets", "takedown", f"s3://{bucket}/nightly", "doc-1"],
+                 ["report", url]):  # fmt: skip
+        refused = runner.invoke(booksmith, args)
+        assert refused.exit_code == 2, (args, refused.output)
+        (line,) = refused.output.strip().splitlines()
+        assert line.startswith(f"error: s3://{bucket}/nightly") and "local" in line, line
