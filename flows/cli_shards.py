@@ -8,6 +8,7 @@ Exit codes: 0 success, 1 a version that fails verification (each problem names i
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -17,6 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from booksmith.flows.cli_errors import fail, one_line, user_errors
+from booksmith.shards.version_dir import read_manifest
 
 console = Console(stderr=True)
 app = typer.Typer(help="Dataset versions: verify, export, list, retire, take down.")
@@ -155,6 +157,10 @@ def datasets_list(
 def datasets_rm(
     location: Annotated[str, typer.Argument(help="Output directory.")],
     run_id: Annotated[str, typer.Argument(help="The version to retire.")],
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Say what it would remove; change nothing.")
+    ] = False,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
     index: Annotated[
         str | None,
         typer.Option(
@@ -168,6 +174,11 @@ def datasets_rm(
 
     out = _local(location, "datasets rm")
     try:
+        read_manifest(out / run_id)  # a version, before asking
+        console.print(f"version {out / run_id}: every file, and its MinHash index entries")
+        if dry_run:
+            return
+        _confirm(yes, f"retire {run_id} from {out}?")
         retire(out, run_id)
         spec = index or str(default_index_path(out))
         dropped = 0
@@ -184,9 +195,18 @@ def datasets_takedown(
     location: Annotated[str, typer.Argument(help="Output directory.")],
     ids: Annotated[list[str] | None, typer.Argument(help="Document ids.")] = None,
     ids_file: Annotated[Path | None, typer.Option("--ids-file", help="One id per line.")] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="List every place it would touch; change nothing.")
+    ] = False,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
 ) -> None:
-    """Remove documents by id from every version, rewriting shards and manifests safely."""
-    from booksmith.shards.catalog import takedown
+    """Remove documents by id from every version (and their rejected near-duplicates), from
+    the response cache (tombstoned: no later run asks for them again), and regenerate the
+    affected versions' reports; a log of each takedown is kept in _state/takedowns.jsonl."""
+    from booksmith.flows.report import render_report
+    from booksmith.generation.cache import ResponseCache
+    from booksmith.shards.catalog import takedown, takedown_places, with_near_duplicates
+    from booksmith.shards.version_dir import state_dir
 
     out = _local(location, "datasets takedown")
     wanted = list(ids or [])
@@ -195,13 +215,76 @@ def datasets_takedown(
             wanted += ids_file.read_text(encoding="utf-8").split()
         if not wanted:
             raise ValueError("no document ids given (arguments or --ids-file)")
-        results = takedown(out, wanted)
+        if not out.is_dir():
+            raise FileNotFoundError(f"{out}: no such directory")
+        drop = with_near_duplicates(out, wanted)
+        places = takedown_places(out, drop)
+        cache_path = state_dir(out) / "responses.sqlite"
+        cached = _cached_answers(cache_path, drop)
+        console.print(f"ids: {len(set(wanted))} asked, {len(drop)} with their near-duplicates")
+        for run_id, counts in places.items():
+            console.print(f"version {run_id}: {counts['text']} kept and {counts['rejected']} "
+                          "rejected rows; its report regenerated")  # fmt: skip
+        console.print(f"response cache {cache_path}: {cached} answers removed, "
+                      f"{len(drop)} requests tombstoned")  # fmt: skip
+        if dry_run:
+            print(json.dumps({"dry_run": True, "places": places, "cache_answers": cached}))
+            return
+        _confirm(yes, f"take {len(drop)} documents down from {out}?")
+        results = takedown(out, drop)
+        cache = ResponseCache(cache_path)
+        try:
+            removed = cache.take_down(drop)
+        finally:
+            cache.close()
+        for run_id in results:
+            render_report(out / run_id)
+        _log_takedown(out, wanted, drop, results, removed)
     except user_errors(ValueError) as e:
         fail(one_line(e))
         return
     for run_id, n in results.items():
         console.print(f"{run_id}: removed {n} rows")
-    print(json.dumps({"removed": results}))
+    print(json.dumps({"removed": results, "cache_answers": removed}))
+
+
+def _cached_answers(path: Path, ids: set[str]) -> int:
+    if not path.is_file():
+        return 0
+    from booksmith.generation.cache import ResponseCache
+
+    cache = ResponseCache(path)
+    try:
+        return sum(cache.get(i) is not None for i in ids)
+    finally:
+        cache.close()
+
+
+def _confirm(yes: bool, question: str) -> None:
+    """Ask before changing anything, unless --yes; with no terminal to ask, say so and stop."""
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        fail(f"{question} No terminal to ask: pass --yes to go ahead (or --dry-run to look)")
+    if not typer.confirm(question):
+        fail("nothing changed", 1)
+
+
+def _log_takedown(out: Path, asked: list[str], drop: set[str], versions: dict[str, int],
+                  cache_answers: int) -> None:  # fmt: skip
+    """One JSON line per takedown in _state/takedowns.jsonl: when, which ids, what changed."""
+    from datetime import UTC, datetime
+
+    from booksmith.shards.files import write_bytes_atomically
+    from booksmith.shards.version_dir import state_dir
+
+    path = state_dir(out) / "takedowns.jsonl"
+    entry = {"at": datetime.now(UTC).isoformat(), "ids": sorted(set(asked)),
+             "with_near_duplicates": sorted(drop - set(asked)), "versions": versions,
+             "cache_answers": cache_answers}  # fmt: skip
+    old = path.read_bytes() if path.is_file() else b""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomically(path, old + (json.dumps(entry) + "\n").encode())
 
 
 @datasets_app.command("corpus")

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from booksmith.schemas import GenerationResult
+
+TAKEN_DOWN = "taken_down"  # the failure reason of a request whose text was taken down
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS responses (
@@ -83,6 +85,32 @@ class ResponseCache:
             row = self._db.execute(
                 "SELECT result FROM failures WHERE request_id = ? AND permanent = 1",
                 (request_id,),
+            ).fetchone()
+        return GenerationResult.model_validate_json(row[0]) if row else None
+
+    def take_down(self, request_ids: Iterable[str], run_id: str = "takedown") -> int:
+        """Forget the answers of these requests and tombstone them: a permanent failure
+        "taken_down" that no later run asks again (not even with `retry_failed`), so a
+        taken-down text is never regenerated or served from here. Returns answers removed."""
+        ids = sorted(set(request_ids))
+        removed = 0
+        with self._lock:
+            for rid in ids:
+                removed += self._db.execute(
+                    "DELETE FROM responses WHERE request_id = ?", (rid,)
+                ).rowcount
+                tomb = GenerationResult(request_id=rid, error=TAKEN_DOWN, attempts=0)
+                self._db.execute(
+                    "INSERT OR REPLACE INTO failures VALUES (?, ?, ?, 1, 0, ?, ?)",
+                    (rid, run_id, TAKEN_DOWN, tomb.model_dump_json(), tomb.created_at.isoformat()),
+                )
+        return removed
+
+    def taken_down(self, request_id: str) -> GenerationResult | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT result FROM failures WHERE request_id = ? AND reason = ?",
+                (request_id, TAKEN_DOWN),
             ).fetchone()
         return GenerationResult.model_validate_json(row[0]) if row else None
 

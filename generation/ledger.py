@@ -178,6 +178,8 @@ class Ledger:
         if cache is None:
             return False
         cached = cache.get(request.id)
+        if cached is None:  # a taken-down text is never asked again, whatever retry_failed says
+            cached = cache.taken_down(request.id) if retry_failed else None
         if cached is None and not retry_failed:
             cached = cache.permanent_failure(request.id)
         if cached is None:

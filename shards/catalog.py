@@ -298,6 +298,35 @@ def _repack(
     return writer.close(), {"rows": packer.rows, "dropped_tokens": packer.dropped}
 
 
+def with_near_duplicates(out: Path, ids: Iterable[str]) -> set[str]:
+    """`ids` and the ids of the rejected near- and exact duplicates of them (their
+    `duplicate_of`), in every version: they carry nearly the same text."""
+    drop = {i.strip() for i in ids if i.strip()}
+    wanted = pa.array(sorted(drop))
+    for path in list_versions(out):
+        for rel in read_manifest(path).shard_paths("rejected"):
+            table = pq.read_table(path / rel, columns=["id", "duplicate_of"])
+            hits = table.filter(pc.is_in(table.column("duplicate_of"), value_set=wanted))
+            drop.update(hits.column("id").to_pylist())
+    return drop
+
+
+def takedown_places(out: Path, ids: Iterable[str]) -> dict[str, dict[str, int]]:
+    """Where these ids are: rows per version and kind (text, rejected), nothing changed."""
+    wanted = pa.array(sorted({i.strip() for i in ids if i.strip()}))
+    places: dict[str, dict[str, int]] = {}
+    for path in list_versions(out):
+        m = read_manifest(path)
+        for kind in ("text", "rejected"):
+            for rel in m.shard_paths(kind):
+                column = pq.read_table(path / rel, columns=["id"]).column("id")
+                n = int(pc.sum(pc.is_in(column, value_set=wanted)).as_py() or 0)
+                if n:
+                    counts = places.setdefault(path.name, {"text": 0, "rejected": 0})
+                    counts[kind] += n
+    return places
+
+
 def takedown(out: Path, ids: Iterable[str]) -> dict[str, int]:
     """Remove documents by id from every version (text, token, packed and rejected shards);
     returns rows removed per affected run id."""
@@ -328,4 +357,6 @@ __all__ = [
     "retire",
     "summarize",
     "takedown",
+    "takedown_places",
+    "with_near_duplicates",
 ]

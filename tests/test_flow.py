@@ -285,3 +285,57 @@ def test_a_full_disk_is_one_line_and_the_rerun_loses_nothing(
     gen = read_manifest(version).counts.generate
     assert gen.planned == 30 and gen.cached + second == 30
     assert first + second <= 30 + cfg["generation"]["max_concurrency"]
+
+
+def test_takedown_reaches_the_cache_near_duplicates_and_reports(
+    prefect_api: str, tmp_path: Path, write_config
+) -> None:
+    """A kept document taken down after a real run: its rejected near-duplicates go with it,
+    its answer leaves the response cache and is tombstoned (a later run with the same requests
+    does not ask for it again, whatever retry_failed says), the version's report is rebuilt
+    without it, --dry-run changes nothing, and the log records it."""
+    from typer.testing import CliRunner
+
+    from booksmith.flows.cli import app
+    from booksmith.generation.cache import ResponseCache
+
+    out = tmp_path / "out"
+    with FakeServer({"near_duplicate": 0.5, "near_duplicate_pool": 2}) as server:
+        cfg = fake_backend_config(server.base_url, out)
+        first = run_flow(write_config(cfg))
+        rejected = pq.read_table(first / "rejected").to_pylist()
+        near = [r for r in rejected if r["duplicate_of"]]
+        assert near, "the fake server made no near-duplicates"
+        target = near[0]["duplicate_of"]
+        twins = {r["id"] for r in near if r["duplicate_of"] == target}
+        runner = CliRunner()
+        dry = runner.invoke(app, ["datasets", "takedown", str(out), target, "--dry-run"])
+        assert dry.exit_code == 0, dry.output
+        assert json.loads(dry.stdout.splitlines()[-1])["places"] == {
+            first.name: {"text": 1, "rejected": len(twins)}
+        }
+        assert target in pq.read_table(first / "text").column("id").to_pylist()
+        done = runner.invoke(app, ["datasets", "takedown", str(out), target, "--yes"])
+        assert done.exit_code == 0, done.output
+        for kind in ("text", "rejected"):
+            ids = set(pq.read_table(first / kind).column("id").to_pylist())
+            assert not ids & {target, *twins}
+        report = (first / "report" / "report.md").read_text()
+        assert f"| documents kept | {read_manifest(first).documents} |" in report
+        cache = ResponseCache(out / "_state" / "responses.sqlite")
+        assert all(cache.get(i) is None for i in {target, *twins})
+        cache.close()
+        (entry,) = [json.loads(x) for x in (out / "_state" / "takedowns.jsonl").open()]
+        assert entry["ids"] == [target] and set(entry["with_near_duplicates"]) == twins
+
+        # the same requests again (another config, retry_failed on): not asked, not back
+        asked = server.stats()["requests"]
+        cfg["output"]["shard_rows"] = 1000
+        cfg["generation"]["retry_failed"] = True
+        cfg["publish"] = {"min_documents": 0}
+        second = run_flow(write_config(cfg, "again.yaml"))
+        assert server.stats()["requests"] == asked
+    gen = read_manifest(second).counts.generate
+    assert gen.failures.get("taken_down") == 1 + len(twins)
+    texts = pq.read_table(second / "text").column("id").to_pylist()
+    assert target not in texts

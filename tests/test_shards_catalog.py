@@ -70,14 +70,18 @@ def test_corpus_unions_chosen_versions(out: Path) -> None:
 def test_rm_retires_a_version_and_calls_the_index_hooks(out: Path, monkeypatch) -> None:
     calls: list[tuple[Path, str]] = []
     monkeypatch.setattr(catalog, "RETIRE_HOOKS", [lambda o, r: calls.append((o, r))])
-    result = CliRunner().invoke(app, ["datasets", "rm", str(out), "20261124T020000Z"])
+    asked = CliRunner().invoke(app, ["datasets", "rm", str(out), "20261124T020000Z"])
+    assert asked.exit_code == 2 and "pass --yes" in asked.output  # no terminal to ask
+    dry = CliRunner().invoke(app, ["datasets", "rm", str(out), "20261124T020000Z", "--dry-run"])
+    assert dry.exit_code == 0 and len(list_versions(out)) == 2 and not calls
+    result = CliRunner().invoke(app, ["datasets", "rm", str(out), "20261124T020000Z", "--yes"])
     assert result.exit_code == 0, result.output
     assert [p.name for p in list_versions(out)] == ["20261125T020000Z"]
     assert not (out / "20261124T020000Z").exists()
     assert calls == [(out, "20261124T020000Z")]
     assert "0 MinHash index entries removed" in result.stderr  # no index here
     for bad in ("20261124T020000Z", "_state", "../x", "20261126T020000Z"):
-        result = CliRunner().invoke(app, ["datasets", "rm", str(out), bad])
+        result = CliRunner().invoke(app, ["datasets", "rm", str(out), bad, "--yes"])
         assert result.exit_code == 2, bad
 
 
@@ -88,7 +92,7 @@ def test_takedown_removes_ids_from_every_version(out: Path) -> None:
     ids_file = out.parent / "ids.txt"
     ids_file.write_text("\n".join(gone[1:]) + "\n")
     result = CliRunner().invoke(
-        app, ["datasets", "takedown", str(out), gone[0], "--ids-file", str(ids_file)]
+        app, ["datasets", "takedown", str(out), gone[0], "--ids-file", str(ids_file), "--yes"]
     )
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout.splitlines()[-1])["removed"] == {
@@ -215,7 +219,7 @@ def test_rm_drops_the_version_from_the_minhash_index(out: Path) -> None:
     docs = make_docs(8, run_id=run_id, prefix="ix-")
     added = commit(index, run_id, docs)
     assert added == 8
-    result = CliRunner().invoke(app, ["datasets", "rm", str(out), run_id])
+    result = CliRunner().invoke(app, ["datasets", "rm", str(out), run_id, "--yes"])
     assert result.exit_code == 0, result.output
     assert f"{added} MinHash index entries" in result.stderr
     assert open_index_spec(str(default_index_path(out))).remove_run(run_id) == 0
