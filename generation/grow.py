@@ -84,7 +84,8 @@ def add_grown(
     subject = {topic_key(s.topic_path): s.subject or (s.path[0] if s.path else s.topic)
                for s in leaves}  # fmt: skip
     have = {topic_key(s.topic_path) for s, _ in load_grown(out)}
-    rows, added = [], []
+    rows: list[dict[str, object]] = []
+    added: list[TopicSeed] = []
     for node in nodes:
         parent = topic_key(node.path)
         if parent not in subject or len(added) >= limit:
