@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -27,10 +28,25 @@ class _Strict(BaseModel):
 
 
 # The name of an environment variable, never its value: a key pasted here by mistake fails
-# validation (and the error does not echo it, see SECRET_HINTS) instead of reaching manifests.
+# validation (and the error does not echo it, see looks_secret) instead of reaching manifests.
 ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
 EnvVarName = Annotated[str, Field(pattern=ENV_NAME, max_length=128)]
-SECRET_HINTS = ("api_key", "secret", "password", "token")  # keys whose values are not echoed
+# A key is secret by what it holds: a setting named for a credential (its last part), or a
+# value that looks like one (a provider's key prefix, or a long run of letters and digits).
+# `generation.sampling.max_tokens` holds a number, so its bad value is shown.
+SECRET_KEYS = re.compile(r"(^|_)(api_key|api_key_env|api_key_secret|secret|password|token)$")
+SECRET_VALUE = re.compile(
+    r"^(sk-|sk_|ghp_|gho_|xox[bp]-|AKIA|hf_)"  # providers' key prefixes
+    r"|^(?=.*\d)(?=.*[A-Za-z])[\w-]{32,}$"  # a long token of letters and digits
+)
+
+
+def looks_secret(key: str, value: object) -> bool:
+    """Whether an error about `key` must not echo `value`."""
+    last = key.lower().rsplit(".", 1)[-1]
+    return bool(SECRET_KEYS.search(last)) or (
+        isinstance(value, str) and bool(SECRET_VALUE.search(value.strip()))
+    )
 
 
 class Price(_Strict):
@@ -380,8 +396,8 @@ def format_validation_error(
         where = f"{source}:{line}" if line else source
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; see `booksmith config show` for every key)"
-        elif any(h in key.lower() for h in SECRET_HINTS):
-            msg = f"{e['msg']} (value not shown: this key names where a secret lives)"
+        elif looks_secret(key, e.get("input")):
+            msg = f"{e['msg']} (value not shown: it may be a secret)"
         else:
             msg = f"{e['msg']} (got {e.get('input')!r})"
         parts.append(f"{where}: {key}: {msg}")

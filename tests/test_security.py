@@ -340,3 +340,23 @@ def test_a_key_pasted_into_api_key_env_is_rejected_without_echoing_it(tmp_path: 
         load_config(config)
     assert leaks(str(err.value), planted) == []
     assert shown.exit_code == 2
+
+
+def test_a_secret_is_hidden_by_what_it_holds_not_by_a_word_in_its_key(tmp_path: Path) -> None:
+    """A bad `max_tokens` (a number setting whose name says "token") shows the bad value, so
+    the user can see the mistake; a key-like value is hidden wherever it was pasted, and a
+    setting named for a credential never echoes its value."""
+    from booksmith.schemas.config import ConfigError, load_config
+
+    config = tmp_path / "c.yaml"
+    config.write_text("generation:\n  sampling:\n    max_tokens: lots\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(config)
+    assert "generation.sampling.max_tokens" in str(err.value) and "'lots'" in str(err.value)
+
+    planted = "ghp_" + secrets.token_hex(18)
+    config.write_text(f"plan:\n  system_prompt: 12\n  seed_words: {planted}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(config)
+    assert "plan.seed_words" in str(err.value) and leaks(str(err.value), planted) == []
+    assert "value not shown" in str(err.value)
