@@ -354,6 +354,9 @@ def topics_expand(
         Path | None, typer.Option(help="A topic file whose topics must not be repeated.")
     ] = None,
     leaves_only: Annotated[bool, typer.Option(help="Write only the leaves of the tree.")] = False,
+    seed: Annotated[
+        int, typer.Option(help="Sampling seed of every request: a rerun repeats the tree.")
+    ] = 0,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Prefect's logs.")] = False,
 ) -> None:
     """Expand seed topics into a topic tree with the LLM; writes a file `booksmith run` reads."""
@@ -377,14 +380,24 @@ def topics_expand(
             config=str(config) if config else None,
             existing=str(existing) if existing else None,
             leaves_only=leaves_only,
+            seed=seed,
         )
     except user_errors() as e:
         fail(str(e))
         return
+    per_root = counts.pop("per_root", {})
     table = Table(title=f"topics expanded into {output}", show_header=False)
     for key, value in counts.items():
         table.add_row(key, str(value))
     console.print(table)
+    roots = Table(title="per root")
+    roots.add_column("root")
+    roots.add_column("children", justify="right")
+    roots.add_column("children with >= 2", justify="right")
+    for root, n in per_root.items():
+        with_2 = f"{n['children_with_2']}/{n['children']}" if depth > 1 else "-"
+        roots.add_row(root, str(n["children"]), with_2)
+    console.print(roots)
 
 
 @topics_app.command("show")

@@ -37,6 +37,7 @@ def expand(
     breadth: int,
     cfg: RunConfig,
     existing: Sequence[str],
+    seed: int | None = None,
 ) -> tuple[list[TopicNode], ExpansionReport]:
     cache = ResponseCache(state_dir(cfg.output.dir) / "responses.sqlite")
     try:
@@ -61,6 +62,8 @@ def expand(
                 response_format=subtopics_format(breadth)
                 if cfg.expansion.structured_output
                 else None,
+                seed=seed,
+                samples=cfg.expansion.samples,
             )
             nodes = asyncio.run(expander.expand(roots, existing))
             return nodes, expander.report
@@ -77,14 +80,17 @@ def expand_topics(
     config: str | None = None,
     existing: str | None = None,
     leaves_only: bool = False,
+    seed: int = 0,
 ) -> dict[str, Any]:
-    """Expand topics into a tree and write it as a JSONL topic file; returns the counts."""
+    """Expand topics into a tree and write it as a JSONL topic file; returns the counts, with
+    per root its kept children and how many of them got at least 2 of their own. `seed` goes
+    into every request's sampling seed: the same seed asks (and caches) the same requests."""
     from booksmith.generation.seeds import load_seeds
 
     cfg = load_config(Path(config) if config else None)
     preflight.check_expand(cfg, Path(output))  # in seconds, before any request
     known = [s.topic for s in load_seeds(existing)] if existing else []
-    nodes, report = expand(list(topics), depth, breadth, cfg, known)
+    nodes, report = expand(list(topics), depth, breadth, cfg, known, seed)
     written = write_topic_file(nodes, Path(output), leaves_only=leaves_only)
     counts = {
         "topics_written": written,
@@ -97,6 +103,8 @@ def expand_topics(
         "answers_failed": report.answers_failed,
         "relevance": dict(report.relevance),
         "structured_fallbacks": report.structured_fallbacks,
+        "seed": seed,
+        "per_root": report.per_root,
     }
     get_run_logger().info("expanded %s into %d topics: %s", topics, written, counts)
     return counts

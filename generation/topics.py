@@ -31,6 +31,7 @@ from typing import Any
 from booksmith.generation.client import RESPONSE_FORMAT_REJECTED
 from booksmith.prompts import render_prompt
 from booksmith.schemas import GenerationRequest, GenerationResult, Sampling, TopicSeed
+from booksmith.schemas.records import canonical_json, sha256_hex
 
 Complete = Callable[[Sequence[GenerationRequest]], Awaitable[dict[str, GenerationResult]]]
 
@@ -107,9 +108,65 @@ _GENERIC = frozenset(
         "topics",
         "unit",
         "yes",
+        # bare section words: a textbook's headings, not its subjects
+        "about",
+        "advanced",
+        "application",
+        "applications",
+        "background",
+        "basic",
+        "basics",
+        "concept",
+        "concepts",
+        "definition",
+        "definitions",
+        "description",
+        "first",
+        "fundamentals",
+        "future",
+        "general",
+        "history",
+        "importance",
+        "index",
+        "lessons",
+        "main",
+        "module",
+        "modules",
+        "other",
+        "outline",
+        "part",
+        "preface",
+        "principles",
+        "second",
+        "sections",
+        "step",
+        "steps",
+        "subtopic",
+        "theory",
+        "third",
+        "title",
+        "topic",
+        "types",
+        "units",
+        "uses",
     ]
 )
+# A numbered section label: "Chapter 3: Cells", "Section 2.1", "1. Alkanes", "Part IV", "II. Acids".
+_NUMBERED = re.compile(
+    r"^\s*(?:(?:chapter|section|part|unit|lesson|module|topic|subtopic|step|week|day|level|"
+    r"stage|volume|book)\s+(?:\d+|[ivxlc]+)\b|\d+(?:\.\d+)*[.):]?(?:\s|$)|[ivxlc]+[.)]\s)",
+    re.I,
+)
 _JUNK = re.compile(r"https?://|www\.|\{\{|\}\}|\{%|%\}|<\|?[a-z_]+\|?>|[\x00-\x08\x0b-\x1f]")
+# What a small model writes under a JSON schema when it has no title: identifiers
+# ("Subtopics_of_Photosynthesis", "concepts_list_5"), stray JSON ("concepts_list}"), the
+# question's own words ("subtopic1"), a sentence's tail ("and that includes"), a bare label
+# and number ("Premise 1").
+_SCHEMA_JUNK = re.compile(
+    r"_|[{}\[\]|\\]|\bsub-?topics?|\b(?:concepts?|topics?)\d|^(?:and|but|or|that|which|who|"
+    r"however|so|because|this|these|it|is|are|was|were|then|also|etc)\b|\s\d+$",
+    re.I,
+)
 
 
 @dataclass
@@ -136,6 +193,9 @@ class ExpansionReport:
     dropped: Counter[str] = field(default_factory=Counter)
     relevance: Counter[str] = field(default_factory=Counter)  # llm_yes, llm_no, lexical_*
     structured_fallbacks: int = 0  # requests re-asked without response_format (rejected)
+    # per root (a title, or the leaf grown): its kept children ("children") and how many of
+    # them got at least 2 children of their own ("children_with_2")
+    per_root: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 # The relevance question's structured answer: {"answer": "yes"} or {"answer": "no"}.
@@ -154,13 +214,15 @@ RELEVANCE_FORMAT: dict[str, Any] = {
 }
 
 
-def subtopics_format(breadth: int) -> dict[str, Any]:
-    """The expansion answer's structured output: {"subtopics": [1..breadth short titles]}."""
+def subtopics_format(breadth: int, candidates: int | None = None) -> dict[str, Any]:
+    """The expansion answer's structured output: {"subtopics": [n short titles]}, n the
+    candidates asked (2 x breadth unless given): the answer must propose more than are kept."""
+    n = max(breadth, candidates or 2 * breadth)
     titles = {"type": "string", "minLength": 1, "maxLength": SCHEMA_TITLE_CHARS}
     schema = {
         "type": "object",
         "properties": {
-            "subtopics": {"type": "array", "items": titles, "minItems": 1, "maxItems": breadth}
+            "subtopics": {"type": "array", "items": titles, "minItems": n, "maxItems": n}
         },
         "required": ["subtopics"],
         "additionalProperties": False,
@@ -171,9 +233,9 @@ def subtopics_format(breadth: int) -> dict[str, Any]:
     }
 
 
-def bound_subtopics(fmt: dict[str, Any], breadth: int) -> dict[str, Any]:
-    """`fmt` with its `subtopics` array bounded as subtopics_format bounds it, where it sets no
-    bounds of its own: a static schema (the flow's) cannot know the breadth."""
+def bound_subtopics(fmt: dict[str, Any], candidates: int) -> dict[str, Any]:
+    """`fmt` with its `subtopics` array bounded as subtopics_format bounds it (`candidates`
+    titles), where it sets no bounds of its own: a static schema (the flow's) cannot know them."""
     fmt = copy.deepcopy(fmt)
     spec = fmt.get("json_schema")
     schema = spec.get("schema") if isinstance(spec, dict) else None
@@ -181,13 +243,13 @@ def bound_subtopics(fmt: dict[str, Any], breadth: int) -> dict[str, Any]:
     array = props.get("subtopics") if isinstance(props, dict) else None
     if not (isinstance(array, dict) and array.get("type") == "array"):
         return fmt
-    bounds = subtopics_format(breadth)["json_schema"]["schema"]["properties"]["subtopics"]
+    bounds = subtopics_format(candidates, candidates)["json_schema"]["schema"]["properties"]
     for key in ("minItems", "maxItems"):
-        array.setdefault(key, bounds[key])
+        array.setdefault(key, bounds["subtopics"][key])
     items = array.get("items")
     if isinstance(items, dict) and items.get("type") == "string":
         for key in ("minLength", "maxLength"):
-            items.setdefault(key, bounds["items"][key])
+            items.setdefault(key, bounds["subtopics"]["items"][key])
     return fmt
 
 
@@ -256,6 +318,19 @@ def parse_subtopics(answer: str) -> list[str] | None:
     return titles or None
 
 
+def split_lists(titles: Sequence[str]) -> list[str]:
+    """Titles with a comma list inside one title ("Mantle, Crust, Core", a small model's habit
+    under a JSON schema) split into their parts; a title that ran to the schema's length limit
+    loses its last, cut-off part."""
+    out: list[str] = []
+    for title in titles:
+        parts = [p.strip() for p in title.split(",")]
+        if len(parts) > 1 and len(title) >= SCHEMA_TITLE_CHARS:
+            parts = parts[:-1]
+        out.extend(p for p in parts if p or len(parts) == 1)
+    return out
+
+
 def junk_reason(title: str) -> str | None:
     if not title.strip():
         return "empty"
@@ -268,6 +343,34 @@ def junk_reason(title: str) -> str | None:
     words = normalise(title).split()
     if all(w in _GENERIC or w.isdigit() for w in words) or normalise(title) in _GENERIC:
         return "generic"
+    if _NUMBERED.match(title):
+        return "numbered"
+    if _SCHEMA_JUNK.search(title):
+        return "junk"
+    return None
+
+
+def _contains(words: Sequence[str], part: Sequence[str]) -> bool:
+    n = len(part)
+    return n > 0 and any(list(words[i : i + n]) == list(part) for i in range(len(words) - n + 1))
+
+
+def affix_reason(title: str, ancestors: Sequence[str]) -> str | None:
+    """Why `title` is an ancestor's name dressed up rather than a subtopic: the name with a
+    suffix ("Plate tectonics theory", "Linear algebra: vectors") is `parent_name`; the name
+    with only section words around it ("History of the French Revolution", "Introduction to
+    linear algebra") is `generic`."""
+    words = normalise(title).split()
+    for ancestor in ancestors:
+        name = normalise(ancestor).split()
+        if not name:
+            continue
+        if words[: len(name)] == name and len(words) > len(name):
+            return "parent_name"
+        if _contains(words, name):
+            rest = set(words) - set(name)
+            if all(w in _GENERIC or w in _STOP or w.isdigit() for w in rest):
+                return "generic"
     return None
 
 
@@ -316,6 +419,15 @@ Ask = Callable[[bool], GenerationRequest]
 
 
 @dataclass
+class _Candidate:
+    node: TopicNode
+    title: str
+    votes: int = 1  # answers (samples) that proposed it
+    order: int = 0  # its place in the first answer that did
+    verdict: bool | None = None
+
+
+@dataclass
 class TopicExpander:
     complete: Complete
     model: str
@@ -323,26 +435,47 @@ class TopicExpander:
     depth: int = 2
     relevance_check: bool = True
     sampling: Sampling = field(
-        default_factory=lambda: Sampling(max_tokens=256, temperature=0.7, top_p=0.95)
+        default_factory=lambda: Sampling(
+            max_tokens=256, temperature=0.7, top_p=0.95, presence_penalty=0.8
+        )
     )
     # The expansion answer's structured output (a subtopics JSON schema), or None for none;
-    # bounded by breadth here (bound_subtopics). It also turns on the relevance enum.
+    # bounded by `candidates` here (bound_subtopics). It also turns on the relevance enum.
     response_format: dict[str, Any] | None = None
+    # Each request's sampling seed follows from this, its prompt and its sample index, so a
+    # run is reproducible and another seed asks (and caches) other answers. None: the seed
+    # follows from the request alone.
+    seed: int | None = None
+    # Titles asked of each answer (None: 2 x breadth) and answers per topic: the candidates are
+    # ranked (the relevance verdict, then how many answers proposed them, then their place)
+    # and the best `breadth` kept.
+    candidates: int | None = None
+    samples: int = 1  # the flow asks expansion.samples (2)
     report: ExpansionReport = field(default_factory=ExpansionReport)
 
     def __post_init__(self) -> None:
         self._structured = self.response_format is not None
+        self._asked = max(self.breadth, self.candidates or 2 * self.breadth)
         self._subtopics_format = (
-            bound_subtopics(self.response_format, self.breadth) if self.response_format else None
+            bound_subtopics(self.response_format, self._asked) if self.response_format else None
         )
 
     def _request(
-        self, prompt: str, sampling: Sampling, fmt: dict[str, Any] | None, **meta: Any
+        self,
+        prompt: str,
+        sampling: Sampling,
+        fmt: dict[str, Any] | None,
+        sample_index: int = 0,
+        **meta: Any,
     ) -> GenerationRequest:
+        if self.seed is not None and sampling.seed is None:
+            key = canonical_json([self.seed, prompt, fmt, sample_index])
+            sampling = sampling.model_copy(update={"seed": int(sha256_hex(key)[:8], 16)})
         return GenerationRequest.build(
             messages=[{"role": "user", "content": prompt}],
             model=self.model,
             sampling=sampling,
+            sample_index=sample_index,
             response_format=json.dumps(fmt) if fmt else None,
             **meta,
         )
@@ -367,14 +500,15 @@ class TopicExpander:
                 out[i] = again.get(req.id)
         return out
 
-    def _expansion_ask(self, node: TopicNode, known: Sequence[str]) -> Ask:
+    def _expansion_ask(self, node: TopicNode, known: Sequence[str], sample: int = 0) -> Ask:
         existing = [t for t in known if t != node.topic]
 
         def build(structured: bool) -> GenerationRequest:
             return self._request(
-                expansion_prompt(node, self.breadth, existing, structured=structured),
+                expansion_prompt(node, self._asked, existing, structured=structured),
                 self.sampling,
                 self._subtopics_format if structured else None,
+                sample,
                 topic=node.topic,
                 topic_path=[*node.path, node.topic],
             )
@@ -400,12 +534,18 @@ class TopicExpander:
             for r in roots
             if isinstance(r, TopicNode) or r.strip()
         ]
+        roots_ = list(tree)
         known = [*existing, *(n.topic for n in tree)]
         frontier = list(tree)
         for level in range(1, self.depth + 1):
-            results = await self._ask([self._expansion_ask(node, known) for node in frontier])
-            candidates: list[tuple[TopicNode, str]] = []
-            for node, result in zip(frontier, results, strict=True):
+            asks = [
+                (node, self._expansion_ask(node, known, k))
+                for node in frontier
+                for k in range(self.samples)
+            ]
+            results = await self._ask([ask for _, ask in asks])
+            candidates: dict[int, list[_Candidate]] = {id(node): [] for node in frontier}
+            for (node, _), result in zip(asks, results, strict=True):
                 if result is None or not result.ok:
                     self.report.answers_failed += 1
                     continue
@@ -413,27 +553,36 @@ class TopicExpander:
                 if titles is None:
                     self.report.answers_unparsed += 1
                     continue
-                kept_here: list[str] = []
-                for title in titles[: self.breadth * 2]:
+                titles = split_lists(titles)
+                here = candidates[id(node)]
+                for order, title in enumerate(titles[: self._asked * 2]):
                     self.report.proposed += 1
-                    reason = self._drop_reason(title, node, kept_here, known)
+                    same = next((c for c in here if similar(title, c.title)), None)
+                    if same is not None:  # a sibling, or another answer's vote for it
+                        same.votes += 1
+                        self.report.dropped["duplicate_sibling"] += 1
+                        continue
+                    reason = self._drop_reason(title, node, (), known)
                     if reason:
                         self.report.dropped[reason] += 1
                         continue
-                    kept_here.append(title)
-                    candidates.append((node, title))
-                known.extend(kept_here)
-            accepted = await self._relevant(candidates)
-            frontier = []
-            for node, title in accepted:
-                if sum(1 for n in frontier if n.path == [*node.path, node.topic]) >= self.breadth:
-                    self.report.dropped["over_breadth"] += 1
-                    continue
-                child = TopicNode(topic=title, path=[*node.path, node.topic], depth=level)
-                frontier.append(child)
+                    here.append(_Candidate(node, title, order=order))
+            frontier = await self._choose(list(candidates.values()), known, level)
             tree.extend(frontier)
             self.report.kept += len(frontier)
+        self._tally(tree[: len(roots_)], tree)
         return tree
+
+    def _tally(self, roots: Sequence[TopicNode], tree: Sequence[TopicNode]) -> None:
+        """Per root: its kept children, and how many of them got at least 2 of their own."""
+        children = Counter(tuple(n.path) for n in tree if n.path)
+        for root in roots:
+            key = (*root.path, root.topic)
+            level1 = [n for n in tree if tuple(n.path) == key]
+            self.report.per_root[root.topic] = {
+                "children": len(level1),
+                "children_with_2": sum(children[(*key, n.topic)] >= 2 for n in level1),
+            }
 
     def _drop_reason(
         self, title: str, parent: TopicNode, siblings: Sequence[str], known: Sequence[str]
@@ -442,33 +591,68 @@ class TopicExpander:
             return reason
         if similar(title, parent.topic) or any(similar(title, p) for p in parent.path):
             return "repeats_parent"
+        if reason := affix_reason(title, [parent.topic, *parent.path]):
+            return reason
         if any(similar(title, s) for s in siblings):
             return "duplicate_sibling"
         if any(similar(title, k) for k in known):
             return "duplicate_existing"
         return None
 
-    async def _relevant(
-        self, candidates: list[tuple[TopicNode, str]]
-    ) -> list[tuple[TopicNode, str]]:
-        verdicts: dict[int, bool | None] = {}
+    async def _choose(
+        self, per_node: Sequence[list[_Candidate]], known: list[str], level: int
+    ) -> list[TopicNode]:
+        """Each node's best `breadth` candidates: ranked by how many answers proposed them,
+        then by their place in the answer; the relevance question is asked of as many as a
+        node still needs (again for the next ones when some are rejected), and a title another
+        node of the level took first is skipped: no title sits under two parents."""
+        ranked = [sorted(c, key=lambda c: (-c.votes, c.order)) for c in per_node]
+        kept: list[list[_Candidate]] = [[] for _ in per_node]
+        while True:
+            batch: list[_Candidate] = []
+            for i, queue in enumerate(ranked):
+                need = self.breadth - len(kept[i])
+                while need > 0 and queue:
+                    cand = queue.pop(0)
+                    if any(similar(cand.title, k) for k in known):
+                        self.report.dropped["duplicate_existing"] += 1
+                        continue
+                    batch.append(cand)
+                    need -= 1
+            if not batch:
+                break
+            await self._judge(batch)
+            for cand in batch:
+                i = next(i for i, c in enumerate(per_node) if cand in c)
+                if cand.verdict is False:
+                    continue
+                if any(similar(cand.title, k) for k in known):  # another node took it
+                    self.report.dropped["duplicate_existing"] += 1
+                    continue
+                kept[i].append(cand)
+                known.append(cand.title)
+        if left := sum(len(q) for q in ranked):
+            self.report.dropped["over_breadth"] += left
+        nodes = []
+        for chosen in kept:
+            for cand in chosen:
+                path = [*cand.node.path, cand.node.topic]
+                nodes.append(TopicNode(topic=cand.title, path=path, depth=level))
+        return nodes
+
+    async def _judge(self, candidates: Sequence[_Candidate]) -> None:
+        """Each candidate's relevance verdict; the ones the LLM rejects are dropped."""
         if self.relevance_check and candidates:
-            results = await self._ask([self._relevance_ask(n, t) for n, t in candidates])
-            for i, result in enumerate(results):
-                verdicts[i] = parse_verdict(result.text) if result and result.ok else None
-        kept = []
-        for i, (node, title) in enumerate(candidates):
-            verdict = verdicts.get(i)
-            if verdict is None:  # no usable answer: the lexical rules it passed decide
-                verdict = True
+            results = await self._ask([self._relevance_ask(c.node, c.title) for c in candidates])
+            for cand, result in zip(candidates, results, strict=True):
+                cand.verdict = parse_verdict(result.text) if result and result.ok else None
+        for cand in candidates:
+            if cand.verdict is None:  # no usable answer: the lexical rules it passed decide
                 self.report.relevance["lexical"] += 1
             else:
-                self.report.relevance["llm_yes" if verdict else "llm_no"] += 1
-            if verdict:
-                kept.append((node, title))
-            else:
+                self.report.relevance["llm_yes" if cand.verdict else "llm_no"] += 1
+            if cand.verdict is False:
                 self.report.dropped["off_topic"] += 1
-        return kept
 
 
 def write_topic_file(nodes: Sequence[TopicNode], path: Path, *, leaves_only: bool = False) -> int:

@@ -222,9 +222,15 @@ class ExpansionSettings(_Strict):
     # Send a JSON schema (response_format): embedded, vLLM and OpenAI enforce it; an endpoint
     # that rejects it (a 400 naming response_format) is asked again without it.
     structured_output: bool = True
+    # A presence penalty keeps a small model from listing one title over and over.
     sampling: Sampling = Field(
-        default_factory=lambda: Sampling(max_tokens=256, temperature=0.7, top_p=0.95)
+        default_factory=lambda: Sampling(
+            max_tokens=256, temperature=0.7, top_p=0.95, presence_penalty=0.8
+        )
     )
+    # Answers asked per topic (each its own sampling seed), each proposing 2 x breadth
+    # candidates; they are ranked by how many answers proposed them and the best kept.
+    samples: int = Field(default=2, ge=1, le=8)
     grow: GrowSettings = Field(default_factory=GrowSettings)
 
 

@@ -222,7 +222,9 @@ async def test_structured_output_bounds_the_answer_and_constrains_the_verdict() 
     ask, checks = sent[0], sent[1:]
     assert ask.response_format is not None
     array = json.loads(ask.response_format)["json_schema"]["schema"]["properties"]["subtopics"]
-    assert array["maxItems"] == 3 and array["items"]["maxLength"] == SCHEMA_TITLE_CHARS
+    # 2 x breadth candidates asked, exactly: the best `breadth` of them are kept
+    assert array["minItems"] == array["maxItems"] == 6
+    assert array["items"]["maxLength"] == SCHEMA_TITLE_CHARS
     assert len(checks) == 3
     assert all(json.loads(c.response_format or "null") == RELEVANCE_FORMAT for c in checks)
     assert expander.report.relevance == {"llm_yes": 2, "llm_no": 1}
@@ -269,12 +271,14 @@ def test_expansion_prompts_are_data_and_render_strictly() -> None:
 
     node = TopicNode("Acids", ["Chemistry"], 1)
     assert expansion_prompt(node, 3, ["Bases", "Salts"]) == (
-        'List 3 distinct subtopics of "Acids" (within Chemistry > Acids) that a textbook would '
-        "teach as separate sections. Do not repeat: Bases; Salts. Answer with a JSON list of "
-        'short titles only, like ["First subtopic", "Second subtopic"].'
+        'What are 3 important subtopics of "Acids" (in Chemistry)? Give short names of specific '
+        'concepts, not "Acids" itself, as a JSON list of strings.'
     )
-    assert expansion_prompt(node, 2, [], structured=True).endswith(
-        "separate sections. Answer with their short titles."
+    # a root has no path to show; the structured answer's form is the schema's
+    root = TopicNode("Chemistry", [], 0)
+    assert expansion_prompt(root, 6, [], structured=True) == (
+        'What are 6 important subtopics of "Chemistry"? Give short names of specific concepts, '
+        'not "Chemistry" itself.'
     )
     assert relevance_prompt("Strong acids", node) == (
         'Is "Strong acids" a subtopic of "Acids" (Chemistry > Acids) that belongs in a textbook '
