@@ -64,6 +64,7 @@ def expand(
                 else None,
                 seed=seed,
                 samples=cfg.expansion.samples,
+                retries=cfg.expansion.retries,
             )
             nodes = asyncio.run(expander.expand(roots, existing))
             return nodes, expander.report

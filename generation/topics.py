@@ -318,13 +318,17 @@ def parse_subtopics(answer: str) -> list[str] | None:
     return titles or None
 
 
+_LIST_SEP = re.compile(r",|;|(?:^|\s)\d{1,2}[.)]\s")
+
+
 def split_lists(titles: Sequence[str]) -> list[str]:
-    """Titles with a comma list inside one title ("Mantle, Crust, Core", a small model's habit
-    under a JSON schema) split into their parts; a title that ran to the schema's length limit
+    """Titles with a list inside one title ("Mantle, Crust, Core", "} 1. Regression 2. Trees":
+    a small model's habits under a JSON schema) split into their parts, stray brackets and
+    quotes at their edges stripped; a title that ran to the schema's length limit
     loses its last, cut-off part."""
     out: list[str] = []
     for title in titles:
-        parts = [p.strip() for p in title.split(",")]
+        parts = [p.strip(" {}[]\"'") for p in _LIST_SEP.split(title)]
         if len(parts) > 1 and len(title) >= SCHEMA_TITLE_CHARS:
             parts = parts[:-1]
         out.extend(p for p in parts if p or len(parts) == 1)
@@ -451,6 +455,8 @@ class TopicExpander:
     # and the best `breadth` kept.
     candidates: int | None = None
     samples: int = 1  # the flow asks expansion.samples (2)
+    # Rounds asked again (other samples) of a topic left with fewer than 2 children.
+    retries: int = 0  # the flow asks expansion.retries (2)
     report: ExpansionReport = field(default_factory=ExpansionReport)
 
     def __post_init__(self) -> None:
@@ -538,40 +544,65 @@ class TopicExpander:
         known = [*existing, *(n.topic for n in tree)]
         frontier = list(tree)
         for level in range(1, self.depth + 1):
-            asks = [
-                (node, self._expansion_ask(node, known, k))
-                for node in frontier
-                for k in range(self.samples)
-            ]
-            results = await self._ask([ask for _, ask in asks])
-            candidates: dict[int, list[_Candidate]] = {id(node): [] for node in frontier}
-            for (node, _), result in zip(asks, results, strict=True):
-                if result is None or not result.ok:
-                    self.report.answers_failed += 1
-                    continue
-                titles = parse_subtopics(result.text)
-                if titles is None:
-                    self.report.answers_unparsed += 1
-                    continue
-                titles = split_lists(titles)
-                here = candidates[id(node)]
-                for order, title in enumerate(titles[: self._asked * 2]):
-                    self.report.proposed += 1
-                    same = next((c for c in here if similar(title, c.title)), None)
-                    if same is not None:  # a sibling, or another answer's vote for it
-                        same.votes += 1
-                        self.report.dropped["duplicate_sibling"] += 1
-                        continue
-                    reason = self._drop_reason(title, node, (), known)
-                    if reason:
-                        self.report.dropped[reason] += 1
-                        continue
-                    here.append(_Candidate(node, title, order=order))
-            frontier = await self._choose(list(candidates.values()), known, level)
+            children: list[TopicNode] = []
+            pending = list(frontier)
+            for attempt in range(1 + self.retries):
+                if not pending:
+                    break
+                first = attempt * self.samples  # another round asks other samples
+                asks = [
+                    (node, self._expansion_ask(node, known, first + k))
+                    for node in pending
+                    for k in range(self.samples)
+                ]
+                results = await self._ask([ask for _, ask in asks])
+                candidates: dict[int, list[_Candidate]] = {id(node): [] for node in pending}
+                for (node, _), result in zip(asks, results, strict=True):
+                    self._propose(node, result, candidates[id(node)], known)
+                have = Counter(tuple(c.path) for c in children)
+                chosen = await self._choose(
+                    list(candidates.values()),
+                    known,
+                    level,
+                    [have[(*n.path, n.topic)] for n in pending],
+                )
+                children.extend(chosen)
+                have = Counter(tuple(c.path) for c in children)
+                # a topic left with fewer than 2 children is asked again
+                pending = [n for n in pending if have[(*n.path, n.topic)] < min(2, self.breadth)]
+            order = {(*n.path, n.topic): i for i, n in enumerate(frontier)}
+            frontier = sorted(children, key=lambda c: order[tuple(c.path)])
             tree.extend(frontier)
             self.report.kept += len(frontier)
         self._tally(tree[: len(roots_)], tree)
         return tree
+
+    def _propose(
+        self,
+        node: TopicNode,
+        result: GenerationResult | None,
+        here: list[_Candidate],
+        known: Sequence[str],
+    ) -> None:
+        """The candidates of one answer, added to `here` (a repeat is a vote for one there)."""
+        if result is None or not result.ok:
+            self.report.answers_failed += 1
+            return
+        titles = parse_subtopics(result.text)
+        if titles is None:
+            self.report.answers_unparsed += 1
+            return
+        for order, title in enumerate(split_lists(titles)[: self._asked * 2]):
+            self.report.proposed += 1
+            same = next((c for c in here if similar(title, c.title)), None)
+            if same is not None:  # a sibling, or another answer's vote for it
+                same.votes += 1
+                self.report.dropped["duplicate_sibling"] += 1
+                continue
+            if reason := self._drop_reason(title, node, (), known):
+                self.report.dropped[reason] += 1
+                continue
+            here.append(_Candidate(node, title, order=order))
 
     def _tally(self, roots: Sequence[TopicNode], tree: Sequence[TopicNode]) -> None:
         """Per root: its kept children, and how many of them got at least 2 of their own."""
@@ -600,7 +631,11 @@ class TopicExpander:
         return None
 
     async def _choose(
-        self, per_node: Sequence[list[_Candidate]], known: list[str], level: int
+        self,
+        per_node: Sequence[list[_Candidate]],
+        known: list[str],
+        level: int,
+        have: Sequence[int],
     ) -> list[TopicNode]:
         """Each node's best `breadth` candidates: ranked by how many answers proposed them,
         then by their place in the answer; the relevance question is asked of as many as a
@@ -611,7 +646,7 @@ class TopicExpander:
         while True:
             batch: list[_Candidate] = []
             for i, queue in enumerate(ranked):
-                need = self.breadth - len(kept[i])
+                need = self.breadth - have[i] - len(kept[i])
                 while need > 0 and queue:
                     cand = queue.pop(0)
                     if any(similar(cand.title, k) for k in known):

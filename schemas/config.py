@@ -231,6 +231,8 @@ class ExpansionSettings(_Strict):
     # Answers asked per topic (each its own sampling seed), each proposing 2 x breadth
     # candidates; they are ranked by how many answers proposed them and the best kept.
     samples: int = Field(default=2, ge=1, le=8)
+    # Rounds asked again (other samples) of a topic left with fewer than 2 children.
+    retries: int = Field(default=2, ge=0, le=8)
     grow: GrowSettings = Field(default_factory=GrowSettings)
 
 

@@ -69,9 +69,10 @@ def test_the_parents_name_dressed_up_is_not_a_subtopic() -> None:
     assert affix_reason("Plate boundaries", ancestors) is None  # shares a word, not the name
 
 
-def test_comma_lists_in_one_title_are_split() -> None:
+def test_lists_in_one_title_are_split() -> None:
     cut = "Earth's mantle, Earth's crust, Earth's core, Earth's geology, Ea"
     assert len(cut) >= 64
+    assert split_lists(['} 1. Regression 2. "Decision trees"']) == ["Regression", "Decision trees"]
     assert split_lists(["Mantle, Crust", cut, "Faults"]) == [
         "Mantle",
         "Crust",
@@ -188,3 +189,19 @@ def test_the_seed_goes_into_every_requests_sampling_seed() -> None:
     assert ask(1).sampling.seed != ask(2).sampling.seed and ask(1).id != ask(2).id
     assert ask(1).sampling.seed != ask(1, 1).sampling.seed  # each sample its own
     assert ask(None).sampling.seed is not None  # unseeded: derived from the request
+
+
+async def test_a_topic_left_with_fewer_than_two_children_is_asked_again() -> None:
+    # Optics' first answer gives one usable title; its second round (sample 1) gives more
+    complete = ByTopic(
+        {"Optics": [["Lenses", "Optics", "Introduction"], ["Prisms", "Lenses", "Mirrors"]]}
+    )
+    expander = TopicExpander(complete=complete, model="m", breadth=3, depth=1, retries=1)
+    nodes = await expander.expand(["Optics"])
+    assert [n.topic for n in nodes[1:]] == ["Lenses", "Prisms", "Mirrors"]
+    asks = [q for q in complete.requests if not q.messages[0].content.startswith("Is ")]
+    assert [q.sample_index for q in asks] == [0, 1]
+    assert expander.report.dropped["duplicate_existing"] == 1  # Lenses, kept in round one
+    # without the second round it stays at one
+    once = TopicExpander(complete=ByTopic(complete.answers), model="m", breadth=3, depth=1)
+    assert len(await once.expand(["Optics"])) == 2
