@@ -64,22 +64,32 @@ def test_run_on_the_embedded_model(prefect_api: str, tmp_path: Path, write_confi
 def test_topics_expand_on_the_embedded_model(
     prefect_api: str, tmp_path: Path, write_config
 ) -> None:
-    config = write_config(
-        {
-            "output": {"dir": str(tmp_path / "out")},
-            "expansion": {"sampling": {"max_tokens": 96, "temperature": 0.3}},
-        }
-    )
+    """Real children on the embedded default (issue 17 point 4): each root, from different
+    fields, keeps at least 2 children, none of them junk, a section label, a repeat of its
+    parent or its parent's name dressed up, and no title under two parents."""
+    from booksmith.generation.topics import affix_reason, junk_reason, normalise, similar
+
+    config = write_config({"output": {"dir": str(tmp_path / "out")}})
+    roots = ["Climate change", "Linear algebra", "Organic chemistry"]
     topics = tmp_path / "topics.jsonl"
     result = booksmith(
-        "topics", "expand", "Photosynthesis", "--depth", "1", "--breadth", "4",
+        "topics", "expand", *roots, "--depth", "1", "--breadth", "3", "--seed", "1",
         "-o", str(topics), "--config", str(config),
         api=prefect_api,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     seeds = load_seeds(topics)
-    assert seeds[0].topic == "Photosynthesis" and seeds[0].path == []
-    children = seeds[1:]
-    assert len(children) <= 4
-    assert all(s.path == ["Photosynthesis"] for s in children)
-    assert "requests" in result.stderr  # the summary table
+    assert [s.topic for s in seeds[: len(roots)]] == roots
+    children = {root: [s.topic for s in seeds if s.path == [root]] for root in roots}
+    assert len(seeds) == len(roots) + sum(map(len, children.values()))
+    for root, kids in children.items():
+        assert 2 <= len(kids) <= 3, children
+        for kid in kids:
+            assert junk_reason(kid) is None and affix_reason(kid, [root]) is None, kid
+            assert not similar(kid, root), kid
+    titles = [normalise(t) for kids in children.values() for t in kids]
+    assert len(titles) == len(set(titles)), children  # no repeats, no title under two parents
+    # the report's per-root table
+    assert "per root" in result.stderr
+    for root, kids in children.items():
+        assert any(root in line and f" {len(kids)} " in line for line in result.stderr.splitlines())

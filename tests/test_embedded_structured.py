@@ -201,25 +201,36 @@ async def test_expansion_answers_parse_on_the_embedded_model(
 
     endpoint = Endpoint(base_url=server.base_url, model="m", backend="embedded")
     client = GenerationClient(endpoint)
+    answers: list[tuple[GenerationRequest, GenerationResult]] = []
 
     async def complete(requests: Sequence[GenerationRequest]) -> dict[str, GenerationResult]:
         report = await client.run(requests)
-        return {r.request_id: r for r in report.results}
+        by_id = {r.request_id: r for r in report.results}
+        answers.extend((q, by_id[q.id]) for q in requests)
+        return by_id
 
     expander = TopicExpander(
         complete=complete,
         model="m",
         breadth=3,
         depth=1,
-        sampling=Sampling(max_tokens=96, temperature=0.7, top_p=0.95, seed=3),
+        sampling=Sampling(max_tokens=160, temperature=0.7, top_p=0.95, presence_penalty=0.8),
         response_format=subtopics_format(3),
+        seed=3,
     )
     await expander.expand(["Plate tectonics", "Organic chemistry", "Linear algebra"])
     report = expander.report
     assert report.answers_failed == 0 and report.answers_unparsed == 0
-    assert 3 <= report.proposed <= 9  # 1..3 titles per answer, as the schema bounds them
     assert report.structured_fallbacks == 0
     assert report.relevance["lexical"] == 0  # every verdict parsed
+    # every constrained answer is its schema's instance: 6 titles (2 x breadth), an enum verdict
+    assert len(answers) == report.requests >= 3 + 3
+    for request, result in answers:
+        assert result.ok, result.error
+        fmt = json.loads(request.response_format or "null")
+        jsonschema.validate(json.loads(result.text), fmt["json_schema"]["schema"])
+    asks = [json.loads(r.text)["subtopics"] for q, r in answers if "subtopics" in r.text]
+    assert len(asks) == 3 and all(len(titles) == 6 for titles in asks)
 
 
 @pytest.mark.e2e
