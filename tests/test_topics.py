@@ -178,11 +178,15 @@ def test_expand_flow_on_the_fault_injecting_server(
         again = expand_topics(**args, breadth=3, config=str(config))
         assert server.stats()["requests"] == requests, "a rerun asked again"
     assert again == counts
-    # the fake server's prose is not a list: every answer is accounted for, nothing crashes
-    assert counts["answers_unparsed"] + counts["answers_failed"] == 3 == counts["requests"]
+    # the fake server's prose is not a list: every answer is accounted for, nothing crashes;
+    # no root gets a child, so each is asked in every round (1 + expansion.retries), with
+    # expansion.samples answers a round
+    assert counts["answers_unparsed"] + counts["answers_failed"] == counts["requests"]
+    assert counts["requests"] == 3 * 2 * 3
+    assert counts["per_root"] == {t: {"children": 0, "children_with_2": 0} for t in args["topics"]}
     # a 400 is final (the transient faults are retried until they pass): each one is a
-    # failed answer, and the server's fault draw per prompt is fixed, so this is exact
-    assert counts["answers_failed"] == stats["faults"]["bad_request"] == 2
+    # failed answer, and the server's fault draw per request is fixed, so this is exact
+    assert counts["answers_failed"] == stats["faults"]["bad_request"] == 6
     seeds = load_seeds(out)
     assert [s.topic for s in seeds] == ["Optics", "Genetics", "Poetry"]
 
