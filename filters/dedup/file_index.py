@@ -7,9 +7,10 @@ signature (448 bytes; about 500 bytes per document with its id). Queries read ea
 memory-mapped lookup tables (lookup.py: sorted band keys, signatures, exact keys, ids; about
 650 bytes a document on disk, built once per segment), never the index itself, so a run's
 memory does not grow with the runs behind it. Writes take a lock file, write the segment under
-a new name, then replace `index.json` atomically: a crash leaves the old index whole. A corrupt
-or foreign `index.json` or segment is an error naming the file; nothing is then written, so the
-index is never replaced by less than it held.
+a new name, then replace `index.json` atomically: a crash leaves the old index whole (a new
+index writes its empty `index.json` first, so even a crash in the first write leaves one). A
+corrupt or foreign `index.json` or segment is an error naming the file; nothing is then
+written, so the index is never replaced by less than it held.
 """
 
 from __future__ import annotations
@@ -129,6 +130,11 @@ class FileIndex:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 manifest = self._read_manifest()
+                if not (self.path / MANIFEST).exists():
+                    # A new index: its (empty) manifest first, so a write killed before its own
+                    # manifest leaves an index whose unlisted files the next write removes, not
+                    # a directory of files without index.json that every later run refuses.
+                    write_json_atomically(self.path / MANIFEST, manifest, indent=1)
                 for seg in manifest["segments"]:
                     if not (self.path / seg["file"]).is_file():
                         raise DedupIndexError(
