@@ -93,3 +93,25 @@ def test_topics_expand_on_the_embedded_model(
     assert "per root" in result.stderr
     for root, kids in children.items():
         assert any(root in line and f" {len(kids)} " in line for line in result.stderr.splitlines())
+
+    # the tree is a topic file a run plans and generates from (issue 17's Done when)
+    run_config = write_config(
+        {
+            "seed": 3,
+            "topics": str(topics),
+            "plan": {"limit": 4},
+            "generation": {"sampling": {"max_tokens": 48}},
+            "output": {"dir": str(tmp_path / "run")},
+            "fill": {"documents": None},
+            "publish": {"min_documents": 0},  # 48-token answers are cut short and rejected
+        },
+        "run.yaml",
+    )
+    ran = booksmith("run", "--config", str(run_config), api=prefect_api)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    (version,) = list_versions(tmp_path / "run")
+    plan = pq.read_table(version / "plan.parquet", columns=["topic_path"])["topic_path"]
+    planned = [tuple(p) for p in plan.to_pylist()]
+    assert len(planned) == 4 and set(planned) <= {tuple(s.topic_path) for s in seeds}
+    assert any(len(p) == 2 for p in planned)  # children of the tree, not only its roots
+    assert read_manifest(version).counts.generate.completed == 4
