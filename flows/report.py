@@ -130,7 +130,31 @@ def _generation(m: Manifest) -> list[str]:
         ("truncated", gen.truncated),
         ("failures", ", ".join(f"{k}: {v}" for k, v in gen.failures.items()) or "-"),
     ]
-    return ["## Generation", "", _table(rows), ""]
+    return ["## Generation", "", _table(rows), "", *_rate(gen.rate)]
+
+
+RATE_ROWS = 24  # the effective-rate table shows at most this many points, evenly spread
+
+
+def _rate(points: list[dict[str, Any]]) -> list[str]:
+    """The effective request rate over the run (the adaptive limits' series): what the endpoint
+    let through, the 429s, and the limits the client held at each point."""
+    if not points:
+        return []
+    step = max(1, -(-len(points) // RATE_ROWS))
+    lines = [
+        "Effective rate over the run (generation/limits.py):",
+        "",
+        "| t (s) | requests/min | 429s | limit (req/min) | concurrency |",
+        "| ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for p in points[::step]:
+        limit = p.get("limit_rpm")
+        lines.append(
+            f"| {p.get('t_s', 0):.0f} | {p.get('rpm', 0):.0f} | {p.get('rate_limited', 0)} | "
+            f"{'-' if limit is None else f'{limit:.0f}'} | {p.get('concurrency', '-')} |"
+        )
+    return [*lines, ""]
 
 
 def _tokens(m: Manifest) -> list[str]:

@@ -64,6 +64,10 @@ def test_nightly_writes_a_complete_dataset_version(
     assert manifest.counts.filter["empty"]["empty:no_text"] == gen.empty
     # the effective rate over time: every request made is in one of its points
     assert gen.rate and sum(p["requests"] for p in gen.rate) == gen.requests
+    report = (version / "report" / "report.md").read_text()
+    first = gen.rate[0]
+    assert "Effective rate over the run" in report
+    assert f"| {first['t_s']:.0f} | {first['rpm']:.0f} | {first['rate_limited']} |" in report
 
     # every shard is where the manifest says, with its rows, bytes and checksum
     for shard in manifest.shards:
