@@ -65,6 +65,7 @@ CODE_ENV_OPTIONAL = {
     "AWS_ENDPOINT_URL_S3",  # alternative to AWS_ENDPOINT_URL
     "AWS_REGION",  # alternative to AWS_DEFAULT_REGION
     "AWS_PROFILE",  # credentials come as keys here
+    "BOOKSMITH_DEBUG",  # tracebacks behind error lines: a switch for a person at a terminal
 }
 CODE_ENV_PREFIXES = ("OPENAI_", "AWS_", "BOOKSMITH_", "PREFECT_API_")
 

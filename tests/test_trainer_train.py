@@ -169,7 +169,7 @@ def test_cli_train_export_compare(dataset: Path, tmp_path: Path) -> None:
     bad = runner.invoke(
         app, ["train", "--data", str(tmp_path / "nope"), "--config", "tiny", "--out", str(tmp_path)]
     )
-    assert bad.exit_code == 2 and "no such dataset" in bad.output
+    assert bad.exit_code == 2 and "--data: nothing at" in bad.output
     bad = runner.invoke(app, ["train", "export", str(tmp_path / "r1"), str(tmp_path / "x")])
     assert bad.exit_code == 2 and "not a checkpoint" in bad.output
 
