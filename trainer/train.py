@@ -484,6 +484,30 @@ def save(run: Run, metrics: Metrics, log: Callable[[str], None]) -> Path | None:
     return path
 
 
+def announce(
+    run: Run, cfg: TrainConfig, data: str, out: Path, log: Callable[[str], None]
+) -> dict[str, Any]:
+    """The header before the first step, and run.json; returns the header's figures."""
+    header, facts = plan(run)
+    if run.dd.master:
+        for line in header:
+            log(line)
+        _write_run_info(out, cfg, data, run.src, run.mcfg, run.ev, run.dd, facts)
+    return facts
+
+
+def log_train(
+    run: Run, metrics: Metrics, log: Callable[[str], None], loss: float, lr: float,
+    tps: float, mfu: float | None,
+) -> float:  # fmt: skip
+    """One progress line and metrics row (MFU only where the device's peak is known)."""
+    metrics.log({"kind": "train", "step": run.step, "tokens": run.tokens_seen, "loss": loss,
+                 "lr": lr, "tok_per_s": tps, "mfu": mfu})  # fmt: skip
+    mfu_s = f" | mfu {100 * mfu:.1f}%" if mfu is not None else ""
+    log(f"step {run.step} | loss {loss:.4f} | lr {lr:.2e} | {tps:,.0f} tok/s{mfu_s}")
+    return loss
+
+
 def train(
     cfg: TrainConfig,
     data: str,
@@ -503,11 +527,7 @@ def train(
     resume(run, log)
     dd = run.dd
     metrics = Metrics(out, dd.master, run.step if run.resumed else None)
-    header, facts = plan(run)
-    if dd.master:
-        for line in header:
-            log(line)
-        _write_run_info(out, cfg, data, run.src, run.mcfg, run.ev, dd, facts)
+    facts = announce(run, cfg, data, out, log)
     model = wrap(run)
     loader = make_loader(run)
     batches = _batches(loader, run.loader_states)
@@ -532,16 +552,10 @@ def train(
             loss_sum = train_step(run, model, batches, lr)
             step, steps_timed = run.step, steps_timed + 1
             if step % t.log_every == 0 or step == end:
-                loss_val = _mean(float(loss_sum), dd)
-                losses.append(loss_val)
                 tps = tokens_per_step * steps_timed / (time.perf_counter() - t0)
                 mfu = flops_tok * tps / (peak * dd.world) if peak else None
-                metrics.log(
-                    {"kind": "train", "step": step, "tokens": run.tokens_seen, "loss": loss_val,
-                     "lr": lr, "tok_per_s": tps, "mfu": mfu}
-                )  # fmt: skip
-                mfu_s = f" | mfu {100 * mfu:.1f}%" if mfu is not None else ""
-                log(f"step {step} | loss {loss_val:.4f} | lr {lr:.2e} | {tps:,.0f} tok/s{mfu_s}")
+                loss = _mean(float(loss_sum), dd)
+                losses.append(log_train(run, metrics, log, loss, lr, tps, mfu))
                 t0, steps_timed = time.perf_counter(), 0
             if (t.eval_every and step % t.eval_every == 0) or step == end:
                 el = evaluate(run, ev_windows)
