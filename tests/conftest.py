@@ -29,6 +29,18 @@ def prefect_api() -> Iterator[str]:
 
 
 @pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """Tiny models gain nothing from a second thread, and on a shared 2-core machine OpenMP's
+    spinning threads slowed the trainer tests tenfold."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+@pytest.fixture
 def write_config(tmp_path: Path):  # type: ignore[no-untyped-def]
     """Write a YAML config into tmp_path and return its path."""
 
