@@ -108,6 +108,46 @@ def test_remove_run_and_retried_commit(make_index) -> None:
     assert near[1].jaccard == 1.0
 
 
+def test_taken_down_entries_are_flagged_and_still_block(make_index) -> None:
+    """A takedown flags a document's entries (id -> run) and keeps them: the same text in a
+    later run is still found as a duplicate of it; the flags go with their run's entries."""
+    index = make_index()
+    commit(index, "run1", _docs(CORPUS.texts[:10], "a"))
+    commit(index, "run2", _docs(CORPUS.texts[10:20], "b"))
+    assert index.taken_down() == {}
+    assert index.flag_taken_down(["a3", "b4", "not-indexed"]) == 2
+    assert make_index().taken_down() == {"a3": "run1", "b4": "run2"}
+    again = [CORPUS.texts[3].upper(), CORPUS.texts[14] + " one more sentence here."]
+    rejected = _nightly(make_index(), "run3", _docs(again + CORPUS.texts[40:42], "c"))
+    assert sorted((r.id, r.duplicate_of) for r in rejected) == [("c0", "a3"), ("c1", "b4")]
+    assert make_index().taken_down() == {"a3": "run1", "b4": "run2"}  # a later commit keeps them
+    assert remove_run(make_index(), "run1") == 10
+    assert make_index().taken_down() == {"b4": "run2"}
+
+
+def test_taken_down_flags_in_an_index_written_before_them(tmp_path: Path) -> None:
+    """An index written before the flags (index.json of version 1 without `taken_down`) opens
+    and takes them; the file stays version 1; the index holds no text; a damaged flag list is
+    an error naming the file."""
+    path = tmp_path / "idx"
+    commit(FileIndex(path), "run1", _docs(CORPUS.texts[:10], "a"))
+    manifest = json.loads((path / "index.json").read_text())
+    assert set(manifest) == {"format", "version", "params", "generation", "entries", "segments"}
+    assert FileIndex(path).flag_taken_down(["a2"]) == 1
+    manifest = json.loads((path / "index.json").read_text())
+    assert manifest["version"] == 1 and manifest["taken_down"] == {"a2": "run1"}
+    words = CORPUS.texts[2].split()
+    needle = " ".join(words[10:16]).encode()
+    for file in path.rglob("*"):
+        assert not file.is_file() or needle not in file.read_bytes(), file
+    manifest["taken_down"] = ["a2"]
+    (path / "index.json").write_text(json.dumps(manifest))
+    with pytest.raises(
+        DedupIndexError, match=r"index\.json: corrupt index manifest \('taken_down'"
+    ):
+        FileIndex(path)
+
+
 def test_documents_without_words_are_not_indexed(make_index) -> None:
     index = make_index()
     assert commit(index, "r", _docs(["", "  ?! ", CORPUS.texts[0]], "a")) == 1

@@ -8,7 +8,9 @@ memory-mapped lookup tables (lookup.py: sorted band keys, signatures, exact keys
 650 bytes a document on disk, built once per segment), never the index itself, so a run's
 memory does not grow with the runs behind it. Writes take a lock file, write the segment under
 a new name, then replace `index.json` atomically: a crash leaves the old index whole (a new
-index writes its empty `index.json` first, so even a crash in the first write leaves one). A
+index writes its empty `index.json` first, so even a crash in the first write leaves one).
+`index.json`'s optional `taken_down` (id -> run id) flags the entries of taken-down documents;
+an index written before it has none and opens as it did. A
 corrupt or foreign `index.json` or segment is an error naming the file; nothing is then
 written, so the index is never replaced by less than it held.
 """
@@ -20,12 +22,13 @@ import fcntl
 import json
 import re
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from booksmith.filters.dedup.index import (
@@ -103,6 +106,12 @@ class FileIndex:
             isinstance(s, dict) and {"run_id", "file", "rows"} <= s.keys() for s in segments
         ):
             raise DedupIndexError(f"{manifest_path}: corrupt index manifest (bad 'segments')")
+        flags = data.get("taken_down", {})
+        if not isinstance(flags, dict) or not all(isinstance(v, str) for v in flags.values()):
+            raise DedupIndexError(
+                f"{manifest_path}: corrupt index manifest ('taken_down' must map document ids "
+                "to run ids); restore it, or remove the key to drop the flags"
+            )
         return data
 
     def _empty_manifest(self) -> dict[str, Any]:
@@ -200,6 +209,9 @@ class FileIndex:
                 "segments": segments,
                 "entries": sum(int(s["rows"]) for s in segments),
             }
+            if flags := manifest.get("taken_down"):  # a replaced run keeps its entries' flags
+                held = {str(i) for i in ids}
+                new["taken_down"] = {i: r for i, r in flags.items() if r != run_id or i in held}
             self._write_manifest(new, manifest)
             # Replaced segments, and any left by a write that crashed before its manifest.
             listed = {s["file"] for s in segments}
@@ -226,11 +238,37 @@ class FileIndex:
                 "segments": segments,
                 "entries": sum(int(s["rows"]) for s in segments),
             }
+            # the flags go with their entries (a flag without its entry blocks nothing)
+            if flags := manifest.get("taken_down"):
+                new["taken_down"] = {i: r for i, r in flags.items() if r != run_id}
             self._write_manifest(new, manifest)
             for s in gone:
                 (self.path / s["file"]).unlink(missing_ok=True)
             self._drop_stale_lookups(segments)
             return sum(int(s["rows"]) for s in gone)
+
+    def flag_taken_down(self, ids: Iterable[str]) -> int:
+        """Flag the entries of these document ids as taken down; the entries themselves stay
+        (signatures and hashes, no text), so a later run still finds the text as a duplicate.
+        Returns how many entries were flagged (ids the index does not hold are skipped)."""
+        wanted = pa.array(sorted({str(i) for i in ids}), pa.string())
+        if not len(wanted) or not (self.path / MANIFEST).exists():
+            return 0
+        with self._locked() as manifest:
+            flags = dict(manifest.get("taken_down", {}))
+            found = 0
+            for seg in manifest["segments"]:
+                column = pq.read_table(self.path / seg["file"], columns=["id"]).column("id")
+                hits = column.filter(pc.is_in(column, value_set=wanted)).to_pylist()
+                flags.update(dict.fromkeys(hits, seg["run_id"]))
+                found += len(hits)
+            if found:
+                self._write_manifest({**manifest, "taken_down": flags}, manifest)
+        return found
+
+    def taken_down(self) -> dict[str, str]:
+        """The flagged entries: document id -> the run whose entry it is."""
+        return dict(self._manifest.get("taken_down", {}))
 
     def _drop_stale_lookups(self, segments: list[dict[str, Any]]) -> None:
         listed = {self._lookup_dir(s).name for s in segments}

@@ -7,12 +7,14 @@ Two stores with one interface (`DedupIndex`):
 - `RedisIndex` (redis_index.py), for many workers: datasketch's MinHashLSH on Redis.
 
 Entries are tagged with their run id; adding a run that is already there replaces it, so a
-commit can be retried. Documents without words are never indexed.
+commit can be retried. Documents without words are never indexed. An index holds hashes and
+signatures, never text; a taken-down document's entries stay (so its text is still found as a
+duplicate and kept out) and are flagged as taken down (`taken_down()`: id -> run id).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
@@ -54,5 +56,9 @@ class DedupIndex(Protocol):
     def remove_run(self, run_id: str) -> int: ...
 
     def runs(self) -> dict[str, int]: ...
+
+    def flag_taken_down(self, ids: Iterable[str]) -> int: ...
+
+    def taken_down(self) -> dict[str, str]: ...
 
     def close(self) -> None: ...

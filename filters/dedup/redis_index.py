@@ -2,14 +2,15 @@
 
 For many workers: datasketch's own `MinHashLSH` with `storage_config={"type": "redis",
 "basename": ...}` holds the band buckets; beside it, under `<basename>:bk:*`, signatures, exact
-keys and each run's members (for `remove_run`). Keys are raw bytes (`prepickle=False`): nothing
-read from a shared server is ever unpickled.
+keys and each run's members (for `remove_run`), and `<basename>:bk:taken_down` (document id ->
+run id) flagging the entries of taken-down documents. Keys are raw bytes (`prepickle=False`):
+nothing read from a shared server is ever unpickled.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -183,8 +184,29 @@ class RedisIndex:
             pipe.hdel(self._p + "sig", *members)
         pipe.delete(self._p + "run:" + run_id)
         pipe.hdel(self._p + "runs", run_id)
+        # the flags go with their entries (a flag without its entry blocks nothing)
+        flagged = [i for i, r in self.taken_down().items() if r == run_id]
+        if flagged:
+            pipe.hdel(self._p + "taken_down", *flagged)
         pipe.execute()
         return len(members)
+
+    def flag_taken_down(self, ids: Iterable[str]) -> int:
+        """Flag the entries of these document ids as taken down (they stay, and still block
+        the text); returns how many entries were flagged."""
+        wanted = sorted({str(i) for i in ids})
+        flags: dict[str, str] = {}
+        for run_id in self.runs():
+            keys = [self._key(run_id, i) for i in wanted]
+            held = self._r.smismember(self._p + "run:" + run_id, keys) if keys else []
+            flags.update({i: run_id for i, h in zip(wanted, held, strict=True) if h})
+        if flags:
+            self._r.hset(self._p + "taken_down", mapping=flags)
+        return len(flags)
+
+    def taken_down(self) -> dict[str, str]:
+        raw = self._r.hgetall(self._p + "taken_down")
+        return {k.decode(): v.decode() for k, v in raw.items()}
 
     def runs(self) -> dict[str, int]:
         raw = self._r.hgetall(self._p + "runs")
