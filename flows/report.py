@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 # The object-oriented API needs no display backend and no global pyplot state.
 from matplotlib.figure import Figure
 
-from booksmith.schemas.manifest import Diversity, Manifest, QualityHistogram
+from booksmith.schemas.manifest import Diversity, GenerateCounts, Manifest, QualityHistogram
 from booksmith.shards.version_dir import read_manifest
 
 SAMPLES = 3  # documents shown in the report
@@ -128,9 +128,28 @@ def _generation(m: Manifest) -> list[str]:
         ("completion tokens", gen.completion_tokens),
         ("cost (USD)", gen.cost_usd),
         ("truncated", gen.truncated),
-        ("failures", ", ".join(f"{k}: {v}" for k, v in gen.failures.items()) or "-"),
+        ("failed requests", gen.failed),
     ]
-    return ["## Generation", "", _table(rows), "", *_rate(gen.rate)]
+    return ["## Generation", "", _table(rows), "", *_reasons(gen), *_rate(gen.rate)]
+
+
+def _reasons(gen: GenerateCounts) -> list[str]:
+    """Retries and failed requests by reason (timeout, connection, http_429, http_503, ...).
+    A version written before retries had reasons counts the rest as not recorded."""
+    retries, failures = dict(gen.retry_reasons), dict(gen.failures)
+    if unknown := gen.retries - sum(retries.values()):
+        retries["(reason not recorded)"] = unknown
+    if not retries and not failures:
+        return []
+    lines = [
+        "### Retries and failures by reason",
+        "",
+        "| reason | retries | failed requests |",
+        "| --- | ---: | ---: |",
+    ]
+    for reason in sorted(set(retries) | set(failures)):
+        lines.append(f"| {reason} | {retries.get(reason, 0)} | {failures.get(reason, 0)} |")
+    return [*lines, ""]
 
 
 RATE_ROWS = 24  # the effective-rate table shows at most this many points, evenly spread

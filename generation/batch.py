@@ -447,6 +447,7 @@ class BatchGenerationClient:
                     failed = GenerationResult(request_id=cid, error=f"retries_exhausted:{reason}")
                     self._fail(failed, attempt, latency, permanent=False)
                 else:
+                    self.report.retry_reasons[reason or "unknown"] += 1
                     retry.append(self._pending[cid])
         # Only now is the batch done: a process killed above reads the same output again.
         self._state.update(record, state="done")

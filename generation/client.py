@@ -115,6 +115,12 @@ def _failure_reason(exc: BaseException) -> str:
     return type(exc).__name__
 
 
+def _retry_reason(exc: BaseException) -> str:
+    """Why an attempt is retried, as the report counts it: timeout, connection, http_429,
+    http_503, no_choices (an answer without choices)."""
+    return "no_choices" if isinstance(exc, _Transient) else _failure_reason(exc)
+
+
 def retry_after_s(exc: BaseException | None) -> float | None:
     """Seconds the server asked us to wait (Retry-After / retry-after-ms), if it said."""
     headers = getattr(getattr(exc, "response", None), "headers", None)
@@ -276,6 +282,7 @@ class GenerationClient:
                 else:
                     return self._failed(request, exc, attempts, started, permanent=False)
                 report.retries += 1
+                report.retry_reasons[_retry_reason(exc)] += 1
                 await asyncio.sleep(self._backoff(exc, attempts))
                 continue
             limits.release()

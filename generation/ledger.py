@@ -30,6 +30,7 @@ class GenerationReport:
     skipped_breaker: int = 0  # not attempted: the circuit breaker had tripped
     requests: int = 0  # HTTP attempts made
     retries: int = 0
+    retry_reasons: Counter[str] = field(default_factory=Counter)  # why each retry was made
     rate_limited: int = 0  # attempts answered 429 (retried; the limits adapt to them)
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -68,6 +69,7 @@ class GenerationReport:
             "skipped_breaker": self.skipped_breaker,
             "requests": self.requests,
             "retries": self.retries,
+            "retry_reasons": dict(self.retry_reasons),
             "rate_limited": self.rate_limited,
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,

@@ -71,6 +71,7 @@ def merge_reports(reports: Sequence[GenerationReport]) -> GenerationReport:
         ):  # fmt: skip
             setattr(total, name, getattr(total, name) + getattr(r, name))
         total.failures.update(r.failures)
+        total.retry_reasons.update(r.retry_reasons)
         total.budget_exhausted |= r.budget_exhausted
         total.breaker = total.breaker or r.breaker
         total.outcomes = [*total.outcomes, *r.outcomes]

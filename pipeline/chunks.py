@@ -54,6 +54,7 @@ def add_report(total: GenerationReport, part: GenerationReport) -> None:
     for name in TOTALS:
         setattr(total, name, getattr(total, name) + getattr(part, name))
     total.failures.update(part.failures)
+    total.retry_reasons.update(part.retry_reasons)
     total.budget_exhausted |= part.budget_exhausted
     # The breaker's window carries over to the next chunk: the chunk's report holds the window
     # as it ended (the history it started from included), so it replaces the run's.
@@ -155,6 +156,7 @@ class RunState:
         for name in TOTALS:
             setattr(self.generation, name, gen.get(name, 0))
         self.generation.failures = Counter(gen.get("failures", {}))
+        self.generation.retry_reasons = Counter(gen.get("retry_reasons", {}))
         self.generation.budget_exhausted = bool(gen.get("budget_exhausted"))
         self.generation.rate = list(gen.get("rate", []))
         self.exact_counts = Counter(cp.exact_counts)

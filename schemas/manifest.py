@@ -90,6 +90,7 @@ class GenerateCounts(_Strict):
     skipped_breaker: int = 0
     requests: int = 0
     retries: int = 0
+    retry_reasons: dict[str, int] = Field(default_factory=dict)  # reason -> retries
     rate_limited: int = 0  # attempts answered 429
     prompt_tokens: int = 0
     completion_tokens: int = 0

@@ -94,6 +94,14 @@ async def test_every_request_ends_as_a_document_or_a_recorded_failure(
     assert stats["requests"] == report.requests
     assert report.requests == 120 + report.retries
     assert len(cache) == report.completed
+    # each retry counted under its reason, as the server tallied the faults it injected
+    faults = stats["faults"]
+    by_reason = report.retry_reasons
+    assert sum(by_reason.values()) == report.retries
+    assert by_reason["http_429"] == faults["rate_limit"] > 0
+    assert by_reason["http_500"] + by_reason["http_503"] == faults["server_error"] > 0
+    assert by_reason["timeout"] == faults["timeout"] > 0
+    assert by_reason["connection"] == faults["drop"] > 0
 
 
 async def test_rerun_requests_nothing_that_finished(faulty: FakeServer, tmp_path: Path) -> None:
@@ -143,6 +151,33 @@ async def test_retries_give_up_and_record_the_reason(tmp_path: Path) -> None:
     assert len(failures) == 3
     assert all(f[2].startswith("retries_exhausted:http_5") for f in failures)
     assert [(f[3], f[4]) for f in failures] == [(False, 3)] * 3  # transient, 3 attempts
+
+
+async def test_retry_reasons_reach_the_report(tmp_path: Path) -> None:
+    """The client's retries by reason, through the manifest's counts, become the report's
+    table of retries and failures by reason; a version written before the reasons were
+    recorded shows its retries as not recorded."""
+    from booksmith.flows.report import render_report
+    from booksmith.schemas.manifest import GenerateCounts
+    from booksmith.shards.files import write_json_atomically
+
+    faults = {"rate_limit": 0.3, "retry_after_s": 0.01, "server_error": 0.3}
+    with FakeServer(faults) as server:
+        report = await GenerationClient(endpoint(server, max_retries=1)).run(requests(40))
+    gen = GenerateCounts.model_validate(report.summary())
+    assert gen.retry_reasons and sum(gen.retry_reasons.values()) == gen.retries
+    manifest = {"run_id": "r1", "shards": [], "documents": 0, "counts": {"generate": {}}}
+    manifest["counts"]["generate"] = gen.model_dump()
+    write_json_atomically(tmp_path / "manifest.json", manifest)
+    text = render_report(tmp_path).read_text()
+    assert "### Retries and failures by reason" in text
+    for reason in gen.retry_reasons.keys() | gen.failures.keys():
+        row = f"| {reason} | {gen.retry_reasons.get(reason, 0)} | {gen.failures.get(reason, 0)} |"
+        assert row in text
+    manifest["counts"]["generate"] = {"retries": 5, "failures": {"http_400": 1}}
+    write_json_atomically(tmp_path / "manifest.json", manifest)
+    text = render_report(tmp_path).read_text()
+    assert "| (reason not recorded) | 5 | 0 |" in text and "| http_400 | 0 | 1 |" in text
 
 
 async def test_retry_after_is_honoured(tmp_path: Path) -> None:

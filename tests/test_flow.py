@@ -62,6 +62,14 @@ def test_nightly_writes_a_complete_dataset_version(
     assert manifest.documents + manifest.counts.rejected == gen.completed
     assert gen.failed > 0 and gen.retries > 0 and gen.empty > 0
     assert manifest.counts.filter["empty"]["empty:no_text"] == gen.empty
+    # retries by reason, summed over the chunks into the manifest, and itemised in the report
+    assert sum(gen.retry_reasons.values()) == gen.retries
+    assert gen.retry_reasons.get("http_429", 0) > 0 and gen.retry_reasons.get("connection", 0) > 0
+    report = (version / "report" / "report.md").read_text()
+    assert "### Retries and failures by reason" in report
+    for reason in gen.retry_reasons.keys() | gen.failures.keys():
+        retried, failed = gen.retry_reasons.get(reason, 0), gen.failures.get(reason, 0)
+        assert f"| {reason} | {retried} | {failed} |" in report
     # the effective rate over time: every request made is in one of its points
     assert gen.rate and sum(p["requests"] for p in gen.rate) == gen.requests
     report = (version / "report" / "report.md").read_text()
