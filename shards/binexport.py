@@ -18,6 +18,7 @@ from typing import Literal
 import numpy as np
 import pyarrow.parquet as pq
 
+from booksmith.shards.copies import record_bin
 from booksmith.shards.files import tmp_name
 from booksmith.shards.version_dir import MANIFEST, read_manifest
 from booksmith.shards.writer import commit
@@ -63,12 +64,24 @@ def export_bin(
     prefix: str = "train",
     shard_tokens: int = DEFAULT_SHARD_TOKENS,
 ) -> list[Path]:
-    """Write the version's token stream as .bin files under `out`; returns their paths."""
+    """Write the version's token stream as .bin files under `out` and record them in the
+    version's output directory (shards/copies.py: a takedown writes them again); returns
+    their paths."""
     out.mkdir(parents=True, exist_ok=True)
     if fmt == "nanogpt":
-        path = out / f"{prefix}.bin"
-        _write(path, _stream(version, encoding), header_count=None)
-        return [path]
+        paths = [out / f"{prefix}.bin"]
+        _write(paths[0], _stream(version, encoding), header_count=None)
+    else:
+        paths = _write_llmc(version, out, encoding, prefix, shard_tokens)
+    how = {"encoding": encoding, "format": fmt, "prefix": prefix, "shard_tokens": shard_tokens}
+    record_bin(version, out, paths, **how)
+    return paths
+
+
+def _write_llmc(
+    version: Path, out: Path, encoding: str, prefix: str, shard_tokens: int
+) -> list[Path]:
+    """llm.c's shards of at most `shard_tokens` tokens each (at least one, maybe empty)."""
     paths: list[Path] = []
     pending: list[np.ndarray] = []
     held = 0

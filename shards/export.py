@@ -7,6 +7,8 @@ version's root (URL/manifest.json, URL/text/..., paths in the manifest are relat
   skipped. On S3, per part too: a large file is a multipart upload whose upload id is persisted
   under `<out>/_state/exports/`; a rerun lists the parts S3 already holds and sends only the
   others. Each part carries its Content-MD5, which S3 checks on arrival.
+- Each finished export is recorded in the output directory (shards/copies.py), so that a
+  takedown reaches the copy.
 - On S3 each object's sha256 rides in its metadata (`x-amz-meta-sha256`) and is checked after
   the upload (a multipart ETag is not an MD5 of the object, so it proves nothing).
 """
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from booksmith.schemas.manifest import Manifest, ManifestError
+from booksmith.shards.copies import record_export
 from booksmith.shards.files import file_sha256, write_json_atomically
 from booksmith.shards.fs import filesystem, is_url, join, s3_client_kwargs
 from booksmith.shards.version_dir import MANIFEST, STATE_DIR, read_manifest
@@ -382,4 +385,5 @@ def export(
         target.put_manifest(body)
     finally:
         target.close()
+    record_export(version, url)  # so that a takedown rewrites this copy too
     return report

@@ -209,6 +209,13 @@ def test_bin_exports_for_nanogpt_and_llmc(out: Path, tmp_path: Path) -> None:
         ],
     )
     assert wide.exit_code == 2 and "fits uint16" in wide.stderr
+    # each written output is recorded in the output directory, for a takedown to write again
+    copies = json.loads((out / "_state" / "copies.json").read_text())["copies"]
+    assert [(c["kind"], c["version"], c["encoding"], c["format"], c["place"], c["files"])
+            for c in copies] == [
+        ("bin", version.name, "smollm2", "llmc", str(tmp_path / "llmc"), [f.name for f in files]),
+        ("bin", version.name, "smollm2", "nanogpt", str(tmp_path / "ng"), ["train.bin"]),
+    ]  # fmt: skip
 
 
 def test_rm_drops_the_version_from_the_minhash_index(out: Path) -> None:
