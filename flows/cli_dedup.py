@@ -140,7 +140,8 @@ def _commit_kept(
 
 @index_app.command("show")
 def index_show(index: Annotated[str, typer.Argument(help="Index directory or Redis URL.")]) -> None:
-    """List the runs in an index and how many documents each holds."""
+    """List the runs in an index and how many documents each holds, then the entries a
+    takedown flagged (kept: they still block the text)."""
     try:
         if (
             not index.startswith(("redis://", "rediss://", "unix://"))
@@ -150,6 +151,8 @@ def index_show(index: Annotated[str, typer.Argument(help="Index directory or Red
         idx = open_index_spec(index)
         for run_id, rows in sorted(idx.runs().items()):
             typer.echo(f"{run_id}\t{rows}")
+        for doc_id, run_id in sorted(idx.taken_down().items()):
+            typer.echo(f"taken down: {doc_id}\t{run_id}")
     except (DedupIndexError, FileNotFoundError) as e:
         fail(str(e))
 

@@ -12,6 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from booksmith.filters import inputs
+from booksmith.filters.dedup import FileIndex
 from booksmith.flows.cli_dedup import app
 from booksmith.schemas import Rejected
 from booksmith.shards.dataset import InMemoryVersion, ShardLayout, write_version
@@ -73,6 +74,10 @@ def test_dedup_parquet_against_an_index_and_commit(tmp_path: Path) -> None:
     ]
     shown = runner.invoke(app, ["dedup-index", "show", str(index)])
     assert shown.exit_code == 0 and "corpus-1\t2" in shown.output
+    assert "taken down" not in shown.output
+    FileIndex(index).flag_taken_down(["b"])  # as `datasets takedown` does
+    shown = runner.invoke(app, ["dedup-index", "show", str(index)])
+    assert shown.stdout.splitlines() == ["corpus-1\t2", "taken down: b\tcorpus-1"]
     removed = runner.invoke(app, ["dedup-index", "remove", str(index), "corpus-1"])
     assert removed.exit_code == 0, removed.output
     again = runner.invoke(app, ["dedup", str(second), "--out", str(out2), "--against", str(index)])
