@@ -124,6 +124,31 @@ async def test_rerun_requests_nothing_that_finished(faulty: FakeServer, tmp_path
     assert third.requests >= first.failed
 
 
+def test_a_taken_down_answer_leaves_no_bytes_in_the_cache_files(tmp_path: Path) -> None:
+    """take_down deletes the answer and tombstones the request; the SQLite file and its WAL
+    keep none of the text's bytes (free pages zeroed, the WAL folded in and truncated), while
+    the other answers stay."""
+    from booksmith.schemas import GenerationResult
+
+    path = tmp_path / "cache.sqlite"
+    texts = {f"r{i}": f"Document {i} says {'zebra quartz ' * 40}end {i}." for i in range(3)}
+    cache = ResponseCache(path)
+    for rid, text in texts.items():
+        cache.put(GenerationResult(request_id=rid, text=text))
+    other = ResponseCache(path)  # a run still open: its connection keeps the WAL file alive
+    assert other.get("r1") is not None
+    assert b"Document 1 says" in (tmp_path / "cache.sqlite-wal").read_bytes()
+    assert cache.take_down(["r1"]) == 1
+    files = b"".join(p.read_bytes() for p in tmp_path.iterdir())
+    assert b"Document 1 says" not in files and b"Document 0 says" in files
+    other.close()
+    cache.close()
+    again = ResponseCache(path)
+    assert again.get("r1") is None and again.taken_down("r1") is not None
+    assert again.get("r2") is not None and again.get("r2").text == texts["r2"]  # type: ignore[union-attr]
+    again.close()
+
+
 async def test_sample_indexes_get_distinct_seeds_and_texts(tmp_path: Path) -> None:
     msgs = [{"role": "user", "content": "Explain fractions."}]
     reqs = [
