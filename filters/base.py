@@ -7,10 +7,11 @@ Prefect in them; flows/ chains them.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from booksmith.schemas import Document, Rejected
 
@@ -20,8 +21,18 @@ class StageOutput:
     kept: list[Document] = field(default_factory=list)
     rejected: list[Rejected] = field(default_factory=list)
 
-    def reject(self, doc: Document, reason: str, duplicate_of: str | None = None) -> None:
-        self.rejected.append(Rejected(**doc.model_dump(), reason=reason, duplicate_of=duplicate_of))
+    def reject(
+        self,
+        doc: Document,
+        reason: str,
+        duplicate_of: str | None = None,
+        detail: dict[str, Any] | None = None,
+    ) -> None:
+        """`detail`: the figures that decided it, kept as JSON in the rejected shards."""
+        text = None if detail is None else json.dumps(detail, ensure_ascii=False)
+        self.rejected.append(
+            Rejected(**doc.model_dump(), reason=reason, duplicate_of=duplicate_of, detail=text)
+        )
 
     @property
     def counts(self) -> dict[str, int]:

@@ -9,7 +9,6 @@ One runner, `filters.base.run_chain`, serves every caller.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,10 +28,8 @@ class ScoredOutput(StageOutput):
         duplicate_of: str | None = None,
         detail: dict[str, Any] | None = None,
     ) -> None:
-        super().reject(doc, reason, duplicate_of)
+        super().reject(doc, reason, duplicate_of, detail)
         self.details.append(detail)
-        if detail is not None:
-            self.rejected[-1].detail = json.dumps(detail, ensure_ascii=False)
 
 
 Verdict = tuple[str, dict[str, Any]] | None  # (reason, the figures that decided it), or keep

@@ -12,6 +12,7 @@ finished text shards (shards/dataset.VersionWriter).
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from booksmith.filters.dedup import MINHASH, DedupIndex
+from booksmith.filters.dedup.engine import duplicate_evidence
+from booksmith.filters.dedup.lsh import estimated_jaccard
 from booksmith.generation.diversity import DiversitySample
 from booksmith.pipeline.chunks import CANDIDATE, RunState
 from booksmith.schemas.manifest import Diversity, QualityHistogram
@@ -59,6 +62,33 @@ def _bins(scores: pa.ChunkedArray) -> list[int]:
     return out
 
 
+def _cluster_verdicts(
+    table: pa.Table, state: RunState, dropped: dict[int, int], keeper_id: dict[int, str]
+) -> pa.Table:
+    """A spilled chunk with the run's near-duplicate verdicts applied: each candidate its
+    cluster dropped becomes a MINHASH reject of the kept one, with the evidence (this run,
+    their estimated Jaccard) in `detail`."""
+    cand = table.column("cand_row").to_pylist()
+    reasons = table.column("reason").to_pylist()
+    dup_of = table.column("duplicate_of").to_pylist()
+    detail = table.column("detail").to_pylist()
+    run_ids = table.column("run_id").to_pylist()
+    at = [i for i, row in enumerate(cand) if row >= 0 and row in dropped]
+    if not at:
+        return table
+    rows = np.array([cand[i] for i in at], dtype=np.int64)
+    keepers = np.array([dropped[int(r)] for r in rows], dtype=np.int64)
+    jaccard = estimated_jaccard(state.store.signatures(rows), state.store.signatures(keepers))
+    for i, keeper, j in zip(at, keepers.tolist(), jaccard.tolist(), strict=True):
+        reasons[i], dup_of[i] = MINHASH, keeper_id[keeper]
+        detail[i] = json.dumps(duplicate_evidence(run_ids[i], j))
+    for name, values in (("reason", reasons), ("duplicate_of", dup_of), ("detail", detail)):
+        table = table.set_column(
+            table.schema.get_field_index(name), name, pa.array(values, pa.string())
+        )
+    return table
+
+
 @dataclass
 class Finished:
     documents: int
@@ -81,20 +111,8 @@ def write_chunks(
     hist = {"kept": [0] * BINS, "rejected": [0] * BINS}
     rejected_rows = 0
     for number in range(state.chunks):
-        table = pq.read_table(state.chunk_path(number))
-        cand = table.column("cand_row").to_pylist()
-        reasons = table.column("reason").to_pylist()
-        dup_of = table.column("duplicate_of").to_pylist()
-        for i, row in enumerate(cand):
-            if row >= 0 and row in dropped:
-                reasons[i], dup_of[i] = MINHASH, keeper_id[dropped[row]]
-        table = table.set_column(
-            table.schema.get_field_index("reason"), "reason", pa.array(reasons, pa.string())
-        )
-        table = table.set_column(
-            table.schema.get_field_index("duplicate_of"),
-            "duplicate_of",
-            pa.array(dup_of, pa.string()),
+        table = _cluster_verdicts(
+            pq.read_table(state.chunk_path(number)), state, dropped, keeper_id
         )
         is_kept = pc.equal(table.column("reason"), CANDIDATE)
         kept, rejected = table.filter(is_kept), table.filter(pc.invert(is_kept))

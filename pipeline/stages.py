@@ -33,7 +33,7 @@ from booksmith.filters import ChainResult, StageOutput, build_chain, run_chain
 from booksmith.filters.base import Filter
 from booksmith.filters.dedup import MINHASH, DedupIndex, DedupSettings
 from booksmith.filters.dedup.candidates import CandidateStore
-from booksmith.filters.dedup.engine import EXACT
+from booksmith.filters.dedup.engine import EXACT, duplicate_evidence
 from booksmith.filters.dedup.minhash import signatures
 from booksmith.filters.dedup.normalize import exact_key, words
 from booksmith.schemas import Document
@@ -79,9 +79,10 @@ class ExactStage:
             if not self.enabled or not ws[i]:  # no words: the empty filter's business
                 out.kept.append(doc)
             elif indexed[i] is not None:
-                out.reject(doc, EXACT, duplicate_of=indexed[i].id)
+                match = indexed[i]
+                out.reject(doc, EXACT, match.id, duplicate_evidence(match.run_id, 1.0))
             elif keys[i] in self.seen:
-                out.reject(doc, EXACT, duplicate_of=self.seen[keys[i]])
+                out.reject(doc, EXACT, self.seen[keys[i]], duplicate_evidence(doc.run_id, 1.0))
             else:
                 self.seen[keys[i]] = doc.id
                 self.added.append((keys[i], doc.id))
@@ -309,7 +310,7 @@ class NearStage:
         left = [i for i, m in enumerate(matches) if m is None]
         for i, m in enumerate(matches):
             if m is not None:
-                out.reject(docs[i], MINHASH, duplicate_of=m.id)
+                out.reject(docs[i], MINHASH, m.id, duplicate_evidence(m.run_id, m.jaccard))
         first = self.store.count
         chosen = [docs[i] for i in left]
         self.store.append(

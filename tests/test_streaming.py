@@ -4,6 +4,7 @@ across chunks (best quality score kept), each chunk's stages equal to the in-mem
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -139,8 +140,10 @@ def _run(
 def _rows(version: Path, kind: str) -> list[dict[str, Any]]:
     rows = pq.read_table(version / kind).to_pylist()
     for row in rows:  # what differs between two runs of the same plan
-        row.pop("run_id")
+        run_id = row.pop("run_id")
         row.pop("created_at")
+        if row.get("detail") and '"matched_run"' in row["detail"]:
+            row["detail"] = row["detail"].replace(run_id, "<this run>")
     return rows
 
 
@@ -192,3 +195,9 @@ def test_same_dataset_whatever_the_chunk_size_and_workers(
     assert later_keeper, "no cluster kept a document from a later chunk"
     for r in near:  # every cluster kept its best-scored member
         assert score[r["duplicate_of"]] >= score[r["id"]]
+    # Each duplicate names the run that holds its match and their estimated Jaccard.
+    threshold = DedupSettings.model_validate(read_manifest(small).config["dedup"]).jaccard_threshold
+    for r in (r for r in rejected if r["reason"].startswith("dedup_")):
+        evidence = json.loads(r["detail"])
+        assert evidence["matched_run"] == "<this run>", r
+        assert threshold <= evidence["jaccard"] <= 1.0, r

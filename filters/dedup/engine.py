@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -23,6 +24,12 @@ from booksmith.schemas.dedup_settings import DedupSettings
 
 EXACT = "dedup_exact"
 MINHASH = "dedup_minhash"
+
+
+def duplicate_evidence(run_id: str, jaccard: float) -> dict[str, Any]:
+    """A duplicate's `detail`: the run holding the document it matched (`duplicate_of`) and
+    their estimated Jaccard, so a reader (`booksmith view`) can show the pair side by side."""
+    return {"matched_run": run_id, "jaccard": round(float(jaccard), 4)}
 
 
 @dataclass(frozen=True)
