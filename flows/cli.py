@@ -476,7 +476,7 @@ def batches_list(
 
 def _register_stage_commands() -> None:
     """Each stage's commands live beside it in flows/cli_<stage>.py."""
-    from booksmith.flows import cli_dedup, cli_quality, cli_shards, cli_train
+    from booksmith.flows import cli_dedup, cli_quality, cli_shards, cli_train, cli_view
 
     app.command("dedup")(cli_dedup.dedup)
     app.add_typer(cli_dedup.index_app, name="dedup-index")
@@ -486,6 +486,7 @@ def _register_stage_commands() -> None:
     app.command("export")(cli_shards.export)
     app.add_typer(cli_shards.datasets_app, name="datasets")
     app.add_typer(cli_train.app, name="train")
+    app.command("view")(cli_view.view)
 
 
 _register_stage_commands()

@@ -1,0 +1,262 @@
+"""The viewer's pages: one function per page, each a stable URL reached by plain links.
+
+/                            versions, and what changed since the one before
+/v/{run}                     a version: funnel, quality, diversity, coverage, report plots, manifest
+/v/{run}/docs                documents, paged and filtered (?kind=rejected for rejects; ?text=...)
+/v/{run}/doc/{id}            a document: text, metadata, prompt; a reject's reason and evidence
+/v/{run}/rejects             rejects grouped by reason, with counts and samples
+/v/{run}/topics              the topic tree with planned, kept and rejected documents per node
+/v/{run}/manifest.json       the manifest, credentials redacted
+/v/{run}/report/{file}.png   the report's plots, when the version has them
+/compare?a=RUN&b=RUN         two versions side by side
+
+Read-only: every route is a GET and nothing under a version is written.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, RedirectResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.templating import Jinja2Templates
+
+from booksmith.viewer import evidence
+from booksmith.viewer.search import SearchIndex
+from booksmith.viewer.store import AXES, PAGE, Output, Query, Version, ViewError, Where
+from booksmith.viewer.summary import (
+    compare_rows,
+    funnel,
+    summary,
+    topic_tree,
+    version_changes,
+)
+
+HERE = Path(__file__).parent
+templates = Jinja2Templates(directory=HERE / "templates")
+templates.env.filters["markdown"] = evidence.render_markdown
+templates.env.filters["num"] = lambda v: f"{v:,}" if isinstance(v, int) else v
+
+
+def _version(request: Request) -> Version:
+    out: Output = request.app.state.output
+    try:
+        return out.version(request.path_params["run"])
+    except KeyError:
+        raise HTTPException(404, f"no version {request.path_params['run']} here") from None
+
+
+def _page(request: Request, name: str, **context: Any) -> Response:
+    out: Output = request.app.state.output
+    return templates.TemplateResponse(
+        request, name, {"location": out.location, "runs": out.run_ids(), **context}
+    )
+
+
+def versions_page(request: Request) -> Response:
+    out: Output = request.app.state.output
+    rows = version_changes([out.version(r) for r in out.run_ids()])
+    return _page(request, "versions.html", rows=list(reversed(rows)))
+
+
+def version_page(request: Request) -> Response:
+    v = _version(request)
+    plots = []
+    if v.has("report"):
+        plots = sorted(p.rsplit("/", 1)[-1] for p in v.output.fs.glob(f"{v.path}/report/*.png"))
+    coverage = v.cached("coverage", lambda: v.group_counts("text", ("audience", "format")))
+    manifest = json.dumps(evidence.redacted(v.manifest.model_dump(mode="json")), indent=2)
+    return _page(
+        request, "version.html", v=v, s=summary(v), funnel=funnel(v.manifest), plots=plots,
+        coverage=_matrix(coverage), manifest=manifest,
+    )  # fmt: skip
+
+
+def _matrix(rows: list[tuple[Any, ...]]) -> dict[str, Any]:
+    """(audience, format, n) rows as a table: row and column labels, cells, the largest cell."""
+    audiences = sorted({r[0] for r in rows})
+    formats = sorted({r[1] for r in rows})
+    cells = {(a, f): n for a, f, n in rows}
+    return {
+        "rows": audiences,
+        "cols": formats,
+        "cells": cells,
+        "max": max(cells.values(), default=0),
+    }
+
+
+def _query(request: Request) -> Query:
+    p = request.query_params
+
+    def number(key: str) -> float | None:
+        try:
+            return float(p[key]) if p.get(key) else None
+        except ValueError:
+            raise HTTPException(400, f"{key}={p[key]!r}: give a number, e.g. 0.5") from None
+
+    kind = p.get("kind") or "text"
+    if kind not in ("text", "rejected"):
+        raise HTTPException(400, f"kind={kind!r}: text (kept documents) or rejected")
+    page = p.get("page") or "1"
+    if not page.isdigit() or int(page) < 1:
+        raise HTTPException(400, f"page={page!r}: a page number from 1")
+    return Query(
+        kind=kind, topic=p.get("topic") or None, reason=p.get("reason") or None,
+        qmin=number("qmin"), qmax=number("qmax"), text=(p.get("text") or "").strip() or None,
+        page=int(page), **{a: p.get(a) or None for a in AXES},
+    )  # fmt: skip
+
+
+def _search_index(request: Request, v: Version) -> SearchIndex:
+    indexes: dict[str, SearchIndex] = request.app.state.indexes
+    known = indexes.get(v.run_id)
+    if known is None or known.version is not v:
+        known = indexes[v.run_id] = SearchIndex(v)
+    return known
+
+
+def docs_page(request: Request) -> Response:
+    v = _version(request)
+    q = _query(request)
+    building = None
+    if q.text:
+        index = _search_index(request, v)
+        if not index.ready:
+            building = index.start()
+            if building.error:
+                raise HTTPException(500, f"the search index failed to build: {building.error}")
+        page = index.search(q) if index.ready else None
+    else:
+        page = v.page(q)
+    facets = v.cached("facets", lambda: {a: v.group_counts("text", (a,)) for a in AXES})
+    reasons = v.cached("reasons", lambda: v.group_counts("rejected", ("reason",)))
+    topics = v.cached("topics", lambda: v.group_counts(q.kind, ("topic",))[:500])
+    pages = math.ceil(page.total / PAGE) if page else 0
+    return _page(
+        request, "docs.html", v=v, q=q, page=page, pages=pages, building=building,
+        facets=facets, reasons=reasons, topics=topics, filters=q.filters(),
+    )  # fmt: skip
+
+
+def doc_page(request: Request) -> Response:
+    v = _version(request)
+    doc_id = request.path_params["id"]
+    found = v.find(doc_id, Where.parse(request.query_params.get("at", "")))
+    if found is None:
+        raise HTTPException(404, f"no document {doc_id} in version {v.run_id}")
+    where, row = found
+    why = evidence.detail(row.get("detail"))
+    pair = _matched(v, row, why) if row.get("duplicate_of") else None
+    return _page(
+        request, "doc.html", v=v, doc=row, where=where, why=why, pair=pair,
+        request_row=v.request(doc_id),
+    )  # fmt: skip
+
+
+def _matched(v: Version, row: dict[str, Any], why: dict[str, Any]) -> dict[str, Any] | None:
+    """The document a duplicate matched, looked for in the run its evidence names, then in this
+    version, then in every other; both texts with their shared passages marked."""
+    out = v.output
+    runs = [why.get("matched_run"), v.run_id, *reversed(out.run_ids())]
+    for run in dict.fromkeys(r for r in runs if r):
+        try:
+            other = out.version(run)
+        except (KeyError, ViewError):
+            continue
+        found = other.find(row["duplicate_of"])
+        if found is not None:
+            where, match = found
+            mine, theirs, exact = evidence.shared_passages(row["text"], match["text"])
+            return {
+                "run": run, "where": where, "doc": match, "mine": mine, "theirs": theirs,
+                "exact": exact, "estimated": why.get("jaccard"),
+            }  # fmt: skip
+    return None
+
+
+def rejects_page(request: Request) -> Response:
+    v = _version(request)
+    counts = v.cached("reasons", lambda: v.group_counts("rejected", ("reason",)))
+    return _page(request, "rejects.html", v=v, counts=counts, samples=v.samples_by_reason())
+
+
+def topics_page(request: Request) -> Response:
+    v = _version(request)
+    tree = v.cached("tree", lambda: topic_tree(v))
+    return _page(request, "topics.html", v=v, tree=tree)
+
+
+def manifest_json(request: Request) -> Response:
+    v = _version(request)
+    return JSONResponse(evidence.redacted(v.manifest.model_dump(mode="json")))
+
+
+def report_file(request: Request) -> Response:
+    v = _version(request)
+    name = request.path_params["name"]
+    if "/" in name or not name.endswith(".png") or not v.has(f"report/{name}"):
+        raise HTTPException(404, f"no plot {name} in {v.run_id}/report")
+    data = v.output.fs.cat_file(f"{v.path}/report/{name}")
+    return Response(data, media_type="image/png")
+
+
+def compare_page(request: Request) -> Response:
+    out: Output = request.app.state.output
+    runs = out.run_ids()
+    a = request.query_params.get("a") or (runs[-2] if len(runs) > 1 else runs[-1])
+    b = request.query_params.get("b") or runs[-1]
+    try:
+        va, vb = out.version(a), out.version(b)
+    except KeyError as e:
+        raise HTTPException(404, f"no version {e.args[0]} here") from None
+    return _page(
+        request, "compare.html", a=va, b=vb, rows=compare_rows(va, vb),
+        changes=evidence.config_changes(va.manifest.config, vb.manifest.config),
+    )  # fmt: skip
+
+
+def start_page(request: Request) -> Response:
+    """A version given on the command line opens at that version."""
+    out: Output = request.app.state.output
+    if out.given and "all" not in request.query_params:
+        return RedirectResponse(f"/v/{out.given}", status_code=307)
+    return versions_page(request)
+
+
+async def _error(request: Request, exc: Exception) -> Response:
+    status = exc.status_code if isinstance(exc, HTTPException) else 500
+    message = exc.detail if isinstance(exc, HTTPException) else f"{type(exc).__name__}: {exc}"
+    out: Output = request.app.state.output
+    return templates.TemplateResponse(
+        request, "error.html",
+        {"location": out.location, "runs": out.run_ids(), "status": status, "message": message},
+        status_code=status,
+    )  # fmt: skip
+
+
+def create_app(output: Output) -> Starlette:
+    routes: list[Route | Mount] = [
+        Route("/", start_page),
+        Route("/compare", compare_page),
+        Route("/v/{run}", version_page),
+        Route("/v/{run}/docs", docs_page),
+        Route("/v/{run}/doc/{id}", doc_page),
+        Route("/v/{run}/rejects", rejects_page),
+        Route("/v/{run}/topics", topics_page),
+        Route("/v/{run}/manifest.json", manifest_json),
+        Route("/v/{run}/report/{name}", report_file),
+        Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
+    ]
+    handlers: dict[Any, Callable[..., Any]] = {HTTPException: _error, Exception: _error}
+    app = Starlette(routes=routes, exception_handlers=handlers)
+    app.state.output = output
+    app.state.indexes = {}
+    return app

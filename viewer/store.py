@@ -1,0 +1,365 @@
+"""The versions under an output directory (or one version), read for the viewer.
+
+Everything is read through the project's filesystem layer (shards/fs.py), so a local output and
+an export in an object store (`s3://bucket/prefix`) read the same way. Lists, counts and
+groupings are DuckDB queries over the Parquet shards, projecting the small columns only; a
+page's texts are then read row group by row group (2,000 rows) with pyarrow. Nothing loads a
+version whole, so a version of a million documents pages as fast as a small one.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import duckdb
+import pyarrow.parquet as pq
+
+from booksmith.schemas.manifest import Manifest, ManifestError
+from booksmith.shards.fs import filesystem, is_url, join
+from booksmith.shards.version_dir import MANIFEST, STATE_DIR
+
+PAGE = 50  # documents per page
+SNIPPET = 300  # characters of text shown in a list
+AXES = ("subject", "audience", "style", "format")
+LIST_COLUMNS = (
+    "id",
+    "topic",
+    "subject",
+    "audience",
+    "style",
+    "format",
+    "quality_score",
+    "n_tokens",
+)
+REJECT_COLUMNS = ("reason", "duplicate_of")
+KINDS = ("text", "rejected")  # the shard kinds a document lives in
+# Every shard of a kind, rows numbered per file (a page's texts are then read by row group).
+SCAN = "read_parquet(?, filename=true, file_row_number=true, union_by_name=true)"
+
+
+class ViewError(ValueError):
+    """What the viewer cannot open: one line that names the location and the way on."""
+
+
+@dataclass(frozen=True)
+class Query:
+    """A document list: which shards, the filters (each optional) and the page."""
+
+    kind: str = "text"  # "text" (kept) or "rejected"
+    topic: str | None = None
+    subject: str | None = None
+    audience: str | None = None
+    style: str | None = None
+    format: str | None = None
+    reason: str | None = None  # rejected only: a full reason or its family ("dedup_minhash")
+    qmin: float | None = None
+    qmax: float | None = None
+    text: str | None = None  # full-text search (search.py)
+    page: int = 1
+
+    def filters(self) -> dict[str, Any]:
+        """The set filters, as query-string parameters (for links to other pages)."""
+        keys = ("kind", "topic", *AXES, "reason", "qmin", "qmax", "text")
+        return {k: getattr(self, k) for k in keys if getattr(self, k) not in (None, "")}
+
+    def at_page(self, page: int) -> Query:
+        return replace(self, page=page)
+
+
+@dataclass
+class Page:
+    rows: list[dict[str, Any]]
+    total: int
+    capped: bool = False  # `total` is a lower bound (a search with very many matches)
+
+
+@dataclass(frozen=True)
+class Where:
+    """A row's place: shard kind, the shard's index in the manifest, the row within it."""
+
+    kind: str
+    file: int
+    row: int
+
+    def token(self) -> str:
+        return f"{self.kind[0]}{self.file}-{self.row}"
+
+    @staticmethod
+    def parse(token: str) -> Where | None:
+        kinds = {k[0]: k for k in KINDS}
+        head, _, row = token[1:].partition("-")
+        if token[:1] not in kinds or not head.isdigit() or not row.isdigit():
+            return None
+        return Where(kinds[token[0]], int(head), int(row))
+
+
+def where_sql(q: Query) -> tuple[str, list[Any]]:
+    """The WHERE clause of a list query (DuckDB and SQLite share the syntax) and its values."""
+    clauses, values = [], []
+    for axis in ("topic", *AXES):
+        if getattr(q, axis):
+            clauses.append(f"{axis} = ?")
+            values.append(getattr(q, axis))
+    if q.reason and q.kind == "rejected":
+        clauses.append("(reason = ? OR reason LIKE ?)")
+        values += [q.reason, f"{q.reason}:%"]
+    if q.qmin is not None:
+        clauses.append("quality_score >= ?")
+        values.append(q.qmin)
+    if q.qmax is not None:
+        clauses.append("quality_score <= ?")
+        values.append(q.qmax)
+    return (" WHERE " + " AND ".join(clauses)) if clauses else "", values
+
+
+@dataclass
+class Version:
+    """One version: its manifest and the files its queries read."""
+
+    output: Output
+    run_id: str
+    manifest: Manifest
+    stamp: Any = None  # the manifest file's mtime or ETag when read (a takedown rewrites it)
+    cache: dict[str, Any] = field(default_factory=dict)  # groupings, computed once
+
+    @property
+    def path(self) -> str:
+        return join(self.output.root, self.run_id)
+
+    def files(self, kind: str) -> list[str]:
+        """The version's shards of `kind`, in the manifest's order (rows are numbered in it)."""
+        return [join(self.path, s.path) for s in self.manifest.shards if s.kind == kind and s.rows]
+
+    def has(self, relative: str) -> bool:
+        return bool(self.output.fs.exists(join(self.path, relative)))
+
+    def cached(self, key: str, compute: Any) -> Any:
+        if key not in self.cache:
+            self.cache[key] = compute()
+        return self.cache[key]
+
+    # -- queries ---------------------------------------------------------------------------
+
+    def page(self, q: Query) -> Page:
+        """A page of documents (no full-text search: that is search.py's)."""
+        files = self.files(q.kind)
+        if not files:
+            return Page([], 0)
+        cols = list(LIST_COLUMNS) + (list(REJECT_COLUMNS) if q.kind == "rejected" else [])
+        where, values = where_sql(q)
+        src = [self.output.uri(f) for f in files]
+        sql = (
+            f"SELECT {', '.join(cols)}, filename, file_row_number FROM {SCAN}"
+            f"{where} LIMIT {PAGE} OFFSET {(max(q.page, 1) - 1) * PAGE}"
+        )
+        with self.output.cursor() as cur:
+            rows = _dicts(cur.execute(sql, [src, *values]))
+            total = cur.execute(f"SELECT count(*) FROM {SCAN}{where}", [src, *values])
+            n = total.fetchone()[0]
+        index = {u: i for i, u in enumerate(src)}
+        for row in rows:
+            row["where"] = Where(q.kind, index[row.pop("filename")], row.pop("file_row_number"))
+        self.add_snippets(rows)
+        return Page(rows, n)
+
+    def add_snippets(self, rows: list[dict[str, Any]]) -> None:
+        """Each row's first SNIPPET characters of text, read by row group."""
+        texts = self.read_rows([r["where"] for r in rows], ["text"])
+        for row, got in zip(rows, texts, strict=True):
+            text = got["text"] if got else ""
+            row["snippet"] = text[:SNIPPET] + ("…" if len(text) > SNIPPET else "")
+
+    def read_rows(self, places: list[Where], columns: list[str] | None) -> list[dict | None]:
+        """The rows at `places` (None where a place is out of range), one row group read per
+        group of rows that share it."""
+        out: list[dict | None] = [None] * len(places)
+        wanted: dict[tuple[str, int, int], list[tuple[int, int]]] = {}
+        for k, w in enumerate(places):
+            files = self.files(w.kind)
+            if not 0 <= w.file < len(files):
+                continue
+            meta = self.output.parquet(files[w.file])
+            start = 0
+            for g in range(meta.num_row_groups):
+                n = meta.row_group(g).num_rows
+                if start <= w.row < start + n:
+                    wanted.setdefault((w.kind, w.file, g), []).append((k, w.row - start))
+                    break
+                start += n
+        for (kind, file, group), rows in wanted.items():
+            table = self.output.read_row_group(self.files(kind)[file], group, columns)
+            for k, r in rows:
+                out[k] = {name: table.column(name)[r].as_py() for name in table.column_names}
+        return out
+
+    def find(self, doc_id: str, hint: Where | None = None) -> tuple[Where, dict] | None:
+        """A document by id, kept or rejected, with its place; `hint` is tried first."""
+        if hint is not None:
+            got = self.read_rows([hint], None)[0]
+            if got is not None and got.get("id") == doc_id:
+                return hint, got
+        for kind in KINDS:
+            files = self.files(kind)
+            if not files:
+                continue
+            src = [self.output.uri(f) for f in files]
+            sql = f"SELECT filename, file_row_number FROM {SCAN} WHERE id = ? LIMIT 1"
+            with self.output.cursor() as cur:
+                hit = cur.execute(sql, [src, doc_id]).fetchone()
+            if hit:
+                where = Where(kind, src.index(hit[0]), int(hit[1]))
+                row = self.read_rows([where], None)[0]
+                assert row is not None
+                return where, row
+        return None
+
+    def request(self, doc_id: str) -> dict[str, Any] | None:
+        """The plan row that made a document (its id is the request's): messages and sampling."""
+        plan = self.files("plan")
+        if not plan:
+            return None
+        sql = "SELECT * EXCLUDE (id) FROM read_parquet(?) WHERE id = ? LIMIT 1"
+        with self.output.cursor() as cur:
+            rows = _dicts(cur.execute(sql, [[self.output.uri(plan[0])], doc_id]))
+        return rows[0] if rows else None
+
+    def group_counts(self, kind: str, columns: tuple[str, ...]) -> list[tuple[Any, ...]]:
+        """(value of each column..., documents) over one kind's shards, largest first."""
+        files = self.files(kind)
+        if not files:
+            return []
+        cols = ", ".join(columns)
+        sql = (
+            f"SELECT {cols}, count(*) AS n FROM read_parquet(?, union_by_name=true) "
+            f"GROUP BY {cols} ORDER BY n DESC, {cols}"
+        )
+        with self.output.cursor() as cur:
+            return [
+                tuple(r) for r in cur.execute(sql, [[self.output.uri(f) for f in files]]).fetchall()
+            ]
+
+    def samples_by_reason(self, per_reason: int = 3) -> dict[str, list[dict[str, Any]]]:
+        """The first few rejected documents of each reason (in shard order), with snippets."""
+        files = self.files("rejected")
+        if not files:
+            return {}
+        src = [self.output.uri(f) for f in files]
+        sql = (
+            "SELECT reason, id, topic, duplicate_of, filename, file_row_number FROM ("
+            "SELECT *, row_number() OVER (PARTITION BY reason ORDER BY filename, "
+            f"file_row_number) AS k FROM {SCAN}) WHERE k <= ? "
+            "ORDER BY reason, k"
+        )
+        with self.output.cursor() as cur:
+            rows = _dicts(cur.execute(sql, [src, per_reason]))
+        index = {u: i for i, u in enumerate(src)}
+        for row in rows:
+            row["where"] = Where("rejected", index[row.pop("filename")], row.pop("file_row_number"))
+        self.add_snippets(rows)
+        out: dict[str, list[dict[str, Any]]] = {}
+        for row in rows:
+            out.setdefault(row["reason"], []).append(row)
+        return out
+
+
+def _dicts(cursor: Any) -> list[dict[str, Any]]:
+    names = [d[0] for d in cursor.description]
+    return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+
+class Output:
+    """An output directory's versions (or the one version given), local or at a URL."""
+
+    def __init__(self, location: str) -> None:
+        self.location = location.rstrip("/") or location
+        try:
+            self.fs, root = filesystem(location)
+            found = self.fs.exists(root)
+        except (ValueError, OSError) as e:
+            raise ViewError(f"{location}: cannot open it ({e})") from None
+        if not found:
+            raise ViewError(f"{location}: no such file or directory")
+        if self.fs.isfile(root):
+            raise ViewError(f"{location}: a file; give an output directory or a dataset version")
+        self.is_url = is_url(location)
+        self.given: str | None = None  # the version given, when one was
+        if self.fs.exists(join(root, MANIFEST)):
+            root, _, self.given = root.rpartition("/")
+        self.root = root
+        protocol = self.fs.protocol
+        self.protocol = protocol[0] if isinstance(protocol, tuple | list) else protocol
+        self._db = duckdb.connect(config={"threads": 2})
+        if self.is_url:
+            self._db.register_filesystem(self.fs)
+        self._versions: dict[str, Version] = {}
+        self._meta: OrderedDict[str, Any] = OrderedDict()  # Parquet footers, most recent last
+        self._lock = threading.Lock()
+        if not self.run_ids():
+            raise ViewError(
+                f"{location}: no dataset versions here (a version is a folder with {MANIFEST}; "
+                "`booksmith run --out DIR` writes them)"
+            )
+
+    def uri(self, path: str) -> str:
+        """A path as DuckDB reads it: local as is, otherwise through the registered fsspec."""
+        return f"{self.protocol}://{path}" if self.is_url else path
+
+    def cursor(self) -> Any:
+        return self._db.cursor()  # one per request: a connection is not shared across threads
+
+    def run_ids(self) -> list[str]:
+        """Versions, oldest first (run ids sort by time)."""
+        names = []
+        for entry in self.fs.ls(self.root, detail=False):
+            name = str(entry).rstrip("/").rsplit("/", 1)[-1]
+            if name == STATE_DIR or name.startswith("."):
+                continue
+            if self.fs.exists(join(join(self.root, name), MANIFEST)):
+                names.append(name)
+        return sorted(names)
+
+    def version(self, run_id: str) -> Version:
+        """A version, its manifest read again when the file changed (after a takedown)."""
+        if "/" in run_id or run_id.startswith(".") or run_id == STATE_DIR:
+            raise KeyError(run_id)
+        where = join(join(self.root, run_id), MANIFEST)
+        try:
+            info = self.fs.info(where)
+        except FileNotFoundError:
+            raise KeyError(run_id) from None
+        stamp = info.get("mtime") or info.get("ETag") or info.get("LastModified") or info["size"]
+        with self._lock:
+            known = self._versions.get(run_id)
+            if known is not None and known.stamp == stamp:
+                return known
+            if known is not None:  # rewritten (a takedown): its shards' footers changed too
+                for path in [p for p in self._meta if p.startswith(known.path + "/")]:
+                    del self._meta[path]
+        try:
+            manifest = Manifest.parse(self.fs.cat_file(where), f"{self.uri(where)}")
+        except ManifestError as e:
+            raise ViewError(str(e)) from None
+        v = Version(self, run_id, manifest, stamp)
+        with self._lock:
+            self._versions[run_id] = v
+        return v
+
+    def parquet(self, path: str) -> pq.FileMetaData:
+        with self._lock:
+            if path in self._meta:
+                self._meta.move_to_end(path)
+                return self._meta[path]
+        with self.fs.open(path, "rb") as f:
+            meta = pq.ParquetFile(f).metadata
+        with self._lock:
+            self._meta[path] = meta
+            while len(self._meta) > 256:
+                self._meta.popitem(last=False)
+        return meta
+
+    def read_row_group(self, path: str, group: int, columns: list[str] | None) -> Any:
+        with self.fs.open(path, "rb") as f:
+            return pq.ParquetFile(f).read_row_group(group, columns=columns)
