@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.booksmith-setup
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 # llama.cpp must be built portably: the default -march=native build dies with SIGILL on VMs whose
 # CPU advertises AMX but does not allow it. pip would reuse a cached native wheel whatever
@@ -34,6 +35,12 @@ $(STAMP): pyproject.toml Makefile
 	# The CPU build of torch that lies on disk; a bare `torch` would pull GBs of CUDA.
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[embedded,dev]"
+	# `booksmith view`'s browser test drives Debian's Chromium through its chromedriver
+	# (Playwright's and Selenium's own browser downloads fail offline).
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	  $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q \
+	    --no-install-recommends chromium chromium-driver; \
+	fi
 	# Re-quantize the bundled Q4_1 file to Q8_0 once (a local conversion, no download): see generation/embedded/model.py.
 	$(BIN)/python -m booksmith.generation.embedded.model --prepare
 	@touch $(STAMP)
