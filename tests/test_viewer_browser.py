@@ -174,3 +174,43 @@ def test_every_page_by_its_links(out: Path, server: str, browser: WebDriver) -> 
     _click(browser, "compare")
     _check(browser, "13-compare")
     assert browser.find_elements(By.CSS_SELECTOR, "#compare tr.differs")
+
+
+def test_the_demo_output_of_the_embedded_model(
+    prefect_api: str, tmp_path: Path, browser: WebDriver
+) -> None:
+    """`booksmith run` on the embedded default (small), then every page of its version, with
+    the real model's text rendered."""
+    from tests.test_e2e_embedded import booksmith
+
+    out = tmp_path / "out"
+    config = tmp_path / "demo.yaml"
+    config.write_text(
+        "seed: 3\nplan: {limit: 6}\ngeneration: {sampling: {max_tokens: 48}}\n"
+        "fill: {documents: null}\npublish: {min_documents: 0}\n"
+    )
+    result = booksmith("run", "--config", str(config), "--out", str(out), api=prefect_api)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (version,) = [p.name for p in out.glob("2*")]
+    rows = [*pq.read_table(out / version / "text").to_pylist(),
+            *pq.read_table(out / version / "rejected").to_pylist()]  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "booksmith", "view", str(out / version)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        url = proc.stdout.readline().strip().rstrip("/")
+        browser.get(url + "/")  # a version given: the page opens at it
+        assert browser.current_url.endswith(f"/v/{version}")
+        _check(browser, "demo-01-version")
+        for name in ("documents", "rejected", "reasons", "topics"):
+            _click(browser, name)
+            _check(browser, f"demo-{name}")
+        browser.get(f"{url}/v/{version}/doc/{rows[0]['id']}")
+        _check(browser, "demo-document")
+        shown = browser.find_element(By.CSS_SELECTOR, "#text .rendered").text
+        assert rows[0]["text"].split()[0].strip("#*_`") in shown
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)

@@ -29,6 +29,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
+from booksmith.schemas.redact import redact_text
 from booksmith.viewer import evidence
 from booksmith.viewer.search import SearchIndex
 from booksmith.viewer.store import AXES, PAGE, Output, Query, Version, ViewError, Where
@@ -57,7 +58,7 @@ def _version(request: Request) -> Version:
 def _page(request: Request, name: str, **context: Any) -> Response:
     out: Output = request.app.state.output
     return templates.TemplateResponse(
-        request, name, {"location": out.location, "runs": out.run_ids(), **context}
+        request, name, {"location": redact_text(out.location), "runs": out.run_ids(), **context}
     )
 
 
@@ -133,12 +134,14 @@ def docs_page(request: Request) -> Response:
             building = index.start()
             if building.error:
                 raise HTTPException(500, f"the search index failed to build: {building.error}")
+            if index.ready:  # it finished between the two looks
+                building = None
         page = index.search(q) if index.ready else None
     else:
         page = v.page(q)
     facets = v.cached("facets", lambda: {a: v.group_counts("text", (a,)) for a in AXES})
     reasons = v.cached("reasons", lambda: v.group_counts("rejected", ("reason",)))
-    topics = v.cached("topics", lambda: v.group_counts(q.kind, ("topic",))[:500])
+    topics = v.cached(f"topics-{q.kind}", lambda: v.group_counts(q.kind, ("topic",))[:500])
     pages = math.ceil(page.total / PAGE) if page else 0
     return _page(
         request, "docs.html", v=v, q=q, page=page, pages=pages, building=building,
@@ -237,7 +240,8 @@ async def _error(request: Request, exc: Exception) -> Response:
     out: Output = request.app.state.output
     return templates.TemplateResponse(
         request, "error.html",
-        {"location": out.location, "runs": out.run_ids(), "status": status, "message": message},
+        {"location": redact_text(out.location), "runs": out.run_ids(), "status": status,
+         "message": redact_text(str(message))},
         status_code=status,
     )  # fmt: skip
 

@@ -14,17 +14,22 @@ manifest's hash, so a takedown (a new manifest) gets a fresh index.
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
 import os
 import re
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from multiprocessing.process import BaseProcess
 from pathlib import Path
+from typing import Any
 
 import pyarrow.parquet as pq
 
 from booksmith.shards.bundled import cache_dir
+from booksmith.shards.fs import filesystem
 from booksmith.shards.version_dir import STATE_DIR
 from booksmith.viewer.store import AXES, KINDS, PAGE, Page, Query, Version, Where, where_sql
 
@@ -82,13 +87,15 @@ class Build:
 
 
 class SearchIndex:
-    """One version's index: built on first use in a background thread, then queried."""
+    """One version's index: built on first use in a child process (its memory and CPU stay out
+    of the server's, which keeps answering pages meanwhile), then queried read-only."""
 
     def __init__(self, version: Version) -> None:
         self.version = version
         digest = hashlib.sha256(version.manifest.to_json().encode()).hexdigest()[:16]
         self.path = index_dir(version) / f"search-{digest}.sqlite"
-        self.build: Build | None = None
+        self.progress = self.path.with_suffix(".progress")
+        self._process: BaseProcess | None = None
         self._lock = threading.Lock()
 
     @property
@@ -98,30 +105,28 @@ class SearchIndex:
     def start(self) -> Build:
         """Start building unless built or building; the build's progress."""
         with self._lock:
-            if self.build is None or self.build.error:
-                self.build = Build(total=sum(len(self.version.files(k)) for k in KINDS))
-                threading.Thread(target=self._build, daemon=True, name="search-index").start()
-            return self.build
-
-    def _build(self) -> None:
-        assert self.build is not None
-        tmp = self.path.with_suffix(f".tmp-{os.getpid()}")
-        try:
-            start = time.perf_counter()
-            rows = write_index(self.version, tmp, self.build)
-            seconds = time.perf_counter() - start
-            with sqlite3.connect(tmp) as con:
-                con.executemany(
-                    "INSERT INTO meta VALUES (?, ?)",
-                    [("documents", str(rows)), ("build_seconds", f"{seconds:.1f}")],
+            running = self._process is not None and self._process.is_alive()
+            if not running and not self.ready and not self._failed():
+                files = {kind: self.version.files(kind) for kind in KINDS}
+                self.progress.write_text(f"0 {sum(map(len, files.values()))}")
+                self._process = multiprocessing.get_context("spawn").Process(
+                    target=build_index,
+                    args=(self.version.output.location, files, str(self.path)),
+                    name="search-index",
+                    daemon=True,
                 )
-            con.close()
-            for old in self.path.parent.glob("search-*.sqlite"):
-                old.unlink()  # an earlier manifest's (before a takedown)
-            tmp.replace(self.path)
-        except Exception as e:  # shown on the page that waits for it
-            self.build.error = f"{type(e).__name__}: {e}"
-            tmp.unlink(missing_ok=True)
+                self._process.start()
+        return self.status()
+
+    def _failed(self) -> bool:
+        return self._process is not None and self._process.exitcode not in (None, 0)
+
+    def status(self) -> Build:
+        try:
+            done, total, *error = self.progress.read_text().split(" ", 2)
+            return Build(int(done), int(total), error[0] if error else None)
+        except (OSError, ValueError):
+            return Build()
 
     def meta(self) -> dict[str, str]:
         with self._connect() as con:
@@ -159,17 +164,44 @@ class SearchIndex:
         return Page(rows, min(total, COUNT_CAP), capped=total > COUNT_CAP)
 
 
-def write_index(version: Version, path: Path, progress: Build) -> int:
+def build_index(location: str, files: dict[str, list[str]], path: str) -> None:
+    """The child process: write the index under a temporary name, then rename it into place
+    (replacing an earlier manifest's); progress and a failure go to `<index>.progress`."""
+    final = Path(path)
+    tmp, progress = final.with_suffix(f".tmp-{os.getpid()}"), final.with_suffix(".progress")
+    total = sum(map(len, files.values()))
+    try:
+        fs, _ = filesystem(location)
+        start = time.perf_counter()
+        rows = write_index(fs, files, tmp, lambda done: progress.write_text(f"{done} {total}"))
+        with sqlite3.connect(tmp) as con:
+            con.executemany(
+                "INSERT INTO meta VALUES (?, ?)",
+                [("documents", str(rows)), ("build_seconds", f"{time.perf_counter() - start:.1f}")],
+            )
+        con.close()
+        for old in final.parent.glob("search-*.sqlite"):
+            old.unlink()  # an earlier manifest's (before a takedown)
+        tmp.replace(final)
+    except Exception as e:  # shown on the page that waits for it
+        progress.write_text(f"0 {total} {type(e).__name__}: {e}")
+        tmp.unlink(missing_ok=True)
+        raise SystemExit(1) from e
+
+
+def write_index(
+    fs: Any, files: dict[str, list[str]], path: Path, progress: Callable[[int], Any]
+) -> int:
     """Stream every kept and rejected row into a new index at `path`; rows written."""
     path.unlink(missing_ok=True)
     con = sqlite3.connect(path)
     con.executescript("PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF;" + SCHEMA)
-    rowid = 0
+    rowid, done = 0, 0
     for kind in KINDS:
-        columns = [*DOC_COLUMNS, *(("reason", "duplicate_of") if kind == "rejected" else ())]
-        for file, shard in enumerate(version.files(kind)):
+        columns = [*DOC_COLUMNS, *(REJECT if kind == "rejected" else ())]
+        for file, shard in enumerate(files.get(kind, [])):
             row = 0
-            with version.output.fs.open(shard, "rb") as f:
+            with fs.open(shard, "rb") as f:
                 for batch in pq.ParquetFile(f).iter_batches(BATCH, columns=["text", *columns]):
                     data = batch.to_pydict()
                     n, ids = batch.num_rows, range(rowid, rowid + batch.num_rows)
@@ -183,7 +215,8 @@ def write_index(version: Version, path: Path, progress: Build) -> int:
                         zip(ids, data["text"], strict=True),
                     )
                     rowid, row = rowid + n, row + n
-            progress.done += 1
+            done += 1
+            progress(done)
     con.commit()
     con.close()
     return rowid

@@ -1,27 +1,27 @@
 """The versions under an output directory (or one version), read for the viewer.
 
 Everything is read through the project's filesystem layer (shards/fs.py), so a local output and
-an export in an object store (`s3://bucket/prefix`) read the same way. Lists, counts and
-groupings are DuckDB queries over the Parquet shards, projecting the small columns only; a
-page's texts are then read row group by row group (2,000 rows) with pyarrow. Nothing loads a
-version whole, so a version of a million documents pages as fast as a small one.
+an export in an object store (`s3://bucket/prefix`) read the same way. Lists, counts, groupings
+and single rows are DuckDB queries over the Parquet shards: they read the small columns, and
+of the text only the pages that hold the rows shown. Nothing loads a version whole, so a
+version of a million documents pages as fast as a small one (benchmarks/viewer_scale.py).
 """
 
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
+import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import duckdb
-import pyarrow.parquet as pq
 
 from booksmith.schemas.manifest import Manifest, ManifestError
 from booksmith.shards.fs import filesystem, is_url, join
 from booksmith.shards.version_dir import MANIFEST, STATE_DIR
 
 PAGE = 50  # documents per page
+RELIST_S = 5.0  # how long a listing of the versions is reused
 SNIPPET = 300  # characters of text shown in a list
 AXES = ("subject", "audience", "style", "format")
 LIST_COLUMNS = (
@@ -152,8 +152,8 @@ class Version:
         where, values = where_sql(q)
         src = [self.output.uri(f) for f in files]
         sql = (
-            f"SELECT {', '.join(cols)}, filename, file_row_number FROM {SCAN}"
-            f"{where} LIMIT {PAGE} OFFSET {(max(q.page, 1) - 1) * PAGE}"
+            f"SELECT {', '.join(cols)}, left(text, {SNIPPET + 1}) AS snippet, filename, "
+            f"file_row_number FROM {SCAN}{where} LIMIT {PAGE} OFFSET {(max(q.page, 1) - 1) * PAGE}"
         )
         with self.output.cursor() as cur:
             rows = _dicts(cur.execute(sql, [src, *values]))
@@ -162,37 +162,39 @@ class Version:
         index = {u: i for i, u in enumerate(src)}
         for row in rows:
             row["where"] = Where(q.kind, index[row.pop("filename")], row.pop("file_row_number"))
-        self.add_snippets(rows)
+            row["snippet"] = snippet(row["snippet"] or "")
         return Page(rows, n)
 
     def add_snippets(self, rows: list[dict[str, Any]]) -> None:
-        """Each row's first SNIPPET characters of text, read by row group."""
-        texts = self.read_rows([r["where"] for r in rows], ["text"])
+        """Each row's first SNIPPET characters of text (rows found by the search index)."""
+        texts = self.read_rows([r["where"] for r in rows], [f"left(text, {SNIPPET + 1}) AS text"])
         for row, got in zip(rows, texts, strict=True):
-            text = got["text"] if got else ""
-            row["snippet"] = text[:SNIPPET] + ("…" if len(text) > SNIPPET else "")
+            row["snippet"] = snippet(got["text"] if got else "")
 
-    def read_rows(self, places: list[Where], columns: list[str] | None) -> list[dict | None]:
-        """The rows at `places` (None where a place is out of range), one row group read per
-        group of rows that share it."""
+    def read_rows(self, places: list[Where], select: list[str] | None) -> list[dict | None]:
+        """The rows at `places` (None where a place is out of range): one query per shard.
+        DuckDB reads only the pages that hold them, 2.4 times faster than pyarrow reading their
+        whole row groups when a page's 50 rows are scattered over a shard."""
         out: list[dict | None] = [None] * len(places)
-        wanted: dict[tuple[str, int, int], list[tuple[int, int]]] = {}
+        by_file: dict[tuple[str, int], list[int]] = {}
         for k, w in enumerate(places):
-            files = self.files(w.kind)
-            if not 0 <= w.file < len(files):
+            by_file.setdefault((w.kind, w.file), []).append(k)
+        columns = ", ".join(select or ["* EXCLUDE (file_row_number)"])
+        sql = (
+            f"SELECT {columns}, file_row_number AS _row FROM read_parquet(?, "
+            "file_row_number=true) WHERE list_contains(?, file_row_number)"
+        )
+        for (kind, file), ks in by_file.items():
+            files = self.files(kind)
+            if not 0 <= file < len(files):
                 continue
-            meta = self.output.parquet(files[w.file])
-            start = 0
-            for g in range(meta.num_row_groups):
-                n = meta.row_group(g).num_rows
-                if start <= w.row < start + n:
-                    wanted.setdefault((w.kind, w.file, g), []).append((k, w.row - start))
-                    break
-                start += n
-        for (kind, file, group), rows in wanted.items():
-            table = self.output.read_row_group(self.files(kind)[file], group, columns)
-            for k, r in rows:
-                out[k] = {name: table.column(name)[r].as_py() for name in table.column_names}
+            with self.output.cursor() as cur:
+                got = _dicts(
+                    cur.execute(sql, [self.output.uri(files[file]), [places[k].row for k in ks]])
+                )
+            rows = {r.pop("_row"): r for r in got}
+            for k in ks:
+                out[k] = rows.get(places[k].row)
         return out
 
     def find(self, doc_id: str, hint: Where | None = None) -> tuple[Where, dict] | None:
@@ -265,6 +267,10 @@ class Version:
         return out
 
 
+def snippet(text: str) -> str:
+    return text[:SNIPPET] + ("…" if len(text) > SNIPPET else "")
+
+
 def _dicts(cursor: Any) -> list[dict[str, Any]]:
     names = [d[0] for d in cursor.description]
     return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
@@ -295,8 +301,8 @@ class Output:
         if self.is_url:
             self._db.register_filesystem(self.fs)
         self._versions: dict[str, Version] = {}
-        self._meta: OrderedDict[str, Any] = OrderedDict()  # Parquet footers, most recent last
         self._lock = threading.Lock()
+        self._listed: tuple[float, list[str]] | None = None
         if not self.run_ids():
             raise ViewError(
                 f"{location}: no dataset versions here (a version is a folder with {MANIFEST}; "
@@ -311,7 +317,15 @@ class Output:
         return self._db.cursor()  # one per request: a connection is not shared across threads
 
     def run_ids(self) -> list[str]:
-        """Versions, oldest first (run ids sort by time)."""
+        """Versions, oldest first (run ids sort by time); listed again after a few seconds, so
+        a new night's version appears without a restart and an object store is not listed on
+        every page."""
+        now = time.monotonic()
+        if self._listed is None or now - self._listed[0] > RELIST_S:
+            self._listed = (now, self._list())
+        return self._listed[1]
+
+    def _list(self) -> list[str]:
         names = []
         for entry in self.fs.ls(self.root, detail=False):
             name = str(entry).rstrip("/").rsplit("/", 1)[-1]
@@ -335,9 +349,6 @@ class Output:
             known = self._versions.get(run_id)
             if known is not None and known.stamp == stamp:
                 return known
-            if known is not None:  # rewritten (a takedown): its shards' footers changed too
-                for path in [p for p in self._meta if p.startswith(known.path + "/")]:
-                    del self._meta[path]
         try:
             manifest = Manifest.parse(self.fs.cat_file(where), f"{self.uri(where)}")
         except ManifestError as e:
@@ -346,20 +357,3 @@ class Output:
         with self._lock:
             self._versions[run_id] = v
         return v
-
-    def parquet(self, path: str) -> pq.FileMetaData:
-        with self._lock:
-            if path in self._meta:
-                self._meta.move_to_end(path)
-                return self._meta[path]
-        with self.fs.open(path, "rb") as f:
-            meta = pq.ParquetFile(f).metadata
-        with self._lock:
-            self._meta[path] = meta
-            while len(self._meta) > 256:
-                self._meta.popitem(last=False)
-        return meta
-
-    def read_row_group(self, path: str, group: int, columns: list[str] | None) -> Any:
-        with self.fs.open(path, "rb") as f:
-            return pq.ParquetFile(f).read_row_group(group, columns=columns)
