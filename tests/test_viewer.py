@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -127,6 +128,22 @@ def test_version_page_shows_the_funnel_quality_coverage_and_redacted_manifest(
     assert "hunter2" not in client.get(f"/v/{version.name}/manifest.json").text
 
 
+def test_no_credential_is_shown_whatever_the_manifest_holds(out: Path, tmp_path: Path) -> None:
+    """A manifest written by hand (or before redaction existed) with secrets in URLs outside
+    the config: no page shows them."""
+    copy = tmp_path / "out"
+    version = sorted(out.glob("2*"))[-1]
+    shutil.copytree(version, copy / version.name)
+    m = json.loads((copy / version.name / MANIFEST).read_text())
+    m["card"]["source"] = "https://ops:swordfish@data.internal/x?X-Amz-Signature=s3cr3t&part=1"
+    (copy / version.name / MANIFEST).write_text(json.dumps(m))
+    with TestClient(create_app(Output(str(copy)))) as c:
+        for url in ("/?all", f"/v/{version.name}", f"/v/{version.name}/manifest.json"):
+            text = c.get(url).text
+            assert "swordfish" not in text and "s3cr3t" not in text, url
+        assert "data.internal" in c.get(f"/v/{version.name}").text  # the rest is still shown
+
+
 def test_documents_page_filters_and_pages_like_a_scan_of_the_shards(
     out: Path, client: TestClient
 ) -> None:
@@ -137,13 +154,15 @@ def test_documents_page_filters_and_pages_like_a_scan_of_the_shards(
     got: list[str] = []
     page_no = 1
     while True:
-        page = client.get(f"/v/{version.name}/docs", params={"audience": audience, "page": page_no})
+        params = {"audience": audience, "page": page_no, "per": 3}  # pages of 3, to page
+        page = client.get(f"/v/{version.name}/docs", params=params)
         assert page.status_code == 200
         got += [link.split("/doc/")[1].split("?")[0] for link in _doc_links(page.text)]
         if 'id="next"' not in page.text:
             break
         page_no += 1
     assert got == want  # every match once, in shard order, across pages
+    assert page_no == -(-len(want) // 3) > 1
     assert f"{len(want):,} document" in _text(page.text)
 
     qmin = sorted(r["quality_score"] for r in kept if r["quality_score"] is not None)[

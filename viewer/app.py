@@ -32,7 +32,7 @@ from starlette.templating import Jinja2Templates
 from booksmith.schemas.redact import redact_text
 from booksmith.viewer import evidence
 from booksmith.viewer.search import SearchIndex
-from booksmith.viewer.store import AXES, PAGE, Output, Query, Version, ViewError, Where
+from booksmith.viewer.store import AXES, MAX_PAGE, PAGE, Output, Query, Version, ViewError, Where
 from booksmith.viewer.summary import (
     compare_rows,
     funnel,
@@ -106,13 +106,15 @@ def _query(request: Request) -> Query:
     kind = p.get("kind") or "text"
     if kind not in ("text", "rejected"):
         raise HTTPException(400, f"kind={kind!r}: text (kept documents) or rejected")
-    page = p.get("page") or "1"
+    page, per = p.get("page") or "1", p.get("per") or str(PAGE)
     if not page.isdigit() or int(page) < 1:
         raise HTTPException(400, f"page={page!r}: a page number from 1")
+    if not per.isdigit() or not 1 <= int(per) <= MAX_PAGE:
+        raise HTTPException(400, f"per={per!r}: documents per page, 1 to {MAX_PAGE}")
     return Query(
         kind=kind, topic=p.get("topic") or None, reason=p.get("reason") or None,
         qmin=number("qmin"), qmax=number("qmax"), text=(p.get("text") or "").strip() or None,
-        page=int(page), **{a: p.get(a) or None for a in AXES},
+        page=int(page), per=int(per), **{a: p.get(a) or None for a in AXES},
     )  # fmt: skip
 
 
@@ -142,7 +144,7 @@ def docs_page(request: Request) -> Response:
     facets = v.cached("facets", lambda: {a: v.group_counts("text", (a,)) for a in AXES})
     reasons = v.cached("reasons", lambda: v.group_counts("rejected", ("reason",)))
     topics = v.cached(f"topics-{q.kind}", lambda: v.group_counts(q.kind, ("topic",))[:500])
-    pages = math.ceil(page.total / PAGE) if page else 0
+    pages = math.ceil(page.total / q.per) if page else 0
     return _page(
         request, "docs.html", v=v, q=q, page=page, pages=pages, building=building,
         facets=facets, reasons=reasons, topics=topics, filters=q.filters(),

@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 from booksmith.shards.bundled import cache_dir
 from booksmith.shards.fs import filesystem
 from booksmith.shards.version_dir import STATE_DIR
-from booksmith.viewer.store import AXES, KINDS, PAGE, Page, Query, Version, Where, where_sql
+from booksmith.viewer.store import AXES, KINDS, Page, Query, Version, Where, where_sql
 
 BATCH = 2_000  # rows per insert, one Parquet row group
 COUNT_CAP = 10_000  # a search counts its matches up to this, then says "10,000+"
@@ -144,11 +144,10 @@ class SearchIndex:
         where = where.replace(" WHERE ", " AND ", 1)
         base = f"FROM fts JOIN docs ON docs.rowid = fts.rowid WHERE fts MATCH ? AND kind = ?{where}"
         args = [expression, q.kind, *values]
-        offset = (max(q.page, 1) - 1) * PAGE
         con = self._connect()
         try:
             cur = con.execute(
-                f"SELECT docs.* {base} ORDER BY fts.rowid LIMIT {PAGE} OFFSET {offset}", args
+                f"SELECT docs.* {base} ORDER BY fts.rowid LIMIT {q.per} OFFSET {q.offset}", args
             )
             names = [d[0] for d in cur.description]
             rows = [dict(zip(names, r, strict=True)) for r in cur.fetchall()]

@@ -20,7 +20,8 @@ from booksmith.schemas.manifest import Manifest, ManifestError
 from booksmith.shards.fs import filesystem, is_url, join
 from booksmith.shards.version_dir import MANIFEST, STATE_DIR
 
-PAGE = 50  # documents per page
+PAGE = 50  # documents per page, unless a link asks for another number (`per`)
+MAX_PAGE = 500
 RELIST_S = 5.0  # how long a listing of the versions is reused
 SNIPPET = 300  # characters of text shown in a list
 AXES = ("subject", "audience", "style", "format")
@@ -59,11 +60,17 @@ class Query:
     qmax: float | None = None
     text: str | None = None  # full-text search (search.py)
     page: int = 1
+    per: int = PAGE  # documents per page
+
+    @property
+    def offset(self) -> int:
+        return (max(self.page, 1) - 1) * self.per
 
     def filters(self) -> dict[str, Any]:
         """The set filters, as query-string parameters (for links to other pages)."""
         keys = ("kind", "topic", *AXES, "reason", "qmin", "qmax", "text")
-        return {k: getattr(self, k) for k in keys if getattr(self, k) not in (None, "")}
+        found = {k: getattr(self, k) for k in keys if getattr(self, k) not in (None, "")}
+        return found | ({"per": self.per} if self.per != PAGE else {})
 
     def at_page(self, page: int) -> Query:
         return replace(self, page=page)
@@ -153,7 +160,7 @@ class Version:
         src = [self.output.uri(f) for f in files]
         sql = (
             f"SELECT {', '.join(cols)}, left(text, {SNIPPET + 1}) AS snippet, filename, "
-            f"file_row_number FROM {SCAN}{where} LIMIT {PAGE} OFFSET {(max(q.page, 1) - 1) * PAGE}"
+            f"file_row_number FROM {SCAN}{where} LIMIT {q.per} OFFSET {q.offset}"
         )
         with self.output.cursor() as cur:
             rows = _dicts(cur.execute(sql, [src, *values]))
