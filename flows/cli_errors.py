@@ -4,8 +4,9 @@ written to be read alone (an unexpected exception still shows its traceback); `-
 BOOKSMITH_DEBUG=1) prints the traceback above the line too.
 
 Exit codes: 0 done; 1 an unexpected error (a bug: the traceback is shown) or a check that
-found problems (`verify`); 2 bad input or configuration (a setting, a file, an argument, an
-unreachable endpoint, bucket or Redis found by preflight); 3 the endpoint failed mid-run (the
+found problems (`verify`; a takedown that could not reach every copy, each one listed); 2 bad
+input or configuration (a setting, a file, an argument, an unreachable endpoint, bucket or
+Redis found by preflight); 3 the endpoint failed mid-run (the
 circuit breaker stopped it; rerun to resume); 4 the run finished but was not published (it kept
 nothing, or most requests failed: its files are set aside under _state/failed/).
 """

@@ -199,14 +199,20 @@ def datasets_takedown(
         bool, typer.Option("--dry-run", help="List every place it would touch; change nothing.")
     ] = False,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    index: Annotated[
+        str | None,
+        typer.Option(
+            help="MinHash index whose entries to flag: a directory or redis://... "
+            "(default: OUT/_state/minhash)."
+        ),
+    ] = None,
 ) -> None:
     """Remove documents by id from every version (and their rejected near-duplicates), from
-    the response cache (tombstoned: no later run asks for them again), and regenerate the
-    affected versions' reports; a log of each takedown is kept in _state/takedowns.jsonl."""
-    from booksmith.flows.report import render_report
-    from booksmith.generation.cache import ResponseCache
-    from booksmith.shards.catalog import takedown, takedown_places, with_near_duplicates
-    from booksmith.shards.version_dir import state_dir
+    the response cache (tombstoned: no later run asks for them again), flag their MinHash
+    index entries, regenerate the affected reports and write the recorded `datasets bin`
+    outputs and exports again; a log of each takedown is kept in _state/takedowns.jsonl.
+    Exit 1 when a copy could not be reached (each is listed)."""
+    from booksmith.flows.takedown import apply_takedown, describe, plan_takedown
 
     out = _local(location, "datasets takedown")
     wanted = list(ids or [])
@@ -217,47 +223,22 @@ def datasets_takedown(
             raise ValueError("no document ids given (arguments or --ids-file)")
         if not out.is_dir():
             raise FileNotFoundError(f"{out}: no such directory")
-        drop = with_near_duplicates(out, wanted)
-        places = takedown_places(out, drop)
-        cache_path = state_dir(out) / "responses.sqlite"
-        cached = _cached_answers(cache_path, drop)
-        console.print(f"ids: {len(set(wanted))} asked, {len(drop)} with their near-duplicates")
-        for run_id, counts in places.items():
-            console.print(f"version {run_id}: {counts['text']} kept and {counts['rejected']} "
-                          "rejected rows; its report regenerated")  # fmt: skip
-        console.print(f"response cache {cache_path}: {cached} answers removed, "
-                      f"{len(drop)} requests tombstoned")  # fmt: skip
+        plan = plan_takedown(out, wanted, index)
+        for line in describe(plan):
+            console.print(escape(line), highlight=False, soft_wrap=True)
         if dry_run:
-            print(json.dumps({"dry_run": True, "places": places, "cache_answers": cached}))
+            print(json.dumps({"dry_run": True, **plan.to_json()}))
             return
-        _confirm(yes, f"take {len(drop)} documents down from {out}?")
-        results = takedown(out, drop)
-        cache = ResponseCache(cache_path)
-        try:
-            removed = cache.take_down(drop)
-        finally:
-            cache.close()
-        for run_id in results:
-            render_report(out / run_id)
-        _log_takedown(out, wanted, drop, results, removed)
+        _confirm(yes, f"take {len(plan.drop)} documents down from {out}?")
+        result = apply_takedown(plan)
     except user_errors(ValueError) as e:
         fail(one_line(e))
         return
-    for run_id, n in results.items():
+    for run_id, n in result.removed.items():
         console.print(f"{run_id}: removed {n} rows")
-    print(json.dumps({"removed": results, "cache_answers": removed}))
-
-
-def _cached_answers(path: Path, ids: set[str]) -> int:
-    if not path.is_file():
-        return 0
-    from booksmith.generation.cache import ResponseCache
-
-    cache = ResponseCache(path)
-    try:
-        return sum(cache.get(i) is not None for i in ids)
-    finally:
-        cache.close()
+    print(json.dumps(result.to_json()))
+    if result.unreached:
+        fail("\n".join(f"not reached: {u}" for u in result.unreached), 1)
 
 
 def _confirm(yes: bool, question: str) -> None:
@@ -270,26 +251,11 @@ def _confirm(yes: bool, question: str) -> None:
         fail("nothing changed", 1)
 
 
-def _log_takedown(out: Path, asked: list[str], drop: set[str], versions: dict[str, int],
-                  cache_answers: int) -> None:  # fmt: skip
-    """One JSON line per takedown in _state/takedowns.jsonl: when, which ids, what changed."""
-    from datetime import UTC, datetime
-
-    from booksmith.shards.files import write_bytes_atomically
-    from booksmith.shards.version_dir import state_dir
-
-    path = state_dir(out) / "takedowns.jsonl"
-    entry = {"at": datetime.now(UTC).isoformat(), "ids": sorted(set(asked)),
-             "with_near_duplicates": sorted(drop - set(asked)), "versions": versions,
-             "cache_answers": cache_answers}  # fmt: skip
-    old = path.read_bytes() if path.is_file() else b""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_bytes_atomically(path, old + (json.dumps(entry) + "\n").encode())
-
-
 @datasets_app.command("corpus")
 def datasets_corpus(
-    out: Annotated[Path, typer.Argument(help="Output directory.")],
+    location: Annotated[
+        str, typer.Argument(help="Output directory, or an export URL (s3://bucket/prefix).")
+    ],
     version: Annotated[
         list[str] | None, typer.Option("--version", help="Run ids (default: every version).")
     ] = None,
@@ -297,11 +263,20 @@ def datasets_corpus(
 ) -> None:
     """Print (JSON) the token shards of the chosen versions, unioned for training."""
     from booksmith.shards.catalog import corpus
+    from booksmith.shards.fs import is_url
+    from booksmith.shards.version_dir import is_dataset
 
+    out = Path(location)
+    if not is_url(location) and not out.is_dir():
+        fail(f"{out}: no such directory")
+    if not is_url(location) and is_dataset(out):
+        fail(f"{out} is a dataset version; datasets corpus takes the output directory that "
+             f"holds versions, e.g. {out.parent} --version {out.name}")  # fmt: skip
     try:
-        view = corpus(out, encoding, version or None)
-    except user_errors(ValueError) as e:
-        fail(one_line(e))
+        view = corpus(location, encoding, version or None)
+    except user_errors(ValueError, OSError) as e:
+        message = one_line(e)  # an S3 error may not say where: the URL, once
+        fail(message if location in message else f"{location}: {message}")
         return
     print(json.dumps(view.to_json(), indent=2))
 

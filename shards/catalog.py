@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from booksmith.schemas.manifest import ShardEntry, ShardKind, Takedown
+from booksmith.schemas.manifest import Manifest, ShardEntry, ShardKind, Takedown
 from booksmith.shards.dataset import commit_manifest
 from booksmith.shards.encodings import get_encoding
 from booksmith.shards.files import fsync_dir
@@ -83,31 +83,38 @@ def summarize(out: Path) -> list[VersionSummary]:
     return rows
 
 
-def summarize_url(url: str) -> list[VersionSummary]:
-    """`summarize` for versions in an object store (an export target, `s3://bucket/prefix`):
-    every folder under it with a manifest, read through fsspec."""
-    from booksmith.schemas.manifest import Manifest
+def _url_versions(url: str) -> list[tuple[str, Manifest]]:
+    """(folder name, manifest) of every version under an export URL, by name, read through
+    fsspec (shards/fs.py)."""
     from booksmith.shards.fs import filesystem
 
     fs, root = filesystem(url)
-    rows = []
+    found = []
     for entry in sorted(fs.ls(root, detail=False)):
         name = entry.rstrip("/").rsplit("/", 1)[-1]
         where = f"{entry.rstrip('/')}/{MANIFEST}"
         if name == STATE_DIR or not fs.exists(where):
             continue
-        m = Manifest.parse(fs.cat_file(where), f"{url.rstrip('/')}/{name}/{MANIFEST}")
-        rows.append(
-            VersionSummary(
-                run_id=m.run_id,
-                path=Path(name),
-                created_at=m.created_at,
-                documents=m.documents,
-                rejected=m.counts.rejected,
-                bytes=sum(s.bytes for s in m.shards),
-                tokens={k: v.tokens for k, v in m.tokens.items()},
-            )
+        shown = f"{url.rstrip('/')}/{name}/{MANIFEST}"
+        found.append((name, Manifest.parse(fs.cat_file(where), shown)))
+    return found
+
+
+def summarize_url(url: str) -> list[VersionSummary]:
+    """`summarize` for versions in an object store (an export target, `s3://bucket/prefix`):
+    every folder under it with a manifest."""
+    rows = [
+        VersionSummary(
+            run_id=m.run_id,
+            path=Path(name),
+            created_at=m.created_at,
+            documents=m.documents,
+            rejected=m.counts.rejected,
+            bytes=sum(s.bytes for s in m.shards),
+            tokens={k: v.tokens for k, v in m.tokens.items()},
         )
+        for name, m in _url_versions(url)
+    ]
     return sorted(rows, key=lambda r: r.run_id)
 
 
@@ -139,40 +146,80 @@ class Corpus:
 
     encoding: str
     versions: list[str]
-    files: list[Path]
+    files: list[str]  # local paths, or URLs under `location`
     documents: int
     tokens: int  # stored tokens, end-of-text included
+    location: str = ""  # the export URL the versions are under ("" for a local directory)
 
     def dataset(self) -> pads.Dataset:
         """A pyarrow dataset over every shard (stream it with `.to_batches()`)."""
-        return pads.dataset([str(f) for f in self.files], format="parquet")
+        if not self.location:
+            return pads.dataset(self.files, format="parquet")
+        from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+        from booksmith.shards.fs import filesystem
+
+        fs, root = filesystem(self.location)
+        base = self.location.rstrip("/")
+        inner = [root + f[len(base) :] for f in self.files]
+        return pads.dataset(inner, format="parquet", filesystem=PyFileSystem(FSSpecHandler(fs)))
 
     def to_json(self) -> dict[str, Any]:
-        return {**self.__dict__, "files": [str(f) for f in self.files]}
+        return dict(self.__dict__)
+
+
+def _corpus_part(m: Manifest, where: str, encoding: str) -> tuple[list[str], int, int]:
+    """One version's token shards under `encoding` (paths under `where`), documents, tokens."""
+    entry = m.tokens.get(encoding)
+    if entry is None:
+        tokenize = f"`booksmith datasets tokenize {where} --encoding {encoding}`"
+        if "://" in where:  # an export: tokenize where it came from, then export again
+            tokenize = (f"`booksmith datasets tokenize OUT/{m.run_id} --encoding {encoding}` "
+                        "where it was exported from, then export it again")  # fmt: skip
+        raise ValueError(
+            f"{where}/{MANIFEST}: tokens: no {encoding!r} token shards in this version "
+            f"(it has {sorted(m.tokens)}); add them with {tokenize}"
+        )
+    files = [f"{where}/{p}" for p in m.shard_paths("tokens", encoding)]
+    return files, entry.documents, entry.stored_tokens
 
 
 def corpus(
-    out: Path, encoding: str = "cl100k_base", run_ids: Iterable[str] | None = None
+    out: Path | str, encoding: str = "cl100k_base", run_ids: Iterable[str] | None = None
 ) -> Corpus:
-    """The union of the chosen versions (all by default) for training under `encoding`."""
+    """The union of the chosen versions (all by default) for training under `encoding`;
+    `out` is an output directory or an export URL (`s3://bucket/prefix`)."""
+    from booksmith.shards.fs import is_url
+
+    if is_url(out):
+        return _corpus_url(str(out), encoding, run_ids)
+    out = Path(out)
     recover(out)
     chosen = list(run_ids) if run_ids is not None else [p.name for p in list_versions(out)]
-    files: list[Path] = []
+    files: list[str] = []
     documents = tokens = 0
     for run_id in chosen:
         path = _version_dir(out, run_id)
-        m = read_manifest(path)
-        entry = m.tokens.get(encoding)
-        if entry is None:
-            raise ValueError(
-                f"{path / MANIFEST}: tokens: no {encoding!r} token shards in this version "
-                f"(it has {sorted(m.tokens)}); add them with `booksmith datasets "
-                f"tokenize {path} --encoding {encoding}`"
-            )
-        files += [path / p for p in m.shard_paths("tokens", encoding)]
-        documents += entry.documents
-        tokens += entry.stored_tokens
+        part, docs, toks = _corpus_part(read_manifest(path), str(path), encoding)
+        files, documents, tokens = files + part, documents + docs, tokens + toks
     return Corpus(encoding, chosen, files, documents, tokens)
+
+
+def _corpus_url(url: str, encoding: str, run_ids: Iterable[str] | None) -> Corpus:
+    base = url.rstrip("/")
+    found = dict(_url_versions(base))
+    chosen = list(run_ids) if run_ids is not None else list(found)
+    if missing := [r for r in chosen if r not in found]:
+        raise FileNotFoundError(
+            f"{base}/{missing[0]}: no such dataset version there (it holds "
+            f"{', '.join(found) or 'none'}); `booksmith datasets list {base}` lists them"
+        )
+    files: list[str] = []
+    documents = tokens = 0
+    for run_id in chosen:
+        part, docs, toks = _corpus_part(found[run_id], f"{base}/{run_id}", encoding)
+        files, documents, tokens = files + part, documents + docs, tokens + toks
+    return Corpus(encoding, chosen, files, documents, tokens, location=base)
 
 
 def recover(out: Path) -> None:
@@ -300,15 +347,24 @@ def _repack(
 
 def with_near_duplicates(out: Path, ids: Iterable[str]) -> set[str]:
     """`ids` and the ids of the rejected near- and exact duplicates of them (their
-    `duplicate_of`), in every version: they carry nearly the same text."""
+    `duplicate_of`), in every version, and of those in turn (an exact duplicate of a
+    rejected near-duplicate points at it): they carry nearly the same text."""
     drop = {i.strip() for i in ids if i.strip()}
-    wanted = pa.array(sorted(drop))
+    pairs: list[pa.Table] = []
     for path in list_versions(out):
         for rel in read_manifest(path).shard_paths("rejected"):
-            table = pq.read_table(path / rel, columns=["id", "duplicate_of"])
-            hits = table.filter(pc.is_in(table.column("duplicate_of"), value_set=wanted))
-            drop.update(hits.column("id").to_pylist())
-    return drop
+            pairs.append(pq.read_table(path / rel, columns=["id", "duplicate_of"]))
+    if not pairs:
+        return drop
+    table = pa.concat_tables(pairs)
+    while True:
+        hits = table.filter(
+            pc.is_in(table.column("duplicate_of"), value_set=pa.array(sorted(drop)))
+        )
+        more = set(hits.column("id").to_pylist()) - drop
+        if not more:
+            return drop
+        drop |= more
 
 
 def takedown_places(out: Path, ids: Iterable[str]) -> dict[str, dict[str, int]]:

@@ -98,12 +98,44 @@ def copies_to_rewrite(out: Path, versions: set[str]) -> list[Copy]:
     return sorted(found, key=lambda c: c.kind)
 
 
+def orphaned_exports(out: Path) -> list[Copy]:
+    """Recorded exports whose version is gone from `out` (retired after the export): they
+    cannot be written again from here, only checked."""
+    found = [c for c in read_copies(out) if c.kind == "export"]
+    return [c for c in found if not (out / c.version / MANIFEST).is_file()]
+
+
+def rows_in_export(url: str, ids: set[str]) -> int:
+    """Rows of these ids in an exported version's text and rejected shards, read there (0
+    when the copy is gone)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from booksmith.schemas.manifest import Manifest
+    from booksmith.shards.fs import filesystem
+
+    fs, root = filesystem(url)
+    if not fs.exists(f"{root}/{MANIFEST}"):
+        return 0
+    manifest = Manifest.parse(fs.cat_file(f"{root}/{MANIFEST}"), f"{url}/{MANIFEST}")
+    wanted = pa.array(sorted(ids), pa.string())
+    rows = 0
+    for rel in manifest.shard_paths("text") + manifest.shard_paths("rejected"):
+        with fs.open(f"{root}/{rel}", "rb") as f:
+            column = pq.read_table(f, columns=["id"]).column("id")
+        rows += int(pc.sum(pc.is_in(column, value_set=wanted)).as_py() or 0)
+    return rows
+
+
 __all__ = [
     "COPIES_FILE",
     "Copy",
     "copies_to_rewrite",
+    "orphaned_exports",
     "read_copies",
     "record_bin",
     "record_export",
+    "rows_in_export",
     "stale",
 ]

@@ -1,5 +1,5 @@
-"""Shared fixtures: one Prefect test harness per session, fake OpenAI-compatible servers,
-and helpers to write configs."""
+"""Shared fixtures: one Prefect test harness per session, a real S3 server (moto) per module
+that asks for one, fake OpenAI-compatible servers, and helpers to write configs."""
 
 from __future__ import annotations
 
@@ -15,6 +15,50 @@ from booksmith.flows.prefect_env import configure_prefect
 
 configure_prefect(quiet=True)
 os.environ.setdefault("PREFECT_LOGGING_TO_API_ENABLED", "false")
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint() -> Iterator[str]:
+    """moto_server on 127.0.0.1 (the real S3 HTTP protocol), with the standard AWS variables
+    pointing at it; one per test module that asks for it."""
+    from tests.services import moto_s3
+
+    saved = {k: os.environ.get(k) for k in _AWS_ENV}
+    try:
+        with moto_s3() as url:
+            os.environ.update(
+                AWS_ENDPOINT_URL=url,
+                AWS_ACCESS_KEY_ID="testing",
+                AWS_SECRET_ACCESS_KEY="testing",
+                AWS_DEFAULT_REGION="us-east-1",
+            )
+            os.environ.pop("AWS_PROFILE", None)
+            yield url
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+_AWS_ENV = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_DEFAULT_REGION",
+    "AWS_PROFILE",
+)
+
+
+@pytest.fixture
+def bucket(s3_endpoint: str, request: pytest.FixtureRequest) -> str:
+    """A new bucket on the module's S3 server, named after the test."""
+    import boto3
+
+    name = f"bs-{request.node.name.replace('_', '-')[:40].lower()}"
+    boto3.client("s3").create_bucket(Bucket=name)
+    return name
 
 
 @pytest.fixture(scope="session")

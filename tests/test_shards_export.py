@@ -10,7 +10,6 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
@@ -22,48 +21,9 @@ from booksmith.flows.cli_shards import app
 from booksmith.shards.export import MIN_PART_SIZE, export
 from booksmith.shards.verify import verify
 from booksmith.shards.version_dir import read_manifest
-from tests.services import moto_s3
 from tests.test_shards_dataset import make_version
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    """moto_server on 127.0.0.1, with the standard AWS variables pointing at it."""
-    saved = {k: os.environ.get(k) for k in _AWS_ENV}
-    try:
-        with moto_s3() as url:
-            os.environ.update(
-                AWS_ENDPOINT_URL=url,
-                AWS_ACCESS_KEY_ID="testing",
-                AWS_SECRET_ACCESS_KEY="testing",
-                AWS_DEFAULT_REGION="us-east-1",
-            )
-            os.environ.pop("AWS_PROFILE", None)
-            yield url
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
-_AWS_ENV = (
-    "AWS_ENDPOINT_URL",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_DEFAULT_REGION",
-    "AWS_PROFILE",
-)
-
-
-@pytest.fixture
-def bucket(s3_endpoint: str, request: pytest.FixtureRequest) -> str:
-    name = f"bs-{request.node.name.replace('_', '-')[:40].lower()}"
-    boto3.client("s3").create_bucket(Bucket=name)
-    return name
 
 
 @pytest.fixture
@@ -352,3 +312,35 @@ def test_commands_on_an_export_url(version: Path, bucket: str, tmp_path: Path) -
         assert refused.exit_code == 2, (args, refused.output)
         (line,) = refused.output.strip().splitlines()
         assert line.startswith(f"error: s3://{bucket}/nightly") and "local" in line, line
+
+
+def test_corpus_on_an_export_url(version: Path, bucket: str, tmp_path: Path) -> None:
+    """`datasets corpus s3://...` unions the exported versions' token shards, read through
+    fsspec like `datasets list`; a version not there is one line that lists what is."""
+    from booksmith.flows.cli import app as booksmith
+    from booksmith.shards.catalog import corpus
+
+    second = tmp_path / "out" / "20261127T000000Z"
+    make_version(second, 10, encodings=["smollm2"])
+    root = f"s3://{bucket}/nightly"
+    for v in (version, second):
+        export(v, f"{root}/{v.name}")
+    runner = CliRunner()
+    shown = runner.invoke(booksmith, ["datasets", "corpus", root, "--encoding", "smollm2"])
+    assert shown.exit_code == 0, shown.output
+    view = json.loads(shown.stdout)
+    assert view["versions"] == [version.name, second.name] and view["documents"] == 50
+    assert view["files"] and all(f.startswith(f"{root}/") for f in view["files"])
+    table = corpus(root, "smollm2").dataset().to_table()
+    assert table.num_rows == 50 and sum(map(len, table["input_ids"].to_pylist())) == view["tokens"]
+    with pytest.raises(ValueError, match="where it was exported from, then export it again"):
+        corpus(root, "o200k_base")
+    one = runner.invoke(booksmith, ["datasets", "corpus", root, "--version", second.name])
+    assert one.exit_code == 0 and json.loads(one.stdout)["documents"] == 10
+    missing = runner.invoke(
+        booksmith, ["datasets", "corpus", root, "--version", "20990101T000000Z"]
+    )
+    assert missing.exit_code == 2
+    (line,) = missing.output.strip().splitlines()
+    assert f"{root}/20990101T000000Z: no such dataset version there" in line
+    assert f"{version.name}, {second.name}" in line
