@@ -289,6 +289,7 @@ async def test_error_file_lines_400_are_permanent_and_500_are_retried(
     assert (report.completed, report.failed) == (6, 2)
     assert report.failures == {"batch:http_400": 2}
     assert (report.requests, report.retries) == (10, 2)
+    assert report.retry_reasons == {"batch:http_500": 1, "batch:http_503": 1}  # the report's table
     assert server.batches_created == 2  # the original, then one with the two 5xx lines
     assert server.processed[ids[2]] == server.processed[ids[3]] == 2
     hit = cache.get(ids[2])
@@ -326,7 +327,7 @@ async def test_an_expired_batch_keeps_its_results_and_resubmits_the_rest(
     assert [server.processed[r.id] for r in reqs] == [1] * 8  # nothing answered twice
     records = list_batches(tmp_path / "batches")
     assert [(r.status, r.n_requests) for r in records] == [("expired", 8), ("completed", 5)]
-    assert report.retries == 5
+    assert report.retries == 5 and report.retry_reasons == {"batch:batch_expired": 5}
 
 
 async def test_the_budget_skips_requests_before_they_are_submitted_as_live_does(
