@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from booksmith.schemas import Document, arrow_schema
+from booksmith.schemas.arrow import conform
 from booksmith.schemas.jsonl import iter_jsonl
 from booksmith.schemas.manifest import ManifestError
 from booksmith.schemas.records import sha256_hex
@@ -66,7 +67,7 @@ def iter_tables(
         yield table
 
 
-def _check_row(where: str, row: dict[str, Any], required: tuple[str, ...]) -> None:
+def check_row(where: str, row: dict[str, Any], required: tuple[str, ...]) -> None:
     for name in required:
         if row.get(name) is None if name == "id" else name not in row:
             raise InputError(f"{where}: no `{name}` field (fields: {', '.join(row) or 'none'})")
@@ -124,7 +125,7 @@ def _jsonl_batches(
             raise InputError(f"{where}: records have inconsistent column types ({e})") from None
 
     for lineno, row in iter_jsonl(path, InputError):
-        _check_row(f"{path}:{lineno}", row, required)
+        check_row(f"{path}:{lineno}", row, required)
         if not uniform and row.get("id") is not None:
             row["id"] = str(row["id"])  # a Document's id is text: 7 and "7" are one id
         rows.append(row)
@@ -173,7 +174,7 @@ def iter_batches(
     rows = 0
     for table in iter_tables(path, batch_docs, uniform=False):
         if version:
-            table = table.cast(arrow_schema(Document))
+            table = conform(table, arrow_schema(Document))  # older versions lack columns
             yield [Document.model_validate(row) for row in table.to_pylist()], None
             continue
         docs = _counted([user_document(row) for row in table.to_pylist()], encoding)

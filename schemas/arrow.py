@@ -84,3 +84,25 @@ def _column(values: list[Any], dtype: pa.DataType) -> pa.Array:
             mask=pa.array(missing, pa.bool_()) if any(missing) else None,
         )
     return pa.array(values, type=dtype)
+
+
+def versioned_schema(model: type[BaseModel], schema_version: int) -> pa.Schema:
+    """A record's schema as a version of `schema_version` wrote it: before version 2 there were
+    no grounding columns (schemas/records.py)."""
+    from booksmith.schemas.records import GROUNDING_COLUMNS
+
+    schema = arrow_schema(model)
+    if schema_version < 2:
+        for name in GROUNDING_COLUMNS:
+            if name in schema.names:
+                schema = schema.remove(schema.get_field_index(name))
+    return schema
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """`table` cast to `schema`, its missing nullable columns added as nulls: a shard written
+    by an older schema version reads as the current records."""
+    for field in schema:
+        if field.name not in table.column_names and field.nullable:
+            table = table.append_column(field, pa.nulls(table.num_rows, field.type))
+    return table.select(schema.names).cast(schema)

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from booksmith.schemas.dedup_settings import DedupSettings
 from booksmith.schemas.filter_settings import FilterSettings
+from booksmith.schemas.grounding_settings import GroundingSettings, SourceSpec
 from booksmith.schemas.records import Sampling, canonical_json
 
 
@@ -338,7 +339,11 @@ class TrainSettings(_Strict):
 
 class RunConfig(_Strict):
     seed: int | None = None  # None: derived from the run's UTC date, so each night differs
-    topics: Path | None = None  # None: the bundled default seeds
+    topics: Path | None = None  # None: the bundled default seeds (none when `sources` is set)
+    # Records to ground generation in (filters/sources.py, pipeline/grounded.py); with
+    # `topics` too, both are planned by their shares (`grounding.topics_share`, `share`).
+    sources: list[SourceSpec] = Field(default_factory=list)
+    grounding: GroundingSettings = Field(default_factory=GroundingSettings)
     plan: PlanSettings = Field(default_factory=PlanSettings)
     generation: GenerationSettings = Field(default_factory=GenerationSettings)
     embedded: EmbeddedSettings = Field(default_factory=EmbeddedSettings)
@@ -354,12 +359,20 @@ class RunConfig(_Strict):
     dask: DaskSettings = Field(default_factory=DaskSettings)
     schedule: ScheduleSettings = Field(default_factory=ScheduleSettings)
 
+    @property
+    def plans_topics(self) -> bool:
+        """Topics are planned unless the run has sources and no topic file of its own."""
+        return not self.sources or self.topics is not None
+
     def config_hash(self) -> str:
         """Hash of what shapes the output (paths, and how the work is cut and spread, excluded),
         recorded in the manifest."""
+        # A run without sources hashes as before they existed (its versions' keys stay).
+        plain = {"sources": True, "grounding": True} if not self.sources else {}
         data = self.model_dump(
             mode="json",
             exclude={
+                **plain,
                 "plan": {"chunk_requests"},
                 # what decides whether and how a run goes on, not what it writes (the grown
                 # topics enter the run key through the topics themselves)

@@ -109,6 +109,9 @@ class GenerateCounts(_Strict):
 class PlanCounts(_Strict):
     requests: int = 0
     topics: dict[str, Any] = Field(default_factory=dict)  # the topic rotation's own account
+    # source name -> its account: path, checksum, share, records, passages, candidates, the
+    # pre-generation rejects by reason, planned passages, requests per recipe, licences
+    sources: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
 
 class ChunkCounts(_Strict):

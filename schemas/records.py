@@ -15,7 +15,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 # Bumped whenever a column is added, removed or changes meaning; written into every manifest.
-SCHEMA_VERSION = 1
+# 2: the grounded-generation provenance columns (GROUNDING_COLUMNS), null for topic requests.
+SCHEMA_VERSION = 2
 
 
 _CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
@@ -76,6 +77,25 @@ class Sampling(BaseModel):
         return data
 
 
+class Grounding(BaseModel):
+    """Where a grounded request's passage came from and how it was rewritten: columns of the
+    plan, text and rejected shards (all null for a request written from a topic)."""
+
+    source_id: str | None = None  # the input record's `id`, verbatim (as text)
+    source_passage: int | None = None  # the passage's index within its record
+    source_start: int | None = None  # its character span in the record's text
+    source_end: int | None = None
+    source_name: str | None = None
+    source_checksum: str | None = None  # sha256 over the source's records (id and text)
+    license: str | None = None  # the record's own licence, else the source's
+    recipe: str | None = None  # prompts/recipes.yaml
+    template_version: str | None = None  # sha256 of the recipe's template text, first 12
+
+
+# The columns schema version 2 added: a version written before has none of them.
+GROUNDING_COLUMNS = tuple(Grounding.model_fields)
+
+
 class GenerationRequest(BaseModel):
     """One chat completion to make. `id` is the hash of its request key (model, messages,
     sampling, sample index): the same plan yields the same ids and the same cache keys."""
@@ -96,6 +116,15 @@ class GenerationRequest(BaseModel):
     seed_words: list[str] = Field(default_factory=list)
     template: str = ""
     response_format: str | None = None  # JSON of OpenAI's response_format (structured output)
+    source_id: str | None = None  # the grounding columns (Grounding), null for topic requests
+    source_passage: int | None = None
+    source_start: int | None = None
+    source_end: int | None = None
+    source_name: str | None = None
+    source_checksum: str | None = None
+    license: str | None = None
+    recipe: str | None = None
+    template_version: str | None = None
 
     @staticmethod
     def key_payload(
@@ -263,6 +292,15 @@ class Document(BaseModel):
     quality_score: float | None = None
     run_id: str
     created_at: datetime
+    source_id: str | None = None  # the grounding columns (Grounding), null for topic requests
+    source_passage: int | None = None
+    source_start: int | None = None
+    source_end: int | None = None
+    source_name: str | None = None
+    source_checksum: str | None = None
+    license: str | None = None
+    recipe: str | None = None
+    template_version: str | None = None
 
     @classmethod
     def from_generation(
@@ -290,6 +328,7 @@ class Document(BaseModel):
             n_tokens=n_tokens,
             run_id=run_id,
             created_at=result.created_at,
+            **{name: getattr(request, name) for name in GROUNDING_COLUMNS},
         )
 
 

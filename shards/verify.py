@@ -16,16 +16,17 @@ from pathlib import Path
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pydantic import BaseModel
 
 from booksmith.schemas import Document, GenerationRequest, GenerationResult, Rejected
-from booksmith.schemas.arrow import arrow_schema
+from booksmith.schemas.arrow import versioned_schema
 from booksmith.schemas.manifest import MANIFEST, Manifest, ManifestError, Packed, ShardEntry
 from booksmith.shards.encodings import EncodingUnavailable, decoded_bytes, get_encoding
 from booksmith.shards.files import file_sha256
 from booksmith.shards.fs import filesystem, join
 from booksmith.shards.tokens import packed_schema, token_schema
 
-_RECORD_SCHEMAS = {
+_RECORD_SCHEMAS: dict[str, type[BaseModel]] = {
     "text": Document,
     "rejected": Rejected,
     "plan": GenerationRequest,
@@ -49,7 +50,7 @@ class VerifyReport:
 def _expected_schema(shard: ShardEntry, manifest: Manifest) -> pa.Schema | None:
     kind = shard.kind
     if kind in _RECORD_SCHEMAS:
-        return arrow_schema(_RECORD_SCHEMAS[kind])
+        return versioned_schema(_RECORD_SCHEMAS[kind], manifest.schema_version)
     entry = manifest.tokens.get(shard.encoding or "")
     if entry is None:
         return None

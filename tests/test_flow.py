@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from booksmith.pipeline.publish import RunNotPublished
-from booksmith.schemas import Document, arrow_schema
+from booksmith.schemas import SCHEMA_VERSION, Document, arrow_schema
 from booksmith.shards.files import file_sha256
 from booksmith.shards.version_dir import list_versions, read_manifest
 from tests.conftest import fake_backend_config
@@ -55,7 +55,7 @@ def test_nightly_writes_a_complete_dataset_version(
     assert list_versions(out) == [version]
     manifest = read_manifest(version)
     assert manifest.config_hash and manifest.code_version and manifest.tokens
-    assert manifest.schema_version == 1 and manifest.run_id == version.name
+    assert manifest.schema_version == SCHEMA_VERSION and manifest.run_id == version.name
     gen = manifest.counts.generate
     # every planned request is a document, a rejected document or a recorded failure
     assert gen.planned == 30 == gen.completed + gen.failed

@@ -16,7 +16,7 @@ import yaml
 from typer.testing import CliRunner
 
 from booksmith.flows.cli_shards import app
-from booksmith.schemas import Document, Rejected
+from booksmith.schemas import SCHEMA_VERSION, Document, Rejected
 from booksmith.schemas.manifest import Counts, Manifest
 from booksmith.schemas.records import sha256_hex
 from booksmith.shards import dataset as dataset_mod
@@ -109,7 +109,7 @@ def test_version_layout_manifest_and_counts(version: Path) -> None:
     for key in ("run_id", "counts", "shards", "tokens", "diversity", "config_hash", "code_version"):
         assert key in raw
     assert raw["manifest_version"] == 2
-    assert m.schema_version == 1 and m.documents == 60
+    assert m.schema_version == SCHEMA_VERSION and m.documents == 60
     kinds = {s.kind for s in m.shards}
     assert kinds == {"text", "tokens", "packed", "rejected", "plan", "failures"}
     # 60 documents at 25 rows a shard: 3 text shards, 3 token shards per encoding
