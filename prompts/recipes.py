@@ -1,0 +1,106 @@
+"""Grounded-generation recipes as data: `recipes.yaml` names each recipe's template (in
+`recipes/`) and the prompt axes it uses. Templates render sandboxed with StrictUndefined and are
+checked when the library loads (an unknown variable, or an axis the recipe does not declare, is
+an error naming the template); the passage is passed as data, never evaluated as template code.
+A recipe's version is a digest of its template's text, so editing a template changes the
+version every document written with it records.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from jinja2 import StrictUndefined, Template, TemplateError, meta
+from jinja2.sandbox import SandboxedEnvironment
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from booksmith.prompts import Axes, PromptError, _package_dir
+from booksmith.schemas.config import format_validation_error
+
+AxisName = Literal["audience", "style", "format"]
+# What the grounded plan passes to a recipe's template, besides the axes it declares.
+RECIPE_VARIABLES = frozenset({"passage", "title"})
+
+
+class Recipe(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    template: str = Field(min_length=1)
+    axes: list[AxisName] = Field(default_factory=list)
+    origin: str = ""
+
+
+class RecipeLibrary:
+    """The recipes, their compiled templates and versions; `render` makes one prompt."""
+
+    def __init__(self, axes: Axes, path: Path | None = None, templates: Path | None = None):
+        self.path = path or _package_dir() / "recipes.yaml"
+        self.templates_dir = templates or _package_dir() / "recipes"
+        self.axes = axes
+        self.recipes = self._load(self.path)
+        self.env = SandboxedEnvironment(undefined=StrictUndefined, autoescape=False)
+        self.compiled: dict[str, Template] = {}
+        self.versions: dict[str, str] = {}
+        for name, recipe in self.recipes.items():
+            self._check(name, recipe)
+
+    @staticmethod
+    def _load(path: Path) -> dict[str, Recipe]:
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError) as e:
+            raise PromptError(f"{path}: cannot read recipes: {e}") from None
+        if not isinstance(data, dict) or not data:
+            raise PromptError(f"{path}: expected a mapping of recipe name -> template, axes")
+        try:
+            return {str(k): Recipe.model_validate(v) for k, v in data.items()}
+        except ValidationError as e:
+            raise PromptError(format_validation_error(e, str(path))) from None
+
+    def _check(self, name: str, recipe: Recipe) -> None:
+        path = self.templates_dir / f"{recipe.template}.j2"
+        try:
+            source = path.read_text(encoding="utf-8")
+        except OSError:
+            raise PromptError(
+                f"{self.path}: recipe {name!r}: no template {path} (recipes[].template)"
+            ) from None
+        allowed = RECIPE_VARIABLES | set(recipe.axes)
+        try:
+            unknown = meta.find_undeclared_variables(self.env.parse(source)) - allowed
+            if unknown:
+                raise PromptError(
+                    f"{path}: uses {sorted(unknown)}, which recipe {name!r} does not get; "
+                    f"declare an axis in {self.path.name} or use {sorted(allowed)}"
+                )
+            template = self.env.from_string(source)
+            template.render(self._sample(recipe))  # catches unknown axis fields
+        except TemplateError as e:
+            raise PromptError(f"{path}: recipe {name!r}: {e}") from None
+        self.compiled[name] = template
+        self.versions[name] = hashlib.sha256(source.encode("utf-8")).hexdigest()[:12]
+
+    def _sample(self, recipe: Recipe) -> dict[str, Any]:
+        first = {
+            "audience": next(iter(self.axes.audiences.values())),
+            "style": next(iter(self.axes.styles.values())),
+            "format": next(iter(self.axes.formats.values())),
+        }
+        return {"passage": "Text.", "title": "Title", **{a: first[a] for a in recipe.axes}}
+
+    def check_names(self, names: list[str], where: str) -> None:
+        """A routing table naming a recipe that does not exist fails before any planning."""
+        for name in names:
+            if name not in self.recipes:
+                raise PromptError(
+                    f"{where}: no recipe {name!r}; recipes: {sorted(self.recipes)} (in {self.path})"
+                )
+
+    def render(self, name: str, **variables: Any) -> str:
+        try:
+            return self.compiled[name].render(**variables).strip()
+        except TemplateError as e:
+            raise PromptError(f"recipe {name!r}: {e}") from None
