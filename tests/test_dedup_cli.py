@@ -75,14 +75,23 @@ def test_dedup_parquet_against_an_index_and_commit(tmp_path: Path) -> None:
     shown = runner.invoke(app, ["dedup-index", "show", str(index)])
     assert shown.exit_code == 0 and "corpus-1\t2" in shown.output
     assert "taken down" not in shown.output
-    FileIndex(index).flag_taken_down(["b"])  # as `datasets takedown` does
-    shown = runner.invoke(app, ["dedup-index", "show", str(index)])
-    assert shown.stdout.splitlines() == ["corpus-1\t2", "taken down: b\tcorpus-1"]
     removed = runner.invoke(app, ["dedup-index", "remove", str(index), "corpus-1"])
     assert removed.exit_code == 0, removed.output
     again = runner.invoke(app, ["dedup", str(second), "--out", str(out2), "--against", str(index)])
     assert again.exit_code == 0
     assert pq.read_table(out2 / "kept.parquet").num_rows == 2
+    # a taken-down document: shown as such, and its entry outlives its run's removal
+    result = runner.invoke(app, [*args, "--commit-as", "corpus-2"])
+    assert result.exit_code == 0, result.output
+    FileIndex(index).flag_taken_down(["b"])  # as `datasets takedown` does
+    shown = runner.invoke(app, ["dedup-index", "show", str(index)])
+    assert shown.stdout.splitlines() == ["corpus-2\t2", "taken down: b\tcorpus-2"]
+    removed = runner.invoke(app, ["dedup-index", "remove", str(index), "corpus-2"])
+    assert "removed 1 documents of run corpus-2" in removed.output
+    shown = runner.invoke(app, ["dedup-index", "show", str(index)])
+    assert shown.stdout.splitlines() == ["corpus-2\t1", "taken down: b\tcorpus-2"]
+    again = runner.invoke(app, ["dedup", str(second), "--out", str(out2), "--against", str(index)])
+    assert pq.read_table(out2 / "kept.parquet").column("id").to_pylist() == ["d"]
 
 
 def test_dedup_against_redis(tmp_path: Path, redis_url: str) -> None:  # noqa: F811

@@ -121,8 +121,17 @@ def test_taken_down_entries_are_flagged_and_still_block(make_index) -> None:
     rejected = _nightly(make_index(), "run3", _docs(again + CORPUS.texts[40:42], "c"))
     assert sorted((r.id, r.duplicate_of) for r in rejected) == [("c0", "a3"), ("c1", "b4")]
     assert make_index().taken_down() == {"a3": "run1", "b4": "run2"}  # a later commit keeps them
-    assert remove_run(make_index(), "run1") == 10
-    assert make_index().taken_down() == {"b4": "run2"}
+    # its version retired: the run's entries go, but for the taken-down one, which still blocks
+    assert remove_run(make_index(), "run1") == 9
+    assert remove_run(make_index(), "run1") == 0  # (as every later prune finds it)
+    assert make_index().runs() == {"run1": 1, "run2": 10, "run3": 2}
+    assert make_index().taken_down() == {"a3": "run1", "b4": "run2"}
+    rejected = _nightly(make_index(), "run4", _docs([CORPUS.texts[3], CORPUS.texts[5]], "d"))
+    assert [(r.id, r.duplicate_of) for r in rejected] == [("d0", "a3")]
+    # a retried commit of a run replaces it, and keeps the flags of the ids it still holds
+    commit(make_index(), "run2", _docs(CORPUS.texts[10:14], "b"))
+    assert make_index().taken_down() == {"a3": "run1"}
+    assert make_index().runs()["run2"] == 4
 
 
 def test_taken_down_flags_in_an_index_written_before_them(tmp_path: Path) -> None:

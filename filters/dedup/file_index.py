@@ -9,8 +9,9 @@ memory-mapped lookup tables (lookup.py: sorted band keys, signatures, exact keys
 memory does not grow with the runs behind it. Writes take a lock file, write the segment under
 a new name, then replace `index.json` atomically: a crash leaves the old index whole (a new
 index writes its empty `index.json` first, so even a crash in the first write leaves one).
-`index.json`'s optional `taken_down` (id -> run id) flags the entries of taken-down documents;
-an index written before it has none and opens as it did. A
+`index.json`'s optional `taken_down` (id -> run id) flags the entries of taken-down documents,
+which removing their run leaves in place; an index written before it has none and opens as it
+did. A
 corrupt or foreign `index.json` or segment is an error naming the file; nothing is then
 written, so the index is never replaced by less than it held.
 """
@@ -163,46 +164,25 @@ class FileIndex:
             raise ValueError("ids, signatures and exact keys differ in length")
         if sigs.shape[1:] != (self.params.num_perm,):
             raise ValueError(f"signatures must have {self.params.num_perm} values")
+        table = pa.table(
+            {
+                "id": pa.array([str(i) for i in ids], pa.string()),
+                "exact": pa.array(np.asarray(exact, dtype=np.uint64)),
+                "sig": pa.FixedSizeBinaryArray.from_buffers(
+                    pa.binary(4 * self.params.num_perm),
+                    len(ids),
+                    [None, pa.py_buffer(np.ascontiguousarray(sigs, dtype="<u4"))],
+                ),
+            },
+            schema=_schema(self.params.num_perm),
+        )
         with self._locked() as manifest:
             generation = int(manifest["generation"]) + 1
-            safe = re.sub(r"[^A-Za-z0-9._-]", "_", run_id)[:80]
-            rel = f"segments/{generation:08d}-{safe}.parquet"
-            target = self.path / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            table = pa.table(
-                {
-                    "id": pa.array([str(i) for i in ids], pa.string()),
-                    "exact": pa.array(np.asarray(exact, dtype=np.uint64)),
-                    "sig": pa.FixedSizeBinaryArray.from_buffers(
-                        pa.binary(4 * self.params.num_perm),
-                        len(ids),
-                        [None, pa.py_buffer(np.ascontiguousarray(sigs, dtype="<u4"))],
-                    ),
-                },
-                schema=_schema(self.params.num_perm),
-            )
-            # Signatures are random bytes: compressing them costs time and saves nothing.
-            write_table_atomically(
-                table,
-                target,
-                compression={"id": "zstd", "exact": "none", "sig": "none"},
-                use_dictionary=False,
-            )
-            sha = file_sha256(target)
-            build(table, self._lookup_dir({"file": rel}), self.params, sha)
             replaced = [s for s in manifest["segments"] if s["run_id"] == run_id]
             for s in replaced:
                 s["_removing"] = True
             segments = [s for s in manifest["segments"] if s["run_id"] != run_id]
-            segments.append(
-                {
-                    "run_id": run_id,
-                    "file": rel,
-                    "rows": len(ids),
-                    "bytes": target.stat().st_size,
-                    "sha256": sha,
-                }
-            )
+            segments.append(self._write_segment(generation, run_id, table))
             new = {
                 **manifest,
                 "generation": generation,
@@ -221,31 +201,65 @@ class FileIndex:
             self._drop_stale_lookups(segments)
         return len(ids)
 
+    def _write_segment(self, generation: int, run_id: str, table: pa.Table) -> dict[str, Any]:
+        """One run's entries as a new segment file and its lookup tables; its manifest entry."""
+        safe = re.sub(r"[^A-Za-z0-9._-]", "_", run_id)[:80]
+        rel = f"segments/{generation:08d}-{safe}.parquet"
+        target = self.path / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # Signatures are random bytes: compressing them costs time and saves nothing.
+        write_table_atomically(
+            table,
+            target,
+            compression={"id": "zstd", "exact": "none", "sig": "none"},
+            use_dictionary=False,
+        )
+        sha = file_sha256(target)
+        build(table, self._lookup_dir({"file": rel}), self.params, sha)
+        return {
+            "run_id": run_id,
+            "file": rel,
+            "rows": table.num_rows,
+            "bytes": target.stat().st_size,
+            "sha256": sha,
+        }
+
     def remove_run(self, run_id: str) -> int:
-        """Remove one run's entries; returns how many were removed (0 if it was not there)."""
+        """Remove one run's entries, except those of taken-down documents (they keep blocking
+        the text: a retired version's takedown still holds); returns how many were removed."""
         if not (self.path / MANIFEST).exists():
             return 0
         with self._locked() as manifest:
             gone = [s for s in manifest["segments"] if s["run_id"] == run_id]
-            if not gone:
-                return 0
+            flags = manifest.get("taken_down", {})
+            held = {i for i, r in flags.items() if r == run_id}
+            rows = sum(int(s["rows"]) for s in gone)
+            if rows == len(held):
+                return 0  # nothing, or only taken-down entries: nothing to remove
             for s in gone:
                 s["_removing"] = True
+            generation = int(manifest["generation"]) + 1
             segments = [s for s in manifest["segments"] if s["run_id"] != run_id]
+            if held:
+                kept = self._taken_down_rows(gone, held)
+                segments.append(self._write_segment(generation, run_id, kept))
             new = {
                 **manifest,
-                "generation": int(manifest["generation"]) + 1,
+                "generation": generation,
                 "segments": segments,
                 "entries": sum(int(s["rows"]) for s in segments),
             }
-            # the flags go with their entries (a flag without its entry blocks nothing)
-            if flags := manifest.get("taken_down"):
-                new["taken_down"] = {i: r for i, r in flags.items() if r != run_id}
             self._write_manifest(new, manifest)
             for s in gone:
                 (self.path / s["file"]).unlink(missing_ok=True)
             self._drop_stale_lookups(segments)
-            return sum(int(s["rows"]) for s in gone)
+            return rows - len(held)
+
+    def _taken_down_rows(self, segments: list[dict[str, Any]], ids: set[str]) -> pa.Table:
+        wanted = pa.array(sorted(ids), pa.string())
+        tables = [pq.read_table(self.path / s["file"]) for s in segments]
+        table = pa.concat_tables(tables)
+        return table.filter(pc.is_in(table.column("id"), value_set=wanted))
 
     def flag_taken_down(self, ids: Iterable[str]) -> int:
         """Flag the entries of these document ids as taken down; the entries themselves stay

@@ -3,8 +3,9 @@
 For many workers: datasketch's own `MinHashLSH` with `storage_config={"type": "redis",
 "basename": ...}` holds the band buckets; beside it, under `<basename>:bk:*`, signatures, exact
 keys and each run's members (for `remove_run`), and `<basename>:bk:taken_down` (document id ->
-run id) flagging the entries of taken-down documents. Keys are raw bytes (`prepickle=False`):
-nothing read from a shared server is ever unpickled.
+run id) flagging the entries of taken-down documents, which removing their run leaves in
+place. Keys are raw bytes (`prepickle=False`): nothing read from a shared server is ever
+unpickled.
 """
 
 from __future__ import annotations
@@ -132,7 +133,11 @@ class RedisIndex:
 
         if len(ids) != sigs.shape[0] or len(ids) != exact.shape[0]:
             raise ValueError("ids, signatures and exact keys differ in length")
-        self.remove_run(run_id)  # replace: a retried commit never doubles a run
+        # replace: a retried commit never doubles a run (its flags stay on the ids it still has)
+        flagged = [i for i, r in self.taken_down().items() if r == run_id]
+        self._drop(run_id, list(self._r.smembers(self._p + "run:" + run_id)), keep=0)
+        if gone := sorted(set(flagged) - {str(i) for i in ids}):
+            self._r.hdel(self._p + "taken_down", *gone)
         self._r.hset(self._p + "meta", mapping=self._meta)
         keys = [self._key(run_id, str(i)) for i in ids]
         # Order: members, then buckets, then signatures, then the run's count. A crash leaves a
@@ -166,30 +171,42 @@ class RedisIndex:
         return len(keys)
 
     def remove_run(self, run_id: str) -> int:
+        """Remove one run's entries, except those of taken-down documents (they keep blocking
+        the text: a retired version's takedown still holds); returns how many were removed."""
         members = list(self._r.smembers(self._p + "run:" + run_id))
         if not members and not self._r.hexists(self._p + "runs", run_id):
             return 0
+        flagged = {self._key(run_id, i) for i, r in self.taken_down().items() if r == run_id}
+        held = flagged & set(members)
+        gone = [k for k in members if k not in held]
+        if held and not gone:
+            return 0  # only taken-down entries: nothing to remove
+        self._drop(run_id, gone, keep=len(held))
+        return len(gone)
+
+    def _drop(self, run_id: str, keys: list[bytes], keep: int) -> None:
+        """Delete these entries of a run; with `keep`, that many of its entries stay."""
         with self.lsh.deletion_session(buffer_size=10_000) as session:
-            for key in members:
+            for key in keys:
                 if key in self.lsh:
                     session.remove(key)
-        values = self._r.hmget(self._p + "sig", members) if members else []
+        values = self._r.hmget(self._p + "sig", keys) if keys else []
         pipe = self._r.pipeline()
-        for key, value in zip(members, values, strict=True):
+        for key, value in zip(keys, values, strict=True):
             if value is not None:
                 exact_field = value[4 * self.params.num_perm :]
                 if self._r.hget(self._p + "exact", exact_field) == key:
                     pipe.hdel(self._p + "exact", exact_field)
-        if members:
-            pipe.hdel(self._p + "sig", *members)
-        pipe.delete(self._p + "run:" + run_id)
-        pipe.hdel(self._p + "runs", run_id)
-        # the flags go with their entries (a flag without its entry blocks nothing)
-        flagged = [i for i, r in self.taken_down().items() if r == run_id]
-        if flagged:
-            pipe.hdel(self._p + "taken_down", *flagged)
+        if keys:
+            pipe.hdel(self._p + "sig", *keys)
+        if keep:
+            if keys:
+                pipe.srem(self._p + "run:" + run_id, *keys)
+            pipe.hset(self._p + "runs", run_id, str(keep))
+        else:
+            pipe.delete(self._p + "run:" + run_id)
+            pipe.hdel(self._p + "runs", run_id)
         pipe.execute()
-        return len(members)
 
     def flag_taken_down(self, ids: Iterable[str]) -> int:
         """Flag the entries of these document ids as taken down (they stay, and still block
