@@ -15,6 +15,7 @@ the dry run.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -148,7 +149,9 @@ def apply_takedown(plan: TakedownPlan) -> TakedownResult:
     from booksmith.shards.catalog import takedown
 
     out, drop = plan.out, plan.drop
+    opened = _openers_of(out, set(plan.places), drop)
     result = TakedownResult(removed=takedown(out, drop))
+    _lower_openers(out, opened)
     failed = state_dir(out) / FAILED_DIR
     result.set_aside = takedown(failed, drop)
     result.unreached += [_unfinished_line(out, r, n) for r, n in plan.unfinished.items()]
@@ -168,6 +171,38 @@ def apply_takedown(plan: TakedownPlan) -> TakedownResult:
         _rewrite(out, copy, result)
     _log(plan, result)
     return result
+
+
+def _openers_of(out: Path, versions: set[str], drop: set[str]) -> dict[str, Counter[str]]:
+    """The opening words of the kept documents about to go, per version."""
+    import pyarrow.dataset as pads
+
+    from booksmith.generation.diversity import openers
+    from booksmith.shards.version_dir import read_manifest
+
+    found = {}
+    for run_id in sorted(versions):
+        paths = [str(out / run_id / p) for p in read_manifest(out / run_id).shard_paths("text")]
+        table = pads.dataset(paths).to_table(
+            columns=["text"], filter=pads.field("id").isin(sorted(drop))
+        )
+        found[run_id] = openers(table.column("text").to_pylist())
+    return found
+
+
+def _lower_openers(out: Path, gone: dict[str, Counter[str]]) -> None:
+    """The manifest's most common openers without the documents taken down (the report
+    quotes them: an opener of one document is its first words); the other diversity
+    figures stay as measured."""
+    from booksmith.shards.dataset import commit_manifest
+    from booksmith.shards.version_dir import read_manifest
+
+    for run_id, counts in gone.items():
+        m = read_manifest(out / run_id)
+        top = [(o, n - counts[o]) for o, n in m.diversity.top_openers]
+        if counts and top != m.diversity.top_openers:
+            m.diversity.top_openers = [(o, n) for o, n in top if n > 0]
+            commit_manifest(out / run_id, m)
 
 
 def _unfinished_line(out: Path, run_id: str, rows: int) -> str:

@@ -22,6 +22,7 @@ import pytest
 from typer.testing import CliRunner, Result
 
 from booksmith.flows.cli import app
+from booksmith.generation.diversity import openers
 from booksmith.shards.verify import verify
 from booksmith.shards.version_dir import read_manifest
 from tests.conftest import fake_backend_config
@@ -132,6 +133,8 @@ def test_takedown_reaches_every_copy(
         target, twins = near_duplicated(first)
         texts = texts_of(first, {target, *twins})
         assert len(texts) == 1 + len(twins)
+        (opener,) = openers(texts_of(first, {target}))  # its first words, in the report
+        assert opener in dict(read_manifest(first).diversity.top_openers)
         places = make_copies(first, bins, mirror, bucket)
         # the search sees the texts in every place before the takedown
         assert any("responses.sqlite" in f for f in found(local_files(out), texts))
@@ -145,6 +148,8 @@ def test_takedown_reaches_every_copy(
         assert result["unreached"] == [] and len(result["rewritten"]) == 4
         assert result["index_flagged"] == 1
         assert found(local_files(out), texts) == []
+        assert opener not in dict(read_manifest(first).diversity.top_openers)
+        assert f"`{opener}`" not in (first / "report" / "report.md").read_text()
         assert found(local_files(mirror), texts) == []
         assert found(s3_files(bucket), texts) == []
         assert verify(f"s3://{bucket}/nightly/{first.name}").ok
