@@ -109,11 +109,20 @@ TopicsOption = Annotated[Path | None, typer.Option(help="Topic seeds (YAML, JSON
 OutOption = Annotated[Path | None, typer.Option(help="Output directory of dataset versions.")]
 LimitOption = Annotated[int | None, typer.Option(help="Cap the number of requests.", min=1)]
 SeedOption = Annotated[int | None, typer.Option(help="Run seed (default: from today's date).")]
+SourcesOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        help="Records to ground generation in: a JSONL or Parquet file or folder of {id, text, "
+        "license?}, or a dataset version; local or s3://. Repeat for several. Alone, the run "
+        "plans from them only; with --topics, both by their shares."
+    ),
+]
 
 
 def _run_config(
-    config: Path | None, topics: Path | None, out: Path | None, limit: int | None, seed: int | None
-) -> RunConfig:
+    config: Path | None, topics: Path | None, out: Path | None, limit: int | None,
+    seed: int | None, sources: list[str] | None = None,
+) -> RunConfig:  # fmt: skip
     from booksmith.flows.nightly import resolve_config
 
     return resolve_config(
@@ -122,7 +131,19 @@ def _run_config(
         str(out) if out else None,
         limit,
         seed,
+        sources,
     )
+
+
+def _check_inputs(cfg: RunConfig) -> None:
+    """The topic file and every source are readable: bad input fails before Prefect starts."""
+    from booksmith.filters.sources import Source
+    from booksmith.generation.seeds import load_seeds
+
+    if cfg.plans_topics:
+        load_seeds(cfg.topics)
+    for spec in cfg.sources:
+        Source(spec).files()
 
 
 @app.command()
@@ -132,20 +153,20 @@ def run(
     out: OutOption = None,
     limit: LimitOption = None,
     seed: SeedOption = None,
+    sources: SourcesOption = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Prefect's logs.")] = False,
 ) -> None:
     """Run the nightly flow once: plan, generate, filter, write a dataset version."""
     configure_prefect(quiet=not verbose)
     from booksmith.generation import preflight, progress
     from booksmith.generation.breaker import EndpointFailing
-    from booksmith.generation.seeds import load_seeds
     from booksmith.pipeline.publish import RunNotPublished
     from booksmith.shards.version_dir import read_manifest
 
     try:
         # Validate before starting Prefect, so bad input fails fast and writes nothing.
-        cfg = _run_config(config, topics, out, limit, seed)
-        load_seeds(cfg.topics)
+        cfg = _run_config(config, topics, out, limit, seed, sources)
+        _check_inputs(cfg)
         preflight.check(cfg)  # every problem at once, in seconds, before Prefect starts
         from booksmith.flows.nightly import nightly
         from booksmith.flows.task_runners import with_runner
@@ -164,6 +185,7 @@ def run(
                     out=str(out) if out else None,
                     limit=limit,
                     seed=seed,
+                    sources=sources,
                 )
         finally:
             unsubscribe()
@@ -204,6 +226,7 @@ def plan(
     out: OutOption = None,
     limit: LimitOption = None,
     seed: SeedOption = None,
+    sources: SourcesOption = None,
     write: Annotated[
         Path | None, typer.Option("--write", "-o", help="Write the plan to this Parquet file.")
     ] = None,
@@ -215,20 +238,16 @@ def plan(
     from collections import Counter
     from datetime import UTC, datetime
 
-    from booksmith.flows.nightly import make_plan, seed_for
-    from booksmith.generation.coverage import select_topics
+    from booksmith.flows.nightly import make_plan, run_topics, seed_for
     from booksmith.generation.estimate import estimate
-    from booksmith.generation.grow import with_grown
-    from booksmith.generation.seeds import load_seeds
     from booksmith.schemas import GenerationRequest
     from booksmith.schemas.arrow import to_table
     from booksmith.shards.dataset import SingleFileWriter
 
     try:
-        cfg = _run_config(config, topics, out, limit, seed)
+        cfg = _run_config(config, topics, out, limit, seed, sources)
         run_seed = cfg.seed if cfg.seed is not None else seed_for(datetime.now(UTC).date())
-        every = with_grown(load_seeds(cfg.topics), cfg.output.dir)  # as the run plans
-        seeds, selection = select_topics(every, cfg.plan, cfg.output.dir)
+        seeds, selection = run_topics(cfg)  # as the run plans
         requests = make_plan(
             seeds, cfg, run_seed, samples_per_topic=cfg.plan.samples_per_topic,
             limit=cfg.plan.limit,

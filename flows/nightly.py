@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, cast
@@ -49,9 +49,11 @@ from booksmith.generation.grow import add_grown, as_node, leaves_to_grow, with_g
 from booksmith.generation.plan import plan_for
 from booksmith.generation.scaleout import assign, merge_reports, partition, share_budget
 from booksmith.generation.seeds import load_seeds
+from booksmith.generation.source_state import record_planned, recorded, version_keys
 from booksmith.pipeline.checkpoint import run_key
 from booksmith.pipeline.chunks import Chunk, ChunkStats
 from booksmith.pipeline.drive import run_rounds
+from booksmith.pipeline.grounded import MixedPlan
 from booksmith.pipeline.publish import RunNotPublished, publish_problem
 from booksmith.pipeline.run import StreamingRun, completed_version, resumable_run
 from booksmith.schemas import GenerationRequest, GenerationResult, TopicSeed
@@ -80,9 +82,14 @@ def resolve_config(
     out: str | None = None,
     limit: int | None = None,
     seed: int | None = None,
+    sources: list[str] | None = None,
 ) -> RunConfig:
-    """The config file with the command line's flags on top (flags win)."""
-    overrides = {"topics": topics, "output.dir": out, "plan.limit": limit, "seed": seed}
+    """The config file with the command line's flags on top (flags win; `--sources` replaces
+    the config's sources, each with share 1)."""
+    overrides: dict[str, Any] = {
+        "topics": topics, "output.dir": out, "plan.limit": limit, "seed": seed,
+        "sources": [{"path": p} for p in sources] if sources else None,
+    }  # fmt: skip
     return load_config(Path(config) if config else None, overrides)
 
 
@@ -94,18 +101,28 @@ def resolve_config(
 def load_topics(cfg: RunConfig, seed: int) -> tuple[list[TopicSeed], dict[str, Any], str]:
     """The seed file's topics, narrowed to this run's share when `plan.topics_per_run` is set,
     and the run's key (config, seed and every seed topic: what makes two runs the same)."""
-    every = with_grown(load_seeds(cfg.topics), cfg.output.dir)  # the tree grown so far too
+    every = all_topics(cfg)
     seeds, selection = select_topics(every, cfg.plan, cfg.output.dir)
     return seeds, selection, run_key(cfg, seed, every)
+
+
+def all_topics(cfg: RunConfig) -> list[TopicSeed]:
+    """The seed file's topics and the tree grown so far; none for a run with sources and no
+    topic file (it plans from the sources only)."""
+    if not cfg.plans_topics:
+        return []
+    return with_grown(load_seeds(cfg.topics), cfg.output.dir)
+
+
+def run_topics(cfg: RunConfig) -> tuple[list[TopicSeed], dict[str, Any]]:
+    """This run's topics and the rotation's account, as `load_topics` picks them."""
+    return select_topics(all_topics(cfg), cfg.plan, cfg.output.dir)
 
 
 def announce_estimate(cfg: RunConfig, seeds: list[TopicSeed], seed: int) -> Estimate:
     """The first round's tokens and dollars, logged and shown by the CLI before the first
     request; over the budget it warns, or raises OverBudget when the budget says refuse."""
-    plan = cfg.plan
-    requests = plan_for(cfg, seeds, seed, samples_per_topic=plan.samples_per_topic,
-                        limit=plan.limit)  # fmt: skip
-    est = estimate(requests, cfg, len(seeds))
+    est = estimate(first_round(cfg, seeds, seed), cfg, len(seeds))
     logger = get_run_logger()
     logger.info(est.line())
     progress.emit("estimate", line=est.line())
@@ -115,10 +132,22 @@ def announce_estimate(cfg: RunConfig, seeds: list[TopicSeed], seed: int) -> Esti
     return est
 
 
+def first_round(cfg: RunConfig, seeds: list[TopicSeed], seed: int) -> Iterator[GenerationRequest]:
+    """The first round's requests as a run plans them: topics, sources or both (the sources
+    are read and their passages filtered again, to count what the run will ask)."""
+    if cfg.sources:
+        return MixedPlan(cfg, seeds, seed).requests()
+    plan = cfg.plan
+    return plan_for(cfg, seeds, seed, samples_per_topic=plan.samples_per_topic,
+                    limit=plan.limit)  # fmt: skip
+
+
 def make_plan(
     seeds: list[TopicSeed], cfg: RunConfig, seed: int, **kw: Any
 ) -> list[GenerationRequest]:
     """The requests for these topics under the run config (`booksmith plan`'s preview)."""
+    if cfg.sources:
+        return list(first_round(cfg, seeds, seed))
     return list(plan_for(cfg, seeds, seed, **kw))
 
 
@@ -325,9 +354,10 @@ def nightly(
     out: str | None = None,
     limit: int | None = None,
     seed: int | None = None,
+    sources: list[str] | None = None,
 ) -> str:
     """Generate one dataset version; returns its directory."""
-    cfg = resolve_config(config, topics, out, limit, seed)
+    cfg = resolve_config(config, topics, out, limit, seed, sources)
     preflight.check(cfg)  # in seconds, before anything is planned or spent
     # A scheduled run's date is its scheduled time (a late start still plans its own night).
     started = flow_run.scheduled_start_time or datetime.now(UTC)
@@ -401,6 +431,7 @@ def stream_chunks(
             crash_point("index.commit")
             commit_index(run)
             crash_point("index.committed")
+            run.commit_sources()
             return manifest
     finally:
         if index is not None:
@@ -420,6 +451,8 @@ def not_published(cfg: RunConfig, run_id: str, problem: str) -> RunNotPublished:
 def already_done(cfg: RunConfig, version: Path) -> Path:
     """A rerun of a complete version: release it and write its report if a kill cut them."""
     sweep_abandoned(cfg.output.dir)
+    if cfg.sources and not recorded(cfg.output.dir, version.name):  # killed before it
+        record_planned(cfg.output.dir, version.name, version_keys(version))
     if not (version / "report" / "report.md").exists():
         render_report(version)
     get_run_logger().info("nothing to do: %s has this config, seed and topics", version)

@@ -28,6 +28,7 @@ from booksmith.generation.ledger import GenerationReport
 from booksmith.generation.plan import plan_for
 from booksmith.pipeline.chunks import Chunk
 from booksmith.pipeline.finalize import Tally
+from booksmith.pipeline.grounded import MixedPlan
 from booksmith.schemas import GenerationRequest, TopicSeed
 from booksmith.schemas.config import RunConfig
 
@@ -56,9 +57,14 @@ class Rounds:
     planned_by_topic: Counter[str] = field(default_factory=Counter)
     _round_planned: int = 0
     _first_round: int = 0  # requests the first round planned (the cap's unit)
+    # The first round's grounded requests (a run with sources): their account and passages.
+    grounded: MixedPlan | None = None
 
     def first(self) -> Iterator[Chunk]:
         plan = self.cfg.plan
+        if self.cfg.sources:  # fill rounds plan topics only: the sources' share is planned once
+            self.grounded = MixedPlan(self.cfg, self.seeds, self.seed)
+            return self._chunks(self.grounded.requests())
         requests = plan_for(
             self.cfg, self.seeds, self.seed, samples_per_topic=plan.samples_per_topic,
             limit=plan.limit,

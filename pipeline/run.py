@@ -10,6 +10,7 @@ from types import TracebackType
 from typing import Any
 
 from booksmith.filters.dedup import DedupIndex
+from booksmith.generation.source_state import record_planned
 from booksmith.pipeline.checkpoint import Checkpoint
 from booksmith.pipeline.chunks import Chunk, ChunkPipeline, ChunkStats, RunState
 from booksmith.pipeline.finalize import Finished, Tally, commit_index, tally, write_chunks
@@ -129,8 +130,10 @@ class StreamingRun:
         }
         if not cfg.dedup.exact:
             filters.pop("dedup_exact")
+        grounded = self.rounds.grounded
+        sources = {"sources": grounded.account()} if grounded is not None else {}
         counts = Counts.model_validate({
-            "plan": {"requests": self.rounds.planned, **counts_extra.get("plan", {})},
+            "plan": {"requests": self.rounds.planned, **counts_extra.get("plan", {}), **sources},
             "fill": self.rounds.account(),
             "generate": st.generation.summary(),
             "filter": filters,
@@ -168,6 +171,12 @@ class StreamingRun:
 
     def commit_index(self) -> int:
         return commit_index(self.index, self.state, self.run_id, self.finished.kept_rows)
+
+    def commit_sources(self) -> Path | None:
+        """Record the source passages this published run planned: later runs skip them."""
+        if self.rounds.grounded is None:
+            return None
+        return record_planned(self.cfg.output.dir, self.run_id, self.rounds.grounded.keys())
 
     def close(self, ok: bool) -> None:
         self.state.close()

@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from booksmith.schemas.manifest import Manifest
+from booksmith.shards.card_sources import card_license, card_sources, sources_section
 
 _SIZE_BOUNDS = [
     (1_000, "n<1K"),
@@ -48,8 +49,9 @@ def front_matter(manifest: Manifest) -> dict[str, Any]:
             configs.append(_config(packed_name, f"{packed.path}/*.parquet"))
     configs.append(_config("rejected", "rejected/*.parquet"))
     languages = sorted(manifest.languages) or list(card.get("language", ["en"]))
-    return {
-        "license": card.get("license", "other"),
+    sources = card_sources(manifest)
+    meta = {
+        "license": card_license(card.get("license", "other"), sources),
         "language": languages,
         "size_categories": [size_category(manifest.documents)],
         "task_categories": ["text-generation"],
@@ -57,6 +59,9 @@ def front_matter(manifest: Manifest) -> dict[str, Any]:
         "pretty_name": card.get("pretty_name", f"booksmith {manifest.run_id}"),
         "configs": configs,
     }
+    if sources:
+        meta["sources"] = sources
+    return meta
 
 
 def _table(rows: list[tuple[str, Any]]) -> str:
@@ -105,7 +110,7 @@ pretraining experiments, not as a source of facts.
 
 {_table(summary)}
 
-## Tokens
+{sources_section(meta.get("sources", []))}## Tokens
 
 {chr(10).join(token_rows)}
 

@@ -1,0 +1,238 @@
+"""A run's first round when it has sources: grounded requests, mixed with topic requests by the
+configured shares, as one lazy stream (the chunks of pipeline/rounds.py take it as they take
+the topic plan).
+
+Which passages a source gives a run: every passage gets a draw, a hash of the run seed and the
+passage's key (generation/source_state.py); passages earlier runs planned are skipped (unless
+`grounding.repeat: any`), and the run takes those with the smallest draws. That needs two
+passes over the source, never the source in memory: the first cuts passages, sums the
+checksum and keeps the `oversample` x wanted smallest draws (8 bytes each); the second cuts
+again and sends those candidates, a batch at a time, through the pre-generation filters
+(filters/source_gate.py), planning the survivors in the source's order until the run has its
+share. So the same seed, config and sources give the same plan, and a resumed run plans again
+exactly what it planned before the kill.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import math
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from booksmith.filters.source_gate import SourceGate
+from booksmith.filters.sources import Checksum, Source, SourceRecord
+from booksmith.generation.grounded_requests import GroundedRequests
+from booksmith.generation.passages import Passage, cut_passages
+from booksmith.generation.plan import plan_for
+from booksmith.generation.source_state import contains, passage_key, planned_passages
+from booksmith.schemas import GenerationRequest, TopicSeed
+from booksmith.schemas.config import RunConfig
+from booksmith.schemas.records import Grounding
+from booksmith.shards.encodings import get_encoding
+from booksmith.shards.version_dir import state_dir
+
+GATE_BATCH = 256  # candidate passages filtered together
+
+
+def _draw(seed: int, key: int) -> int:
+    digest = hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
+
+
+class SourcePlan:
+    """One source's requests for one run, and its account for the manifest."""
+
+    def __init__(
+        self, source: Source, cfg: RunConfig, seed: int, wanted: int | None, gate: SourceGate
+    ) -> None:
+        self.source, self.cfg, self.seed, self.gate = source, cfg, seed, gate
+        g = cfg.grounding
+        # wanted requests -> passages (each passage makes recipes_per_passage requests)
+        self.passages_wanted = None if wanted is None else math.ceil(wanted / g.recipes_per_passage)
+        enc = get_encoding(cfg.output.encoding)
+        self.count = lambda text: len(enc.encode_ordinary(text))
+        self.before = (
+            planned_passages(cfg.output.dir) if g.repeat == "new" else np.empty(0, np.uint64)
+        )
+        self.keys: list[int] = []  # passages this run planned (recorded once it is published)
+        self.counts: Counter[str] = Counter()
+        self.rejected: Counter[str] = Counter()
+        self.recipes: Counter[str] = Counter()
+        self.licenses: Counter[str] = Counter()
+        self.checksum = ""
+
+    def _passages(
+        self, checksum: Checksum | None = None
+    ) -> Iterator[tuple[SourceRecord, list[Passage], np.ndarray]]:
+        """Each record with its passages and their keys, passages planned before left out."""
+        g, name = self.cfg.grounding, self.source.name
+        for batch in self.source.batches():
+            for record in batch:
+                if checksum is not None:
+                    checksum.update(record)
+                passages = cut_passages(record.text, self.count, g.min_tokens, g.max_tokens)
+                keys = np.fromiter(
+                    (passage_key(name, record.id, p.start, p.end) for p in passages), np.uint64,
+                    len(passages),
+                )  # fmt: skip
+                fresh = ~contains(self.before, keys)
+                yield record, [p for p, f in zip(passages, fresh, strict=True) if f], keys[fresh]
+
+    def _select(self) -> int | None:
+        """The first pass: the checksum, the counts, and the largest draw a candidate may
+        have (None: every fresh passage is a candidate)."""
+        checksum = Checksum()
+        heap: list[int] = []  # the smallest draws, negated (a max-heap)
+        size = None
+        if self.passages_wanted is not None:
+            size = math.ceil(self.passages_wanted * self.cfg.grounding.oversample)
+        for _, passages, keys in self._passages(checksum):
+            self.counts["records"] += 1
+            self.counts["fresh_passages"] += len(passages)
+            if size is None:
+                continue
+            for key in keys.tolist():
+                draw = _draw(self.seed, key)
+                if len(heap) < size:
+                    heapq.heappush(heap, -draw)
+                elif draw < -heap[0]:
+                    heapq.heapreplace(heap, -draw)
+        self.checksum = checksum.hexdigest()
+        return None if size is None or len(heap) < size else -heap[0]
+
+    def requests(self) -> Iterator[GenerationRequest]:
+        """The second pass: candidates through the filters, survivors into requests."""
+        limit = self._select()
+        maker = GroundedRequests(self.cfg, self.seed, self.source.name)
+        pending: list[tuple[SourceRecord, Passage, int]] = []
+        for record, passages, keys in self._passages():
+            for passage, key in zip(passages, keys.tolist(), strict=True):
+                if limit is None or _draw(self.seed, key) <= limit:
+                    pending.append((record, passage, key))
+            if len(pending) >= GATE_BATCH:
+                yield from self._gated(pending, maker)
+                pending = []
+                if self._done():
+                    return
+        yield from self._gated(pending, maker)
+
+    def _done(self) -> bool:
+        return self.passages_wanted is not None and len(self.keys) >= self.passages_wanted
+
+    def _gated(
+        self, pending: list[tuple[SourceRecord, Passage, int]], maker: GroundedRequests
+    ) -> Iterator[GenerationRequest]:
+        if not pending or self._done():
+            return
+        verdict = self.gate.run([p.text for _, p, _ in pending])
+        self.counts["candidates"] += len(pending)
+        self.rejected.update(verdict.rejected)
+        for i, score in zip(verdict.kept, verdict.scores, strict=True):
+            if self._done():
+                return
+            record, passage, key = pending[i]
+            made = maker.for_passage(passage, score, self._provenance(record, passage),
+                                     record.title)  # fmt: skip
+            if not made:
+                self.rejected["route:no_band"] += 1
+                continue
+            self.keys.append(key)
+            self.recipes.update(r.recipe or "" for r in made)
+            self.licenses[made[0].license or "unknown"] += 1
+            yield from made
+
+    def _provenance(self, record: SourceRecord, passage: Passage) -> Grounding:
+        return Grounding(
+            source_id=record.id,
+            source_passage=passage.index,
+            source_start=passage.start,
+            source_end=passage.end,
+            source_name=self.source.name,
+            source_checksum=self.checksum,
+            license=record.license or self.source.spec.license,
+        )
+
+    def account(self) -> dict[str, Any]:
+        """The manifest's entry for this source (counts.plan.sources[name])."""
+        return {
+            "path": self.source.location,
+            "checksum": self.checksum,
+            "share": self.source.spec.share,
+            "scorer": self.gate.scorer,
+            **dict(self.counts),
+            "planned_before": int(self.before.size),
+            "planned": len(self.keys),
+            "requests": sum(self.recipes.values()),
+            "rejected": dict(self.rejected),
+            "recipes": dict(self.recipes),
+            "licenses": dict(self.licenses),
+        }
+
+
+def split_by_shares(total: int | None, shares: list[float]) -> list[int | None]:
+    """`total` requests split by shares (largest remainders), or None each when unlimited."""
+    if total is None:
+        return [None] * len(shares)
+    exact = [total * s / sum(shares) for s in shares]
+    out = [math.floor(x) for x in exact]
+    order = sorted(range(len(shares)), key=lambda i: out[i] - exact[i])
+    for i in order[: total - sum(out)]:
+        out[i] += 1
+    return list[int | None](out)
+
+
+class MixedPlan:
+    """The first round: topic requests and each source's, interleaved by share."""
+
+    def __init__(self, cfg: RunConfig, seeds: list[TopicSeed], seed: int) -> None:
+        self.cfg, self.seeds, self.seed = cfg, seeds, seed
+        sources = [Source(spec) for spec in cfg.sources]
+        names = [s.name for s in sources]
+        if len(set(names)) < len(names):
+            raise ValueError(f"sources: two sources are named alike ({names}); give each a `name`")
+        shares = [s.spec.share for s in sources]
+        if cfg.plans_topics:
+            shares.append(cfg.grounding.topics_share)
+        wanted = split_by_shares(cfg.plan.limit, shares)
+        gate = SourceGate(cfg.filters, state_dir(cfg.output.dir))
+        self.sources = [
+            SourcePlan(s, cfg, seed, n, gate) for s, n in zip(sources, wanted, strict=False)
+        ]
+        self.shares = shares
+        self.topic_limit = wanted[-1] if cfg.plans_topics else 0
+
+    def requests(self) -> Iterator[GenerationRequest]:
+        streams: list[Iterator[GenerationRequest]] = [s.requests() for s in self.sources]
+        if self.cfg.plans_topics and self.topic_limit != 0:
+            plan = self.cfg.plan
+            streams.append(plan_for(self.cfg, self.seeds, self.seed,
+                                    samples_per_topic=plan.samples_per_topic,
+                                    limit=self.topic_limit))  # fmt: skip
+        return interleave(streams, self.shares[: len(streams)])
+
+    def account(self) -> dict[str, Any]:
+        return {s.source.name: s.account() for s in self.sources}
+
+    def keys(self) -> list[int]:
+        return [k for s in self.sources for k in s.keys]
+
+
+def interleave(streams: list[Iterator[GenerationRequest]], shares: list[float]) -> Iterator[
+        GenerationRequest]:  # fmt: skip
+    """Requests from each stream in turn, each stream as often as its share (the one furthest
+    behind its share next), until all are spent."""
+    taken = [0] * len(streams)
+    live = list(range(len(streams)))
+    while live:
+        i = min(live, key=lambda k: ((taken[k] + 1) / shares[k], k))
+        request = next(streams[i], None)
+        if request is None:
+            live.remove(i)
+            continue
+        taken[i] += 1
+        yield request

@@ -1,0 +1,108 @@
+"""`booksmith run --sources` end to end on the fake server: a version whose documents carry
+their provenance columns, a manifest that accounts for the sources (pre-generation rejects by
+reason), a card that lists them with their licences, a state that keeps the next night off the
+passages already planned, and a mixed run of topics and sources by their shares."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from booksmith.filters.sources import Source
+from booksmith.generation.source_state import PLANNED_DIR, planned_passages
+from booksmith.prompts import _package_dir
+from booksmith.schemas.grounding_settings import SourceSpec
+from booksmith.schemas.records import GROUNDING_COLUMNS
+from booksmith.shards.verify import verify
+from booksmith.shards.version_dir import read_manifest, state_dir
+from tests.conftest import fake_backend_config
+from tests.fakeserver import FakeServer
+from tests.test_grounded_plan import write_source
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[FakeServer]:
+    with FakeServer({}) as s:
+        yield s
+
+
+def _run(server: FakeServer, out: Path, write_config: Any, seed: int, **cfg: Any) -> Path:
+    from booksmith.flows.nightly import nightly
+    from booksmith.flows.task_runners import with_runner
+    from booksmith.schemas.config import load_config
+
+    data = fake_backend_config(server.base_url, out)
+    data.update(seed=seed, **cfg)
+    config = write_config(data, f"{out.name}-{seed}.yaml")
+    return Path(with_runner(nightly, load_config(config))(config=str(config)))
+
+
+def _front_matter(version: Path) -> dict[str, Any]:
+    text = (version / "README.md").read_text(encoding="utf-8")
+    return yaml.safe_load(text.split("---\n")[1])
+
+
+def test_a_grounded_run_records_provenance_and_lists_its_sources(
+    server: FakeServer, tmp_path: Path, write_config: Any
+) -> None:
+    source = write_source(tmp_path / "pydoc.jsonl", license="CC-BY-SA-4.0")
+    out = tmp_path / "out"
+    version = _run(server, out, write_config, 7, sources=[{"path": str(source)}],
+                   plan={"limit": 12})  # fmt: skip
+    manifest = read_manifest(version)
+    account = manifest.counts.plan.sources["pydoc.jsonl"]
+    assert account["planned"] == 12 and account["requests"] == 12
+    assert account["records"] == 79 and len(account["checksum"]) == 64
+    assert isinstance(account["rejected"], dict)
+    plan = pq.read_table(version / "plan.parquet").to_pylist()
+    assert len(plan) == 12 and all(r["source_id"] and r["recipe"] for r in plan)
+    text = pq.read_table(version / "text").to_pylist()
+    assert text, "the fake server's answers pass the filters"
+    by_id = {r["id"]: r for r in plan}
+    for doc in text:
+        for column in GROUNDING_COLUMNS:
+            assert doc[column] is not None and doc[column] == by_id[doc["id"]][column], column
+        assert doc["license"] == "CC-BY-SA-4.0" and doc["source_name"] == "pydoc.jsonl"
+        assert doc["source_checksum"] == account["checksum"]
+    assert verify(version).ok
+    # a version is a source too: its text shards, ids verbatim
+    read = [r.id for b in Source(SourceSpec(path=str(version))).batches() for r in b]
+    assert read == [doc["id"] for doc in text]
+    meta = _front_matter(version)
+    assert meta["license"] == "CC-BY-SA-4.0"  # share-alike: carried to the card
+    assert meta["sources"][0]["name"] == "pydoc.jsonl" and meta["sources"][0]["share"] == 1.0
+    assert "## Sources" in (version / "README.md").read_text(encoding="utf-8")
+    # the planned passages are recorded once the version is published...
+    assert (state_dir(out) / PLANNED_DIR / f"{version.name}.npy").is_file()
+    assert planned_passages(out).size == 12
+    # ...and the next night takes others
+    later = _run(server, out, write_config, 8, sources=[{"path": str(source)}],
+                 plan={"limit": 12})  # fmt: skip
+    first = {(r["source_id"], r["source_passage"]) for r in plan}
+    second = {(r["source_id"], r["source_passage"])
+              for r in pq.read_table(later / "plan.parquet").to_pylist()}  # fmt: skip
+    assert len(second) == 12 and not first & second
+    assert planned_passages(out).size == 24
+
+
+def test_a_mixed_run_plans_topics_and_sources_by_their_shares(
+    server: FakeServer, tmp_path: Path, write_config: Any
+) -> None:
+    source = write_source(tmp_path / "pydoc.jsonl")
+    topics = _package_dir() / "topics" / "default.yaml"
+    version = _run(server, tmp_path / "out", write_config, 7, topics=str(topics),
+                   sources=[{"path": str(source), "share": 2}], plan={"limit": 12},
+                   grounding={"topics_share": 1})  # fmt: skip
+    plan = pq.read_table(version / "plan.parquet").to_pylist()
+    grounded = [r for r in plan if r["source_id"] is not None]
+    assert len(plan) == 12 and len(grounded) == 8
+    topic_rows = [r for r in plan if r["source_id"] is None]
+    assert all(r["recipe"] is None and r["license"] is None for r in topic_rows)
+    meta = _front_matter(version)
+    assert meta["license"] == "other"  # PSF-2.0 binds nothing further
+    assert meta["sources"][0]["share"] == round(8 / 12, 4)
