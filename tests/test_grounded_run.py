@@ -80,6 +80,13 @@ def test_a_grounded_run_records_provenance_and_lists_its_sources(
     # the planned passages are recorded once the version is published...
     assert (state_dir(out) / PLANNED_DIR / f"{version.name}.npy").is_file()
     assert planned_passages(out).size == 12
+    # a kill between the manifest and that record: the rerun (a no-op) writes it from the plan
+    recorded = state_dir(out) / PLANNED_DIR / f"{version.name}.npy"
+    keys = recorded.read_bytes()
+    recorded.unlink()
+    assert _run(server, out, write_config, 7, sources=[{"path": str(source)}],
+                plan={"limit": 12}) == version  # fmt: skip
+    assert recorded.read_bytes() == keys
     # ...and the next night takes others
     later = _run(server, out, write_config, 8, sources=[{"path": str(source)}],
                  plan={"limit": 12})  # fmt: skip
