@@ -141,7 +141,7 @@ def docs_page(request: Request) -> Response:
         page = index.search(q) if index.ready else None
     else:
         page = v.page(q)
-    facets = v.cached("facets", lambda: {a: v.group_counts("text", (a,)) for a in AXES})
+    facets = v.cached(f"facets-{q.kind}", lambda: {a: v.group_counts(q.kind, (a,)) for a in AXES})
     reasons = v.cached("reasons", lambda: v.group_counts("rejected", ("reason",)))
     topics = v.cached(f"topics-{q.kind}", lambda: v.group_counts(q.kind, ("topic",))[:500])
     pages = math.ceil(page.total / q.per) if page else 0
