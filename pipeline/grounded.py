@@ -9,8 +9,9 @@ passes over the source, never the source in memory: the first cuts passages, sum
 checksum and keeps the `oversample` x wanted smallest draws (8 bytes each); the second cuts
 again and sends those candidates, a batch at a time, through the pre-generation filters
 (filters/source_gate.py), planning the survivors in the source's order until the run has its
-share. So the same seed, config and sources give the same plan, and a resumed run plans again
-exactly what it planned before the kill.
+share. When the filters leave it short, another round (two more passes) takes the next
+smallest draws. So the same seed, config and sources give the same plan, and a resumed run
+plans again exactly what it planned before the kill.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ from booksmith.shards.encodings import get_encoding
 from booksmith.shards.version_dir import state_dir
 
 GATE_BATCH = 256  # candidate passages filtered together
+# Rounds of candidates a source gets when the filters reject more than `oversample` allows for
+# (each round two passes over the source).
+MAX_ROUNDS = 8
 
 
 def _draw(seed: int, key: int) -> int:
@@ -83,36 +87,57 @@ class SourcePlan:
                 fresh = ~contains(self.before, keys)
                 yield record, [p for p, f in zip(passages, fresh, strict=True) if f], keys[fresh]
 
-    def _select(self) -> int | None:
-        """The first pass: the checksum, the counts, and the largest draw a candidate may
-        have (None: every fresh passage is a candidate)."""
-        checksum = Checksum()
+    def _select(self, above: int) -> int | None:
+        """A selecting pass: the largest draw of the next `oversample` x (passages still
+        wanted) draws above `above` (None: every one above it is a candidate). The first pass
+        also sums the checksum and counts the source."""
+        first = not self.checksum
+        checksum = Checksum() if first else None
         heap: list[int] = []  # the smallest draws, negated (a max-heap)
         size = None
         if self.passages_wanted is not None:
-            size = math.ceil(self.passages_wanted * self.cfg.grounding.oversample)
+            still = self.passages_wanted - len(self.keys)
+            size = max(1, math.ceil(still * self.cfg.grounding.oversample))
         for _, passages, keys in self._passages(checksum):
-            self.counts["records"] += 1
-            self.counts["fresh_passages"] += len(passages)
+            if first:
+                self.counts["records"] += 1
+                self.counts["fresh_passages"] += len(passages)
             if size is None:
                 continue
             for key in keys.tolist():
                 draw = _draw(self.seed, key)
+                if draw <= above:
+                    continue
                 if len(heap) < size:
                     heapq.heappush(heap, -draw)
                 elif draw < -heap[0]:
                     heapq.heapreplace(heap, -draw)
-        self.checksum = checksum.hexdigest()
+        if checksum is not None:
+            self.checksum = checksum.hexdigest()
         return None if size is None or len(heap) < size else -heap[0]
 
     def requests(self) -> Iterator[GenerationRequest]:
-        """The second pass: candidates through the filters, survivors into requests."""
-        limit = self._select()
+        """Rounds of a selecting pass then a planning pass (candidates through the filters,
+        survivors into requests), each round over the next smallest draws, until the source
+        has given its share or every fresh passage was a candidate."""
         maker = GroundedRequests(self.cfg, self.seed, self.source.name)
+        above = -1
+        for _ in range(MAX_ROUNDS):
+            limit = self._select(above)
+            yield from self._plan_pass(above, limit, maker)
+            if limit is None or self._done():
+                return
+            above = limit
+        self.counts["rounds_exhausted"] = 1  # the filters rejected nearly every candidate
+
+    def _plan_pass(
+        self, above: int, limit: int | None, maker: GroundedRequests
+    ) -> Iterator[GenerationRequest]:
         pending: list[tuple[SourceRecord, Passage, int]] = []
         for record, passages, keys in self._passages():
             for passage, key in zip(passages, keys.tolist(), strict=True):
-                if limit is None or _draw(self.seed, key) <= limit:
+                draw = _draw(self.seed, key)
+                if above < draw and (limit is None or draw <= limit):
                     pending.append((record, passage, key))
             if len(pending) >= GATE_BATCH:
                 yield from self._gated(pending, maker)

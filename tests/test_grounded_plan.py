@@ -275,6 +275,28 @@ def test_bad_passages_are_filtered_before_they_are_planned(tmp_path: Path) -> No
     assert all(question not in r.prompt for r in requests)
 
 
+def test_a_source_the_filters_thin_out_still_gives_its_share(tmp_path: Path) -> None:
+    """Half the records are French: the first candidates leave the run short, and further
+    rounds over the next smallest draws make it up."""
+    french = " ".join(
+        [
+            "Le chat dort sur le canapé pendant que la pluie tombe doucement sur"
+            " les toits de la ville, et les enfants lisent des histoires."
+        ]
+        * 8
+    )
+    src = write_source(tmp_path / "half.jsonl")
+    with src.open("a", encoding="utf-8") as f:
+        for i in range(150):
+            f.write(json.dumps({"id": f"fr{i}", "text": f"{i}. {french}"}) + "\n")
+    cfg = config(tmp_path / "out", src, plan={"limit": 20}, grounding={"oversample": 1.0})
+    requests, mixed = plan(cfg)
+    account = mixed.account()["half.jsonl"]
+    assert len(requests) == 20 and account["planned"] == 20
+    assert account["rejected"]["lang:fr"] > 0 and account["candidates"] > 20
+    assert not any(r.source_id.startswith("fr") for r in requests if r.source_id)
+
+
 # -- topics and sources in one plan --------------------------------------------------------------
 
 
