@@ -113,3 +113,51 @@ def test_a_mixed_run_plans_topics_and_sources_by_their_shares(
     meta = _front_matter(version)
     assert meta["license"] == "other"  # PSF-2.0 binds nothing further
     assert meta["sources"][0]["share"] == round(8 / 12, 4)
+
+
+def test_a_killed_grounded_run_resumes_on_the_same_passages(
+    server: FakeServer, prefect_api: str, tmp_path: Path, write_config: Any
+) -> None:
+    """SIGKILL after the first chunk, then the same command: the version equals an
+    uninterrupted run's (the same passages planned, the same documents kept), the rerun resumed
+    at its checkpoint, and the planned passages are recorded once."""
+    import os
+    import subprocess
+    import sys
+
+    from booksmith.schemas.crashpoints import ENV
+
+    source = write_source(tmp_path / "pydoc.jsonl")
+
+    def booksmith_run(out: Path, crash: str | None = None) -> subprocess.CompletedProcess[str]:
+        data = fake_backend_config(server.base_url, out)
+        data.update(seed=9, sources=[{"path": str(source)}],
+                    plan={"limit": 12, "chunk_requests": 4})  # fmt: skip
+        config = write_config(data, f"{out.name}.yaml")
+        env = {**os.environ, "PREFECT_API_URL": prefect_api}
+        env.pop(ENV, None)
+        if crash:
+            env[ENV] = crash
+        return subprocess.run([sys.executable, "-m", "booksmith", "run", "--config", str(config)],
+                              env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+
+    def rows(version: Path, kind: str, columns: list[str]) -> list[tuple[Any, ...]]:
+        table = pq.read_table(version / kind, columns=columns).to_pylist()
+        return sorted(tuple(r[c] for c in columns) for r in table)
+
+    whole = booksmith_run(tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    killed = booksmith_run(tmp_path / "killed", crash="chunk.done")
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert not (state_dir(tmp_path / "killed") / PLANNED_DIR).exists()
+    resumed = booksmith_run(tmp_path / "killed")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = (
+        Path(whole.stdout.strip().splitlines()[-1]),
+        Path(resumed.stdout.strip().splitlines()[-1]),
+    )
+    assert read_manifest(b).counts.chunks.resumed == 1
+    plan_columns = ["id", "source_id", "source_passage", "recipe"]
+    assert rows(a, "plan.parquet", plan_columns) == rows(b, "plan.parquet", plan_columns)
+    assert rows(a, "text", ["id", "text_sha256"]) == rows(b, "text", ["id", "text_sha256"])
+    assert planned_passages(tmp_path / "killed").size == 12
