@@ -20,13 +20,14 @@ import hashlib
 import heapq
 import math
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
 
 from booksmith.filters.source_gate import SourceGate
 from booksmith.filters.sources import Checksum, Source, SourceRecord
+from booksmith.generation.coverage import MIN_KEEP_RATE
 from booksmith.generation.grounded_requests import GroundedRequests
 from booksmith.generation.passages import Passage, cut_passages
 from booksmith.generation.plan import plan_for
@@ -52,8 +53,9 @@ class SourcePlan:
     """One source's requests for one run, and its account for the manifest."""
 
     def __init__(
-        self, source: Source, cfg: RunConfig, seed: int, wanted: int | None, gate: SourceGate
-    ) -> None:
+        self, source: Source, cfg: RunConfig, seed: int, wanted: int | None, gate: SourceGate,
+        exclude: np.ndarray | None = None,
+    ) -> None:  # fmt: skip
         self.source, self.cfg, self.seed, self.gate = source, cfg, seed, gate
         g = cfg.grounding
         # wanted requests -> passages (each passage makes recipes_per_passage requests)
@@ -63,6 +65,8 @@ class SourcePlan:
         self.before = (
             planned_passages(cfg.output.dir) if g.repeat == "new" else np.empty(0, np.uint64)
         )
+        if exclude is not None:  # a fill round: not the passages this run planned already
+            self.before = np.union1d(self.before, exclude)
         self.keys: list[int] = []  # passages this run planned (recorded once it is published)
         self.counts: Counter[str] = Counter()
         self.rejected: Counter[str] = Counter()
@@ -224,10 +228,11 @@ class MixedPlan:
         if cfg.plans_topics:
             shares.append(cfg.grounding.topics_share)
         wanted = split_by_shares(cfg.plan.limit, shares)
-        gate = SourceGate(cfg.filters, state_dir(cfg.output.dir))
+        self.gate = SourceGate(cfg.filters, state_dir(cfg.output.dir))
         self.sources = [
-            SourcePlan(s, cfg, seed, n, gate) for s, n in zip(sources, wanted, strict=False)
+            SourcePlan(s, cfg, seed, n, self.gate) for s, n in zip(sources, wanted, strict=False)
         ]
+        self.fills: list[SourcePlan] = []  # the fill rounds' plans
         self.shares = shares
         self.topic_limit = wanted[-1] if cfg.plans_topics else 0
 
@@ -240,11 +245,53 @@ class MixedPlan:
                                     limit=self.topic_limit))  # fmt: skip
         return interleave(streams, self.shares[: len(streams)])
 
+    def split_fill(
+        self, need: int, kept: Mapping[str, int], planned: Mapping[str, int]
+    ) -> tuple[int, dict[str, int]]:
+        """A fill round's run-wide need split by shares: (documents the topics still owe,
+        requests per source), each source asked over the rate its requests were kept at."""
+        parts = split_by_shares(need, self.shares)
+        asks = {}
+        for plan, part in zip(self.sources, parts, strict=False):
+            prefix = plan.source.name + " / "  # its documents' topic keys (GroundedRequests)
+            k = sum(n for key, n in kept.items() if key.startswith(prefix))
+            p = sum(n for key, n in planned.items() if key.startswith(prefix))
+            rate = max(k / p if p else 1.0, MIN_KEEP_RATE)
+            asks[plan.source.name] = math.ceil((part or 0) * self.cfg.fill.oversample / rate)
+        return (parts[-1] or 0) if self.cfg.plans_topics else 0, asks
+
+    def more(self, asks: Mapping[str, int]) -> Iterator[GenerationRequest]:
+        """A fill round's grounded requests: further passages of each source, none this run
+        planned before (call once the earlier rounds' requests are all taken)."""
+        taken = np.unique(np.fromiter(self.keys(), np.uint64))
+        plans = [
+            SourcePlan(p.source, self.cfg, self.seed, asks[p.source.name], self.gate, taken)
+            for p in self.sources
+            if asks.get(p.source.name, 0) > 0
+        ]
+        self.fills += plans
+        return interleave([p.requests() for p in plans], [p.source.spec.share for p in plans])
+
     def account(self) -> dict[str, Any]:
-        return {s.source.name: s.account() for s in self.sources}
+        """Each source's account, its fill rounds' added in."""
+        out = {s.source.name: s.account() for s in self.sources}
+        for plan in self.fills:
+            _add(out[plan.source.name], plan.account())
+        return out
 
     def keys(self) -> list[int]:
-        return [k for s in self.sources for k in s.keys]
+        return [k for s in [*self.sources, *self.fills] for k in s.keys]
+
+
+def _add(total: dict[str, Any], more: dict[str, Any]) -> None:
+    """A fill round's account added to a source's (numbers summed, counters merged)."""
+    for key in ("candidates", "planned", "requests", "rounds_exhausted"):
+        if key in more:
+            total[key] = total.get(key, 0) + more[key]
+    for key in ("rejected", "recipes", "licenses"):
+        merged = Counter(total.get(key, {}))
+        merged.update(more.get(key, {}))
+        total[key] = dict(merged)
 
 
 def interleave(streams: list[Iterator[GenerationRequest]], shares: list[float]) -> Iterator[

@@ -28,7 +28,7 @@ from booksmith.generation.ledger import GenerationReport
 from booksmith.generation.plan import plan_for
 from booksmith.pipeline.chunks import Chunk
 from booksmith.pipeline.finalize import Tally
-from booksmith.pipeline.grounded import MixedPlan
+from booksmith.pipeline.grounded import MixedPlan, interleave
 from booksmith.schemas import GenerationRequest, TopicSeed
 from booksmith.schemas.config import RunConfig
 
@@ -91,9 +91,12 @@ class Rounds:
             progress = kept.documents > before
             decision["stop"] = stop = self._stop_reason(need, report, done + 1, progress)
             if stop is None:
+                need, decision["sources"] = self._grounded_need(need, kept.per_topic)
+                topics = {topic_key(t.topic_path) for t in self.seeds}
                 wanted = seeds_for(
-                    need, self.seeds, fill.oversample, kept.per_topic, self.planned_by_topic
-                )
+                    need, self.seeds, fill.oversample, _only(kept.per_topic, topics),
+                    _only(self.planned_by_topic, topics),
+                )  # fmt: skip
                 decision["wanted"] = [[topic_key(t.topic_path), n] for t, n in wanted]
             self.decisions.append(decision)
         self.rounds.append({"planned": self._round_planned, "kept_total": decision["kept_total"]})
@@ -106,6 +109,11 @@ class Rounds:
         requests = plan_for(
             self.cfg, seeds, self.seed, samples_per_topic=1, salt=f"-fill-{len(self.rounds)}"
         )
+        asks = decision.get("sources") or {}
+        if self.grounded is not None and any(asks.values()):
+            grounded = self.grounded.more(asks)
+            topic_asks = sum(n for _, n in decision["wanted"])
+            requests = interleave([grounded, requests], [sum(asks.values()), topic_asks or 1])
         fresh = (r for r in requests if _key(r.id) not in self._ids)
         chunks = self._chunks(islice(fresh, max(0, self.max_requests - self.planned)))
         first = next(chunks, None)
@@ -118,6 +126,17 @@ class Rounds:
             yield from chunks
 
         return round_chunks()
+
+    def _grounded_need(
+        self, need: dict[str, int], kept: Counter[str]
+    ) -> tuple[dict[str, int], dict[str, int]]:
+        """With sources, the run-wide need is split by shares: (what the topics still owe,
+        requests per source); per-topic needs stay the topics'."""
+        if self.grounded is None or "*" not in need:
+            return need, {}
+        topics, asks = self.grounded.split_fill(need["*"], kept, self.planned_by_topic)
+        rest = {k: n for k, n in need.items() if k != "*"}
+        return ({**rest, "*": topics} if topics else rest), asks
 
     @property
     def max_requests(self) -> int:
@@ -165,3 +184,8 @@ class Rounds:
     def account(self) -> dict[str, Any]:
         """The manifest's fill account."""
         return {"stopped": self.stop, "rounds": self.rounds, "short": self.need}
+
+
+def _only(counts: Counter[str], keys: set[str]) -> Counter[str]:
+    """The counts of topic keys (a grounded document's key names its source instead)."""
+    return Counter({k: n for k, n in counts.items() if k in keys})

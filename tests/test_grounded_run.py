@@ -161,3 +161,25 @@ def test_a_killed_grounded_run_resumes_on_the_same_passages(
     assert rows(a, "plan.parquet", plan_columns) == rows(b, "plan.parquet", plan_columns)
     assert rows(a, "text", ["id", "text_sha256"]) == rows(b, "text", ["id", "text_sha256"])
     assert planned_passages(tmp_path / "killed").size == 12
+
+
+def test_fill_rounds_plan_more_passages_of_a_source(
+    server: FakeServer, tmp_path: Path, write_config: Any
+) -> None:
+    """A run from sources only that wants 20 documents from a first round of 6: the fill rounds
+    ask the source for further passages, none planned twice, all of them recorded."""
+    source = write_source(tmp_path / "pydoc.jsonl")
+    out = tmp_path / "out"
+    version = _run(server, out, write_config, 7, sources=[{"path": str(source)}],
+                   plan={"limit": 6}, fill={"documents": 20, "max_rounds": 3})  # fmt: skip
+    manifest = read_manifest(version)
+    fill = manifest.counts.fill
+    assert fill is not None and len(fill.rounds) >= 2 and fill.rounds[0].planned == 6
+    assert manifest.documents >= 20, fill
+    plan = pq.read_table(version / "plan.parquet").to_pylist()
+    passages = [(r["source_id"], r["source_passage"]) for r in plan]
+    assert len(plan) > 6 and all(r["source_id"] for r in plan)
+    assert len(set(passages)) == len(passages)
+    account = manifest.counts.plan.sources["pydoc.jsonl"]
+    assert account["planned"] == account["requests"] == len(plan)
+    assert planned_passages(out).size == len(plan)
