@@ -21,7 +21,7 @@ from booksmith.schemas import Document, arrow_schema
 from booksmith.schemas.arrow import conform
 from booksmith.schemas.jsonl import iter_jsonl
 from booksmith.schemas.manifest import ManifestError
-from booksmith.schemas.records import sha256_hex
+from booksmith.schemas.records import GROUNDING_COLUMNS, sha256_hex
 from booksmith.shards.version_dir import is_dataset, read_manifest
 
 BATCH_ROWS = 10_000  # records a batch holds: what a pass over the input holds at once
@@ -199,7 +199,8 @@ def read_documents(path: Path, encoding: str = "cl100k_base") -> list[Document]:
 
 def user_document(row: dict[str, Any]) -> Document:
     """A Document from a user's record: its id verbatim (as text), its text, the few
-    provenance columns it has (topic, model, finish_reason, n_tokens; -1: not counted yet)."""
+    provenance columns it has (topic, model, finish_reason, n_tokens, -1: not counted yet;
+    license and the other grounding columns)."""
     text = row["text"] or ""
     finish = row.get("finish_reason")
     n_tokens = row.get("n_tokens")
@@ -224,7 +225,24 @@ def user_document(row: dict[str, Any]) -> Document:
         n_tokens=n_tokens if isinstance(n_tokens, int) else -1,  # -1: counted below
         run_id="",
         created_at=datetime.now(UTC),
+        **_grounding(row),
     )
+
+
+def _grounding(row: dict[str, Any]) -> dict[str, Any]:
+    """The record's own provenance where it has columns of a grounded Document's names (its
+    `license`, say): they are Document columns now, so they are carried there."""
+    out: dict[str, Any] = {}
+    for name in GROUNDING_COLUMNS:
+        value = row.get(name)
+        if value is None:
+            continue
+        numeric = name in ("source_passage", "source_start", "source_end")
+        if numeric and isinstance(value, int) and not isinstance(value, bool):
+            out[name] = value
+        elif not numeric:
+            out[name] = str(value)
+    return out
 
 
 def _counted(docs: list[Document], encoding: str) -> list[Document]:
