@@ -363,6 +363,15 @@ def test_shards_written_before_the_grounding_columns_still_read() -> None:
     table = old.empty_table()
     read = conform(table, arrow_schema(Document))
     assert read.schema == arrow_schema(Document)
+    # verify holds a version's shards to the schema its manifest's schema_version names
+    from booksmith.schemas.manifest import ShardEntry
+    from booksmith.shards.verify import _expected_schema
+
+    shard = ShardEntry(path="text/part-00000.parquet", rows=0, bytes=0, sha256="", kind="text")
+    v1 = Manifest(run_id="r", shards=[shard], schema_version=1)
+    assert _expected_schema(shard, v1) == old
+    v2 = Manifest(run_id="r", shards=[shard], schema_version=2)
+    assert _expected_schema(shard, v2) == arrow_schema(Document)
     # a current request's grounding columns are all null for a topic request
     assert all(GenerationRequest.model_fields[c].default is None for c in GROUNDING_COLUMNS)
 
