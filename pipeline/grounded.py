@@ -33,7 +33,7 @@ from booksmith.generation.passages import Passage, cut_passages
 from booksmith.generation.plan import plan_for
 from booksmith.generation.source_state import contains, passage_key, planned_passages
 from booksmith.schemas import GenerationRequest, TopicSeed
-from booksmith.schemas.config import RunConfig
+from booksmith.schemas.config import ConfigError, RunConfig
 from booksmith.schemas.records import Grounding
 from booksmith.shards.encodings import get_encoding
 from booksmith.shards.version_dir import state_dir
@@ -223,7 +223,7 @@ class MixedPlan:
         sources = [Source(spec) for spec in cfg.sources]
         names = [s.name for s in sources]
         if len(set(names)) < len(names):
-            raise ValueError(f"sources: two sources are named alike ({names}); give each a `name`")
+            raise ConfigError(f"sources: two sources are named alike ({names}); give each a `name`")
         shares = [s.spec.share for s in sources]
         if cfg.plans_topics:
             shares.append(cfg.grounding.topics_share)

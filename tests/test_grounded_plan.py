@@ -27,7 +27,7 @@ from booksmith.pipeline.grounded import MixedPlan, split_by_shares
 from booksmith.prompts import PromptError
 from booksmith.schemas import SCHEMA_VERSION, Document, GenerationRequest, arrow_schema
 from booksmith.schemas.arrow import conform, versioned_schema
-from booksmith.schemas.config import RunConfig, load_config
+from booksmith.schemas.config import ConfigError, RunConfig, load_config
 from booksmith.schemas.grounding_settings import SourceSpec
 from booksmith.schemas.manifest import Counts, Manifest, PlanCounts
 from booksmith.schemas.records import GROUNDING_COLUMNS
@@ -158,6 +158,14 @@ def test_bad_records_name_the_file_and_line(tmp_path: Path, content: str, messag
 def test_a_missing_source_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(InputError, match=r"nowhere\.jsonl: source not found \(sources\[\]\.path\)"):
         plan(config(tmp_path / "out", tmp_path / "nowhere.jsonl"))
+
+
+def test_two_sources_of_one_name_are_refused(source: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    other.mkdir()
+    twin = write_source(other / "pydoc.jsonl")
+    with pytest.raises(ConfigError, match=r"sources: two sources are named alike .*give each a"):
+        plan(config(tmp_path / "out", source, twin))
 
 
 # -- which passages a run takes ------------------------------------------------------------------
