@@ -404,3 +404,14 @@ def test_booksmith_plan_and_run_take_sources(source: Path, tmp_path: Path) -> No
     assert result.exit_code == 2
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and "gone.jsonl: source not found (sources[].path)" in lines[0]
+
+
+def test_a_source_in_s3_streams_like_a_local_one(source: Path, bucket: str) -> None:
+    """A real S3 protocol server (moto): the records, and so the checksum, a local copy has."""
+    import boto3
+
+    boto3.client("s3").upload_file(str(source), bucket, "corpora/pydoc.jsonl")
+    remote = Source(SourceSpec(path=f"s3://{bucket}/corpora/"))
+    assert remote.name == "corpora" and remote.files() == [f"{bucket}/corpora/pydoc.jsonl"]
+    local = [r for b in Source(SourceSpec(path=str(source))).batches() for r in b]
+    assert [r for b in remote.batches() for r in b] == local
