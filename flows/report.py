@@ -100,6 +100,29 @@ def _counts(m: Manifest) -> list[str]:
     return ["## Counts", "", _table(rows), ""]
 
 
+def _sources(m: Manifest) -> list[str]:
+    """What each source gave the plan, and what the filters refused before any request."""
+    if not m.counts.plan.sources:
+        return []
+    lines = [
+        "## Sources",
+        "",
+        "| source | records | candidates | planned passages | requests | rejected before "
+        "generation | recipes | licences |",
+        "| --- | ---: | ---: | ---: | ---: | --- | --- | --- |",
+    ]
+    for name, a in m.counts.plan.sources.items():
+        cells = [
+            ", ".join(f"{k}: {v}" for k, v in sorted(a.get(key, {}).items())) or "-"
+            for key in ("rejected", "recipes", "licenses")
+        ]
+        lines.append(
+            f"| {name} | {a.get('records', 0)} | {a.get('candidates', 0)} | "
+            f"{a.get('planned', 0)} | {a.get('requests', 0)} | {' | '.join(cells)} |"
+        )
+    return [*lines, ""]
+
+
 def _filters(m: Manifest) -> list[str]:
     if not m.counts.filter:
         return []
@@ -316,7 +339,7 @@ def render_report(version: Path) -> Path:
     out = version / "report"
     out.mkdir(exist_ok=True)
     parts = [f"# Run {m.run_id}", ""]
-    parts += _counts(m) + _filters(m) + _generation(m) + _tokens(m) + _fill(m)
+    parts += _counts(m) + _sources(m) + _filters(m) + _generation(m) + _tokens(m) + _fill(m)
     parts += _balance(m, version, out)
     parts += _quality(m, out) + _diversity(m, out) + _samples(m, version)
     path = out / "report.md"

@@ -77,6 +77,9 @@ def test_a_grounded_run_records_provenance_and_lists_its_sources(
     assert meta["license"] == "CC-BY-SA-4.0"  # share-alike: carried to the card
     assert meta["sources"][0]["name"] == "pydoc.jsonl" and meta["sources"][0]["share"] == 1.0
     assert "## Sources" in (version / "README.md").read_text(encoding="utf-8")
+    report = (version / "report" / "report.md").read_text(encoding="utf-8")
+    row = next(line for line in report.splitlines() if line.startswith("| pydoc.jsonl |"))
+    assert "| 79 |" in row and "CC-BY-SA-4.0: 12" in row
     # the planned passages are recorded once the version is published...
     assert (state_dir(out) / PLANNED_DIR / f"{version.name}.npy").is_file()
     assert planned_passages(out).size == 12
