@@ -45,6 +45,33 @@ if TYPE_CHECKING:
 POOL_MIN_DOCS = 256  # a chunk smaller than this is filtered in the calling process
 
 
+# A new text that duplicates a taken-down document (its index entry is flagged): rejected
+# under this reason and written without its text, so a takedown stays complete.
+TAKEN_DOWN = "dedup_taken_down"
+
+
+def taken_down(index: DedupIndex | None) -> frozenset[str]:
+    """The ids a takedown flagged in the index (read once per run: a takedown and a run do not
+    overlap)."""
+    return frozenset(index.taken_down()) if index is not None else frozenset()
+
+
+def reject_indexed(
+    out: StageOutput, doc: Document, reason: str, match: Any, jaccard: float,
+    blocked: frozenset[str],
+) -> None:  # fmt: skip
+    """Reject `doc` as a duplicate of an indexed document, with the evidence; a duplicate of a
+    taken-down one loses its text."""
+    evidence = duplicate_evidence(match.run_id, jaccard)
+    if match.id in blocked:
+        doc = doc.model_copy(update={"text": ""})
+        reason, evidence = (
+            TAKEN_DOWN,
+            {**evidence, "text_removed": "a duplicate of a taken-down document"},
+        )
+    out.reject(doc, reason, match.id, evidence)
+
+
 class ExactStage:
     """Exact duplicates of normalised text, of the persistent index or of an earlier document
     of this run. Cross-chunk state: `seen`, exact key -> the id of its first document.
@@ -57,6 +84,7 @@ class ExactStage:
 
     def __init__(self, index: DedupIndex | None = None, enabled: bool = True) -> None:
         self.index, self.enabled = index, enabled
+        self.blocked = taken_down(index)
         self.seen: dict[int, str] = {}
         self.words: dict[str, list[bytes]] = {}  # this chunk's words, for NearStage
         self.keys: dict[str, int] = {}  # this chunk's exact keys, for the index commit
@@ -79,8 +107,7 @@ class ExactStage:
             if not self.enabled or not ws[i]:  # no words: the empty filter's business
                 out.kept.append(doc)
             elif indexed[i] is not None:
-                match = indexed[i]
-                out.reject(doc, EXACT, match.id, duplicate_evidence(match.run_id, 1.0))
+                reject_indexed(out, doc, EXACT, indexed[i], 1.0, self.blocked)
             elif keys[i] in self.seen:
                 out.reject(doc, EXACT, self.seen[keys[i]], duplicate_evidence(doc.run_id, 1.0))
             else:
@@ -285,6 +312,7 @@ class NearStage:
         self, settings: DedupSettings, store: CandidateStore, index: DedupIndex | None = None
     ) -> None:
         self.settings, self.store, self.index = settings, store, index
+        self.blocked = taken_down(index)
         self.topics: dict[str, int] = {}  # topic key -> index, for the fill account
         self.rows: dict[str, int] = {}  # this chunk's candidates: id -> store row
 
@@ -310,7 +338,7 @@ class NearStage:
         left = [i for i, m in enumerate(matches) if m is None]
         for i, m in enumerate(matches):
             if m is not None:
-                out.reject(docs[i], MINHASH, m.id, duplicate_evidence(m.run_id, m.jaccard))
+                reject_indexed(out, docs[i], MINHASH, m, m.jaccard, self.blocked)
         first = self.store.count
         chosen = [docs[i] for i in left]
         self.store.append(
