@@ -92,11 +92,11 @@ class Rounds:
             decision["stop"] = stop = self._stop_reason(need, report, done + 1, progress)
             if stop is None:
                 need, decision["sources"] = self._grounded_need(need, kept.per_topic)
-                topics = {topic_key(t.topic_path) for t in self.seeds}
-                wanted = seeds_for(
-                    need, self.seeds, fill.oversample, _only(kept.per_topic, topics),
-                    _only(self.planned_by_topic, topics),
-                )  # fmt: skip
+                per_topic, planned = kept.per_topic, self.planned_by_topic
+                if self.grounded is not None:  # a grounded document's key names its source
+                    topics = {topic_key(t.topic_path) for t in self.seeds}
+                    per_topic, planned = _only(per_topic, topics), _only(planned, topics)
+                wanted = seeds_for(need, self.seeds, fill.oversample, per_topic, planned)
                 decision["wanted"] = [[topic_key(t.topic_path), n] for t, n in wanted]
             self.decisions.append(decision)
         self.rounds.append({"planned": self._round_planned, "kept_total": decision["kept_total"]})
@@ -187,5 +187,5 @@ class Rounds:
 
 
 def _only(counts: Counter[str], keys: set[str]) -> Counter[str]:
-    """The counts of topic keys (a grounded document's key names its source instead)."""
+    """The counts of these topic keys only."""
     return Counter({k: n for k, n in counts.items() if k in keys})

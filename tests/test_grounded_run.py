@@ -186,3 +186,20 @@ def test_fill_rounds_plan_more_passages_of_a_source(
     account = manifest.counts.plan.sources["pydoc.jsonl"]
     assert account["planned"] == account["requests"] == len(plan)
     assert planned_passages(out).size == len(plan)
+
+
+def test_a_mixed_run_fills_from_topics_and_sources(
+    server: FakeServer, tmp_path: Path, write_config: Any
+) -> None:
+    """Fill rounds of a mixed run ask both the topics and the source for more, by share."""
+    source = write_source(tmp_path / "pydoc.jsonl")
+    topics = _package_dir() / "topics" / "default.yaml"
+    version = _run(server, tmp_path / "out", write_config, 7, topics=str(topics),
+                   sources=[{"path": str(source)}], plan={"limit": 8},
+                   fill={"documents": 24, "max_rounds": 2})  # fmt: skip
+    manifest = read_manifest(version)
+    assert manifest.counts.fill is not None and len(manifest.counts.fill.rounds) == 2
+    later = pq.read_table(version / "plan.parquet").to_pylist()[8:]
+    assert any(r["source_id"] for r in later) and any(r["source_id"] is None for r in later)
+    passages = [(r["source_id"], r["source_passage"]) for r in later if r["source_id"]]
+    assert len(set(passages)) == len(passages)
