@@ -77,7 +77,8 @@ class SourcePlan:
     def _passages(
         self, checksum: Checksum | None = None
     ) -> Iterator[tuple[SourceRecord, list[Passage], np.ndarray]]:
-        """Each record with its passages and their keys, passages planned before left out."""
+        """Each record with its passages and their keys, passages planned before left out
+        (counted while `checksum` is summed: on the first pass)."""
         g, name = self.cfg.grounding, self.source.name
         for batch in self.source.batches():
             for record in batch:
@@ -89,6 +90,10 @@ class SourcePlan:
                     len(passages),
                 )  # fmt: skip
                 fresh = ~contains(self.before, keys)
+                if checksum is not None:
+                    self.counts["records"] += 1
+                    self.counts["passages"] += len(passages)
+                    self.counts["planned_before"] += len(passages) - int(fresh.sum())
                 yield record, [p for p, f in zip(passages, fresh, strict=True) if f], keys[fresh]
 
     def _select(self, above: int) -> int | None:
@@ -102,10 +107,7 @@ class SourcePlan:
         if self.passages_wanted is not None:
             still = self.passages_wanted - len(self.keys)
             size = max(1, math.ceil(still * self.cfg.grounding.oversample))
-        for _, passages, keys in self._passages(checksum):
-            if first:
-                self.counts["records"] += 1
-                self.counts["fresh_passages"] += len(passages)
+        for _, _, keys in self._passages(checksum):
             if size is None:
                 continue
             for key in keys.tolist():
@@ -124,6 +126,8 @@ class SourcePlan:
         """Rounds of a selecting pass then a planning pass (candidates through the filters,
         survivors into requests), each round over the next smallest draws, until the source
         has given its share or every fresh passage was a candidate."""
+        if self.passages_wanted == 0:  # its share of a small plan rounded to nothing
+            return
         maker = GroundedRequests(self.cfg, self.seed, self.source.name)
         above = -1
         for _ in range(MAX_ROUNDS):
@@ -194,7 +198,6 @@ class SourcePlan:
             "share": self.source.spec.share,
             "scorer": self.gate.scorer,
             **dict(self.counts),
-            "planned_before": int(self.before.size),
             "planned": len(self.keys),
             "requests": sum(self.recipes.values()),
             "rejected": dict(self.rejected),

@@ -109,8 +109,9 @@ class GenerateCounts(_Strict):
 class PlanCounts(_Strict):
     requests: int = 0
     topics: dict[str, Any] = Field(default_factory=dict)  # the topic rotation's own account
-    # source name -> its account: path, checksum, share, records, passages, candidates, the
-    # pre-generation rejects by reason, planned passages, requests per recipe, licences
+    # source name -> its account: path, checksum, share, scorer, records, passages, those
+    # earlier runs planned, candidates, the pre-generation rejects by reason, planned passages,
+    # requests, requests per recipe, passages per licence
     sources: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
 

@@ -188,8 +188,10 @@ def test_selection_is_deterministic_and_later_runs_take_new_passages(
     assert len({r.source_id for r in first}) > 10
     record_planned(out, "run1", mixed.keys())
     assert planned_passages(out).size == 24
-    later, _ = plan(config(out, source))
+    later, later_plan = plan(config(out, source))
     assert len(later) == 24 and not _passages(later) & _passages(first)
+    account = later_plan.account()["pydoc.jsonl"]
+    assert account["planned_before"] == 24 and account["passages"] > 250
     repeat, _ = plan(config(out, source, grounding={"repeat": "any"}))
     assert [r.id for r in repeat] == [r.id for r in first]
 
