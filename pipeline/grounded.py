@@ -6,7 +6,7 @@ Which passages a source gives a run: every passage gets a draw, a hash of the ru
 passage's key (generation/source_state.py); passages earlier runs planned are skipped (unless
 `grounding.repeat: any`), and the run takes those with the smallest draws. That needs two
 passes over the source, never the source in memory: the first cuts passages, sums the
-checksum and keeps the `oversample` x wanted smallest draws (8 bytes each); the second cuts
+checksum and keeps the `oversample` x wanted smallest draws (one integer each); the second cuts
 again and sends those candidates, a batch at a time, through the pre-generation filters
 (filters/source_gate.py), planning the survivors in the source's order until the run has its
 share. When the filters leave it short, another round (two more passes) takes the next
