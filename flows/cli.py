@@ -512,6 +512,9 @@ _register_stage_commands()
 
 
 def main() -> None:
+    from booksmith.flows.malloc import limit_arenas
+
+    limit_arenas()  # before any thread starts: see flows/malloc.py
     app(prog_name="booksmith")
 
 
