@@ -96,6 +96,15 @@ def test_passages_are_cut_on_paragraph_boundaries_within_the_window() -> None:
     assert total > 300
 
 
+def test_passages_stay_in_the_window_when_a_count_is_not_additive() -> None:
+    """Joins are taken by a bound on the joined count; where the bound fails (here a count that
+    grows faster than its parts'), the record is packed again counting every join."""
+    count = lambda text: len(text) * len(text) // 4000  # noqa: E731
+    text = TOPICS["assignment"]
+    passages = cut_passages(text, count, 16, 300)
+    assert passages and all(16 <= p.n_tokens == count(p.text) <= 300 for p in passages)
+
+
 # -- the stream --------------------------------------------------------------------------------
 
 
