@@ -113,8 +113,9 @@ SourcesOption = Annotated[
     list[str] | None,
     typer.Option(
         help="Records to ground generation in: a JSONL or Parquet file or folder of {id, text, "
-        "license?}, or a dataset version; local or s3://. Repeat for several. Alone, the run "
-        "plans from them only; with --topics, both by their shares."
+        "license?}, or a dataset version; local or s3://. Repeat for several; they replace the "
+        "config's sources:. Alone, the run plans from them only; with --topics, both by their "
+        "shares."
     ),
 ]
 
