@@ -61,9 +61,10 @@ class Source:
             except ManifestError as e:
                 raise InputError(str(e)) from None
             return [join(root, rel) for rel in parsed.shard_paths("text")]
-        found = sorted(
-            p for p in fs.find(root) if p.lower().endswith(JSONL + PARQUET) and "/_" not in p
-        )
+        found = sorted(  # (not under a folder named _..., as _state/ is)
+            p for p in fs.find(root)
+            if p.lower().endswith(JSONL + PARQUET) and "/_" not in p[len(root):]
+        )  # fmt: skip
         if not found:
             raise InputError(
                 f"{self.location}: no .jsonl or .parquet file in this folder, and no "

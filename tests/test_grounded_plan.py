@@ -131,8 +131,9 @@ def test_a_source_streams_in_bounded_memory(tmp_path: Path, monkeypatch: Any) ->
 
 def test_jsonl_parquet_folder_and_url_give_the_same_records(source: Path, tmp_path: Path) -> None:
     rows = [json.loads(line) for line in source.read_text().splitlines()]
-    folder = tmp_path / "folder"
-    folder.mkdir()
+    folder = tmp_path / "_in" / "folder"  # (a folder under one named _...: still read)
+    (folder / "_state").mkdir(parents=True)
+    (folder / "_state" / "skipped.jsonl").write_text('{"id": "x", "text": "not a record"}\n')
     pa.parquet.write_table(pa.Table.from_pylist(rows[:40]), folder / "a.parquet")
     (folder / "b.jsonl").write_text("\n".join(json.dumps(r) for r in rows[40:]) + "\n")
     fs = fsspec.filesystem("memory")
