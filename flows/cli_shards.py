@@ -206,6 +206,17 @@ def datasets_takedown(
             "(default: OUT/_state/minhash)."
         ),
     ] = None,
+    source_ids: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--source-id",
+            help="A source record's id: every document derived from it goes, and no later "
+            "run plans from it (repeat for several).",
+        ),
+    ] = None,
+    source: Annotated[
+        str | None, typer.Option("--source", help="Only that source's records (its name).")
+    ] = None,
 ) -> None:
     """Remove documents by id from every version (and their rejected near-duplicates), from
     the response cache (tombstoned: no later run asks for them again), flag their MinHash
@@ -213,16 +224,25 @@ def datasets_takedown(
     outputs and exports again; a log of each takedown is kept in _state/takedowns.jsonl.
     Exit 1 when a copy could not be reached (each is listed)."""
     from booksmith.flows.takedown import apply_takedown, describe, plan_takedown
+    from booksmith.generation.source_state import record_taken_down
 
     out = _local(location, "datasets takedown")
     wanted = list(ids or [])
     try:
         if ids_file is not None:
             wanted += ids_file.read_text(encoding="utf-8").split()
-        if not wanted:
-            raise ValueError("no document ids given (arguments or --ids-file)")
         if not out.is_dir():
             raise FileNotFoundError(f"{out}: no such directory")
+        records = [(source, i) for i in source_ids or []]
+        if records:
+            wanted += _derived(out, records)
+            if not wanted:  # nothing published from them yet: later runs skip them all the same
+                if not dry_run:
+                    _confirm(yes, f"remember {len(records)} source records as taken down?")
+                    record_taken_down(out, records)
+                return
+        if not wanted:
+            raise ValueError("no document ids given (arguments, --ids-file or --source-id)")
         plan = plan_takedown(out, wanted, index)
         for line in describe(plan):
             console.print(escape(line), highlight=False, soft_wrap=True)
@@ -230,6 +250,7 @@ def datasets_takedown(
             print(json.dumps({"dry_run": True, **plan.to_json()}))
             return
         _confirm(yes, f"take {len(plan.drop)} documents down from {out}?")
+        record_taken_down(out, records)  # first: a failure below must not let a run plan them
         result = apply_takedown(plan)
     except user_errors(ValueError) as e:
         fail(one_line(e))
@@ -239,6 +260,17 @@ def datasets_takedown(
     print(json.dumps(result.to_json()))
     if result.unreached:
         fail("\n".join(f"not reached: {u}" for u in result.unreached), 1)
+
+
+def _derived(out: Path, records: list[tuple[str | None, str]]) -> list[str]:
+    """The documents derived from these source records, in every version and set-aside run."""
+    from booksmith.shards.catalog import ids_from_sources
+    from booksmith.shards.version_dir import FAILED_DIR, state_dir
+
+    ids = ids_from_sources(out, records) + ids_from_sources(state_dir(out) / FAILED_DIR, records)
+    names = ", ".join(f"{s}:{i}" if s else i for s, i in records)
+    console.print(f"source records {names}: {len(ids)} derived documents", highlight=False)
+    return ids
 
 
 def _confirm(yes: bool, question: str) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -87,3 +88,43 @@ def contains(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
         return np.zeros(len(keys), dtype=bool)
     at = np.minimum(np.searchsorted(sorted_keys, keys), sorted_keys.size - 1)
     return np.asarray(sorted_keys[at] == keys)
+
+
+TAKEN_DOWN = "sources/taken_down.jsonl"  # one line per source record taken down
+
+
+def record_taken_down(out: Path, records: Iterable[tuple[str | None, str]]) -> None:
+    """Remember source records taken down ((source name or None for any source, record id)),
+    so no later run plans from them again, whatever the source file still holds."""
+    known = taken_down_records(out)
+    new = [r for r in dict.fromkeys(records) if r not in known]
+    if not new:
+        return
+    path = state_dir(out) / TAKEN_DOWN
+    lines = path.read_bytes() if path.is_file() else b""
+    lines += b"".join(
+        json.dumps({"source": s, "id": i}, ensure_ascii=False).encode() + b"\n" for s, i in new
+    )
+    write_bytes_atomically(path, lines)
+
+
+def taken_down_records(out: Path) -> set[tuple[str | None, str]]:
+    """The source records takedowns removed: (source name or None, record id)."""
+    path = state_dir(out) / TAKEN_DOWN
+    if not path.is_file():
+        return set()
+    found = set()
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            entry = json.loads(line)
+            found.add((entry["source"], str(entry["id"])))
+        except (ValueError, KeyError, TypeError):
+            raise ValueError(
+                f'{path}:{n}: damaged takedown record (want {{"source": ..., "id": ...}}); '
+                "fix the line, or run the takedown again to write it"
+            ) from None
+    return found
+
+
+def is_taken_down(taken: set[tuple[str | None, str]], source: str, record_id: str) -> bool:
+    return (source, record_id) in taken or (None, record_id) in taken

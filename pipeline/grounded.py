@@ -31,7 +31,13 @@ from booksmith.generation.coverage import MIN_KEEP_RATE
 from booksmith.generation.grounded_requests import GroundedRequests
 from booksmith.generation.passages import Passage, cut_passages
 from booksmith.generation.plan import plan_for
-from booksmith.generation.source_state import contains, passage_key, planned_passages
+from booksmith.generation.source_state import (
+    contains,
+    is_taken_down,
+    passage_key,
+    planned_passages,
+    taken_down_records,
+)
 from booksmith.schemas import GenerationRequest, TopicSeed
 from booksmith.schemas.config import ConfigError, RunConfig
 from booksmith.schemas.records import Grounding
@@ -67,6 +73,7 @@ class SourcePlan:
         )
         if exclude is not None:  # a fill round: not the passages this run planned already
             self.before = np.union1d(self.before, exclude)
+        self.taken_down = taken_down_records(cfg.output.dir)  # never planned again
         self.keys: list[int] = []  # passages this run planned (recorded once it is published)
         self.counts: Counter[str] = Counter()
         self.rejected: Counter[str] = Counter()
@@ -84,6 +91,10 @@ class SourcePlan:
             for record in batch:
                 if checksum is not None:
                     checksum.update(record)
+                if self.taken_down and is_taken_down(self.taken_down, name, record.id):
+                    if checksum is not None:
+                        self.counts["taken_down"] += 1
+                    continue
                 passages = cut_passages(record.text, self.count, g.min_tokens, g.max_tokens)
                 keys = np.fromiter(
                     (passage_key(name, record.id, p.start, p.end) for p in passages), np.uint64,

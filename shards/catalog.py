@@ -39,7 +39,15 @@ from booksmith.shards.version_dir import (
     list_versions,
     read_manifest,
 )
-from booksmith.shards.writer import DEFAULT_SHARD_BYTES, ShardWriter
+from booksmith.shards.writer import (
+    COMPRESSION,
+    DEFAULT_SHARD_BYTES,
+    ROW_GROUP_ROWS,
+    ShardWriter,
+    commit,
+    describe,
+    tmp_name,
+)
 
 TAKEDOWN_PREFIX = ".takedown-"
 RETIRED_PREFIX = ".retired-"
@@ -276,6 +284,22 @@ def _filter_shards(
     return writer.close(), removed
 
 
+def _filter_file(src: Path, dst: Path, entry: ShardEntry, drop: set[str]) -> ShardEntry:
+    """One single-file table (plan.parquet) rewritten without the dropped ids, batch by batch."""
+    source = pq.ParquetFile(src / entry.path)
+    target = dst / entry.path
+    target.parent.mkdir(parents=True, exist_ok=True)
+    dropped = pa.array(sorted(drop), pa.string())
+    rows = 0
+    with pq.ParquetWriter(tmp_name(target), source.schema_arrow, compression=COMPRESSION) as w:
+        for batch in source.iter_batches(ROW_GROUP_ROWS):
+            kept = batch.filter(pc.invert(pc.is_in(batch.column("id"), value_set=dropped)))
+            w.write_batch(kept)
+            rows += kept.num_rows
+    commit(tmp_name(target), target)
+    return describe(target, root=dst, rows=rows, kind=entry.kind)
+
+
 def _takedown_version(out: Path, path: Path, drop: set[str]) -> int:
     """Rebuild one version without the given ids and swap it in; returns rows removed."""
     m = read_manifest(path)
@@ -288,6 +312,8 @@ def _takedown_version(out: Path, path: Path, drop: set[str]) -> int:
     for s in m.shards:
         if s.kind in ("text", "rejected", "tokens"):
             groups.setdefault((s.kind, s.encoding), []).append(s.path)
+        elif s.kind == "plan":  # the request goes with its document (a grounded prompt
+            new_shards.append(_filter_file(path, staged, s, drop))  # holds its source's text)
         elif s.kind != "packed":
             _link_or_copy(path / s.path, staged / s.path)
             new_shards.append(s)
@@ -343,6 +369,27 @@ def _repack(
         for batch in pq.ParquetFile(staged / s.path).iter_batches(columns=["input_ids"]):
             packer.feed(pa.Table.from_batches([batch]))
     return writer.close(), {"rows": packer.rows, "dropped_tokens": packer.dropped}
+
+
+def ids_from_sources(out: Path, records: Iterable[tuple[str | None, str]]) -> list[str]:
+    """The ids of every document (kept or rejected, in every version under `out`) derived from
+    these source records: (source name, or None for any source, record id)."""
+    wanted = list(records)
+    found: list[str] = []
+    for path in list_versions(out):
+        m = read_manifest(path)
+        for rel in [*m.shard_paths("text"), *m.shard_paths("rejected")]:
+            if "source_id" not in pq.read_schema(path / rel).names:
+                continue  # written before sources existed
+            table = pq.read_table(path / rel, columns=["id", "source_name", "source_id"])
+            hit = pa.array([False] * table.num_rows)
+            for name, rid in wanted:
+                match = pc.equal(table.column("source_id"), rid)
+                if name is not None:
+                    match = pc.and_(match, pc.equal(table.column("source_name"), name))
+                hit = pc.or_(hit, pc.fill_null(match, False))
+            found += table.filter(hit).column("id").to_pylist()
+    return list(dict.fromkeys(found))
 
 
 def with_near_duplicates(out: Path, ids: Iterable[str]) -> set[str]:
