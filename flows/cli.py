@@ -21,6 +21,7 @@ from booksmith.flows.cli_errors import (
     EXIT_ENDPOINT_FAILING,
     EXIT_NOT_PUBLISHED,
     fail,
+    one_line,
     user_errors,
 )
 from booksmith.flows.prefect_env import configure_prefect
@@ -299,26 +300,29 @@ def plan(
 
 @app.command()
 def report(
-    location: Annotated[str, typer.Argument(help="A dataset version directory.")],
+    location: Annotated[
+        str, typer.Argument(help="A dataset version: a directory, or an export URL.")
+    ],
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            help="Where to write report.md and its plots (default: the version's report/; "
+            "for a URL, ./report-<run id>).",
+        ),
+    ] = None,
 ) -> None:
-    """Print a dataset version's counts and diversity, and write report/ (markdown and plots)."""
-    from booksmith.flows.report import render_report
+    """Print a dataset version's counts and diversity, and write its report (markdown, plots)."""
+    from booksmith.flows.report import VersionFiles, render_report
     from booksmith.shards.fs import is_url
-    from booksmith.shards.version_dir import read_manifest
-
-    if is_url(location):
-        fail(
-            f"{location}: report writes report/ inside the version, which booksmith does in a "
-            "local output directory only; run it on the version it was exported from (the "
-            "export carries its report/)"
-        )
-    dataset = Path(location)
 
     try:
-        manifest = read_manifest(dataset)
-        path = render_report(dataset)
-    except (FileNotFoundError, ValueError) as e:
-        fail(str(e))
+        manifest = VersionFiles(location).manifest()
+        if out is None and is_url(location):
+            out = Path(f"report-{manifest.run_id}")  # an export is read, never written to
+        path = render_report(location, out)
+    except user_errors(ValueError, OSError) as e:
+        fail(one_line(e))
         return
     div = manifest.diversity
     table = Table(title=f"dataset {manifest.run_id}", show_header=False)

@@ -18,9 +18,34 @@ import pyarrow.parquet as pq
 from matplotlib.figure import Figure
 
 from booksmith.schemas.manifest import Diversity, GenerateCounts, Manifest, QualityHistogram
-from booksmith.shards.version_dir import read_manifest
+from booksmith.shards.fs import filesystem, is_url, join
+from booksmith.shards.version_dir import MANIFEST, read_manifest
 
 SAMPLES = 3  # documents shown in the report
+
+
+class VersionFiles:
+    """A version's files, local or at a URL (an export: read through shards/fs.py, only the
+    columns and rows a section needs)."""
+
+    def __init__(self, location: str | Path) -> None:
+        self.location = str(location)
+        self.fs, self.root = filesystem(location)
+
+    def path(self, relative: str) -> str:
+        return join(self.root, relative)
+
+    def manifest(self) -> Manifest:
+        if not is_url(self.location):
+            return read_manifest(Path(self.location))
+        try:
+            data = self.fs.cat_file(self.path(MANIFEST))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{self.location}/{MANIFEST}: no manifest, not a dataset "
+                                    "version") from None  # fmt: skip
+        return Manifest.parse(data, f"{self.location}/{MANIFEST}")
+
+
 SAMPLE_CHARS = 600
 
 
@@ -40,14 +65,15 @@ def plot_quality(hist: QualityHistogram, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def sample_documents(version: Path, manifest: Manifest, n: int = SAMPLES) -> list[dict]:
+def sample_documents(version: VersionFiles, manifest: Manifest, n: int = SAMPLES) -> list[dict]:
     """The first `n` kept documents (what a reader sees first when they open the shards)."""
     for shard in manifest.shards:
         if shard.kind == "text" and shard.rows:
             columns = ["id", "topic", "audience", "style", "format", "n_tokens", "text"]
             # the first rows only: a shard can hold 256 MB of text
-            batches = pq.ParquetFile(version / shard.path).iter_batches(n, columns=columns)
-            return next(batches).to_pylist()
+            with version.fs.open(version.path(shard.path), "rb") as f:
+                batches = pq.ParquetFile(f).iter_batches(n, columns=columns)
+                return next(batches).to_pylist()
     return []
 
 
@@ -224,12 +250,12 @@ OPENERS_PLOT_MIN = 100  # below this many documents the openers are a table, not
 TOPICS_LISTED = 40  # the per-topic table lists every topic up to this many, else the widest gaps
 
 
-def _column_counts(path: Path, column: str) -> Counter[str]:
+def _column_counts(version: VersionFiles, relative: str, column: str) -> Counter[str]:
     """Values of one column of a Parquet file or folder, counted batch by batch."""
     counts: Counter[str] = Counter()
-    if not path.exists():
+    if not version.fs.exists(version.path(relative)):
         return counts
-    dataset = ds.dataset(path, format="parquet")
+    dataset = ds.dataset(version.path(relative), format="parquet", filesystem=version.fs)
     if column not in dataset.schema.names:
         return counts
     for batch in dataset.to_batches(columns=[column], batch_size=65_536):
@@ -252,11 +278,11 @@ def plot_balance(planned: Counter[str], kept: Counter[str], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def _balance(m: Manifest, version: Path, out: Path) -> list[str]:
+def _balance(m: Manifest, version: VersionFiles, out: Path) -> list[str]:
     """Planned requests and kept documents per subject and per topic: whether fill rounds
     kept the corpus balanced (they aim every subject at an equal share of the kept set)."""
-    planned = _column_counts(version / "plan.parquet", "subject")
-    kept = _column_counts(version / "text", "subject")
+    planned = _column_counts(version, "plan.parquet", "subject")
+    kept = _column_counts(version, "text", "subject")
     if not planned:
         return []
     share = sum(kept.values()) / len(planned)
@@ -273,8 +299,8 @@ def _balance(m: Manifest, version: Path, out: Path) -> list[str]:
         lines.append(f"| {subject} | {planned[subject]} | {kept[subject]} | {gap:+.1f} |")
     plot_balance(planned, kept, out / "balance.png")
     lines += ["", "![planned and kept per subject](balance.png)", ""]
-    by_topic_planned = _column_counts(version / "plan.parquet", "topic")
-    by_topic_kept = _column_counts(version / "text", "topic")
+    by_topic_planned = _column_counts(version, "plan.parquet", "topic")
+    by_topic_kept = _column_counts(version, "text", "topic")
     topics = sorted(by_topic_planned, key=lambda t: (by_topic_kept[t] - by_topic_planned[t], t))
     if len(topics) > TOPICS_LISTED:
         lines += [f"The {TOPICS_LISTED} topics that kept least of what they planned, "
@@ -315,7 +341,7 @@ def _diversity(m: Manifest, out: Path) -> list[str]:
     return [*lines, "![openers](openers.png)", ""]
 
 
-def _samples(m: Manifest, version: Path) -> list[str]:
+def _samples(m: Manifest, version: VersionFiles) -> list[str]:
     samples = sample_documents(version, m)
     if not samples:
         return []
@@ -333,11 +359,17 @@ def _samples(m: Manifest, version: Path) -> list[str]:
     return lines
 
 
-def render_report(version: Path) -> Path:
-    """Write `version/report/report.md` and its plots from the manifest; returns the .md path."""
-    m = read_manifest(version)
-    out = version / "report"
-    out.mkdir(exist_ok=True)
+def render_report(location: str | Path, out: Path | None = None) -> Path:
+    """Write the report (report.md and its plots) of the version at `location` (a local
+    directory or a URL) into `out`, by default the version's own `report/`; returns the .md
+    path."""
+    version = VersionFiles(location)
+    m = version.manifest()
+    if out is None:
+        if is_url(location):
+            raise ValueError(f"{location}: a version at a URL needs a local folder for its report")
+        out = Path(location) / "report"
+    out.mkdir(parents=True, exist_ok=True)
     parts = [f"# Run {m.run_id}", ""]
     parts += _counts(m) + _sources(m) + _filters(m) + _generation(m) + _tokens(m) + _fill(m)
     parts += _balance(m, version, out)

@@ -344,3 +344,25 @@ def test_corpus_on_an_export_url(version: Path, bucket: str, tmp_path: Path) -> 
     (line,) = missing.output.strip().splitlines()
     assert f"{root}/20990101T000000Z: no such dataset version there" in line
     assert f"{version.name}, {second.name}" in line
+
+
+def test_report_on_an_export_url(version: Path, bucket: str, tmp_path: Path) -> None:
+    """`booksmith report s3://...` reads the exported version through fsspec and writes its
+    report to a local folder (never into the export): the same report as the local version's."""
+    from booksmith.flows.cli import app as booksmith
+
+    url = f"s3://{bucket}/nightly/{version.name}"
+    export(version, url)
+    before = {o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=bucket)["Contents"]}
+    runner = CliRunner()
+    local = runner.invoke(booksmith, ["report", str(version)])
+    assert local.exit_code == 0, local.output
+    remote = runner.invoke(booksmith, ["report", url, "--out", str(tmp_path / "r")])
+    assert remote.exit_code == 0, remote.output
+    assert (tmp_path / "r" / "report.md").read_text() == (
+        version / "report" / "report.md"
+    ).read_text()
+    after = {o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=bucket)["Contents"]}
+    assert after == before  # nothing written to the export
+    missing = runner.invoke(booksmith, ["report", f"s3://{bucket}/nightly/nope"])
+    assert missing.exit_code == 2 and "no manifest" in missing.output
