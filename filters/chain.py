@@ -1,8 +1,9 @@
 """The quality part of the filter chain, in order: cheap rules first, models last.
 
 empty -> language id -> generation artifacts -> Gopher quality -> Gopher repetition -> lines
-(C4/FineWeb) -> decontamination (when benchmarks are configured) -> quality classifier (when a
-model is configured or trained). Exact and MinHash dedup are added around it by the dedup stage.
+(C4/FineWeb) -> faithfulness (grounded documents against their passage) -> decontamination
+(when benchmarks are configured) -> quality classifier (when a model is configured or
+trained). Exact and MinHash dedup are added around it by the dedup stage.
 Language id comes first, as in datatrove's pipelines: the English rules (stop words, line
 shapes) would otherwise reject a French text for its French, and the language counts would
 miss it.
@@ -15,6 +16,7 @@ from pathlib import Path
 from booksmith.filters.base import Filter
 from booksmith.filters.decontam import BenchmarkIndex, DecontamFilter, build_index
 from booksmith.filters.empty import EmptyFilter
+from booksmith.filters.faithfulness import FaithfulnessFilter
 from booksmith.filters.generation_artifacts import GenerationArtifactFilter
 from booksmith.filters.gopher_quality import GopherQualityFilter
 from booksmith.filters.gopher_repetition import GopherRepetitionFilter
@@ -55,6 +57,8 @@ def build_chain(
         chain.append(GopherRepetitionFilter(s.gopher_repetition))
     if s.lines.enabled:
         chain.append(LineFilter(s.lines))
+    if s.faithfulness.enabled:  # grounded documents only; others pass untouched
+        chain.append(FaithfulnessFilter(s.faithfulness))
     if index is None and s.decontam.benchmarks:
         index = build_index(s.decontam)
     if index is not None:

@@ -369,6 +369,8 @@ class RunConfig(_Strict):
         recorded in the manifest."""
         # A run without sources hashes as before they existed (its versions' keys stay).
         plain = {"sources": True, "grounding": True} if not self.sources else {}
+        # (nor the rules that judge grounded documents only)
+        filters = {"workers"} | ({"faithfulness"} if not self.sources else set())
         data = self.model_dump(
             mode="json",
             exclude={
@@ -378,7 +380,7 @@ class RunConfig(_Strict):
                 # topics enter the run key through the topics themselves)
                 "generation": {"budget": {"over_estimate"}},
                 "expansion": {"grow"},
-                "filters": {"workers"},
+                "filters": filters,
                 "output": {"dir"},
                 "export": True,
                 "schedule": True,

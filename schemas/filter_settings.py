@@ -109,6 +109,19 @@ class LineSettings(_Strict):
     lorem_ipsum: bool = True  # C4
 
 
+class FaithfulnessSettings(_Strict):
+    """Grounded documents against their source passage (filters/faithfulness.py). Defaults,
+    measured on nothing yet but reasoned: a rephrasing may keep a phrase or a title (up to 25
+    words in a row, the length of a long sentence), a handful of numbers or names a passage
+    implies without spelling out (3), and should share at least a third of its content words
+    with its source (WRAP's rephrasings keep most; a text on another subject keeps few)."""
+
+    enabled: bool = True
+    max_copied_words: int = Field(default=25, ge=8)
+    max_unsupported: int = Field(default=3, ge=0)
+    min_overlap: float = Field(default=0.33, ge=0, le=1)
+
+
 class LangIdSettings(_Strict):
     enabled: bool = True
     languages: list[str] = Field(default_factory=lambda: ["en"])
@@ -169,5 +182,6 @@ class FilterSettings(_Strict):
     lines: LineSettings = Field(default_factory=LineSettings)
     langid: LangIdSettings = Field(default_factory=LangIdSettings)
     decontam: DecontamSettings = Field(default_factory=DecontamSettings)
+    faithfulness: FaithfulnessSettings = Field(default_factory=FaithfulnessSettings)
     quality: QualitySettings = Field(default_factory=QualitySettings)
     annotate: AnnotateSettings = Field(default_factory=AnnotateSettings)

@@ -30,6 +30,7 @@ import json
 import math
 import os
 import random
+import re
 import socket
 import subprocess
 import sys
@@ -81,6 +82,11 @@ class FaultConfig:
     near_duplicate: float = 0.0
     near_duplicate_pool: int = 4
     near_duplicate_edit: float = 0.01
+    # A grounded request (its prompt quotes a passage in a recipe's <text> or <extract> tags) is
+    # answered with the passage's own words in a new order (faithful: no long copied run, no
+    # new number or name, its content words from the passage), except this share, answered
+    # with unrelated words (off-source, as a model that ignored its source).
+    unfaithful: float = 0.0
     # request key -> fault kind (or "none"): pins a key's fault whatever the fractions draw
     overrides: dict[str, str] = field(default_factory=dict)
     # The endpoint goes down: every request after this many answers a server error, retries
@@ -117,6 +123,8 @@ class FaultConfig:
             raise ValueError(f"fault fractions must be >= 0 and sum to <= 1, got {total:.3f}")
         if not 0 <= self.near_duplicate <= 1 or self.near_duplicate_pool < 1:
             raise ValueError("near_duplicate must be in [0, 1] and near_duplicate_pool >= 1")
+        if not 0 <= self.unfaithful <= 1:
+            raise ValueError("unfaithful must be in [0, 1]")
         for key, kind in self.overrides.items():
             if kind not in (*FAULT_KINDS, "none"):
                 raise ValueError(f"overrides[{key!r}]: unknown fault kind {kind!r}")
@@ -284,6 +292,42 @@ def near_duplicate_text(key: str, n_words: int, cfg: FaultConfig) -> str:
 
 def is_near_duplicate(key: str, cfg: FaultConfig) -> bool:
     return cfg.near_duplicate > 0 and _unit(f"near:{key}") < cfg.near_duplicate
+
+
+_PASSAGE_TAGS = (("<text>\n", "\n</text>"), ("<extract>\n", "\n</extract>"))
+
+
+def quoted_passage(body: dict[str, Any]) -> str | None:
+    """The source passage a grounded request's last message quotes, if it quotes one."""
+    users = [m for m in body["messages"] if isinstance(m, dict) and m.get("role") == "user"]
+    prompt = str(users[-1].get("content") or "") if users else ""
+    for start_tag, end_tag in _PASSAGE_TAGS:
+        start, end = prompt.find(start_tag), prompt.rfind(end_tag)
+        if start >= 0 and end > start:
+            return prompt[start + len(start_tag) : end]
+    return None
+
+
+def grounded_text(key_digest: str, n_words: int, passage: str) -> str:
+    """Sentences of function words and the passage's own content words (4+ letters, lower
+    case), drawn in a new order: a faithful rephrase as the faithfulness rules see it."""
+    vocab = sorted({w.lower() for w in re.findall(r"[A-Za-z]{4,}", passage)})
+    if len(vocab) < 20:
+        return completion_text(key_digest, n_words)
+    rng = random.Random(int(key_digest, 16))
+    words: list[str] = []
+    sentence_left, start = rng.randint(6, 16), True
+    for _ in range(n_words):
+        word = rng.choice(_FUNCTION) if rng.random() < 0.4 else rng.choice(vocab)
+        if start:
+            word, start = word.capitalize(), False
+        sentence_left -= 1
+        if sentence_left == 0:
+            word += "."
+            sentence_left, start = rng.randint(6, 16), True
+        words.append(word)
+    text = " ".join(words)
+    return text if text.endswith(".") else text + "."
 
 
 # -- responses -----------------------------------------------------------------------------------
@@ -593,8 +637,11 @@ class FakeApp:
             tokens = max(1, len(text.split()))
             reply = _completion(key, model, text, "stop", prompt_tokens, tokens)
         else:
+            passage = quoted_passage(body)
             if is_near_duplicate(key, cfg):
                 text = near_duplicate_text(key, n_words, cfg)
+            elif passage is not None and _unit(f"unfaithful:{key}") >= cfg.unfaithful:
+                text = grounded_text(digest, n_words, passage)
             else:
                 text = completion_text(digest, n_words)
             tokens = min(max_tokens, math.ceil(n_words / 0.75))

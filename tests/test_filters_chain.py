@@ -23,6 +23,7 @@ def test_default_chain_without_benchmarks_or_model() -> None:
         "gopher_quality",
         "gopher_repetition",
         "lines",
+        "faithfulness",
     ]
 
 
