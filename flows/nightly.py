@@ -36,7 +36,7 @@ from booksmith.filters.dedup import open_index, reconcile
 from booksmith.filters.retrain import MODEL_DIR, retrain_due, run_annotate, run_train
 from booksmith.flows.expand import expand
 from booksmith.flows.export import export_version
-from booksmith.flows.report import render_report
+from booksmith.flows.report import SAMPLES_HEADING, render_report
 from booksmith.flows.task_runners import dask_client
 from booksmith.generation import preflight, progress
 from booksmith.generation.backends import open_endpoints
@@ -319,10 +319,23 @@ def _topic_counts(path: Path) -> Counter[str]:
 FAILURES_SHOWN = 100  # the failures table shows the first ones; failures.parquet has all
 
 
+def without_samples(report: str) -> str:
+    """The report without its sample documents: Prefect keeps artifacts in its own database,
+    where no takedown reaches, so an artifact quotes no document (report.md, which a takedown
+    regenerates, does)."""
+    head, found, tail = report.partition(f"\n{SAMPLES_HEADING}\n")
+    if not found:
+        return report
+    rest = tail.partition("\n## ")
+    kept = f"\n## {rest[2]}" if rest[1] else ""
+    note = f"\n{SAMPLES_HEADING}\n\nIn the version's report/report.md (not kept in Prefect).\n"
+    return head + note + kept
+
+
 def publish_artifacts(report_md: Path, version_dir: Path, run_id: str) -> None:
     """The run report and the first failures as Prefect artifacts (the UI's view of a run)."""
     create_markdown_artifact(
-        redact_text(report_md.read_text(encoding="utf-8")),
+        redact_text(without_samples(report_md.read_text(encoding="utf-8"))),
         key="booksmith-run-report",
         description=f"booksmith run {run_id}",
     )

@@ -22,6 +22,7 @@ from booksmith.shards.fs import filesystem, is_url, join
 from booksmith.shards.version_dir import MANIFEST, read_manifest
 
 SAMPLES = 3  # documents shown in the report
+SAMPLES_HEADING = "## Sample documents"
 
 
 class VersionFiles:
@@ -345,7 +346,7 @@ def _samples(m: Manifest, version: VersionFiles) -> list[str]:
     samples = sample_documents(version, m)
     if not samples:
         return []
-    lines = ["## Sample documents", ""]
+    lines = [SAMPLES_HEADING, ""]
     for d in samples:
         text = d["text"][:SAMPLE_CHARS] + ("..." if len(d["text"]) > SAMPLE_CHARS else "")
         quoted = "\n".join("> " + line for line in text.splitlines())

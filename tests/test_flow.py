@@ -256,6 +256,11 @@ def test_run_publishes_report_failures_and_progress_artifacts(
     assert set(kinds) == {"markdown", "table", "progress"}
     assert f"# Run {run_id}" in str(kinds["markdown"].data)
     assert kinds["progress"].data == 100.0
+    # Prefect's database is out of a takedown's reach: the artifact quotes no document.
+    report = (version / "report" / "report.md").read_text(encoding="utf-8")
+    assert "## Sample documents" in report and "## Sample documents" in str(kinds["markdown"].data)
+    for doc in pq.read_table(version / "text", columns=["text"]).column("text").to_pylist():
+        assert doc[:60] not in str(kinds["markdown"].data)
 
 
 def test_a_full_disk_is_one_line_and_the_rerun_loses_nothing(
