@@ -306,8 +306,7 @@ def test_commands_on_an_export_url(version: Path, bucket: str, tmp_path: Path) -
     url = f"s3://{bucket}/nightly/{version.name}"
     assert runner.invoke(booksmith, ["verify", url]).exit_code == 0
     for args in (["datasets", "rm", f"s3://{bucket}/nightly", version.name],
-                 ["datasets", "takedown", f"s3://{bucket}/nightly", "doc-1"],
-                 ["report", url]):  # fmt: skip
+                 ["datasets", "takedown", f"s3://{bucket}/nightly", "doc-1"]):  # fmt: skip
         refused = runner.invoke(booksmith, args)
         assert refused.exit_code == 2, (args, refused.output)
         (line,) = refused.output.strip().splitlines()

@@ -39,9 +39,10 @@ def out(prefect_api: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def server(out: Path) -> Iterator[str]:
     """The real command, on a free port; yields the URL it prints."""
+    log = (out.parent / "view.log").open("w")  # a pipe no one reads could fill and block it
     proc = subprocess.Popen(
         [sys.executable, "-m", "booksmith", "view", str(out)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE, stderr=log, text=True,
     )  # fmt: skip
     try:
         assert proc.stdout is not None
@@ -159,10 +160,11 @@ def test_every_page_by_its_links(out: Path, server: str, browser: WebDriver) -> 
     Select(browser.find_element(By.NAME, "reason")).select_by_value("")
     box.send_keys(word)
     browser.find_element(By.CSS_SELECTOR, "#filters button[type=submit]").click()
-    for _ in range(60):  # the index builds once; the page reloads itself meanwhile
-        if not browser.find_elements(By.ID, "building"):
+    for _ in range(120):  # the index builds once, in a child process (the page reloads itself
+        if not browser.find_elements(By.ID, "building"):  # too, every 2 s)
             break
-        time.sleep(0.5)
+        time.sleep(1)
+        browser.refresh()
     _check(browser, "11-search")
     want = sum(word in re.findall(r"\w+", r["text"].lower()) for r in kept)
     assert browser.find_element(By.ID, "count").text.startswith(f"{want:,} document")
@@ -196,7 +198,7 @@ def test_the_demo_output_of_the_embedded_model(
             *pq.read_table(out / version / "rejected").to_pylist()]  # fmt: skip
     proc = subprocess.Popen(
         [sys.executable, "-m", "booksmith", "view", str(out / version)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE, stderr=(tmp_path / "view.log").open("w"), text=True,
     )  # fmt: skip
     try:
         assert proc.stdout is not None

@@ -124,9 +124,13 @@ class SearchIndex:
     def status(self) -> Build:
         try:
             done, total, *error = self.progress.read_text().split(" ", 2)
-            return Build(int(done), int(total), error[0] if error else None)
+            build = Build(int(done), int(total), error[0] if error else None)
         except (OSError, ValueError):
-            return Build()
+            build = Build()
+        if self._failed() and build.error is None:  # died before it could say why
+            assert self._process is not None
+            build.error = f"the build process stopped (exit code {self._process.exitcode})"
+        return build
 
     def meta(self) -> dict[str, str]:
         with self._connect() as con:
