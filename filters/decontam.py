@@ -15,6 +15,9 @@ than half of the benchmark item. Both steps here:
 
 The rejection's detail records the benchmark, row, field, the ratio, and the longest matched
 span of the document (its text and character offsets).
+
+`normalise` and `NgramIndex` (steps 1 and 2) are shared: the faithfulness rule finds the runs a
+grounded document copies from its passage with them (filters/faithfulness.py).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from __future__ import annotations
 import difflib
 import itertools
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,7 +42,53 @@ MAX_CANDIDATES = 64  # items confirmed per document at most (a bound for patholo
 
 
 def normalise(text: str) -> list[str]:
+    """Lower-cased words, punctuation and spacing dropped: what both n-gram users compare."""
     return _WORD.findall(text.lower())
+
+
+class NgramIndex:
+    """Word n-grams of some texts, hashed (64 bits) over one vocabulary and looked up in sorted
+    arrays. `add` indexes a text's n-grams under a key (any n; each n has its own table);
+    `hits` hashes only the windows of a text whose words all occur in an indexed text (a cheap
+    pre-check) and returns those the index holds."""
+
+    def __init__(self) -> None:
+        self.vocab: dict[str, int] = {}
+        self._tables: dict[int, dict[int, list[int]]] = {}  # n -> hash -> keys
+        self._sorted: dict[int, np.ndarray] = {}  # n -> its hashes, sorted (built on lookup)
+
+    def add(self, words: list[str], n: int, key: int) -> None:
+        ids = np.fromiter(
+            (self.vocab.setdefault(w, len(self.vocab)) for w in words), dtype=np.uint64
+        )
+        table = self._tables.setdefault(n, {})
+        for h in set(ngram_hashes(ids, n).tolist()):
+            table.setdefault(h, []).append(key)
+        self._sorted.pop(n, None)
+
+    def keys(self, n: int, h: int) -> list[int]:
+        """The keys of the texts whose n-grams include hash `h`."""
+        return self._tables[n][h]
+
+    def hits(self, words: list[str]) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        """Per n indexed (ascending): the positions of the n-word windows of `words` that the
+        index holds, ascending, and their hashes."""
+        unknown = len(self.vocab)
+        ids = np.fromiter((self.vocab.get(w, unknown) for w in words), dtype=np.uint64)
+        oov = np.concatenate(([0], np.cumsum(ids == unknown)))
+        for n in sorted(self._tables):
+            if len(words) < n:
+                continue
+            positions = np.nonzero(oov[n:] == oov[:-n])[0]  # windows with no unknown word
+            if not len(positions):
+                continue
+            if n not in self._sorted:
+                self._sorted[n] = np.array(sorted(self._tables[n]), dtype=np.uint64)
+            sorted_hashes = self._sorted[n]
+            hashes = ngram_hashes(ids, n)[positions]
+            at = np.searchsorted(sorted_hashes, hashes).clip(max=len(sorted_hashes) - 1)
+            hit = sorted_hashes[at] == hashes
+            yield n, positions[hit], hashes[hit]
 
 
 @dataclass(frozen=True)
@@ -74,30 +123,19 @@ class BenchmarkIndex:
         match_ratio: float = 0.5,
     ) -> None:
         self.n, self.min_item_words, self.match_ratio = n, min_item_words, match_ratio
-        self.vocab: dict[str, int] = {}
+        self.ngrams = NgramIndex()  # item index -> its n-grams (8-grams for short items)
         self.items: list[BenchmarkItem] = []
         self.words: list[list[str]] = []
         self.skipped = 0
-        tables: dict[int, dict[int, list[int]]] = {}
         for item in items:
             words = normalise(item.text)
             if len(words) < min_item_words:
                 self.skipped += 1
                 continue
             g = n if len(words) >= n else min_item_words
-            ids = np.fromiter(
-                (self.vocab.setdefault(w, len(self.vocab)) for w in words), dtype=np.uint64
-            )
-            idx = len(self.items)
+            self.ngrams.add(words, g, len(self.items))
             self.items.append(item)
             self.words.append(words)
-            table = tables.setdefault(g, {})
-            for h in set(ngram_hashes(ids, g).tolist()):
-                table.setdefault(h, []).append(idx)
-        # Per gram length: sorted hashes (for a vectorised lookup) and hash -> items.
-        self.tables = {
-            g: (np.array(sorted(t), dtype=np.uint64), t) for g, t in sorted(tables.items())
-        }
         self.benchmarks = sorted({i.benchmark for i in self.items})
 
     def __len__(self) -> int:
@@ -105,21 +143,10 @@ class BenchmarkIndex:
 
     def _candidates(self, words: list[str]) -> list[tuple[int, int, int]]:
         """(item, word position of the first hit, gram length), in document order."""
-        unknown = len(self.vocab)
-        ids = np.fromiter((self.vocab.get(w, unknown) for w in words), dtype=np.uint64)
-        oov = np.concatenate(([0], np.cumsum(ids == unknown)))
         found: dict[int, tuple[int, int]] = {}
-        for g, (sorted_hashes, table) in self.tables.items():
-            if len(words) < g:
-                continue
-            positions = np.nonzero(oov[g:] == oov[:-g])[0]  # windows with no unknown word
-            if not len(positions):
-                continue
-            hashes = ngram_hashes(ids, g)[positions]
-            at = np.searchsorted(sorted_hashes, hashes).clip(max=len(sorted_hashes) - 1)
-            hit = sorted_hashes[at] == hashes
-            for pos, h in zip(positions[hit].tolist(), hashes[hit].tolist(), strict=True):
-                for item in table[h]:
+        for g, positions, hashes in self.ngrams.hits(words):
+            for pos, h in zip(positions.tolist(), hashes.tolist(), strict=True):
+                for item in self.ngrams.keys(g, h):
                     if item not in found or pos < found[item][0]:
                         found[item] = (pos, g)
         return sorted(((item, p, g) for item, (p, g) in found.items()), key=lambda c: c[1])

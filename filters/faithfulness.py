@@ -7,8 +7,9 @@ figures in the rejected record's detail; documents without a source pass untouch
 
 - copied: the longest run of words the document shares verbatim with the passage. A
   rephrasing that copies a long stretch teaches the model nothing new and carries the source's
-  wording (its licence) into the corpus. Runs are found with word 8-grams, the decontamination
-  filter's approach (filters/decontam.py), so a run is at least 8 words.
+  wording (its licence) into the corpus. Runs are found with the decontamination filter's
+  n-gram index (filters/decontam.py: its normalised words, 64-bit hashes of word 8-grams over
+  the passage), so a run is at least 8 words.
 - unsupported: numbers and capitalised names (not at a sentence start) the passage does not
   contain: what a small model invents when it rephrases ("in 1887", "Dr. Smith").
 - off_source: the share of the document's content words (4+ letters, no stop word) found in the
@@ -20,6 +21,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import numpy as np
+
+from booksmith.filters.decontam import NgramIndex, normalise
 from booksmith.filters.scored import RuleFilter, Verdict
 from booksmith.schemas import Document
 from booksmith.schemas.filter_settings import FaithfulnessSettings
@@ -70,12 +74,16 @@ def _words(text: str) -> list[str]:
 def longest_copied_run(text: str, passage: str) -> int:
     """The longest run of words `text` shares verbatim (case-folded) with `passage`; 0 when
     no run reaches NGRAM words."""
-    mine, theirs = _words(text), _words(passage)
-    grams = {tuple(theirs[i : i + NGRAM]) for i in range(len(theirs) - NGRAM + 1)}
-    best = run = 0
-    for i in range(len(mine) - NGRAM + 1):
-        run = run + 1 if tuple(mine[i : i + NGRAM]) in grams else 0
-        best = max(best, run + NGRAM - 1 if run else 0)
+    index = NgramIndex()
+    index.add(normalise(passage), NGRAM, 0)
+    best = 0
+    for _, positions, _ in index.hits(normalise(text)):
+        if len(positions):
+            # consecutive copied windows are one run: its length is its windows + NGRAM - 1
+            breaks = np.flatnonzero(np.diff(positions) != 1)
+            starts = np.concatenate(([0], breaks + 1))
+            ends = np.concatenate((breaks, [len(positions) - 1]))
+            best = int((ends - starts).max()) + NGRAM
     return best
 
 

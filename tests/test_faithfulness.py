@@ -5,6 +5,7 @@ their reason and figures, counted in the manifest."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from booksmith.filters.chain import build_chain
-from booksmith.filters.faithfulness import FaithfulnessFilter, passage_of
+from booksmith.filters.faithfulness import FaithfulnessFilter, longest_copied_run, passage_of
 from booksmith.generation.grounded_requests import GroundedRequests
 from booksmith.generation.passages import Passage
 from booksmith.schemas import Document
@@ -72,6 +73,25 @@ def test_each_rule_rejects_what_it_is_for_and_keeps_a_faithful_rephrase() -> Non
     verdict = rules.check(grounded(elsewhere))
     assert verdict is not None and verdict[0] == "grounding:off_source"
     assert verdict[1]["overlap"] < 0.33
+
+
+def test_the_copied_run_is_measured_exactly_across_case_punctuation_and_breaks() -> None:
+    """The copied rule counts on decontamination's n-gram index (filters/decontam.py): a run's
+    length is its matched 8-gram windows + 7, two runs apart stay two, and case and punctuation
+    do not hide a copy."""
+    words = re.findall(r"\w+", PASSAGE)  # words as the index counts them
+    filler = "zebra quartz mallow " * 3
+    long_run = ". ".join(words[40:70]).upper()  # 30 words, re-cased, re-punctuated
+    short_run = " ".join(words[100:112])  # 12 words
+    text = f"{filler}{long_run} {filler}{short_run} {filler}"
+    assert longest_copied_run(text, PASSAGE) == 30
+    assert longest_copied_run(f"{filler}{short_run} {filler}", PASSAGE) == 12
+    assert longest_copied_run(" ".join(words[10:17]), PASSAGE) == 0  # under one 8-gram
+    rules = FaithfulnessFilter(FaithfulnessSettings(max_copied_words=29))
+    verdict = rules.check(grounded(text))
+    assert verdict == ("grounding:copied", {"copied_words": 30, "max": 29})
+    verdict = FaithfulnessFilter(FaithfulnessSettings(max_copied_words=30)).check(grounded(text))
+    assert verdict is None or verdict[0] != "grounding:copied"
 
 
 def test_documents_without_a_source_pass_untouched() -> None:
