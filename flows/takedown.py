@@ -5,11 +5,13 @@ and every finished run set aside there (`_state/failed/`); their answers leave t
 cache and the requests are tombstoned; their MinHash index entries are flagged (hashes and
 signatures stay, so the text is still found as a duplicate); the affected reports are
 regenerated; then the recorded copies (shards/copies.py: `datasets bin` folders, export
-targets) are written again from the new versions. What could not be reached is listed, one
-line each, and the command exits 1: a copy that failed, an export of a version retired since
-that holds one of the documents (checked there), and a run not finished (killed or running)
-whose spilled chunks hold one (it would publish it). `plan_takedown` changes nothing: it is
-the dry run.
+targets) are written again from the new versions, and the bin outputs of versions retired
+since have the documents' tokens cut out (by the spans recorded beside them). What could not be
+reached is listed, one line each, and the command exits 1: a copy that failed, an export of a
+version retired since that holds one of the documents (checked there), a bin output of a
+retired version that cannot be checked, and a run not finished (killed or running) whose
+spilled chunks hold one (it would publish it). `plan_takedown` changes nothing: it is the dry
+run.
 """
 
 from __future__ import annotations
@@ -22,7 +24,13 @@ from pathlib import Path
 from typing import Any
 
 from booksmith.schemas.redact import MASK, redact_url
-from booksmith.shards.copies import Copy, copies_to_rewrite, orphaned_exports, rows_in_export
+from booksmith.shards.copies import (
+    Copy,
+    copies_to_rewrite,
+    orphaned_exports,
+    retired_bins,
+    rows_in_export,
+)
 from booksmith.shards.version_dir import FAILED_DIR, RUNS_DIR, state_dir
 
 REDIS = ("redis://", "rediss://", "unix://")
@@ -44,6 +52,7 @@ class TakedownPlan:
     copies: list[Copy]
     unfinished: dict[str, int] = field(default_factory=dict)  # run -> rows in its spills
     orphans: list[str] = field(default_factory=list)  # exports of retired versions holding them
+    cuts: list[tuple[Copy, int]] = field(default_factory=list)  # retired bins: documents held
 
     @property
     def cache_path(self) -> Path:
@@ -55,7 +64,9 @@ class TakedownPlan:
                 "index": self.index and redact_url(self.index),
                 "copies": [{"kind": c.kind, "version": c.version, "place": c.place}
                            for c in self.copies], "unfinished": self.unfinished,
-                "orphans": self.orphans}  # fmt: skip
+                "orphans": self.orphans,
+                "cuts": [{"place": c.place, "version": c.version, "documents": n}
+                         for c, n in self.cuts]}  # fmt: skip
 
 
 @dataclass
@@ -88,7 +99,24 @@ def plan_takedown(out: Path, asked: list[str], index: str | None = None) -> Take
     )  # fmt: skip
     plan.cache_answers = _cached_answers(plan.cache_path, drop)
     plan.orphans = [line for c in orphaned_exports(out) if (line := _orphan(out, c, drop))]
+    _retired_bins(plan)
     return plan
+
+
+def _retired_bins(plan: TakedownPlan) -> None:
+    """The bin outputs of retired versions that hold one of the documents (to cut), or that
+    cannot be checked (listed); a folder that is gone holds nothing."""
+    from booksmith.shards.binexport import held_in_bin
+
+    for copy in retired_bins(plan.out):
+        if not Path(copy.place).is_dir():
+            continue
+        try:
+            if held := held_in_bin(plan.out, copy, plan.drop):
+                plan.cuts.append((copy, held))
+        except (OSError, ValueError) as e:
+            plan.orphans.append(f"bin output {copy.place} of {copy.version}, a version no "
+                                f"longer under {plan.out}: {one_line(e)}")  # fmt: skip
 
 
 def _orphan(out: Path, copy: Copy, drop: set[str]) -> str | None:
@@ -139,6 +167,9 @@ def describe(plan: TakedownPlan) -> list[str]:
     for c in plan.copies:
         what = "bin output" if c.kind == "bin" else "export"
         lines.append(f"{what} of {c.version} at {c.place}: written again")
+    for c, held in plan.cuts:
+        lines.append(f"bin output of {c.version} (retired) at {c.place}: {held} documents cut "
+                     "out")  # fmt: skip
     return lines
 
 
@@ -169,6 +200,8 @@ def apply_takedown(plan: TakedownPlan) -> TakedownResult:
             render_report(failed / run_id)
     for copy in plan.copies:
         _rewrite(out, copy, result)
+    for copy, _ in plan.cuts:
+        _cut(out, copy, drop, result)
     _log(plan, result)
     return result
 
@@ -242,6 +275,18 @@ def _rewrite(out: Path, copy: Copy, result: TakedownResult) -> None:
             _rewrite_bin(out, copy)
         else:
             _rewrite_export(out, copy)
+    except Exception as e:  # any failure of this copy: listed, the others still go
+        result.unreached.append(f"{where}: {one_line(e)}")
+        return
+    result.rewritten.append(where)
+
+
+def _cut(out: Path, copy: Copy, drop: set[str], result: TakedownResult) -> None:
+    from booksmith.shards.binexport import cut_from_bin
+
+    where = f"bin output {copy.place}"
+    try:
+        cut_from_bin(out, copy, drop)
     except Exception as e:  # any failure of this copy: listed, the others still go
         result.unreached.append(f"{where}: {one_line(e)}")
         return

@@ -10,8 +10,9 @@ whose URL needed them is listed by the takedown as one it could not reach.
 
 from __future__ import annotations
 
+import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -47,6 +48,12 @@ def copies_path(out: Path) -> Path:
     return out / STATE_DIR / COPIES_FILE
 
 
+def spans_path(out: Path, folder: Path) -> Path:
+    """Where the documents a bin output holds are kept (shards/binexport.py), by its folder."""
+    key = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:16]
+    return out / STATE_DIR / "copies" / f"bin-{key}.parquet"
+
+
 def read_copies(out: Path) -> list[Copy]:
     """Every copy recorded under `out`; a damaged record is an error naming the file."""
     path = copies_path(out)
@@ -70,6 +77,12 @@ def record(version: Path, copy: Copy) -> None:
     stamped = Copy(**{**asdict(copy), "at": now, "manifest_sha256": sha})
     kept = [c for c in read_copies(out) if c.key() != stamped.key()]
     rows: list[dict[str, Any]] = [asdict(c) for c in [*kept, stamped]]
+    write_json_atomically(copies_path(out), {"copies": rows})
+
+
+def update_copy(out: Path, copy: Copy, **changes: Any) -> None:
+    """Change one recorded copy in place (e.g. the files left after a cut)."""
+    rows = [asdict(replace(c, **changes) if c.key() == copy.key() else c) for c in read_copies(out)]
     write_json_atomically(copies_path(out), {"copies": rows})
 
 
@@ -105,6 +118,13 @@ def orphaned_exports(out: Path) -> list[Copy]:
     return [c for c in found if not (out / c.version / MANIFEST).is_file()]
 
 
+def retired_bins(out: Path) -> list[Copy]:
+    """Recorded bin outputs whose version is gone from `out`: they cannot be written again,
+    only cut (shards/binexport.py)."""
+    found = [c for c in read_copies(out) if c.kind == "bin"]
+    return [c for c in found if not (out / c.version / MANIFEST).is_file()]
+
+
 def rows_in_export(url: str, ids: set[str]) -> int:
     """Rows of these ids in an exported version's text and rejected shards, read there (0
     when the copy is gone)."""
@@ -136,6 +156,9 @@ __all__ = [
     "read_copies",
     "record_bin",
     "record_export",
+    "retired_bins",
     "rows_in_export",
+    "spans_path",
     "stale",
+    "update_copy",
 ]
