@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import PurePosixPath
@@ -18,6 +20,7 @@ from typing import Any
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
 
 from booksmith.filters.inputs import JSONL, PARQUET, InputError, check_row
 from booksmith.schemas.grounding_settings import SourceSpec
@@ -72,6 +75,19 @@ class Source:
             )
         return found
 
+    def fingerprint(self) -> str:
+        """What the source holds, named without reading it (the run key: a source edited in
+        place is another run). A dataset version: the digest of its manifest, which lists every
+        shard's sha256. Files: each one's path with its size and modification time in ns
+        (local), or its ETag and size (an object store: the ETag changes with the content)."""
+        manifest = join(self.root, MANIFEST)
+        if self.fs.isdir(self.root) and self.fs.exists(manifest):
+            return "manifest:" + hashlib.sha256(self.fs.cat_file(manifest)).hexdigest()
+        h = hashlib.sha256()
+        for path in self.files():
+            h.update(json.dumps([path, *_identity(self.fs, path)]).encode("utf-8") + b"\n")
+        return "files:" + h.hexdigest()
+
     def batches(self, size: int | None = None) -> Iterator[list[SourceRecord]]:
         size = size or BATCH_RECORDS
         for path in self.files():
@@ -82,6 +98,16 @@ class Source:
                 yield from _parquet(self.fs, path, size)
             else:
                 raise InputError(f"{path}: expected a .jsonl or .parquet file (sources[].path)")
+
+
+def _identity(fs: fsspec.AbstractFileSystem, path: str) -> list[Any]:
+    if isinstance(fs, LocalFileSystem):
+        st = os.stat(path)  # fsspec's local mtime is a float of seconds; ns tells more edits apart
+        return [st.st_size, st.st_mtime_ns]
+    info = fs.info(path)
+    # S3's ETag (and VersionId where versioning is on); other stores' modification time
+    tag = info.get("ETag") or info.get("etag") or info.get("LastModified") or info.get("mtime")
+    return [info.get("size"), str(tag), str(info.get("VersionId") or "")]
 
 
 def _record(row: dict[str, Any], where: str) -> SourceRecord:

@@ -7,9 +7,10 @@ round's decision (so the same rounds are planned again without recomputing them 
 state). It is written atomically after the chunk's files, so it never names a chunk whose
 spill is missing; rows appended after it (a chunk cut short) are truncated away on resume.
 
-`run_key` names what makes two runs the same run: the config's hash, the seed and the seed
-topics. A run with the same key resumes an unfinished directory of that key, and is a no-op
-when a version with that key is already complete.
+`run_key` names what makes two runs the same run: the config's hash, the seed, the seed
+topics and, for a grounded run, what each source holds (Source.fingerprint: a file edited in
+place is another run). A run with the same key resumes an unfinished directory of that key,
+and is a no-op when a version with that key is already complete.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from booksmith.filters.sources import Source
 from booksmith.schemas import TopicSeed
 from booksmith.schemas.config import RunConfig
 from booksmith.schemas.crashpoints import crash_point
@@ -35,6 +37,8 @@ def run_key(cfg: RunConfig, seed: int, seeds: list[TopicSeed]) -> str:
         topics.update(t.model_dump_json().encode("utf-8"))
         topics.update(b"\n")
     material = f"{cfg.config_hash()}:{seed}:{topics.hexdigest()}"
+    if cfg.sources:  # (a run without sources keeps the key it had before they existed)
+        material += ":" + ":".join(Source(spec).fingerprint() for spec in cfg.sources)
     return hashlib.sha256(material.encode()).hexdigest()[:24]
 
 
