@@ -180,9 +180,7 @@ def apply_takedown(plan: TakedownPlan) -> TakedownResult:
     from booksmith.shards.catalog import takedown
 
     out, drop = plan.out, plan.drop
-    opened = _openers_of(out, set(plan.places), drop)
     result = TakedownResult(removed=takedown(out, drop))
-    _lower_openers(out, opened)
     failed = state_dir(out) / FAILED_DIR
     result.set_aside = takedown(failed, drop)
     result.unreached += [_unfinished_line(out, r, n) for r, n in plan.unfinished.items()]
@@ -194,8 +192,10 @@ def apply_takedown(plan: TakedownPlan) -> TakedownResult:
         cache.close()
     result.index_flagged = _flag_index(plan.index, drop, result)
     for run_id in result.removed:
+        refigure(out / run_id)
         render_report(out / run_id)  # before the copies: an export carries report/
     for run_id in result.set_aside:
+        refigure(failed / run_id)
         if (failed / run_id / "report").is_dir():
             render_report(failed / run_id)
     for copy in plan.copies:
@@ -206,36 +206,49 @@ def apply_takedown(plan: TakedownPlan) -> TakedownResult:
     return result
 
 
-def _openers_of(out: Path, versions: set[str], drop: set[str]) -> dict[str, Counter[str]]:
-    """The opening words of the kept documents about to go, per version."""
-    import pyarrow.dataset as pads
+def refigure(version: Path) -> None:
+    """The manifest's figures of what a version holds, measured again from its shards after a
+    takedown: the kept count, languages, the quality histogram and the diversity section (the
+    same bottom-k sample a run draws, so they read as a run of the remaining documents would;
+    the report quotes the openers, and an opener of one document is its first words). The
+    funnel's counts stay as the run counted them; the takedowns are listed beside them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-    from booksmith.generation.diversity import openers
-    from booksmith.shards.version_dir import read_manifest
-
-    found = {}
-    for run_id in sorted(versions):
-        paths = [str(out / run_id / p) for p in read_manifest(out / run_id).shard_paths("text")]
-        table = pads.dataset(paths).to_table(
-            columns=["text"], filter=pads.field("id").isin(sorted(drop))
-        )
-        found[run_id] = openers(table.column("text").to_pylist())
-    return found
-
-
-def _lower_openers(out: Path, gone: dict[str, Counter[str]]) -> None:
-    """The manifest's most common openers without the documents taken down (the report
-    quotes them: an opener of one document is its first words); the other diversity
-    figures stay as measured."""
+    from booksmith.generation.diversity import DiversitySample
+    from booksmith.pipeline.finalize import BINS, quality_bins
+    from booksmith.schemas.manifest import Diversity, QualityHistogram
     from booksmith.shards.dataset import commit_manifest
     from booksmith.shards.version_dir import read_manifest
 
-    for run_id, counts in gone.items():
-        m = read_manifest(out / run_id)
-        top = [(o, n - counts[o]) for o, n in m.diversity.top_openers]
-        if counts and top != m.diversity.top_openers:
-            m.diversity.top_openers = [(o, n) for o, n in top if n > 0]
-            commit_manifest(out / run_id, m)
+    m = read_manifest(version)
+    axes = {axis: list(cov.counts) for axis, cov in m.diversity.axis_coverage.items()}
+    sample = DiversitySample(axes)
+    languages: Counter[str] = Counter()
+    hist = {"kept": [0] * BINS, "rejected": [0] * BINS}
+    for kind, counted in (("text", "kept"), ("rejected", "rejected")):
+        for rel in m.shard_paths(kind):
+            shard = pq.ParquetFile(version / rel)
+            wanted = ["id", "text", "lang", "quality_score", *axes] if kind == "text" else []
+            columns = [c for c in [*wanted, "quality_score"] if c in shard.schema_arrow.names]
+            for batch in shard.iter_batches(columns=list(dict.fromkeys(columns))):
+                t = pa.Table.from_batches([batch])
+                if "quality_score" in t.column_names:
+                    scores = quality_bins(t.column("quality_score"))
+                    hist[counted] = [a + b for a, b in zip(hist[counted], scores, strict=True)]
+                if kind == "text":
+                    if "lang" in t.column_names:
+                        languages.update(x for x in t.column("lang").to_pylist() if x)
+                    rows = t.select(list(axes)).to_pylist()
+                    sample.add(t["id"].to_pylist(), t["text"].to_pylist(), rows)
+    if m.counts.kept:  # as the run counted its kept documents
+        m.counts.kept = sample.documents
+    m.languages = dict(languages)
+    if m.quality is not None and len(m.quality.edges) == BINS + 1:
+        m.quality = QualityHistogram(edges=m.quality.edges, **hist)
+    if m.diversity.documents:  # a version measured when written (not, e.g., `booksmith dedup`'s)
+        m.diversity = Diversity.model_validate(sample.report())
+    commit_manifest(version, m)
 
 
 def _unfinished_line(out: Path, run_id: str, rows: int) -> str:

@@ -54,7 +54,8 @@ def tally(state: RunState) -> Tally:
     return Tally(per_topic, int(kept.sum()), int(meta["tokens"][kept].sum()))
 
 
-def _bins(scores: pa.ChunkedArray) -> list[int]:
+def quality_bins(scores: pa.ChunkedArray) -> list[int]:
+    """Scores counted in the manifest's BINS equal bins (a score of 1.0 in the last)."""
     values = [x for x in scores.to_pylist() if x is not None]
     out = [0] * BINS
     for x in values:
@@ -119,12 +120,9 @@ def write_chunks(
         version.add_kept(kept)
         version.add_rejected(rejected)
         rejected_rows += rejected.num_rows
-        hist["kept"] = [
-            a + b for a, b in zip(hist["kept"], _bins(kept["quality_score"]), strict=True)
-        ]
-        hist["rejected"] = [
-            a + b for a, b in zip(hist["rejected"], _bins(rejected["quality_score"]), strict=True)
-        ]
+        for name, part in (("kept", kept), ("rejected", rejected)):
+            bins = quality_bins(part["quality_score"])
+            hist[name] = [a + b for a, b in zip(hist[name], bins, strict=True)]
         version.failures.write_table(pq.read_table(state.failures_path(number)))
         axis_rows = kept.select(list(axes)).to_pylist()
         sample.add(kept["id"].to_pylist(), kept["text"].to_pylist(), axis_rows)

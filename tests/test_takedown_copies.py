@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -135,6 +136,7 @@ def test_takedown_reaches_every_copy(
         assert len(texts) == 1 + len(twins)
         (opener,) = openers(texts_of(first, {target}))  # its first words, in the report
         assert opener in dict(read_manifest(first).diversity.top_openers)
+        before, gone = read_manifest(first), rows_of(first, {target, *twins})
         places = make_copies(first, bins, mirror, bucket)
         # the search sees the texts in every place before the takedown
         assert any("responses.sqlite" in f for f in found(local_files(out), texts))
@@ -149,6 +151,7 @@ def test_takedown_reaches_every_copy(
         assert result["index_flagged"] == 1
         assert found(local_files(out), texts) == []
         assert opener not in dict(read_manifest(first).diversity.top_openers)
+        check_figures(first, before, gone)
         assert f"`{opener}`" not in (first / "report" / "report.md").read_text()
         assert found(local_files(mirror), texts) == []
         assert found(s3_files(bucket), texts) == []
@@ -165,6 +168,36 @@ def test_takedown_reaches_every_copy(
         run_flow(write_config(cfg, "again.yaml"))
         assert server.stats()["requests"] == asked
     assert found(local_files(out), texts) == []
+
+
+def rows_of(version: Path, ids: set[str]) -> dict[str, list[dict[str, Any]]]:
+    return {kind: [r for r in pq.read_table(version / kind).to_pylist() if r["id"] in ids]
+            for kind in ("text", "rejected")}  # fmt: skip
+
+
+def check_figures(version: Path, before: Any, gone: dict[str, list[dict[str, Any]]]) -> None:
+    """The manifest's figures of what the version holds lose exactly the rows taken down: kept
+    count, languages, the axes' coverage, the quality histogram; the text metrics are those of
+    the documents left."""
+    from booksmith.generation.diversity import distinct_n
+
+    after = read_manifest(version)
+    n = len(gone["text"])
+    assert n and after.documents == after.counts.kept == before.documents - n
+    assert after.diversity.documents == before.diversity.documents - n
+    assert sum(after.languages.values()) == after.documents
+    for axis, cov in before.diversity.axis_coverage.items():
+        lost = Counter(r[axis] for r in gone["text"])
+        assert after.diversity.axis_coverage[axis].counts == {
+            v: c - lost[v] for v, c in cov.counts.items()}  # fmt: skip
+    for kind, name in (("text", "kept"), ("rejected", "rejected")):
+        lost = Counter(min(9, int(r["quality_score"] * 10)) for r in gone[kind]
+                       if r["quality_score"] is not None)  # fmt: skip
+        want = [c - lost[i] for i, c in enumerate(getattr(before.quality, name))]
+        assert getattr(after.quality, name) == want, kind
+    left = pq.read_table(version / "text").column("text").to_pylist()
+    assert after.diversity.distinct_1 == round(distinct_n(left, 1), 4)
+    assert after.diversity.distinct_1 != before.diversity.distinct_1
 
 
 def make_copies(version: Path, bins: Path, mirror: Path, bucket: str) -> set[str]:
