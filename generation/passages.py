@@ -33,7 +33,8 @@ def cut_passages(text: str, count: Counter, min_tokens: int, max_tokens: int) ->
     """The passages of `text` (see the module docstring); none for a record under the window."""
     paragraphs = _split(text, 0, len(text), _PARAGRAPH)
     units = [u for p in paragraphs for u in _fit(text, p, count, max_tokens)]
-    spans = _exact(text, _pack(text, units, count, max_tokens, bounded=True), count)
+    guessed: set[int] = set()
+    spans = _exact(text, _pack(text, units, count, max_tokens, guessed), guessed, count)
     if any(n > max_tokens for _, _, n in spans):  # a bound that did not hold: count every join
         spans = _pack(text, units, count, max_tokens)
     if len(spans) > 1 and spans[-1][2] < min_tokens:
@@ -89,30 +90,36 @@ def _pack(
     pieces: list[tuple[int, int, int]],
     count: Counter,
     max_tokens: int,
-    bounded: bool = False,
+    guessed: set[int] | None = None,
 ) -> list[tuple[int, int, int]]:
     """Consecutive pieces joined while the joined text (whitespace between them included)
-    stays within max_tokens, counted exactly. `bounded`: a join whose bound (the two counts,
-    a token per character of the whitespace between, one more for the seam) fits with room
-    to spare is taken without counting; counting the growing passage at every join was most
-    of the time a source took to plan. The caller counts the results exactly."""
+    stays within max_tokens, counted exactly. With `guessed` (bounded): a join whose bound
+    (the two counts, a token per character of the whitespace between, one more for the seam)
+    fits with room to spare is taken without counting, and the index of its result goes into
+    `guessed`; counting the growing passage at every join was most of the time a source took
+    to plan. The caller counts those exactly."""
     out: list[tuple[int, int, int]] = []
     for s, e, n in pieces:
         if out and out[-1][2] + n <= max_tokens:
             start, end, had = out[-1]
             bound = had + n + (s - end) + 1
-            if bounded and bound + SLACK <= max_tokens:
+            if guessed is not None and bound + SLACK <= max_tokens:
                 out[-1] = (start, e, bound)
+                guessed.add(len(out) - 1)
                 continue
             joined = count(text[start:e])
             if joined <= max_tokens:
                 out[-1] = (start, e, joined)
+                if guessed is not None:
+                    guessed.discard(len(out) - 1)
                 continue
         out.append((s, e, n))
     return out
 
 
 def _exact(
-    text: str, spans: list[tuple[int, int, int]], count: Counter
+    text: str, spans: list[tuple[int, int, int]], guessed: set[int], count: Counter
 ) -> list[tuple[int, int, int]]:
-    return [(s, e, count(text[s:e])) for s, e, _ in spans]
+    """The spans with exact counts: only those a bound joined are counted again (a single
+    piece or an exact join already has its own count)."""
+    return [(s, e, count(text[s:e]) if i in guessed else n) for i, (s, e, n) in enumerate(spans)]
