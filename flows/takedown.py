@@ -217,7 +217,7 @@ def refigure(version: Path) -> None:
 
     from booksmith.generation.diversity import DiversitySample
     from booksmith.pipeline.finalize import BINS, quality_bins
-    from booksmith.schemas.manifest import Diversity, QualityHistogram
+    from booksmith.schemas.manifest import Diversity, QualityHistogram, ShardKind
     from booksmith.shards.dataset import commit_manifest
     from booksmith.shards.version_dir import read_manifest
 
@@ -226,7 +226,8 @@ def refigure(version: Path) -> None:
     sample = DiversitySample(axes)
     languages: Counter[str] = Counter()
     hist = {"kept": [0] * BINS, "rejected": [0] * BINS}
-    for kind, counted in (("text", "kept"), ("rejected", "rejected")):
+    kinds: list[tuple[ShardKind, str]] = [("text", "kept"), ("rejected", "rejected")]
+    for kind, counted in kinds:
         for rel in m.shard_paths(kind):
             shard = pq.ParquetFile(version / rel)
             wanted = ["id", "text", "lang", "quality_score", *axes] if kind == "text" else []
