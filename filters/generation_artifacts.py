@@ -7,7 +7,8 @@ wrap their answers in ("As an AI language model", "I'm sorry, but", "Sure! Here'
 
 Rules (reason, default):
 - `truncated:finish_length`             finish_reason == "length" (drop_truncated: true)
-- `too_short:tokens`                    n_tokens < 150
+- `too_short:tokens`                    n_tokens < 150 (a grounded document: under its recipe's
+                                        `min_tokens` in prompts/recipes.yaml, where it sets one)
 - `quality_rule:chat_template_token`    any of <|im_start|>, <|im_end|>, <|endoftext|>, [INST], ...
 - `refusal:<name>`                      a refusal pattern (as_an_ai, apology, cannot_help)
                                         within the first 300 characters
@@ -23,6 +24,7 @@ from __future__ import annotations
 import re
 
 from booksmith.filters.scored import RuleFilter, Verdict
+from booksmith.prompts.recipes import load_recipes
 from booksmith.schemas import Document
 from booksmith.schemas.filter_settings import ArtifactSettings, FilterError
 
@@ -42,8 +44,17 @@ def _compile(key: str, patterns: dict[str, str]) -> list[tuple[str, re.Pattern[s
 class GenerationArtifactFilter(RuleFilter):
     name = "generation_artifacts"
 
-    def __init__(self, settings: ArtifactSettings | None = None) -> None:
+    def __init__(
+        self,
+        settings: ArtifactSettings | None = None,
+        recipe_min_tokens: dict[str, int] | None = None,
+    ) -> None:
         self.settings = s = settings or ArtifactSettings()
+        # recipe -> its own minimum (the bundled recipes' unless given)
+        if recipe_min_tokens is None:
+            recipes = load_recipes().items()
+            recipe_min_tokens = {k: r.min_tokens for k, r in recipes if r.min_tokens is not None}
+        self.recipe_min_tokens = recipe_min_tokens
         self._refusals = _compile("refusal_patterns", s.refusal_patterns)
         self._boilerplate = _compile("boilerplate_patterns", s.boilerplate_patterns)
         self._sign_offs = _compile("sign_off_patterns", s.sign_off_patterns)
@@ -54,7 +65,15 @@ class GenerationArtifactFilter(RuleFilter):
         s = self.settings
         if s.drop_truncated and doc.finish_reason == "length":
             return "truncated:finish_length", {"finish_reason": doc.finish_reason}
-        if doc.n_tokens < s.min_tokens:
+        if doc.recipe is not None and doc.recipe in self.recipe_min_tokens:
+            minimum = self.recipe_min_tokens[doc.recipe]
+            if doc.n_tokens < minimum:
+                return "too_short:tokens", {
+                    "tokens": doc.n_tokens,
+                    "min": minimum,
+                    "recipe": doc.recipe,
+                }
+        elif doc.n_tokens < s.min_tokens:
             return "too_short:tokens", {"tokens": doc.n_tokens, "min": s.min_tokens}
         text = doc.text
         if self._chat is not None and (m := self._chat.search(text)):

@@ -5,7 +5,8 @@ Gopher", appendix A ("MassiveWeb" quality filters); thresholds as in datatrove's
 GopherQualityFilter. Words are whitespace-separated tokens.
 
 Rules (reason, default threshold):
-- `too_short:words`                  fewer than 50 words
+- `too_short:words`                  fewer than 50 words (a grounded document: its recipe's
+                                     `min_words` in prompts/recipes.yaml, where it sets one)
 - `quality_rule:too_many_words`      more than 100,000 words
 - `quality_rule:mean_word_length`    mean word length (punctuation stripped) outside [3, 10]
 - `quality_rule:symbol_word_ratio`   hash-words ("#", "##", ...) or ellipses per word > 0.1
@@ -22,6 +23,7 @@ import string
 from typing import Any
 
 from booksmith.filters.scored import RuleFilter, Verdict
+from booksmith.prompts.recipes import load_recipes
 from booksmith.schemas import Document
 from booksmith.schemas.filter_settings import GopherQualitySettings
 
@@ -30,12 +32,16 @@ BULLETS = ("•", "●", "○", "■", "□", "▪", "▫", "–", "‣", "⁃",
 _STRIP = string.punctuation + "“”‘’«»…—–"
 
 
-def check(text: str, s: GopherQualitySettings) -> tuple[str, dict[str, Any]] | None:
-    """The first rule `text` breaks, with its measured value and threshold; None if none."""
+def check(
+    text: str, s: GopherQualitySettings, min_words: int | None = None
+) -> tuple[str, dict[str, Any]] | None:
+    """The first rule `text` breaks, with its measured value and threshold; None if none.
+    `min_words` replaces `s.min_words` (a grounded document's recipe's own minimum)."""
     words = text.split()
     n = len(words)
-    if n < s.min_words:
-        return "too_short:words", {"words": n, "min": s.min_words}
+    minimum = s.min_words if min_words is None else min_words
+    if n < minimum:
+        return "too_short:words", {"words": n, "min": minimum}
     if n > s.max_words:
         return "quality_rule:too_many_words", {"words": n, "max": s.max_words}
     stripped = [w.strip(_STRIP) for w in words]
@@ -94,8 +100,21 @@ def _has_letter(word: str) -> bool:
 class GopherQualityFilter(RuleFilter):
     name = "gopher_quality"
 
-    def __init__(self, settings: GopherQualitySettings | None = None) -> None:
+    def __init__(
+        self,
+        settings: GopherQualitySettings | None = None,
+        recipe_min_words: dict[str, int] | None = None,
+    ) -> None:
         self.settings = settings or GopherQualitySettings()
+        # recipe -> its own minimum (the bundled recipes' unless given)
+        if recipe_min_words is None:
+            recipes = load_recipes().items()
+            recipe_min_words = {k: r.min_words for k, r in recipes if r.min_words is not None}
+        self.recipe_min_words = recipe_min_words
 
     def check(self, doc: Document) -> Verdict:
-        return check(doc.text, self.settings)
+        own = self.recipe_min_words.get(doc.recipe) if doc.recipe is not None else None
+        verdict = check(doc.text, self.settings, own)
+        if own is not None and verdict is not None and verdict[0] == "too_short:words":
+            verdict[1]["recipe"] = doc.recipe  # whose minimum it was
+        return verdict

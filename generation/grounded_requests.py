@@ -1,6 +1,8 @@
 """The requests for one source passage: its recipes by quality band (grounding.routes), the
 prompt axes a recipe declares drawn as for topic requests (running quotas, from the run seed),
-and the provenance columns every grounded request carries (schemas.records.Grounding)."""
+and the provenance columns every grounded request carries (schemas.records.Grounding). A request
+asks for at least its recipe's output minimum (prompts/recipes.yaml `min_tokens`, else
+filters.artifacts.min_tokens): a cap under it would leave every answer too short or cut."""
 
 from __future__ import annotations
 
@@ -34,6 +36,18 @@ class GroundedRequests:
             sampling=cfg.generation.sampling,
             system_prompt=cfg.plan.system_prompt,
         )
+        self.builders: dict[str, RequestBuilder] = {}  # recipe -> the builder of its requests
+        for name, recipe in self.recipes.recipes.items():
+            floor = recipe.min_tokens
+            if floor is None:
+                floor = cfg.filters.artifacts.min_tokens
+            sampling = cfg.generation.sampling
+            if cfg.filters.artifacts.enabled and sampling.max_tokens < floor:
+                self.builders[name] = RequestBuilder(
+                    model=model_name(cfg.generation),
+                    sampling=sampling.model_copy(update={"max_tokens": floor}),
+                    system_prompt=cfg.plan.system_prompt,
+                )
         self.rng = random.Random(f"booksmith-grounded-{seed}-{source}")
         self.draws = AxisDraws(axes, self.rng)
         self.axis_data = {
@@ -66,7 +80,7 @@ class GroundedRequests:
         digest = hashlib.blake2b(prompt.encode("utf-8"), digest_size=16).digest()
         index = self.seen[digest] = self.seen.get(digest, -1) + 1
         label = title or provenance.source_id or ""
-        return self.builder.build(
+        return self.builders.get(name, self.builder).build(
             prompt,
             index,
             topic=label,

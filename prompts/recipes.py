@@ -4,11 +4,16 @@ checked when the library loads (an unknown variable, or an axis the recipe does 
 an error naming the template); the passage is passed as data, never evaluated as template code.
 A recipe's version is a digest of its template's text, so editing a template changes the
 version every document written with it records.
+
+A recipe may set its own output minimums (`min_tokens`, `min_words`): the length rules judge a
+grounded document by its recipe's (filters/generation_artifacts.py, filters/gopher_quality.py),
+and its requests ask for at least that many tokens; a recipe without one uses `filters:`.
 """
 
 from __future__ import annotations
 
 import hashlib
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,6 +36,17 @@ class Recipe(BaseModel):
     template: str = Field(min_length=1)
     axes: list[AxisName] = Field(default_factory=list)
     origin: str = ""
+    # The shortest output kept, in tokens (filters.artifacts.min_tokens when None) and words
+    # (filters.gopher_quality.min_words when None): a distill or a list is shorter than a unit.
+    min_tokens: int | None = Field(default=None, ge=0)
+    min_words: int | None = Field(default=None, ge=0)
+
+
+@lru_cache(maxsize=8)
+def load_recipes(path: Path | None = None) -> dict[str, Recipe]:
+    """The recipes of `path` (the bundled recipes.yaml by default), validated, templates not
+    compiled: what the filters need to judge a document by its recipe."""
+    return RecipeLibrary._load(path or _package_dir() / "recipes.yaml")
 
 
 class RecipeLibrary:
