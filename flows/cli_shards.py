@@ -164,26 +164,28 @@ def datasets_rm(
     index: Annotated[
         str | None,
         typer.Option(
-            help="MinHash index: a directory or redis://... (default: OUT/_state/minhash)."
+            help="MinHash index: a directory or redis://... (default: the one the version's "
+            "config names)."
         ),
     ] = None,
 ) -> None:
     """Retire a version: its manifest, its files, and its MinHash index entries."""
-    from booksmith.filters.dedup import default_index_path, open_index_spec, remove_run
+    from booksmith.filters.dedup import open_as_built, remove_run
+    from booksmith.flows.takedown import recorded_index
+    from booksmith.schemas.redact import redact_url
     from booksmith.shards.catalog import retire
 
     out = _local(location, "datasets rm")
     try:
-        read_manifest(out / run_id)  # a version, before asking
-        console.print(f"version {out / run_id}: every file, and its MinHash index entries")
+        m = read_manifest(out / run_id)  # a version, before asking
+        spec = index or recorded_index(out, m.config)
+        entries = f" and its entries in the MinHash index {redact_url(spec)}" if spec else ""
+        console.print(f"version {out / run_id}: every file{entries}", highlight=False)
         if dry_run:
             return
         _confirm(yes, f"retire {run_id} from {out}?")
         retire(out, run_id)
-        spec = index or str(default_index_path(out))
-        dropped = 0
-        if index is not None or Path(spec).is_dir():
-            dropped = remove_run(open_index_spec(spec), run_id)
+        dropped = remove_run(open_as_built(spec), run_id) if spec else 0
     except user_errors(ValueError) as e:
         fail(one_line(e))
         return

@@ -33,8 +33,6 @@ from booksmith.shards.copies import (
 )
 from booksmith.shards.version_dir import FAILED_DIR, RUNS_DIR, state_dir
 
-REDIS = ("redis://", "rediss://", "unix://")
-
 
 def one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
@@ -48,7 +46,7 @@ class TakedownPlan:
     places: dict[str, dict[str, int]]  # version -> rows per kind (text, rejected)
     set_aside: dict[str, dict[str, int]]  # the same for runs under _state/failed/
     cache_answers: int
-    index: str | None  # a file index directory or a Redis URL; None: no index to flag
+    indexes: list[str]  # file index directories and Redis URLs to flag (maybe none)
     copies: list[Copy]
     unfinished: dict[str, int] = field(default_factory=dict)  # run -> rows in its spills
     orphans: list[str] = field(default_factory=list)  # exports of retired versions holding them
@@ -61,7 +59,7 @@ class TakedownPlan:
     def to_json(self) -> dict[str, Any]:
         return {"places": self.places, "set_aside": self.set_aside,
                 "cache_answers": self.cache_answers,
-                "index": self.index and redact_url(self.index),
+                "indexes": [redact_url(i) for i in self.indexes],
                 "copies": [{"kind": c.kind, "version": c.version, "place": c.place}
                            for c in self.copies], "unfinished": self.unfinished,
                 "orphans": self.orphans,
@@ -84,23 +82,60 @@ class TakedownResult:
 
 def plan_takedown(out: Path, asked: list[str], index: str | None = None) -> TakedownPlan:
     """Everything a takedown of `asked` would touch under `out`; changes nothing. `index`:
-    the MinHash index to flag (default: `out/_state/minhash`, where there is one)."""
-    from booksmith.filters.dedup import default_index_path
+    the MinHash index to flag (default: those the versions' configs name, see
+    `recorded_index`)."""
     from booksmith.shards.catalog import takedown_places, with_near_duplicates
+    from booksmith.shards.version_dir import list_versions, read_manifest
 
     failed = state_dir(out) / FAILED_DIR
     drop = with_near_duplicates(out, asked) | with_near_duplicates(failed, asked)
     places = takedown_places(out, drop)
-    if index is None and (default_index_path(out) / "index.json").is_file():
-        index = str(default_index_path(out))
+    indexes, unreachable = ([index], []) if index is not None else ([], [])
+    if index is None:
+        for version in [*list_versions(out), *list_versions(failed)]:
+            try:
+                spec = recorded_index(out, read_manifest(version).config)
+            except ValueError as e:
+                unreachable.append(f"the MinHash index of {version.name}: {e}")
+                continue
+            if spec is not None and spec not in indexes:
+                indexes.append(spec)
     plan = TakedownPlan(
-        out, asked, drop, places, takedown_places(failed, drop), 0, index,
+        out, asked, drop, places, takedown_places(failed, drop), 0, indexes,
         copies_to_rewrite(out, set(places)), _unfinished(out, drop),
     )  # fmt: skip
     plan.cache_answers = _cached_answers(plan.cache_path, drop)
     plan.orphans = [line for c in orphaned_exports(out) if (line := _orphan(out, c, drop))]
+    plan.orphans += list(dict.fromkeys(unreachable))
     _retired_bins(plan)
     return plan
+
+
+def recorded_index(out: Path, config: dict[str, Any]) -> str | None:
+    """The MinHash index a version's run committed to, from the config in its manifest, as an
+    index spec (a directory, or redis://...?basename=...); None for none, or a file index
+    never written. A Redis URL recorded without its password (redacted) is taken from
+    $BOOKSMITH_REDIS_URL when that is the same URL; otherwise a ValueError says what to pass."""
+    import os
+
+    from booksmith.filters.dedup import default_index_path
+
+    dedup = config.get("dedup") or {}
+    kind = dedup.get("index", "file")
+    if kind == "none":
+        return None
+    if kind == "file":
+        path = Path(dedup.get("index_path") or default_index_path(out))
+        return str(path) if (path / "index.json").is_file() else None
+    url = str(dedup.get("redis_url") or "")
+    if MASK in url:
+        env = os.environ.get("BOOKSMITH_REDIS_URL", "")
+        if not env or redact_url(env) != url:
+            raise ValueError(f"{url} is recorded without its password; set BOOKSMITH_REDIS_URL "
+                             "to it or pass --index with it")  # fmt: skip
+        url = env
+    basename = dedup.get("redis_basename") or "booksmith"
+    return f"{url}{'&' if '?' in url else '?'}basename={basename}"
 
 
 def _retired_bins(plan: TakedownPlan) -> None:
@@ -158,8 +193,8 @@ def describe(plan: TakedownPlan) -> list[str]:
                          "rows; its report regenerated")  # fmt: skip
     lines.append(f"response cache {plan.cache_path}: {plan.cache_answers} answers removed, "
                  f"{len(plan.drop)} requests tombstoned")  # fmt: skip
-    if plan.index is not None:
-        lines.append(f"MinHash index {redact_url(plan.index)}: their entries flagged as taken "
+    for index in plan.indexes:
+        lines.append(f"MinHash index {redact_url(index)}: their entries flagged as taken "
                      "down")  # fmt: skip
     for run_id, spilled in plan.unfinished.items():
         lines.append(f"not reachable: {_unfinished_line(plan.out, run_id, spilled)}")
@@ -190,7 +225,7 @@ def apply_takedown(plan: TakedownPlan) -> TakedownResult:
         result.cache_answers = cache.take_down(drop)
     finally:
         cache.close()
-    result.index_flagged = _flag_index(plan.index, drop, result)
+    result.index_flagged = sum(_flag_index(spec, drop, result) for spec in plan.indexes)
     for run_id in result.removed:
         refigure(out / run_id)
         render_report(out / run_id)  # before the copies: an export carries report/
@@ -261,21 +296,12 @@ def _unfinished_line(out: Path, run_id: str, rows: int) -> str:
             "again")  # fmt: skip
 
 
-def _flag_index(spec: str | None, drop: set[str], result: TakedownResult) -> int:
-    from booksmith.filters.dedup import DedupIndexError, FileIndex, MinHashParams, open_index_spec
-    from booksmith.filters.dedup.file_index import MANIFEST
+def _flag_index(spec: str, drop: set[str], result: TakedownResult) -> int:
+    from booksmith.filters.dedup import DedupIndexError, open_as_built
 
-    if spec is None:
-        return 0
     try:
-        if spec.startswith(REDIS):
-            return open_index_spec(spec).flag_taken_down(drop)
-        # flags need no signatures: open the index with the parameters it was built with
-        path = Path(spec)
-        params = json.loads((path / MANIFEST).read_text(encoding="utf-8"))["params"]
-        fields = {k: v for k, v in params.items() if k not in ("scheme", "normalizer")}
-        return FileIndex(path, MinHashParams(**fields)).flag_taken_down(drop)
-    except (OSError, ValueError, KeyError, TypeError, DedupIndexError) as e:
+        return open_as_built(spec).flag_taken_down(drop)
+    except (OSError, ValueError, TypeError, DedupIndexError) as e:
         result.unreached.append(f"MinHash index {redact_url(spec)}: {one_line(e)}")
         return 0
 

@@ -225,7 +225,7 @@ def dry_run_changes_nothing(
     dry = invoke("datasets", "takedown", out, target, "--dry-run")
     plan = last_json(dry)
     assert {c["place"] for c in plan["copies"]} == places
-    assert plan["index"] == str(out / "_state" / "minhash")
+    assert plan["indexes"] == [str(out / "_state" / "minhash")]
     for place in (*places, "MinHash index", "response cache", "report regenerated"):
         assert place in dry.stderr, place  # the lines for people, beside the JSON
     assert snapshot(root, bucket) == before

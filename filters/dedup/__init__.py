@@ -52,18 +52,42 @@ def open_index(settings: DedupSettings, out: Path | None = None) -> DedupIndex |
     return FileIndex(path, settings.params)
 
 
-def open_index_spec(spec: str, settings: DedupSettings | None = None) -> DedupIndex:
-    """An index from a command-line spec: a directory, or redis://host:port/db[?basename=NAME]."""
+def redis_spec(spec: str) -> tuple[str, str] | None:
+    """(URL, basename) of a redis://host:port/db[?basename=NAME] spec; None for a directory."""
     from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
+    if not spec.startswith(("redis://", "rediss://", "unix://")):
+        return None
+    parts = urlsplit(spec)
+    query = parse_qs(parts.query)
+    basename = query.pop("basename", ["booksmith"])[0]
+    return urlunsplit(parts._replace(query=urlencode(query, doseq=True))), basename
+
+
+def open_index_spec(spec: str, settings: DedupSettings | None = None) -> DedupIndex:
+    """An index from a command-line spec: a directory, or redis://host:port/db[?basename=NAME]."""
     params = (settings or DedupSettings()).params
-    if spec.startswith(("redis://", "rediss://", "unix://")):
-        parts = urlsplit(spec)
-        query = parse_qs(parts.query)
-        basename = query.pop("basename", ["booksmith"])[0]
-        url = urlunsplit(parts._replace(query=urlencode(query, doseq=True)))
-        return RedisIndex(url, basename, params)
+    if (redis := redis_spec(spec)) is not None:
+        return RedisIndex(*redis, params)
     return FileIndex(Path(spec), params)
+
+
+def open_as_built(spec: str) -> DedupIndex:
+    """An existing index from a spec, opened with the parameters it was built with: for work
+    that brings no signatures of its own (flagging taken-down documents, removing a run)."""
+    import json
+
+    from booksmith.filters.dedup.file_index import MANIFEST
+
+    if (redis := redis_spec(spec)) is not None:
+        return RedisIndex.as_built(*redis)
+    path = Path(spec)
+    try:
+        built = json.loads((path / MANIFEST).read_text(encoding="utf-8"))["params"]
+    except (OSError, ValueError, KeyError) as e:
+        raise DedupIndexError(f"{path / MANIFEST}: not a readable MinHash index ({e})") from None
+    fields = {k: v for k, v in built.items() if k in MinHashParams.__annotations__}
+    return FileIndex(path, MinHashParams(**fields))
 
 
 def commit(
@@ -101,9 +125,11 @@ __all__ = [
     "commit",
     "default_index_path",
     "find_duplicates",
+    "open_as_built",
     "open_index",
     "open_index_spec",
     "reconcile",
+    "redis_spec",
     "remove_run",
     "signatures",
     "to_lean",

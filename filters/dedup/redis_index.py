@@ -70,6 +70,21 @@ class RedisIndex:
             prepickle=False,
         )
 
+    @classmethod
+    def as_built(cls, url: str, basename: str) -> RedisIndex:
+        """The index opened with the parameters it was built with (read from its meta), for
+        work that brings no signatures of its own: flags, removing a run."""
+        import redis
+
+        try:
+            r = redis.Redis(**redis.connection.parse_url(url))
+            raw = r.hget(f"{basename}:bk:meta", "params")
+        except (ValueError, redis.RedisError) as e:
+            raise DedupIndexError(f"{url}: cannot reach Redis ({e})") from None
+        fields = MinHashParams.__annotations__
+        built = {k: v for k, v in json.loads(raw or "{}").items() if k in fields}
+        return cls(url, basename, MinHashParams(**built) if built else None)
+
     @staticmethod
     def _key(run_id: str, doc_id: str) -> bytes:
         return f"{run_id}\x00{doc_id}".encode()
