@@ -38,7 +38,7 @@ import tempfile
 import time
 import urllib.request
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from types import TracebackType
@@ -221,14 +221,15 @@ _FUNCTION = _FUNCTION_TEXT.split()
 _CONTENT = _CONTENT_TEXT.split()
 
 
-def completion_text(key_digest: str, n_words: int) -> str:
-    """`n_words` English-like words in sentences, a pure function of the digest."""
+def completion_text(key_digest: str, n_words: int, content: Sequence[str] = _CONTENT) -> str:
+    """`n_words` English-like words in sentences (function words and words of `content`), a
+    pure function of the digest."""
     rng = random.Random(int(key_digest, 16))
     words: list[str] = []
     sentence_left = rng.randint(6, 16)
     start = True
     for _ in range(n_words):
-        word = rng.choice(_FUNCTION) if rng.random() < 0.4 else rng.choice(_CONTENT)
+        word = rng.choice(_FUNCTION) if rng.random() < 0.4 else rng.choice(content)
         if start:
             word = word.capitalize()
             start = False
@@ -312,22 +313,7 @@ def grounded_text(key_digest: str, n_words: int, passage: str) -> str:
     """Sentences of function words and the passage's own content words (4+ letters, lower
     case), drawn in a new order: a faithful rephrase as the faithfulness rules see it."""
     vocab = sorted({w.lower() for w in re.findall(r"[A-Za-z]{4,}", passage)})
-    if len(vocab) < 20:
-        return completion_text(key_digest, n_words)
-    rng = random.Random(int(key_digest, 16))
-    words: list[str] = []
-    sentence_left, start = rng.randint(6, 16), True
-    for _ in range(n_words):
-        word = rng.choice(_FUNCTION) if rng.random() < 0.4 else rng.choice(vocab)
-        if start:
-            word, start = word.capitalize(), False
-        sentence_left -= 1
-        if sentence_left == 0:
-            word += "."
-            sentence_left, start = rng.randint(6, 16), True
-        words.append(word)
-    text = " ".join(words)
-    return text if text.endswith(".") else text + "."
+    return completion_text(key_digest, n_words, vocab if len(vocab) >= 20 else _CONTENT)
 
 
 # -- responses -----------------------------------------------------------------------------------
