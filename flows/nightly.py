@@ -416,6 +416,7 @@ def stream_chunks(
             StreamingRun(cfg, run_id, seeds, seed, index, key) as run,
         ):
             run.state.quality.client = dask_client()  # on Dask, the quality slices run there
+            run.state.judge.bind(cfg, endpoints)  # the faithfulness judge asks the run's endpoint
             artifact = cast(UUID, create_progress_artifact(0.0, description=f"run {run_id}"))
             learned: dict[str, Any] = {}  # the adaptive limits as the last chunk left them
 

@@ -1,11 +1,12 @@
 """One chunk of a streaming run, from generation results to a spilled, checkpointed chunk.
 
 `ChunkPipeline.process(chunk)` turns the chunk's generation results into documents, runs them
-through ExactStage -> QualityStage -> NearStage (pipeline/stages.py), and spills every document
-of the chunk, in plan order, to `<work>/chunks/chunk-NNNNN.parquet`: rejected ones with their
-reason, near-dup candidates with an empty reason and their row in the candidate store. Failed
-requests go straight to the version's failures file. Then the chunk is released: nothing of it
-stays in memory but counters.
+through ExactStage -> QualityStage -> JudgeStage (pipeline/judge_stage.py; off by default) ->
+NearStage (pipeline/stages.py), and spills every document of the chunk, in plan order, to
+`<work>/chunks/chunk-NNNNN.parquet`: rejected ones with their reason, near-dup candidates
+with an empty reason and their row in the candidate store. Failed requests go straight to the
+version's failures file. Then the chunk is released: nothing of it stays in memory but
+counters.
 
 The state that crosses chunks is `RunState`: the exact-dedup map (in ExactStage), the
 candidate store (on disk), the stage counters, the generation totals and the plan positions.
@@ -28,6 +29,7 @@ from booksmith.generation.documents import to_documents
 from booksmith.generation.ledger import GenerationReport
 from booksmith.generation.limits import RATE_POINTS, append_series
 from booksmith.pipeline.checkpoint import Checkpoint
+from booksmith.pipeline.judge_stage import JudgeStage
 from booksmith.pipeline.stages import ExactStage, NearStage, QualityStage
 from booksmith.schemas import GenerationRequest, GenerationResult, Rejected
 from booksmith.schemas.arrow import to_table
@@ -101,6 +103,7 @@ class RunState:
         self.store = CandidateStore(work / "candidates", dedup.params)
         self.exact = ExactStage(index, enabled=dedup.exact)
         self.quality = QualityStage(filters, state, workers)
+        self.judge = JudgeStage(filters.faithfulness.judge, run_id)
         self.near = NearStage(dedup, self.store, index)
         self.dedup = dedup
         self.generation = GenerationReport()
@@ -202,13 +205,17 @@ class ChunkPipeline:
         quality = st.quality.run(exact.kept)
         seconds["quality"] = t() - t0
         t0 = t()
-        near = st.near.run(quality.kept, st.exact.words, st.exact.keys, chunk.number)
-        st.near_counts.update({"input": len(quality.kept), "index": len(near.rejected)})
+        # its counts ride with the chain's: checkpointed and in counts.filter with them
+        judged = st.judge.run(quality.kept, st.quality.counts)
+        seconds[st.judge.name] = t() - t0
+        t0 = t()
+        near = st.near.run(judged.kept, st.exact.words, st.exact.keys, chunk.number)
+        st.near_counts.update({"input": len(judged.kept), "index": len(near.rejected)})
         seconds["dedup_minhash"] = t() - t0
 
         crash_point("filter.done")
         t0 = t()
-        rejected = exact.rejected + quality.rejected + near.rejected
+        rejected = exact.rejected + quality.rejected + judged.rejected + near.rejected
         self._spill(chunk.number, docs, rejected, near.kept)
         seconds["spill"] = t() - t0
         st.chunks = chunk.number + 1

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class FilterError(ValueError):
@@ -109,6 +109,33 @@ class LineSettings(_Strict):
     lorem_ipsum: bool = True  # C4
 
 
+class FaithfulnessJudgeSettings(_Strict):
+    """The optional LLM judge of grounded documents (filters/faithfulness_judge.py): one request
+    per grounded document that passed the quality chain, so off by default. It asks the run's
+    own endpoint unless `base_url` names another (a stronger model judges better); `model`
+    names the judge's model on either."""
+
+    enabled: bool = False
+    base_url: str | None = None
+    model: str | None = None
+    api_key_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    # {"answer": "yes"} is about 6 tokens; a plain-text judge is read from its first yes/no word
+    max_tokens: int = Field(default=16, ge=1, le=1024)
+    max_chars: int = Field(default=6_000, ge=100)  # of the document and of the passage shown
+    # Ask for {"answer": "yes"|"no"} as structured output (an endpoint that rejects it is asked
+    # again in plain text).
+    structured_output: bool = True
+
+    @model_validator(mode="after")
+    def _endpoint_needs_url(self) -> FaithfulnessJudgeSettings:
+        if self.api_key_env is not None and self.base_url is None:
+            raise ValueError(
+                "api_key_env is for the judge's own endpoint: set base_url too, or remove it "
+                "(the run's endpoint uses generation.api_key_env)"
+            )
+        return self
+
+
 class FaithfulnessSettings(_Strict):
     """Grounded documents against their source passage (filters/faithfulness.py). Defaults,
     measured on nothing yet but reasoned: a rephrasing may keep a phrase or a title (up to 25
@@ -120,6 +147,7 @@ class FaithfulnessSettings(_Strict):
     max_copied_words: int = Field(default=25, ge=8)
     max_unsupported: int = Field(default=3, ge=0)
     min_overlap: float = Field(default=0.33, ge=0, le=1)
+    judge: FaithfulnessJudgeSettings = Field(default_factory=FaithfulnessJudgeSettings)
 
 
 class LangIdSettings(_Strict):
