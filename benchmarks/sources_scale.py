@@ -7,10 +7,11 @@ so the source holds exactly N passages), then plans a grounded run from it in a 
 what `booksmith run --sources FILE` does before its first request and while it plans its
 chunks, without generating (the planner does not need the model):
 
-- the estimate: `flows.nightly.announce_estimate`'s work (the first round's plan, its
+- the estimate: `flows.nightly.announce_estimate`'s calls (the first round's plan, its
   tokens and dollars), and
-- the run's first round: `pipeline.rounds.Rounds.first()`, chunk after chunk, as the run takes
-  them (requests built and dropped, as generation would drop them).
+- the run's first round: `pipeline.rounds.Rounds.first()` on the estimate's plan replayed,
+  chunk after chunk, as the run takes them (requests built and dropped, as generation would
+  drop them).
 
 Both sizes plan the same number of requests (`--requests`, a plan.limit), so what grows with
 the source is reading and cutting it; peak RSS is the subprocess's own (`ru_maxrss`, the
@@ -104,15 +105,18 @@ def child(cfg_path: str) -> None:
     line with the phases' times, the plan's account and this process's peak RSS."""
     from booksmith.flows.nightly import first_round
     from booksmith.generation.estimate import estimate
+    from booksmith.pipeline.grounded import MixedPlan
     from booksmith.pipeline.rounds import Rounds
     from booksmith.schemas.config import load_config
 
     cfg = load_config(Path(cfg_path))
     seed = cfg.seed or 0
     t0 = time.perf_counter()
-    est = estimate(first_round(cfg, [], seed), cfg, 0)
+    # announce_estimate's calls (it logs through Prefect, so it needs a flow run)
+    grounded = MixedPlan(cfg, [], seed)
+    est = estimate(first_round(cfg, [], seed, grounded), cfg, 0)
     t1 = time.perf_counter()
-    rounds = Rounds([], cfg, seed)
+    rounds = Rounds([], cfg, seed, grounded=grounded.again())  # as StreamingRun makes it
     requests = sum(len(chunk.plan) for chunk in rounds.first())
     t2 = time.perf_counter()
     assert rounds.grounded is not None

@@ -119,24 +119,31 @@ def run_topics(cfg: RunConfig) -> tuple[list[TopicSeed], dict[str, Any]]:
     return select_topics(all_topics(cfg), cfg.plan, cfg.output.dir)
 
 
-def announce_estimate(cfg: RunConfig, seeds: list[TopicSeed], seed: int) -> Estimate:
+def announce_estimate(
+    cfg: RunConfig, seeds: list[TopicSeed], seed: int
+) -> tuple[Estimate, MixedPlan | None]:
     """The first round's tokens and dollars, logged and shown by the CLI before the first
-    request; over the budget it warns, or raises OverBudget when the budget says refuse."""
-    est = estimate(first_round(cfg, seeds, seed), cfg, len(seeds))
+    request; over the budget it warns, or raises OverBudget when the budget says refuse.
+    With sources, also the run's grounded plan: the estimate's, to plan again without
+    selecting passages again (each selection is a pass cutting the whole source)."""
+    grounded = MixedPlan(cfg, seeds, seed) if cfg.sources else None
+    est = estimate(first_round(cfg, seeds, seed, grounded), cfg, len(seeds))
     logger = get_run_logger()
     logger.info(est.line())
     progress.emit("estimate", line=est.line())
     if warning := check_budget(est, cfg):
         logger.warning(warning)
         progress.emit("warning", line=warning)
-    return est
+    return est, grounded.again() if grounded is not None else None
 
 
-def first_round(cfg: RunConfig, seeds: list[TopicSeed], seed: int) -> Iterator[GenerationRequest]:
-    """The first round's requests as a run plans them: topics, sources or both (the sources
-    are read and their passages filtered again, to count what the run will ask)."""
+def first_round(
+    cfg: RunConfig, seeds: list[TopicSeed], seed: int, grounded: MixedPlan | None = None
+) -> Iterator[GenerationRequest]:
+    """The first round's requests as a run plans them: topics, sources or both (with sources,
+    `grounded`'s, else a new plan's)."""
     if cfg.sources:
-        return MixedPlan(cfg, seeds, seed).requests()
+        return (grounded or MixedPlan(cfg, seeds, seed)).requests()
     plan = cfg.plan
     return plan_for(cfg, seeds, seed, samples_per_topic=plan.samples_per_topic,
                     limit=plan.limit)  # fmt: skip
@@ -380,11 +387,11 @@ def nightly(
     done = completed_version(cfg.output.dir, key)
     if done is not None:  # a retried night: the same config, seed and topics
         return str(already_done(cfg, done))
-    announce_estimate(cfg, seeds, run_seed)  # refuses here when the budget says so
+    _, grounded = announce_estimate(cfg, seeds, run_seed)  # refuses here over the budget
     run_id = start_run(cfg, key)
     get_run_logger().info("run %s: %d topics, seed %d", run_id, len(seeds), run_seed)
     try:
-        manifest = stream_chunks(cfg, run_id, seeds, run_seed, key, selection)
+        manifest = stream_chunks(cfg, run_id, seeds, run_seed, key, selection, grounded)
     except Exception as e:
         if not disk_full(e):
             raise
@@ -405,7 +412,7 @@ def nightly(
 
 def stream_chunks(
     cfg: RunConfig, run_id: str, seeds: list[TopicSeed], seed: int, key: str,
-    selection: dict[str, Any],
+    selection: dict[str, Any], grounded: MixedPlan | None = None,
 ) -> Manifest:  # fmt: skip
     """The run's chunks through generation and the filters, generation of one overlapping the
     filtering of the one before; then the version, then the index commit."""
@@ -413,7 +420,7 @@ def stream_chunks(
     try:
         with (
             open_endpoints(cfg.generation, cfg.embedded) as endpoints,
-            StreamingRun(cfg, run_id, seeds, seed, index, key) as run,
+            StreamingRun(cfg, run_id, seeds, seed, index, key, grounded) as run,
         ):
             run.state.quality.client = dask_client()  # on Dask, the quality slices run there
             run.state.judge.bind(cfg, endpoints)  # the faithfulness judge asks the run's endpoint

@@ -6,18 +6,25 @@ Which passages a source gives a run: every passage gets a draw, a hash of the ru
 passage's key (generation/source_state.py); passages earlier runs planned are skipped (unless
 `grounding.repeat: any`), and the run takes those with the smallest draws. That needs two
 passes over the source, never the source in memory: the first cuts passages, sums the
-checksum and keeps the `oversample` x wanted smallest draws (one integer each); the second cuts
-again and sends those candidates, a batch at a time, through the pre-generation filters
+checksum and keeps the `oversample` x wanted smallest draws (one integer each, with the
+ordinal of its record); the second reads again, cuts only the records holding those
+candidates, and sends the candidates, a batch at a time, through the pre-generation filters
 (filters/source_gate.py), planning the survivors in the source's order until the run has its
 share. When the filters leave it short, another round (two more passes) takes the next
 smallest draws. So the same seed, config and sources give the same plan, and a resumed run
 plans again exactly what it planned before the kill.
+
+Cutting is what a pass costs (counting tokens); reading and parsing records is about a
+twentieth of it. The run's estimate plans the first round before the run does
+(flows/nightly.py): the run's plan is then `again()`, which keeps the estimate's selections
+(each round's largest draw and its records' ordinals) and does only the second passes.
 """
 
 from __future__ import annotations
 
 import hashlib
 import heapq
+import itertools
 import math
 from collections import Counter
 from collections.abc import Iterator, Mapping
@@ -80,17 +87,41 @@ class SourcePlan:
         self.recipes: Counter[str] = Counter()
         self.licenses: Counter[str] = Counter()
         self.checksum = ""
+        # Each round's selection: (above, limit, ordinals of the records holding candidates,
+        # None: every record), kept for `again()`; `replay` is another plan's, taken in turn.
+        self.selections: list[tuple[int, int | None, np.ndarray | None]] = []
+        self.replay: list[tuple[int, int | None, np.ndarray | None]] = []
+
+    def again(self) -> SourcePlan:
+        """A plan of the same requests that takes this one's selections instead of reading
+        the source to select again (call once this plan's requests were all taken)."""
+        plan = SourcePlan.__new__(SourcePlan)
+        plan.__dict__.update(self.__dict__)
+        plan.keys, plan.replay, plan.selections = [], list(self.selections), []
+        first = ("records", "passages", "planned_before", "taken_down")  # the first pass's
+        plan.counts = Counter({k: n for k, n in self.counts.items() if k in first})
+        plan.rejected, plan.recipes, plan.licenses = Counter(), Counter(), Counter()
+        return plan
 
     def _passages(
-        self, checksum: Checksum | None = None
-    ) -> Iterator[tuple[SourceRecord, list[Passage], np.ndarray]]:
-        """Each record with its passages and their keys, passages planned before left out
-        (counted while `checksum` is summed: on the first pass)."""
+        self, checksum: Checksum | None = None, only: np.ndarray | None = None
+    ) -> Iterator[tuple[int, SourceRecord, list[Passage], np.ndarray]]:
+        """Each record's ordinal, the record, its passages and their keys, passages planned
+        before left out (counted while `checksum` is summed: on the first pass). `only`:
+        the sorted ordinals of the records to cut; the others are read and passed over."""
         g, name = self.cfg.grounding, self.source.name
+        targets = iter(only.tolist() if only is not None else ())
+        target = next(targets, None)
+        ordinal = -1
         for batch in self.source.batches():
             for record in batch:
+                ordinal += 1
                 if checksum is not None:
                     checksum.update(record)
+                if only is not None:  # (ordinals ascend, as `only` does)
+                    if ordinal != target:
+                        continue
+                    target = next(targets, None)
                 if self.taken_down and is_taken_down(self.taken_down, name, record.id):
                     if checksum is not None:
                         self.counts["taken_down"] += 1
@@ -105,20 +136,25 @@ class SourcePlan:
                     self.counts["records"] += 1
                     self.counts["passages"] += len(passages)
                     self.counts["planned_before"] += len(passages) - int(fresh.sum())
-                yield record, [p for p, f in zip(passages, fresh, strict=True) if f], keys[fresh]
+                kept = [p for p, f in zip(passages, fresh, strict=True) if f]
+                yield ordinal, record, kept, keys[fresh]
 
-    def _select(self, above: int) -> int | None:
+    def _select(self, above: int) -> tuple[int | None, np.ndarray | None]:
         """A selecting pass: the largest draw of the next `oversample` x (passages still
-        wanted) draws above `above` (None: every one above it is a candidate). The first pass
-        also sums the checksum and counts the source."""
+        wanted) draws above `above` (None: every one above it is a candidate), and the sorted
+        ordinals of the records holding the draws up to it (None: every record). The first
+        pass also sums the checksum and counts the source."""
         first = not self.checksum
         checksum = Checksum() if first else None
         heap: list[int] = []  # the smallest draws, negated (a max-heap)
+        # draw -> ordinals of the records holding it, for every draw up to the heap's largest
+        # (equal draws, one passage key in two records, all stay: the second pass takes them)
+        where: dict[int, list[int]] = {}
         size = None
         if self.passages_wanted is not None:
             still = self.passages_wanted - len(self.keys)
             size = max(1, math.ceil(still * self.cfg.grounding.oversample))
-        for _, _, keys in self._passages(checksum):
+        for ordinal, _, _, keys in self._passages(checksum):
             if size is None:
                 continue
             for key in keys.tolist():
@@ -128,10 +164,17 @@ class SourcePlan:
                 if len(heap) < size:
                     heapq.heappush(heap, -draw)
                 elif draw < -heap[0]:
-                    heapq.heapreplace(heap, -draw)
+                    largest = -heapq.heapreplace(heap, -draw)
+                    if -heap[0] < largest:  # no draw of that value is left in the heap
+                        del where[largest]
+                elif draw > -heap[0]:
+                    continue
+                where.setdefault(draw, []).append(ordinal)
         if checksum is not None:
             self.checksum = checksum.hexdigest()
-        return None if size is None or len(heap) < size else -heap[0]
+        if size is None or len(heap) < size:
+            return None, None
+        return -heap[0], np.unique(np.fromiter(itertools.chain(*where.values()), np.int64))
 
     def requests(self) -> Iterator[GenerationRequest]:
         """Rounds of a selecting pass then a planning pass (candidates through the filters,
@@ -141,19 +184,24 @@ class SourcePlan:
             return
         maker = GroundedRequests(self.cfg, self.seed, self.source.name)
         above = -1
-        for _ in range(MAX_ROUNDS):
-            limit = self._select(above)
-            yield from self._plan_pass(above, limit, maker)
+        for round_ in range(MAX_ROUNDS):
+            if round_ < len(self.replay):  # the estimate's plan selected this round already
+                recorded, limit, only = self.replay[round_]
+                assert recorded == above, "a replayed plan took another course"
+            else:
+                limit, only = self._select(above)
+            self.selections.append((above, limit, only))
+            yield from self._plan_pass(above, limit, only, maker)
             if limit is None or self._done():
                 return
             above = limit
         self.counts["rounds_exhausted"] = 1  # the filters rejected nearly every candidate
 
     def _plan_pass(
-        self, above: int, limit: int | None, maker: GroundedRequests
+        self, above: int, limit: int | None, only: np.ndarray | None, maker: GroundedRequests
     ) -> Iterator[GenerationRequest]:
         pending: list[tuple[SourceRecord, Passage, int]] = []
-        for record, passages, keys in self._passages():
+        for _, record, passages, keys in self._passages(only=only):
             for passage, key in zip(passages, keys.tolist(), strict=True):
                 draw = _draw(self.seed, key)
                 if above < draw and (limit is None or draw <= limit):
@@ -273,6 +321,15 @@ class MixedPlan:
             rate = max(k / p if p else 1.0, MIN_KEEP_RATE)
             asks[plan.source.name] = math.ceil((part or 0) * self.cfg.fill.oversample / rate)
         return (parts[-1] or 0) if self.cfg.plans_topics else 0, asks
+
+    def again(self) -> MixedPlan:
+        """The same first round planned again without selecting again: what the run plans
+        after its estimate planned it (call once this plan's requests were all taken)."""
+        plan = MixedPlan.__new__(MixedPlan)
+        plan.__dict__.update(self.__dict__)
+        plan.sources = [s.again() for s in self.sources]
+        plan.fills = []
+        return plan
 
     def more(self, asks: Mapping[str, int]) -> Iterator[GenerationRequest]:
         """A fill round's grounded requests: further passages of each source, none this run

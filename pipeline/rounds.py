@@ -57,13 +57,15 @@ class Rounds:
     planned_by_topic: Counter[str] = field(default_factory=Counter)
     _round_planned: int = 0
     _first_round: int = 0  # requests the first round planned (the cap's unit)
-    # The first round's grounded requests (a run with sources): their account and passages.
+    # The first round's grounded requests (a run with sources): their account and passages
+    # (given: the estimate's plan to replay).
     grounded: MixedPlan | None = None
 
     def first(self) -> Iterator[Chunk]:
         plan = self.cfg.plan
         if self.cfg.sources:  # fill rounds plan topics only: the sources' share is planned once
-            self.grounded = MixedPlan(self.cfg, self.seeds, self.seed)
+            if self.grounded is None:  # (else the estimate's plan, replayed)
+                self.grounded = MixedPlan(self.cfg, self.seeds, self.seed)
             return self._chunks(self.grounded.requests())
         requests = plan_for(
             self.cfg, self.seeds, self.seed, samples_per_topic=plan.samples_per_topic,

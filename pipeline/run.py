@@ -14,6 +14,7 @@ from booksmith.generation.source_state import record_planned
 from booksmith.pipeline.checkpoint import Checkpoint
 from booksmith.pipeline.chunks import Chunk, ChunkPipeline, ChunkStats, RunState
 from booksmith.pipeline.finalize import Finished, Tally, commit_index, tally, write_chunks
+from booksmith.pipeline.grounded import MixedPlan
 from booksmith.pipeline.rounds import Rounds
 from booksmith.prompts import PromptLibrary
 from booksmith.schemas import TopicSeed
@@ -52,6 +53,7 @@ class StreamingRun:
         seed: int,
         index: DedupIndex | None,
         key: str,
+        grounded: MixedPlan | None = None,  # the estimate's plan of the sources, to replay
     ) -> None:
         self.cfg, self.run_id, self.seed, self.index, self.key = cfg, run_id, seed, index, key
         out = cfg.output.dir
@@ -78,7 +80,7 @@ class StreamingRun:
             out / run_id, shard_rows=cfg.output.shard_rows, shard_bytes=cfg.output.shard_bytes
         )
         self.pipeline = ChunkPipeline(self.state, self.version)
-        self.rounds = Rounds(seeds, cfg, seed)
+        self.rounds = Rounds(seeds, cfg, seed, grounded=grounded)
         self.started = time.perf_counter()
         self.resumed = 0  # chunks completed before a kill, not generated nor filtered again
         if checkpoint is not None:

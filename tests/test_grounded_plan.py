@@ -23,7 +23,8 @@ from booksmith.filters.inputs import InputError
 from booksmith.filters.sources import Source
 from booksmith.generation.passages import cut_passages
 from booksmith.generation.source_state import planned_passages, record_planned
-from booksmith.pipeline.grounded import MixedPlan, split_by_shares
+from booksmith.pipeline import grounded as grounded_module
+from booksmith.pipeline.grounded import MixedPlan, SourcePlan, split_by_shares
 from booksmith.prompts import PromptError
 from booksmith.schemas import SCHEMA_VERSION, Document, GenerationRequest, arrow_schema
 from booksmith.schemas.arrow import conform, versioned_schema
@@ -204,6 +205,54 @@ def test_selection_is_deterministic_and_later_runs_take_new_passages(
     assert account["planned_before"] == 24 and account["passages"] > 250
     repeat, _ = plan(config(out, source, grounding={"repeat": "any"}))
     assert [r.id for r in repeat] == [r.id for r in first]
+
+
+def test_the_run_replays_its_estimates_selection_and_cuts_only_candidate_records(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """The estimate plans the first round and the run plans it again from the estimate's
+    selections: the same requests and account, with no selecting pass, and a planning pass
+    that cuts only the records holding candidates. Every record is in the source twice (one
+    passage key, so one draw, in two records: a tie at the selection's bound keeps both) and
+    French records make the filters ask for further rounds. Cutting every record in every
+    pass, as before, plans the same."""
+    src = tmp_path / "twice.jsonl"
+    french = "Le chat dort sur le canapé pendant que la pluie tombe doucement sur les toits."
+    with src.open("w", encoding="utf-8") as f:
+        for name, text in TOPICS.items():
+            f.write((json.dumps({"id": name, "text": text}) + "\n") * 2)
+        for i in range(100):
+            f.write(json.dumps({"id": f"fr{i}", "text": f"{i}. " + " ".join([french] * 12)}))
+            f.write("\n")
+    cfg = config(tmp_path / "out", src, plan={"limit": 31}, grounding={"oversample": 1.0})
+    cut: Counter[str] = Counter()
+    real_cut = grounded_module.cut_passages
+
+    def counting_cut(text: str, *args: Any) -> Any:
+        cut[text] += 1
+        return real_cut(text, *args)
+
+    monkeypatch.setattr(grounded_module, "cut_passages", counting_cut)
+    estimated = MixedPlan(cfg, [], 11)
+    first = [r.model_dump() for r in estimated.requests()]
+    account = estimated.account()["twice.jsonl"]
+    assert len(first) == 31 and account["records"] == 2 * len(TOPICS) + 100
+    assert account["rejected"]["lang:fr"] > 0  # (so more than one round)
+    replayed = estimated.again()
+    cut.clear()
+    assert [r.model_dump() for r in replayed.requests()] == first
+    assert replayed.account()["twice.jsonl"] == account
+    assert replayed.keys() == estimated.keys()
+    # records cut: those holding a candidate, both copies (a tie taken twice) in each round
+    assert 0 < sum(cut.values()) <= account["candidates"] < account["records"]
+    assert all(n % 2 == 0 for text, n in cut.items() if not text[0].isdigit())
+
+    def cut_everything(self: SourcePlan, above: int) -> tuple[int | None, None]:
+        return real_select(self, above)[0], None
+
+    real_select = SourcePlan._select
+    monkeypatch.setattr(SourcePlan, "_select", cut_everything)
+    assert [r.model_dump() for r in MixedPlan(cfg, [], 11).requests()] == first
 
 
 def test_every_request_records_its_passage(source: Path, tmp_path: Path) -> None:
