@@ -17,7 +17,8 @@ plans again exactly what it planned before the kill.
 Cutting is what a pass costs (counting tokens); reading and parsing records is about a
 twentieth of it. The run's estimate plans the first round before the run does
 (flows/nightly.py): the run's plan is then `again()`, which keeps the estimate's selections
-(each round's largest draw and its records' ordinals) and does only the second passes.
+(each round's largest draw and its records' ordinals) and the filters' verdicts on its
+candidates, and does only the second passes, filtering nothing again.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from booksmith.filters.source_gate import SourceGate
+from booksmith.filters.source_gate import GateResult, SourceGate
 from booksmith.filters.sources import Checksum, Source, SourceRecord
 from booksmith.generation.coverage import MIN_KEEP_RATE
 from booksmith.generation.grounded_requests import GroundedRequests
@@ -91,6 +92,10 @@ class SourcePlan:
         # None: every record), kept for `again()`; `replay` is another plan's, taken in turn.
         self.selections: list[tuple[int, int | None, np.ndarray | None]] = []
         self.replay: list[tuple[int, int | None, np.ndarray | None]] = []
+        # The filters' verdict on each batch of candidates (its size, the verdict), kept for
+        # `again()` like the selections: the batches come again, the same, in the same order.
+        self.verdicts: list[tuple[int, GateResult]] = []
+        self.replay_verdicts: Iterator[tuple[int, GateResult]] = iter(())
 
     def again(self) -> SourcePlan:
         """A plan of the same requests that takes this one's selections instead of reading
@@ -98,6 +103,7 @@ class SourcePlan:
         plan = SourcePlan.__new__(SourcePlan)
         plan.__dict__.update(self.__dict__)
         plan.keys, plan.replay, plan.selections = [], list(self.selections), []
+        plan.replay_verdicts, plan.verdicts = iter(list(self.verdicts)), []
         first = ("records", "passages", "planned_before", "taken_down")  # the first pass's
         plan.counts = Counter({k: n for k, n in self.counts.items() if k in first})
         plan.rejected, plan.recipes, plan.licenses = Counter(), Counter(), Counter()
@@ -221,7 +227,11 @@ class SourcePlan:
     ) -> Iterator[GenerationRequest]:
         if not pending or self._done():
             return
-        verdict = self.gate.run([p.text for _, p, _ in pending])
+        size, verdict = next(self.replay_verdicts, (len(pending), None))
+        assert size == len(pending), "a replayed plan took another course"
+        if verdict is None:
+            verdict = self.gate.run([p.text for _, p, _ in pending])
+        self.verdicts.append((size, verdict))
         self.counts["candidates"] += len(pending)
         self.rejected.update(verdict.rejected)
         for i, score in zip(verdict.kept, verdict.scores, strict=True):

@@ -20,6 +20,7 @@ import pytest
 from booksmith.filters import sources as sources_module
 from booksmith.filters.heuristic_score import heuristic_score
 from booksmith.filters.inputs import InputError
+from booksmith.filters.source_gate import SourceGate
 from booksmith.filters.sources import Source
 from booksmith.generation.passages import cut_passages
 from booksmith.generation.source_state import planned_passages, record_planned
@@ -211,11 +212,11 @@ def test_the_run_replays_its_estimates_selection_and_cuts_only_candidate_records
     tmp_path: Path, monkeypatch: Any
 ) -> None:
     """The estimate plans the first round and the run plans it again from the estimate's
-    selections: the same requests and account, with no selecting pass, and a planning pass
-    that cuts only the records holding candidates. Every record is in the source twice (one
-    passage key, so one draw, in two records: a tie at the selection's bound keeps both) and
-    French records make the filters ask for further rounds. Cutting every record in every
-    pass, as before, plans the same."""
+    selections and filter verdicts: the same requests and account, with no selecting pass, no
+    filtering, and a planning pass that cuts only the records holding candidates. Every record
+    is in the source twice (one passage key, so one draw, in two records: a tie at the
+    selection's bound keeps both) and French records make the filters ask for further rounds.
+    Cutting every record in every pass, as before, plans the same."""
     src = tmp_path / "twice.jsonl"
     french = "Le chat dort sur le canapé pendant que la pluie tombe doucement sur les toits."
     with src.open("w", encoding="utf-8") as f:
@@ -240,7 +241,9 @@ def test_the_run_replays_its_estimates_selection_and_cuts_only_candidate_records
     assert account["rejected"]["lang:fr"] > 0  # (so more than one round)
     replayed = estimated.again()
     cut.clear()
-    assert [r.model_dump() for r in replayed.requests()] == first
+    with monkeypatch.context() as m:  # the estimate's verdicts are replayed, not asked again
+        m.setattr(SourceGate, "run", lambda *_: pytest.fail("candidates filtered again"))
+        assert [r.model_dump() for r in replayed.requests()] == first
     assert replayed.account()["twice.jsonl"] == account
     assert replayed.keys() == estimated.keys()
     # records cut: those holding a candidate, both copies (a tie taken twice) in each round
@@ -253,6 +256,27 @@ def test_the_run_replays_its_estimates_selection_and_cuts_only_candidate_records
     real_select = SourcePlan._select
     monkeypatch.setattr(SourcePlan, "_select", cut_everything)
     assert [r.model_dump() for r in MixedPlan(cfg, [], 11).requests()] == first
+
+
+def test_the_run_plans_from_its_estimates_plan(
+    source: Path, tmp_path: Path, monkeypatch: Any
+) -> None:
+    """announce_estimate hands the run its plan: the run's first round (Rounds, as StreamingRun
+    makes it) neither selects nor filters again, and plans what the estimate counted."""
+    import logging
+
+    from booksmith.flows import nightly
+    from booksmith.pipeline.rounds import Rounds
+
+    monkeypatch.setattr(nightly, "get_run_logger", lambda: logging.getLogger("test"))
+    cfg = config(tmp_path / "out", source)
+    est, grounded = nightly.announce_estimate(cfg, [], 11)
+    assert grounded is not None
+    monkeypatch.setattr(SourcePlan, "_select", lambda *_: pytest.fail("selected again"))
+    monkeypatch.setattr(SourceGate, "run", lambda *_: pytest.fail("filtered again"))
+    rounds = Rounds([], cfg, 11, grounded=grounded)
+    planned = [r for chunk in rounds.first() for r in chunk.plan]
+    assert len(planned) == est.requests == 24
 
 
 def test_every_request_records_its_passage(source: Path, tmp_path: Path) -> None:
