@@ -189,8 +189,9 @@ class ChunkPipeline:
         seconds: dict[str, float] = {}
         t0 = t()
         add_report(st.generation, report)
+        ids: dict[str, np.ndarray] = {}  # the documents' tokens, counted once, stored as is
         docs, failures = to_documents(
-            chunk.plan, report.results, run_id=st.run_id, encoding=st.encoding
+            chunk.plan, report.results, run_id=st.run_id, encoding=st.encoding, token_ids=ids
         )
         self.version.plan.write(chunk.plan)
         write_table_atomically(to_table(failures, GenerationResult), st.failures_path(chunk.number))
@@ -216,7 +217,7 @@ class ChunkPipeline:
         crash_point("filter.done")
         t0 = t()
         rejected = exact.rejected + quality.rejected + judged.rejected + near.rejected
-        self._spill(chunk.number, docs, rejected, near.kept)
+        self._spill(chunk.number, docs, rejected, near.kept, ids)
         seconds["spill"] = t() - t0
         st.chunks = chunk.number + 1
         st.busy_s.update(seconds)
@@ -226,10 +227,16 @@ class ChunkPipeline:
         )  # fmt: skip
 
     def _spill(
-        self, number: int, docs: list[Any], rejected: list[Rejected], kept: list[Any]
+        self,
+        number: int,
+        docs: list[Any],
+        rejected: list[Rejected],
+        kept: list[Any],
+        ids: dict[str, np.ndarray],
     ) -> None:
         """Every document of the chunk in plan order: rejected ones with their reason,
-        candidates with CANDIDATE and their store row."""
+        candidates with CANDIDATE, their store row and their tokens (`input_ids`, which the
+        version's primary token shards are written from)."""
         position = {d.id: i for i, d in enumerate(docs)}
         rows = self.state.near.rows
         records = [
@@ -240,4 +247,6 @@ class ChunkPipeline:
         table = to_table(records, Rejected)
         cand = [rows.get(r.id, -1) if r.reason == CANDIDATE else -1 for r in records]
         table = table.append_column("cand_row", pa.array(cand, pa.int64()))
+        tokens = [ids[r.id] if r.reason == CANDIDATE else None for r in records]
+        table = table.append_column("input_ids", pa.array(tokens, pa.list_(pa.uint32())))
         write_table_atomically(table, self.state.chunk_path(number))

@@ -77,8 +77,9 @@ class StreamingRun:
             workers=cfg.filters.workers,
         )
         self.version = VersionWriter(
-            out / run_id, shard_rows=cfg.output.shard_rows, shard_bytes=cfg.output.shard_bytes
-        )
+            out / run_id, shard_rows=cfg.output.shard_rows, shard_bytes=cfg.output.shard_bytes,
+            encoded=cfg.output.encoding, pack_seq_len=cfg.output.pack_seq_len,
+        )  # fmt: skip
         self.pipeline = ChunkPipeline(self.state, self.version)
         self.rounds = Rounds(seeds, cfg, seed, grounded=grounded)
         self.started = time.perf_counter()

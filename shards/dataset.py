@@ -40,8 +40,13 @@ from booksmith.schemas.manifest import (
     ShardKind,
 )
 from booksmith.shards.card import render_card
-from booksmith.shards.encodings import EncodingSpec
-from booksmith.shards.tokens import write_token_shards
+from booksmith.shards.encodings import EncodingSpec, get_encoding
+from booksmith.shards.tokens import (
+    TokenResult,
+    TokenShardWriter,
+    with_end_of_text,
+    write_token_shards,
+)
 from booksmith.shards.version_dir import MANIFEST, read_manifest
 from booksmith.shards.writer import (
     COMPRESSION,
@@ -112,7 +117,13 @@ class VersionWriter:
         *,
         shard_rows: int | None,
         shard_bytes: int | None = DEFAULT_SHARD_BYTES,
+        encoded: str | None = None,
+        pack_seq_len: int | None = None,
     ) -> None:
+        """`encoded`: the encoding whose token ids the kept rows bring along (an `input_ids`
+        column, as a run has them from counting `n_tokens`); its token shards are written from
+        those ids as the rows come, not encoded again (`pack_seq_len` as `write_tokens` gets
+        it)."""
         if (root / MANIFEST).exists():
             raise FileExistsError(f"{root}: already a dataset version (it has {MANIFEST})")
         clear_leftovers(root)
@@ -135,9 +146,24 @@ class VersionWriter:
         self.documents = 0
         self.shards: list[ShardEntry] = []
         self.tokens: dict[str, EncodingEntry] = {}
+        self.encoded: TokenShardWriter | None = None
+        if encoded is not None:
+            self.encoded = TokenShardWriter(
+                get_encoding(encoded), root=root, shard_rows=shard_rows, shard_bytes=shard_bytes,
+                pack_seq_len=pack_seq_len,
+            )  # fmt: skip
+        self.encoded_whole = True  # every kept row brought its ids
 
     def add_kept(self, table: pa.Table) -> None:
-        """Rows of `Document`'s schema (extra columns are dropped)."""
+        """Rows of `Document`'s schema (extra columns are dropped but `input_ids`, see
+        `encoded`)."""
+        if self.encoded is not None and self.encoded_whole:
+            ids = table.column("input_ids") if "input_ids" in table.column_names else None
+            if ids is None or ids.null_count:  # e.g. a chunk spilled by an older booksmith
+                self.encoded_whole = False
+            elif table.num_rows:
+                enc = self.encoded.enc
+                self.encoded.add(with_end_of_text(enc, table.column("id"), ids.combine_chunks()))
         table = table.select(self.text.schema.names)
         self.text.write(table)
         self.documents += table.num_rows
@@ -162,6 +188,10 @@ class VersionWriter:
         text_shards = [s.path for s in self.shards]
         specs = [EncodingSpec(encoding), *(EncodingSpec.of(e) for e in encodings)]
         for spec in {s.name: s for s in specs}.values():
+            if (given := self._given_tokens(spec, pack_seq_len)) is not None:
+                self.shards += given.shards + given.packed_shards
+                self.tokens[spec.name] = given.manifest_entry(self.encoded.enc)  # type: ignore[union-attr]
+                continue
             enc = spec.load()
             result = write_token_shards(
                 iter_texts(self.root, text_shards),
@@ -174,6 +204,19 @@ class VersionWriter:
             )
             self.shards += result.shards + result.packed_shards
             self.tokens[enc.name] = result.manifest_entry(enc)
+        if self.encoded is not None and self.encoded.enc.name not in self.tokens:
+            self.encoded.discard(self.root)  # ids of an encoding not asked for after all
+
+    def _given_tokens(self, spec: EncodingSpec, pack_seq_len: int | None) -> TokenResult | None:
+        """The token shards written from the rows' own ids, when they are this encoding's and
+        every row brought them; otherwise they are thrown away and the text is encoded."""
+        if self.encoded is None or spec.name != self.encoded.enc.name or spec.bpe_file:
+            return None
+        if self.encoded_whole and pack_seq_len == self.encoded.pack_seq_len:
+            return self.encoded.close()
+        self.encoded.discard(self.root)
+        self.encoded = None
+        return None
 
     def finish(
         self,
@@ -219,6 +262,8 @@ class VersionWriter:
     def abort(self) -> None:
         for w in (self.text, self.rejected):
             w.abort()
+        if self.encoded is not None:
+            self.encoded.abort()
         self.plan.abort()
         self.failures.abort()
 

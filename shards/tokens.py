@@ -73,6 +73,17 @@ def _encode(enc: tiktoken.Encoding, text: str) -> np.ndarray:
         return enc.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
 
 
+def encode_texts(
+    enc: tiktoken.Encoding, texts: list[str], num_threads: int = 2
+) -> list[np.ndarray]:
+    """Each text's tokens (special-token strings as text), as the token shards hold them
+    before end-of-text, encoded on threads."""
+    chunks = [texts[i : i + CHUNK_DOCS] for i in range(0, len(texts), CHUNK_DOCS)]
+    with ThreadPoolExecutor(num_threads, thread_name_prefix="encode") as pool:
+        parts = list(pool.map(lambda c: [_encode(enc, t) for t in c], chunks))
+    return [a for part in parts for a in part]
+
+
 def _encode_chunk(
     enc: tiktoken.Encoding, texts: list[str], dtype: np.dtype[Any]
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -162,6 +173,99 @@ def _batches(items: Iterable[tuple[str, str]], size: int) -> Iterator[list[tuple
         yield batch
 
 
+class TokenShardWriter:
+    """Token shards (and packed rows, if asked) of one encoding, written as tables of
+    `encode_batch`'s shape arrive: from texts (`write_token_shards`) or from ids a run already
+    has (`with_end_of_text`), so no text need be encoded twice."""
+
+    def __init__(
+        self,
+        enc: tiktoken.Encoding,
+        *,
+        root: Path,
+        shard_rows: int | None = None,
+        shard_bytes: int | None = DEFAULT_SHARD_BYTES,
+        batch_docs: int = BATCH_DOCS,
+        pack_seq_len: int | None = None,
+    ) -> None:
+        self.enc, self.pack_seq_len = enc, pack_seq_len
+        self.writer = ShardWriter(
+            root,
+            tokens_dir(enc.name),
+            token_schema(arrow_token_type(enc)),
+            kind="tokens",
+            max_rows=shard_rows,
+            max_bytes=shard_bytes,
+            row_group_rows=batch_docs,
+            extra={"encoding": enc.name},
+            count=count_stored_tokens,
+        )
+        self.packer: Packer | None = None
+        if pack_seq_len is not None:
+            packed_writer = ShardWriter(
+                root,
+                packed_dir(enc.name, pack_seq_len),
+                packed_schema(arrow_token_type(enc), pack_seq_len),
+                kind="packed",
+                max_bytes=shard_bytes,
+                row_group_rows=max(1, (1 << 20) // (pack_seq_len + 1)),  # about 1M tokens a group
+                extra={"encoding": enc.name},
+                count=lambda t: {"stored_tokens": t.num_rows * (pack_seq_len + 1)},
+            )
+            self.packer = Packer(packed_writer, enc, pack_seq_len)
+        self.result = TokenResult(encoding=enc.name, shards=[])
+
+    def add(self, table: pa.Table) -> None:
+        """Rows of `encode_batch`'s shape: id, input_ids (end-of-text last), n_tokens."""
+        self.result.documents += table.num_rows
+        self.result.text_tokens += int(pc.sum(table.column("n_tokens")).as_py() or 0)
+        self.writer.write(table)
+        if self.packer is not None:
+            self.packer.feed(table)
+
+    def close(self) -> TokenResult:
+        self.result.shards = self.writer.close()
+        if self.packer is not None:
+            self.result.packed_shards = self.packer.writer.close()
+            self.result.packed = Packed(
+                seq_len=self.pack_seq_len or 0,
+                rows=self.packer.rows,
+                dropped_tokens=self.packer.dropped,
+                path=packed_dir(self.enc.name, self.pack_seq_len or 0),
+            )
+        return self.result
+
+    def abort(self) -> None:
+        self.writer.abort()
+        if self.packer is not None:
+            self.packer.writer.abort()
+
+    def discard(self, root: Path) -> None:
+        """Abort, and delete the shards already finished (a glob must not find them)."""
+        self.abort()
+        writers = [self.writer, *([self.packer.writer] if self.packer else [])]
+        for entry in (e for w in writers for e in w.shards):
+            (root / entry.path).unlink(missing_ok=True)
+
+
+def with_end_of_text(enc: tiktoken.Encoding, ids: pa.Array, tokens: pa.Array) -> pa.Table:
+    """`encode_batch`'s table from ids already encoded (a list per document, end-of-text not
+    yet appended), so a run that counted its documents' tokens stores those very ids."""
+    tokens = tokens.cast(pa.list_(arrow_token_type(enc)))
+    offsets = tokens.offsets.to_numpy().astype(np.int64) - tokens.offsets[0].as_py()
+    values = tokens.flatten().to_numpy()
+    counts = np.diff(offsets)
+    with_eot = np.insert(values, offsets[1:], enc.eot_token).astype(token_dtype(enc))
+    new_offsets = (offsets + np.arange(len(offsets))).astype(np.int32)
+    return pa.table(
+        {
+            "id": ids,
+            "input_ids": pa.ListArray.from_arrays(pa.array(new_offsets), pa.array(with_eot)),
+            "n_tokens": pa.array(counts, pa.int64()),
+        }
+    )
+
+
 def write_token_shards(
     items: Iterable[tuple[str, str]],
     enc: tiktoken.Encoding,
@@ -175,37 +279,10 @@ def write_token_shards(
 ) -> TokenResult:
     """Encode (id, text) pairs into `root/tokens/<encoding>/` (and packed rows if asked)."""
     num_threads = num_threads or os.cpu_count() or 1
-    writer = ShardWriter(
-        root,
-        tokens_dir(enc.name),
-        token_schema(arrow_token_type(enc)),
-        kind="tokens",
-        max_rows=shard_rows,
-        max_bytes=shard_bytes,
-        row_group_rows=batch_docs,
-        extra={"encoding": enc.name},
-        count=count_stored_tokens,
-    )
-    packer: Packer | None = None
-    if pack_seq_len is not None:
-        packed_writer = ShardWriter(
-            root,
-            packed_dir(enc.name, pack_seq_len),
-            packed_schema(arrow_token_type(enc), pack_seq_len),
-            kind="packed",
-            max_bytes=shard_bytes,
-            row_group_rows=max(1, (1 << 20) // (pack_seq_len + 1)),  # about 1M tokens a group
-            extra={"encoding": enc.name},
-            count=lambda t: {"stored_tokens": t.num_rows * (pack_seq_len + 1)},
-        )
-        packer = Packer(packed_writer, enc, pack_seq_len)
-    result = TokenResult(encoding=enc.name, shards=[])
-
-    def store(table: pa.Table) -> None:
-        writer.write(table)
-        if packer is not None:
-            packer.feed(table)
-
+    out = TokenShardWriter(
+        enc, root=root, shard_rows=shard_rows, shard_bytes=shard_bytes, batch_docs=batch_docs,
+        pack_seq_len=pack_seq_len,
+    )  # fmt: skip
     try:
         with (
             ThreadPoolExecutor(num_threads, thread_name_prefix="encode") as pool,
@@ -215,25 +292,12 @@ def write_token_shards(
             for batch in _batches(items, batch_docs):
                 ids = [i for i, _ in batch]
                 table = encode_batch(enc, ids, [t for _, t in batch], pool)
-                result.documents += table.num_rows
-                result.text_tokens += int(pc.sum(table.column("n_tokens")).as_py() or 0)
                 if pending is not None:
                     pending.result()  # one batch in flight: memory stays bounded
-                pending = write_pool.submit(store, table)
+                pending = write_pool.submit(out.add, table)
             if pending is not None:
                 pending.result()
-        result.shards = writer.close()
-        if packer is not None:
-            result.packed_shards = packer.writer.close()
-            result.packed = Packed(
-                seq_len=pack_seq_len or 0,
-                rows=packer.rows,
-                dropped_tokens=packer.dropped,
-                path=packed_dir(enc.name, pack_seq_len or 0),
-            )
+        return out.close()
     except BaseException:
-        writer.abort()
-        if packer is not None:
-            packer.writer.abort()
+        out.abort()
         raise
-    return result
