@@ -162,6 +162,12 @@ def _filters(m: Manifest) -> list[str]:
     for name, c in m.counts.filter.items():
         reasons = ", ".join(f"{k}: {v}" for k, v in c.items() if k not in ("input", "kept"))
         lines.append(f"| {name} | {c.get('input', 0)} | {c.get('kept', 0)} | {reasons or '-'} |")
+    if j := m.counts.judge:
+        lines += ["", (f"The faithfulness judge was asked about {j.get('judged', 0)} grounded "
+                       f"documents ({j.get('unparsed', 0)} answers unparsed and "
+                       f"{j.get('failed', 0)} requests failed, both kept): {j.get('requests', 0)} "
+                       f"requests, {j.get('prompt_tokens', 0)} prompt and "
+                       f"{j.get('completion_tokens', 0)} completion tokens.")]  # fmt: skip
     return [*lines, ""]
 
 

@@ -22,6 +22,9 @@ from booksmith.schemas.config import Budget, RunConfig
 from booksmith.schemas.filter_settings import FaithfulnessJudgeSettings
 
 NAME = "faithfulness_judge"
+# what the judge did, not verdicts: the manifest keeps them in counts.judge, so counts.filter
+# holds input, kept and reasons only, as for every filter (the report lists its keys as drops)
+WORK = ("judged", "unparsed", "failed", "requests", "prompt_tokens", "completion_tokens")
 
 
 def judge_endpoint(cfg: RunConfig, endpoints: Sequence[Endpoint]) -> Endpoint:

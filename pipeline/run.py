@@ -15,6 +15,8 @@ from booksmith.pipeline.checkpoint import Checkpoint
 from booksmith.pipeline.chunks import Chunk, ChunkPipeline, ChunkStats, RunState
 from booksmith.pipeline.finalize import Finished, Tally, commit_index, tally, write_chunks
 from booksmith.pipeline.grounded import MixedPlan
+from booksmith.pipeline.judge_stage import NAME as JUDGE
+from booksmith.pipeline.judge_stage import WORK as JUDGE_WORK
 from booksmith.pipeline.rounds import Rounds
 from booksmith.prompts import PromptLibrary
 from booksmith.schemas import TopicSeed
@@ -133,6 +135,10 @@ class StreamingRun:
         }
         if not cfg.dedup.exact:
             filters.pop("dedup_exact")
+        judge = None
+        if JUDGE in filters:  # its verdicts stay with the filters, its work goes apart
+            judge = {k: n for k, n in filters[JUDGE].items() if k in JUDGE_WORK}
+            filters[JUDGE] = {k: n for k, n in filters[JUDGE].items() if k not in JUDGE_WORK}
         grounded = self.rounds.grounded
         sources = {"sources": grounded.account()} if grounded is not None else {}
         counts = Counts.model_validate({
@@ -140,6 +146,7 @@ class StreamingRun:
             "fill": self.rounds.account(),
             "generate": st.generation.summary(),
             "filter": filters,
+            "judge": judge,
             "kept": done.documents,
             "rejected": done.rejected,
             "chunks": {

@@ -134,6 +134,9 @@ class Counts(_Strict):
     kept: int = 0
     rejected: int = 0
     chunks: ChunkCounts | None = None
+    # the faithfulness judge's work (pipeline/judge_stage.py), beside its verdicts in `filter`:
+    # judged, unparsed, failed, requests, prompt_tokens, completion_tokens
+    judge: dict[str, int] | None = None
 
 
 class AxisCoverage(_Strict):

@@ -30,6 +30,14 @@ from tests.test_grounded_plan import write_source
 TOPICS = _package_dir() / "topics" / "default.yaml"
 
 
+def judge_counts(manifest: Any) -> dict[str, int]:
+    """The judge's verdicts (counts.filter: input, kept and reasons only, as every filter's)
+    and its work (counts.judge) together."""
+    verdicts = manifest.counts.filter["faithfulness_judge"]
+    assert set(verdicts) <= {"input", "kept", "grounding:judge"}, verdicts
+    return {**verdicts, **(manifest.counts.judge or {})}
+
+
 def _bucket(text: str) -> int:
     return int(hashlib.sha256(text.encode()).hexdigest()[:2], 16) % 3
 
@@ -81,7 +89,7 @@ def test_the_judge_rejects_what_it_finds_unsupported_and_a_rerun_asks_nothing(
         on = {"enabled": True, "base_url": url, "model": "judge-model"}
         version = _run(server, tmp_path / "on", write_config, tmp_path, on)
         asked = calls[0]
-        counts = read_manifest(version).counts.filter["faithfulness_judge"]
+        counts = judge_counts(read_manifest(version))
         # the rerun: another output directory holding this one's response cache, other chunks
         again_out = tmp_path / "again"
         state_dir(again_out).mkdir(parents=True)
@@ -103,6 +111,10 @@ def test_the_judge_rejects_what_it_finds_unsupported_and_a_rerun_asks_nothing(
     assert grounded_kept and all(scripted(r["text"]) == "no" for r in grounded_kept)
     assert any(r["source_id"] is None for r in text.values())
     judged = counts["judged"]
+    report = (version / "report" / "report.md").read_text()  # its work is not a drop there
+    (row,) = [line for line in report.splitlines() if line.startswith("| faithfulness_judge |")]
+    assert row.endswith(f"| grounding:judge: {counts['grounding:judge']} |"), row
+    assert f"judge was asked about {judged} grounded documents" in report
     assert asked == judged == counts["requests"] > 0
     assert counts["grounding:judge"] == len(dropped)
     assert counts["input"] - counts["kept"] == len(dropped)
@@ -113,7 +125,7 @@ def test_the_judge_rejects_what_it_finds_unsupported_and_a_rerun_asks_nothing(
     # the rerun: the same documents kept and dropped, every answer from the cache
     assert {r["id"] for r in _rows(again, "text")} == set(text)
     assert {r["id"] for r in _judged_out(again)} == {r["id"] for r in dropped}
-    again_counts = read_manifest(again).counts.filter["faithfulness_judge"]
+    again_counts = judge_counts(read_manifest(again))
     assert again_counts["requests"] == 0 and again_counts["judged"] == judged
 
 
@@ -130,7 +142,7 @@ def test_a_judge_without_structured_output_is_read_from_its_plain_answer(
     ):
         version = _run(server, tmp_path / "out", write_config, tmp_path,
                        {"enabled": True, "base_url": url})  # fmt: skip
-    counts = read_manifest(version).counts.filter["faithfulness_judge"]
+    counts = judge_counts(read_manifest(version))
     dropped = _judged_out(version)
     text = _rows(version, "text")
     assert dropped and all(answer(r["text"]) == "yes" for r in dropped)
@@ -152,7 +164,7 @@ def test_the_judge_asks_the_runs_own_endpoint_when_none_is_named(
         version = _run(server, tmp_path / "out", write_config, tmp_path, {"enabled": True})
         stats = server.stats()
     manifest = read_manifest(version)
-    counts = manifest.counts.filter["faithfulness_judge"]
+    counts = judge_counts(manifest)
     # the fake server answers the schema's enum: every grounded document judged and parsed
     assert counts["judged"] > 0 and counts["unparsed"] == counts["failed"] == 0
     assert stats["requests"] == manifest.counts.generate.requests + counts["requests"]
