@@ -4,7 +4,8 @@ Not a chain filter: it asks an LLM (one request per grounded document), so it ru
 own process with the run's client (`generation.clients.make_client`, live) and response cache,
 on the run's endpoint unless `filters.faithfulness.judge.base_url` names another. The flow
 hands it the run's endpoints (`bind`) once they are open. Cross-chunk state: `counts`, kept
-with the quality chain's (checkpointed and written to the manifest's `counts.filter` with them).
+with the quality chain's (checkpointed with them); the manifest writes the verdicts in
+`counts.filter` and the judge's work (`WORK`) in `counts.judge`.
 """
 
 from __future__ import annotations
