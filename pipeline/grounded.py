@@ -92,10 +92,12 @@ class SourcePlan:
         # None: every record), kept for `again()`; `replay` is another plan's, taken in turn.
         self.selections: list[tuple[int, int | None, np.ndarray | None]] = []
         self.replay: list[tuple[int, int | None, np.ndarray | None]] = []
-        # The filters' verdict on each batch of candidates (its size, the verdict), kept for
-        # `again()` like the selections: the batches come again, the same, in the same order.
-        self.verdicts: list[tuple[int, GateResult]] = []
-        self.replay_verdicts: Iterator[tuple[int, GateResult]] = iter(())
+        # The filters' verdict on each batch of candidates, kept for `again()` like the
+        # selections (the batches come again, the same, in the same order): its size, the
+        # kept indexes and scores as arrays (12 bytes a candidate, not a list's 60) and the
+        # rejections by reason.
+        self.verdicts: list[tuple[int, np.ndarray, np.ndarray, Counter[str]]] = []
+        self.replay_verdicts: Iterator[tuple[int, np.ndarray, np.ndarray, Counter[str]]] = iter(())
 
     def again(self) -> SourcePlan:
         """A plan of the same requests that takes this one's selections instead of reading
@@ -227,11 +229,15 @@ class SourcePlan:
     ) -> Iterator[GenerationRequest]:
         if not pending or self._done():
             return
-        size, verdict = next(self.replay_verdicts, (len(pending), None))
-        assert size == len(pending), "a replayed plan took another course"
-        if verdict is None:
+        recorded = next(self.replay_verdicts, None)
+        if recorded is None:
             verdict = self.gate.run([p.text for _, p, _ in pending])
-        self.verdicts.append((size, verdict))
+        else:
+            size, kept, scores, rejected = recorded
+            assert size == len(pending), "a replayed plan took another course"
+            verdict = GateResult(kept.tolist(), scores.tolist(), rejected)
+        self.verdicts.append((len(pending), np.array(verdict.kept, np.int32),
+                              np.array(verdict.scores, np.float64), verdict.rejected))  # fmt: skip
         self.counts["candidates"] += len(pending)
         self.rejected.update(verdict.rejected)
         for i, score in zip(verdict.kept, verdict.scores, strict=True):
