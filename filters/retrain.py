@@ -39,12 +39,20 @@ def judge_settings(cfg: RunConfig) -> GenerationSettings:
     a = cfg.filters.annotate
     if a.base_url is None:
         return cfg.generation
+    return endpoint_of(cfg, a.base_url, a.model, a.api_key_env)
+
+
+def endpoint_of(
+    cfg: RunConfig, base_url: str, model: str | None, api_key_env: str | None
+) -> GenerationSettings:
+    """The run's generation settings pointed at another OpenAI-compatible endpoint (a judge's
+    own): its model and key variable where given, the run's otherwise."""
     return cfg.generation.model_copy(
         update={
             "backend": "openai",
-            "base_url": a.base_url,
-            "model": a.model or cfg.generation.model,
-            "api_key_env": a.api_key_env or cfg.generation.api_key_env,
+            "base_url": base_url,
+            "model": model or cfg.generation.model,
+            "api_key_env": api_key_env or cfg.generation.api_key_env,
             "endpoints": [],
         }
     )

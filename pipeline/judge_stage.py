@@ -35,17 +35,10 @@ def judge_endpoint(cfg: RunConfig, endpoints: Sequence[Endpoint]) -> Endpoint:
     if j.base_url is None:
         own = endpoints[0]
         return dataclasses.replace(own, model=j.model) if j.model else own
+    from booksmith.filters.retrain import endpoint_of
     from booksmith.generation.backends import open_endpoint
 
-    settings = cfg.generation.model_copy(
-        update={
-            "backend": "openai",
-            "base_url": j.base_url,
-            "model": j.model or cfg.generation.model,
-            "api_key_env": j.api_key_env or cfg.generation.api_key_env,
-            "endpoints": [],
-        }
-    )
+    settings = endpoint_of(cfg, j.base_url, j.model, j.api_key_env)
     with open_endpoint(settings, cfg.embedded) as endpoint:  # an openai one: nothing started
         return endpoint
 
