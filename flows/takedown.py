@@ -112,30 +112,23 @@ def plan_takedown(out: Path, asked: list[str], index: str | None = None) -> Take
 
 
 def recorded_index(out: Path, config: dict[str, Any]) -> str | None:
-    """The MinHash index a version's run committed to, from the config in its manifest, as an
-    index spec (a directory, or redis://...?basename=...); None for none, or a file index
-    never written. A Redis URL recorded without its password (redacted) is taken from
+    """The MinHash index a version's run committed to, from the config in its manifest (see
+    `index_spec`). A Redis URL recorded without its password (redacted) is taken from
     $BOOKSMITH_REDIS_URL when that is the same URL; otherwise a ValueError says what to pass."""
     import os
 
-    from booksmith.filters.dedup import default_index_path
+    from booksmith.filters.dedup import DedupSettings, index_spec
 
-    dedup = config.get("dedup") or {}
-    kind = dedup.get("index", "file")
-    if kind == "none":
-        return None
-    if kind == "file":
-        path = Path(dedup.get("index_path") or default_index_path(out))
-        return str(path) if (path / "index.json").is_file() else None
+    recorded = config.get("dedup") or {}
+    dedup = {k: v for k, v in recorded.items() if k in DedupSettings.model_fields}
     url = str(dedup.get("redis_url") or "")
-    if MASK in url:
+    if dedup.get("index") == "redis" and MASK in url:
         env = os.environ.get("BOOKSMITH_REDIS_URL", "")
         if not env or redact_url(env) != url:
             raise ValueError(f"{url} is recorded without its password; set BOOKSMITH_REDIS_URL "
                              "to it or pass --index with it")  # fmt: skip
-        url = env
-    basename = dedup.get("redis_basename") or "booksmith"
-    return f"{url}{'&' if '?' in url else '?'}basename={basename}"
+        dedup["redis_url"] = env
+    return index_spec(DedupSettings.model_validate(dedup), out)
 
 
 def _retired_bins(plan: TakedownPlan) -> None:

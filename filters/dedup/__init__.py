@@ -37,6 +37,14 @@ def default_index_path(out: Path) -> Path:
     return state_dir(out) / STATE_SUBDIR
 
 
+def _file_index_path(settings: DedupSettings, out: Path | None) -> Path:
+    if settings.index_path is not None:
+        return settings.index_path
+    if out is None:
+        raise ValueError("dedup.index 'file' needs dedup.index_path or an output directory")
+    return default_index_path(out)
+
+
 def open_index(settings: DedupSettings, out: Path | None = None) -> DedupIndex | None:
     """The persistent index the settings name (file under `<out>/_state/minhash/`, or Redis)."""
     if settings.index == "none":
@@ -44,12 +52,19 @@ def open_index(settings: DedupSettings, out: Path | None = None) -> DedupIndex |
     if settings.index == "redis":
         assert settings.redis_url is not None  # checked by DedupSettings
         return RedisIndex(settings.redis_url, settings.redis_basename, settings.params)
-    path = settings.index_path
-    if path is None:
-        if out is None:
-            raise ValueError("dedup.index 'file' needs dedup.index_path or an output directory")
-        path = default_index_path(out)
-    return FileIndex(path, settings.params)
+    return FileIndex(_file_index_path(settings, out), settings.params)
+
+
+def index_spec(settings: DedupSettings, out: Path) -> str | None:
+    """The index the settings name, as `open_index_spec` reads it (a directory, or
+    redis://...?basename=...); None for none, or for a file index never written."""
+    if settings.index == "none":
+        return None
+    if settings.index == "redis":
+        url = settings.redis_url or ""
+        return f"{url}{'&' if '?' in url else '?'}basename={settings.redis_basename}"
+    path = _file_index_path(settings, out)
+    return str(path) if (path / "index.json").is_file() else None
 
 
 def redis_spec(spec: str) -> tuple[str, str] | None:
@@ -125,6 +140,7 @@ __all__ = [
     "commit",
     "default_index_path",
     "find_duplicates",
+    "index_spec",
     "open_as_built",
     "open_index",
     "open_index_spec",
