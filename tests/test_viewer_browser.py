@@ -11,7 +11,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
-from selenium.webdriver.support.ui import Select
+from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from tests.test_viewer import build_output
 
@@ -160,11 +159,13 @@ def test_every_page_by_its_links(out: Path, server: str, browser: WebDriver) -> 
     Select(browser.find_element(By.NAME, "reason")).select_by_value("")
     box.send_keys(word)
     browser.find_element(By.CSS_SELECTOR, "#filters button[type=submit]").click()
-    for _ in range(120):  # the index builds once, in a child process (the page reloads itself
-        if not browser.find_elements(By.ID, "building"):  # too, every 2 s)
-            break
-        time.sleep(1)
-        browser.refresh()
+    # The index builds once, in a child process, while the search page reloads itself every 2 s:
+    # wait for the search page's own count (the page before had one too), not for "building" to
+    # vanish, which it also does mid-reload.
+    WebDriverWait(browser, 120, poll_frequency=1).until(
+        lambda b: f"text={word}" in b.current_url and b.find_elements(By.ID, "count"),
+        "the search index was never built",
+    )
     _check(browser, "11-search")
     want = sum(word in re.findall(r"\w+", r["text"].lower()) for r in kept)
     assert browser.find_element(By.ID, "count").text.startswith(f"{want:,} document")
