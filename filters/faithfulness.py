@@ -48,8 +48,12 @@ def names(text: str) -> set[str]:
     """Capitalised words that do not open a sentence or a line: names, by a rough rule."""
     found = set()
     for m in _CAPITALISED.finditer(text):
-        before = text[: m.start()].rstrip(" \t")
-        if before and before[-1] != "\n" and before[-1] not in SENTENCE_ENDS:
+        # the character before the word, past spaces and tabs, read in place (no copy of the
+        # text before it, which made this quadratic in a document's length)
+        i = m.start() - 1
+        while i >= 0 and text[i] in " \t":
+            i -= 1
+        if i >= 0 and text[i] != "\n" and text[i] not in SENTENCE_ENDS:
             found.add(m.group())
     return found
 

@@ -5,6 +5,7 @@ their reason and figures, counted in the manifest."""
 
 from __future__ import annotations
 
+import random
 import re
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from booksmith.filters.chain import build_chain
-from booksmith.filters.faithfulness import FaithfulnessFilter, longest_copied_run, passage_of
+from booksmith.filters.faithfulness import (
+    _CAPITALISED,
+    SENTENCE_ENDS,
+    FaithfulnessFilter,
+    longest_copied_run,
+    names,
+    passage_of,
+)
 from booksmith.generation.grounded_requests import GroundedRequests
 from booksmith.generation.passages import Passage
 from booksmith.schemas import Document
@@ -92,6 +100,45 @@ def test_the_copied_run_is_measured_exactly_across_case_punctuation_and_breaks()
     assert verdict == ("grounding:copied", {"copied_words": 30, "max": 29})
     verdict = FaithfulnessFilter(FaithfulnessSettings(max_copied_words=30)).check(grounded(text))
     assert verdict is None or verdict[0] != "grounding:copied"
+
+
+def names_by_the_old_rule(text: str) -> set[str]:
+    """The rule `names` had before it scanned back in place: it copied the text before each
+    capitalised word (quadratic in a document's length); kept here as the oracle."""
+    found = set()
+    for m in _CAPITALISED.finditer(text):
+        before = text[: m.start()].rstrip(" \t")
+        if before and before[-1] != "\n" and before[-1] not in SENTENCE_ENDS:
+            found.add(m.group())
+    return found
+
+
+def test_names_finds_what_the_copying_rule_found_on_varied_and_long_texts() -> None:
+    edges = [
+        "", "Alice", "  \t Alice", "met Alice", "met \t  Alice", "met.\tAlice", "met.  Alice",
+        "x\nAlice", "x\n \tAlice", "x\r\nAlice", "x\rAlice", "x\u00a0Alice", "x\u3000Alice",
+        "(Alice)", '"Alice" and Bob', "- Alice", "# Alice", "> Alice", "a: Alice", "a* Alice",
+        "über Alice", "ABC Alice", "Al Alice", "mid-Alice", "e.g. Alice met Bob in Paris.",
+    ]  # fmt: skip
+    for text in edges:
+        assert names(text) == names_by_the_old_rule(text), repr(text)
+    rng = random.Random(18)
+    pieces = ["Alice", "Bob", "Paris", "Ab", "ALL", "the", "of", "x", "1887", "Éclair", " ", "  ",
+              "\t", "\n", "\r", ". ", ".", "!", "?", ":", "*", "#", ">", "-", ",", ";", "(", ")",
+              "\u00a0"]  # fmt: skip
+    for _ in range(300):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randrange(1, 40)))
+        assert names(text) == names_by_the_old_rule(text), repr(text)
+    parts, size = [], 0
+    while size < 200_000:  # a 200 KB document: random pieces and many distinct names
+        name = "N" + "".join(chr(97 + int(c, 16)) for c in f"{len(parts):x}") + "ame"
+        part = rng.choice(pieces) + rng.choice(pieces) + rng.choice([name, "the"]) + " "
+        parts.append(part)
+        size += len(part)
+    long_text = "".join(parts)
+    found = names(long_text)
+    assert len(found) > 100  # names are found in it, not just agreed on being absent
+    assert found == names_by_the_old_rule(long_text)
 
 
 def test_documents_without_a_source_pass_untouched() -> None:
