@@ -44,6 +44,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from booksmith.filters.faithfulness import TAGS
+
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -295,14 +297,11 @@ def is_near_duplicate(key: str, cfg: FaultConfig) -> bool:
     return cfg.near_duplicate > 0 and _unit(f"near:{key}") < cfg.near_duplicate
 
 
-_PASSAGE_TAGS = (("<text>\n", "\n</text>"), ("<extract>\n", "\n</extract>"))
-
-
 def quoted_passage(body: dict[str, Any]) -> str | None:
     """The source passage a grounded request's last message quotes, if it quotes one."""
     users = [m for m in body["messages"] if isinstance(m, dict) and m.get("role") == "user"]
     prompt = str(users[-1].get("content") or "") if users else ""
-    for start_tag, end_tag in _PASSAGE_TAGS:
+    for start_tag, end_tag in TAGS:  # the recipes' tags, as the faithfulness rules read them
         start, end = prompt.find(start_tag), prompt.rfind(end_tag)
         if start >= 0 and end > start:
             return prompt[start + len(start_tag) : end]
