@@ -176,6 +176,7 @@ class RunState:
 
     def close(self) -> None:
         self.quality.close()
+        self.judge.close()
 
 
 class ChunkPipeline:

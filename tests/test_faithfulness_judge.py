@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -127,6 +128,45 @@ def test_the_judge_rejects_what_it_finds_unsupported_and_a_rerun_asks_nothing(
     assert {r["id"] for r in _judged_out(again)} == {r["id"] for r in dropped}
     again_counts = judge_counts(read_manifest(again))
     assert again_counts["requests"] == 0 and again_counts["judged"] == judged
+
+
+@pytest.mark.slow
+def test_one_judge_client_and_response_cache_serve_every_chunk_of_a_run(
+    prefect_api: str, tmp_path: Path, write_config: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The judge's client is built (and its response cache opened) once per run, on the first
+    chunk, and closed with the run: counted on the factory over a run of several chunks that
+    each ask the judge."""
+    from booksmith.generation import clients
+    from booksmith.pipeline.judge_stage import JudgeStage
+
+    caches: list[Any] = []  # the response cache of each judge client built
+    make_client, judge_run = clients.make_client, JudgeStage.run
+
+    def counting_make_client(cfg: Any, endpoint: Any, **kwargs: Any) -> Any:
+        if endpoint.model == "judge-model":  # not the generation's clients
+            caches.append(kwargs["cache"])
+        return make_client(cfg, endpoint, **kwargs)
+
+    asked: list[int] = []  # requests the judge server got during each chunk
+
+    def counting_run(self: JudgeStage, docs: Any, counts: Any) -> Any:
+        before = calls[0]
+        out = judge_run(self, docs, counts)
+        asked.append(calls[0] - before)
+        return out
+
+    monkeypatch.setattr(clients, "make_client", counting_make_client)
+    monkeypatch.setattr(JudgeStage, "run", counting_run)
+    with FakeServer({}) as server, faithfulness_server(scripted) as (url, calls):
+        on = {"enabled": True, "base_url": url, "model": "judge-model"}
+        version = _run(server, tmp_path / "on", write_config, tmp_path, on,
+                       plan={"limit": 16, "chunk_requests": 4})  # fmt: skip
+    assert len(asked) == 4 and sum(n > 0 for n in asked) >= 2, asked
+    assert len(caches) == 1, "the judge's client was built more than once in the run"
+    with pytest.raises(sqlite3.ProgrammingError):  # closed when the run ended
+        len(caches[0])
+    assert judge_counts(read_manifest(version))["requests"] == calls[0] == sum(asked)
 
 
 @pytest.mark.slow
