@@ -77,6 +77,10 @@ class Sampling(BaseModel):
         return data
 
 
+# The grounding columns are declared once, here. GenerationRequest and Document inherit them
+# as their last columns: each lists Grounding before a base that holds its own columns
+# (_RequestColumns, _DocumentColumns), and pydantic orders fields from the last class of the
+# MRO to the first, so their own come first, then these, as in the shards written so far.
 class Grounding(BaseModel):
     """Where a grounded request's passage came from and how it was rewritten: columns of the
     plan, text and rejected shards (all null for a request written from a topic)."""
@@ -96,11 +100,8 @@ class Grounding(BaseModel):
 GROUNDING_COLUMNS = tuple(Grounding.model_fields)
 
 
-class GenerationRequest(BaseModel):
-    """One chat completion to make. `id` is the hash of its request key (model, messages,
-    sampling, sample index): the same plan yields the same ids and the same cache keys."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class _RequestColumns(BaseModel):
+    """GenerationRequest's columns before the grounding ones."""
 
     id: str
     model: str
@@ -116,15 +117,14 @@ class GenerationRequest(BaseModel):
     seed_words: list[str] = Field(default_factory=list)
     template: str = ""
     response_format: str | None = None  # JSON of OpenAI's response_format (structured output)
-    source_id: str | None = None  # the grounding columns (Grounding), null for topic requests
-    source_passage: int | None = None
-    source_start: int | None = None
-    source_end: int | None = None
-    source_name: str | None = None
-    source_checksum: str | None = None
-    license: str | None = None
-    recipe: str | None = None
-    template_version: str | None = None
+
+
+# its columns: _RequestColumns', then the grounding ones, null for topic requests
+class GenerationRequest(Grounding, _RequestColumns):
+    """One chat completion to make. `id` is the hash of its request key (model, messages,
+    sampling, sample index): the same plan yields the same ids and the same cache keys."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     @staticmethod
     def key_payload(
@@ -263,10 +263,8 @@ class GenerationResult(BaseModel):
         return self.ok and not self.text.strip()
 
 
-class Document(BaseModel):
-    """One generated text with its provenance: a row of the text shards."""
-
-    model_config = ConfigDict(extra="forbid")
+class _DocumentColumns(BaseModel):
+    """Document's columns before the grounding ones."""
 
     id: str
     text_sha256: str
@@ -292,15 +290,13 @@ class Document(BaseModel):
     quality_score: float | None = None
     run_id: str
     created_at: datetime
-    source_id: str | None = None  # the grounding columns (Grounding), null for topic requests
-    source_passage: int | None = None
-    source_start: int | None = None
-    source_end: int | None = None
-    source_name: str | None = None
-    source_checksum: str | None = None
-    license: str | None = None
-    recipe: str | None = None
-    template_version: str | None = None
+
+
+# its columns: _DocumentColumns', then the grounding ones, null for topic requests
+class Document(Grounding, _DocumentColumns):
+    """One generated text with its provenance: a row of the text shards."""
+
+    model_config = ConfigDict(extra="forbid")
 
     @classmethod
     def from_generation(

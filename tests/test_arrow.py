@@ -15,6 +15,7 @@ from booksmith.schemas import (
     Sampling,
 )
 from booksmith.schemas.arrow import arrow_schema, to_table
+from booksmith.schemas.records import GROUNDING_COLUMNS, Grounding
 from tests.filters_helpers import document
 
 
@@ -72,3 +73,28 @@ def test_to_table_equals_dumping_every_record(records: list[BaseModel], model: t
     assert table.schema == arrow_schema(model)
     assert table.equals(plain(records, model))
     assert table.to_pylist() == [r.model_dump() for r in records]
+
+
+# The columns of the shards written so far, in their order: the grounding columns are declared
+# once (schemas/records.Grounding) and come after each record's own, before Rejected's.
+REQUEST_OWN = ["id", "model", "messages", "sampling", "sample_index", "topic", "topic_path",
+               "subject", "audience", "style", "format", "seed_words", "template",
+               "response_format"]  # fmt: skip
+DOCUMENT_OWN = ["id", "text_sha256", "text", "topic", "topic_path", "subject", "audience",
+                "style", "format", "seed_words", "prompt", "model", "backend", "sampling", "seed",
+                "sample_index", "finish_reason", "truncated", "n_tokens", "lang", "lang_score",
+                "quality_score", "run_id", "created_at"]  # fmt: skip
+GROUNDING = ["source_id", "source_passage", "source_start", "source_end", "source_name",
+             "source_checksum", "license", "recipe", "template_version"]  # fmt: skip
+
+
+def test_the_grounding_columns_follow_each_records_own_in_the_written_order() -> None:
+    assert list(GROUNDING_COLUMNS) == GROUNDING
+    assert arrow_schema(GenerationRequest).names == REQUEST_OWN + GROUNDING
+    assert arrow_schema(Document).names == DOCUMENT_OWN + GROUNDING
+    assert arrow_schema(Rejected).names == [*DOCUMENT_OWN, *GROUNDING,
+                                            "reason", "duplicate_of", "detail"]  # fmt: skip
+    for model in (GenerationRequest, Document):
+        schema = arrow_schema(model)
+        assert [schema.field(c) for c in GROUNDING] == list(arrow_schema(Grounding))
+        assert all(schema.field(c).nullable for c in GROUNDING)
