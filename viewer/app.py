@@ -32,7 +32,19 @@ from starlette.templating import Jinja2Templates
 from booksmith.schemas.redact import redact_text
 from booksmith.viewer import evidence
 from booksmith.viewer.search import SearchIndex
-from booksmith.viewer.store import AXES, MAX_PAGE, PAGE, Output, Query, Version, ViewError, Where
+from booksmith.viewer.store import (
+    AXES,
+    GROUNDED,
+    KINDS,
+    MAX_PAGE,
+    PAGE,
+    SOURCE_ID,
+    Output,
+    Query,
+    Version,
+    ViewError,
+    Where,
+)
 from booksmith.viewer.summary import (
     compare_rows,
     funnel,
@@ -114,8 +126,38 @@ def _query(request: Request) -> Query:
     return Query(
         kind=kind, topic=p.get("topic") or None, reason=p.get("reason") or None,
         qmin=number("qmin"), qmax=number("qmax"), text=(p.get("text") or "").strip() or None,
-        page=int(page), per=int(per), **{a: p.get(a) or None for a in AXES},
+        page=int(page), per=int(per),
+        **{a: p.get(a) or None for a in (*AXES, *GROUNDED, SOURCE_ID)},
     )  # fmt: skip
+
+
+LABELS = {"recipe": "recipe", "source_name": "source", "license": "licence", SOURCE_ID: "source id"}
+
+
+def _check_grounded(v: Version, q: Query) -> None:
+    """A provenance filter names a value some document of the version has (of either kind, so
+    switching between kept and rejected keeps it), or the page says what there is instead of
+    querying a column the version may not have."""
+    for key in (*GROUNDED, SOURCE_ID):
+        value = getattr(q, key)
+        if value is None:
+            continue
+        if key == SOURCE_ID:
+            present = any(v.has_source_ids(kind) for kind in KINDS)
+        else:
+            values = {r[0] for kind in KINDS for r in v.grounded_facets(kind).get(key, [])}
+            present = bool(values)
+            if values and value not in values:
+                known = ", ".join(sorted(values)[:20]) + (", ..." if len(values) > 20 else "")
+                raise HTTPException(
+                    400, f"{key}={value!r}: no document of {v.run_id} has this {LABELS[key]}; "
+                    f"its {LABELS[key]}s: {known}",
+                )  # fmt: skip
+        if not present:
+            raise HTTPException(
+                400, f"{key}={value!r}: no document of {v.run_id} records a {LABELS[key]} (it "
+                "was written from topics, or before grounded generation): drop this filter",
+            )  # fmt: skip
 
 
 def _search_index(request: Request, v: Version) -> SearchIndex:
@@ -129,6 +171,7 @@ def _search_index(request: Request, v: Version) -> SearchIndex:
 def docs_page(request: Request) -> Response:
     v = _version(request)
     q = _query(request)
+    _check_grounded(v, q)
     building = None
     if q.text:
         index = _search_index(request, v)
@@ -148,6 +191,7 @@ def docs_page(request: Request) -> Response:
     return _page(
         request, "docs.html", v=v, q=q, page=page, pages=pages, building=building,
         facets=facets, reasons=reasons, topics=topics, filters=q.filters(),
+        grounded=v.grounded_facets(q.kind), source_ids=v.has_source_ids(q.kind), labels=LABELS,
     )  # fmt: skip
 
 

@@ -31,19 +31,34 @@ import pyarrow.parquet as pq
 from booksmith.shards.bundled import cache_dir
 from booksmith.shards.fs import filesystem
 from booksmith.shards.version_dir import STATE_DIR
-from booksmith.viewer.store import AXES, KINDS, Page, Query, Version, Where, where_sql
+from booksmith.viewer.store import (
+    AXES,
+    GROUNDED,
+    KINDS,
+    SOURCE_ID,
+    Page,
+    Query,
+    Version,
+    Where,
+    where_sql,
+)
 
 BATCH = 2_000  # rows per insert, one Parquet row group
 COUNT_CAP = 10_000  # a search counts its matches up to this, then says "10,000+"
 _WORD = re.compile(r"\w+", re.UNICODE)
-DOC_COLUMNS = ("id", "topic", *AXES, "quality_score", "n_tokens")
+# A shard without a column (the provenance ones, before grounding) is read without it (pyarrow
+# skips the names a file lacks) and stores it null.
+DOC_COLUMNS = ("id", "topic", *AXES, "quality_score", "n_tokens", *GROUNDED, SOURCE_ID)
 REJECT = ("reason", "duplicate_of")
+# Named into the index's file: an index of an earlier layout (without the provenance columns)
+# is built again rather than queried for columns it lacks.
+LAYOUT = 2
 
 SCHEMA = f"""
 CREATE TABLE docs (
     rowid INTEGER PRIMARY KEY, kind TEXT, file INTEGER, row INTEGER, id TEXT, topic TEXT,
     {", ".join(f"{a} TEXT" for a in AXES)}, quality_score REAL, n_tokens INTEGER,
-    reason TEXT, duplicate_of TEXT
+    {", ".join(f"{a} TEXT" for a in (*GROUNDED, SOURCE_ID))}, reason TEXT, duplicate_of TEXT
 );
 CREATE VIRTUAL TABLE fts USING fts5(
     text, content='', columnsize=0, detail=none, tokenize='unicode61 remove_diacritics 2'
@@ -92,7 +107,8 @@ class SearchIndex:
 
     def __init__(self, version: Version) -> None:
         self.version = version
-        digest = hashlib.sha256(version.manifest.to_json().encode()).hexdigest()[:16]
+        key = f"layout {LAYOUT}\n{version.manifest.to_json()}"
+        digest = hashlib.sha256(key.encode()).hexdigest()[:16]
         self.path = index_dir(version) / f"search-{digest}.sqlite"
         self.progress = self.path.with_suffix(".progress")
         self._process: BaseProcess | None = None

@@ -25,6 +25,12 @@ MAX_PAGE = 500
 RELIST_S = 5.0  # how long a listing of the versions is reused
 SNIPPET = 300  # characters of text shown in a list
 AXES = ("subject", "audience", "style", "format")
+# A grounded document's provenance filters (schemas/records.Grounding): select boxes of the
+# values present, and the source record's id typed in. Versions written before grounded
+# generation lack the columns; topic-only runs since hold them all null: neither shows them.
+GROUNDED = ("recipe", "source_name", "license")
+SOURCE_ID = "source_id"
+EXACT = ("topic", *AXES, *GROUNDED, SOURCE_ID)  # the filters that match a column's value
 LIST_COLUMNS = (
     "id",
     "topic",
@@ -55,6 +61,10 @@ class Query:
     audience: str | None = None
     style: str | None = None
     format: str | None = None
+    recipe: str | None = None
+    source_name: str | None = None
+    license: str | None = None
+    source_id: str | None = None
     reason: str | None = None  # rejected only: a full reason or its family ("dedup_minhash")
     qmin: float | None = None
     qmax: float | None = None
@@ -68,7 +78,7 @@ class Query:
 
     def filters(self) -> dict[str, Any]:
         """The set filters, as query-string parameters (for links to other pages)."""
-        keys = ("kind", "topic", *AXES, "reason", "qmin", "qmax", "text")
+        keys = ("kind", *EXACT, "reason", "qmin", "qmax", "text")
         found = {k: getattr(self, k) for k in keys if getattr(self, k) not in (None, "")}
         return found | ({"per": self.per} if self.per != PAGE else {})
 
@@ -106,7 +116,7 @@ class Where:
 def where_sql(q: Query) -> tuple[str, list[Any]]:
     """The WHERE clause of a list query (DuckDB and SQLite share the syntax) and its values."""
     clauses, values = [], []
-    for axis in ("topic", *AXES):
+    for axis in EXACT:  # only the set ones: a version without a column is queried without it
         if getattr(q, axis):
             clauses.append(f"{axis} = ?")
             values.append(getattr(q, axis))
@@ -234,6 +244,48 @@ class Version:
         with self.output.cursor() as cur:
             rows = _dicts(cur.execute(sql, [[self.output.uri(plan[0])], doc_id]))
         return rows[0] if rows else None
+
+    def columns(self, kind: str) -> frozenset[str]:
+        """The columns of a kind's shards (none without shards); read from their footers once."""
+
+        def read() -> frozenset[str]:
+            files = self.files(kind)
+            if not files:
+                return frozenset()
+            sql = "SELECT * FROM read_parquet(?, union_by_name=true) LIMIT 0"
+            with self.output.cursor() as cur:
+                described = cur.execute(sql, [[self.output.uri(f) for f in files]]).description
+            return frozenset(d[0] for d in described)
+
+        return self.cached(f"columns-{kind}", read)
+
+    def grounded_facets(self, kind: str) -> dict[str, list[tuple[Any, ...]]]:
+        """(value, documents) of each GROUNDED column that a kind's shards have and some
+        document fills; none for a version before grounding or from topics only."""
+
+        def count() -> dict[str, list[tuple[Any, ...]]]:
+            found = {}
+            for column in GROUNDED:
+                if column in self.columns(kind):
+                    rows = [r for r in self.group_counts(kind, (column,)) if r[0] is not None]
+                    if rows:
+                        found[column] = rows
+            return found
+
+        return self.cached(f"grounded-{kind}", count)
+
+    def has_source_ids(self, kind: str) -> bool:
+        """Whether some document of a kind records its source record's id."""
+
+        def look() -> bool:
+            if SOURCE_ID not in self.columns(kind):
+                return False
+            src = [self.output.uri(f) for f in self.files(kind)]
+            sql = f"SELECT 1 FROM {SCAN} WHERE {SOURCE_ID} IS NOT NULL LIMIT 1"
+            with self.output.cursor() as cur:
+                return cur.execute(sql, [src]).fetchone() is not None
+
+        return self.cached(f"source-ids-{kind}", look)
 
     def group_counts(self, kind: str, columns: tuple[str, ...]) -> list[tuple[Any, ...]]:
         """(value of each column..., documents) over one kind's shards, largest first."""
