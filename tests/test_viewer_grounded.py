@@ -1,7 +1,7 @@
 """`booksmith view` over grounded documents: the documents page filters by recipe, source,
 licence and source id exactly as a pyarrow read of the shards says (listed and searched, alone
 and with another filter); versions without provenance (topic-only, and written before grounded
-generation) open without those filters.
+generation) open without those filters; a grounded document shows where it came from.
 
 One output of three versions, fake-server runs: a version as written before grounding (a copy
 of the topic-only one, its shards without the provenance columns), a topic-only run (the
@@ -182,3 +182,24 @@ def test_versions_without_provenance_open_without_its_filters(
     assert page.status_code == 400
     assert f"no document of {grounded.name} has this licence; its licences: " in page.text
     assert ", ".join(licences) in page.text
+
+
+def test_a_grounded_document_shows_its_provenance(out: Path, client: TestClient) -> None:
+    version = _grounded(out)
+    kept = _rows(version, "text")
+    doc = next(r for r in kept if r["source_id"])
+    page = client.get(f"/v/{version.name}/doc/{doc['id']}")
+    assert page.status_code == 200
+    section = page.text.split('id="provenance"')[1].split("</section>")[0]
+    text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", section))
+    assert f"recipe {doc['recipe']} template {doc['template_version']}" in text
+    assert f"source {doc['source_name']} sha256 {doc['source_checksum'][:12]}" in text
+    assert f"source id {doc['source_id']}" in text
+    assert f"licence {doc['license']}" in text
+    span = f"passage {doc['source_passage']}, characters {doc['source_start']} to "
+    assert span + str(doc["source_end"]) in text
+    assert f'href="/v/{version.name}/docs?kind=text&recipe={doc["recipe"]}"' in section
+    topic_doc = next(r for r in kept if r["source_id"] is None)
+    page = client.get(f"/v/{version.name}/doc/{topic_doc['id']}")
+    assert page.status_code == 200 and 'id="provenance"' not in page.text
+    assert "<th>recipe</th>" not in page.text  # nor its null columns among the metadata

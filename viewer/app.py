@@ -29,6 +29,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
+from booksmith.schemas.records import GROUNDING_COLUMNS
 from booksmith.schemas.redact import redact_text
 from booksmith.viewer import evidence
 from booksmith.viewer.search import SearchIndex
@@ -204,9 +205,11 @@ def doc_page(request: Request) -> Response:
     where, row = found
     why = evidence.detail(row.get("detail"))
     pair = _matched(v, row, why) if row.get("duplicate_of") else None
+    grounded = row.get(SOURCE_ID) is not None
     return _page(
         request, "doc.html", v=v, doc=row, where=where, why=why, pair=pair,
-        request_row=v.request(doc_id),
+        request_row=v.request(doc_id), grounded=grounded,
+        hidden=("text", "prompt", "detail", *GROUNDING_COLUMNS),  # provenance has its own table
     )  # fmt: skip
 
 
