@@ -3,9 +3,10 @@ licence and source id exactly as a pyarrow read of the shards says (listed and s
 and with another filter); versions without provenance (topic-only, and written before grounded
 generation) open without those filters; a grounded document shows where it came from.
 
-One output of three versions, fake-server runs: a version as written before grounding (a copy
+One output of four versions, fake-server runs: a version as written before grounding (a copy
 of the topic-only one, its shards without the provenance columns), a topic-only run (the
-columns all null), and a run mixing topics with two sources of different licences.
+columns all null), a run mixing topics with two sources of different licences, and a run from
+one source only.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ def out(tmp_path_factory: pytest.TempPathFactory) -> Path:
         {"seed": 1, "topics": topics},
         {"seed": 2, "topics": topics, "plan": {"limit": 24}, "grounding": {"topics_share": 1},
          "sources": [{"path": str(pydoc)}, {"path": str(manual)}]},
+        {"seed": 3, "plan": {"limit": 6}, "sources": [{"path": str(pydoc)}]},
     ]  # fmt: skip
     with FakeServer({"truncated": 0.25}) as server:  # some rejects, grounded ones among them
         for run in runs:
@@ -74,12 +76,12 @@ def client(out: Path) -> Iterator[TestClient]:
 
 
 def _versions(out: Path) -> list[Path]:
-    """The versions the runs wrote: topic-only, then grounded."""
+    """The versions the runs wrote: topic-only, mixed, sources-only."""
     return sorted(p for p in out.glob("2*") if p.is_dir() and p.name != OLD)
 
 
 def _grounded(out: Path) -> Path:
-    return _versions(out)[-1]
+    return _versions(out)[1]
 
 
 def _rows(version: Path, kind: str) -> list[dict[str, Any]]:
@@ -116,6 +118,16 @@ def test_provenance_filters_list_exactly_the_documents_the_shards_hold(
             want = [r["id"] for r in kept if r[column] == value]
             assert _listed(client, version, **{column: value}) == want, (column, value)
     assert sum(r["recipe"] is None for r in kept)  # the topic half: no recipe, still listed
+    assert any(r["audience"] == "" for r in kept)  # a grounded document has no audience...
+    for name, select in re.findall(r'<select name="(\w+)"(.*?)</select>', page, re.S):
+        if name == "kind":
+            continue
+        assert select.count('value=""') == 1, name  # ...and no option that reads as "any"
+        assert select.count("<option") > 1, name  # nor a select of "any" alone
+    only = _versions(out)[2]
+    assert {r["style"] for r in _rows(only, "text")} == {""}  # a recipe sets no style
+    page = client.get(f"/v/{only.name}/docs").text
+    assert 'name="recipe"' in page and 'name="style"' not in page  # no select of "any" alone
 
     for other in ("license", "audience"):  # with another provenance filter, and an older one
         narrowed = 0

@@ -169,6 +169,12 @@ def _search_index(request: Request, v: Version) -> SearchIndex:
     return known
 
 
+def _named(counts: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """A select's (value, documents): without null and empty values (a grounded document has
+    no audience, style or format: "" would read as the select's "any")."""
+    return [row for row in counts if row[0] not in (None, "")]
+
+
 def docs_page(request: Request) -> Response:
     v = _version(request)
     q = _query(request)
@@ -185,7 +191,9 @@ def docs_page(request: Request) -> Response:
         page = index.search(q) if index.ready else None
     else:
         page = v.page(q)
-    facets = v.cached(f"facets-{q.kind}", lambda: {a: v.group_counts(q.kind, (a,)) for a in AXES})
+    facets = v.cached(
+        f"facets-{q.kind}", lambda: {a: _named(v.group_counts(q.kind, (a,))) for a in AXES}
+    )
     reasons = v.cached("reasons", lambda: v.group_counts("rejected", ("reason",)))
     topics = v.cached(f"topics-{q.kind}", lambda: v.group_counts(q.kind, ("topic",))[:500])
     pages = math.ceil(page.total / q.per) if page else 0
