@@ -1,7 +1,9 @@
 """`booksmith view` over grounded documents: the documents page filters by recipe, source,
 licence and source id exactly as a pyarrow read of the shards says (listed and searched, alone
 and with another filter); versions without provenance (topic-only, and written before grounded
-generation) open without those filters; a grounded document shows where it came from.
+generation) open without those filters; a grounded document shows where it came from; a
+version page's coverage counts grounded documents apart from the audience x format table, and
+each count it links is what its link lists.
 
 One output of four versions, fake-server runs: a version as written before grounding (a copy
 of the topic-only one, its shards without the provenance columns), a topic-only run (the
@@ -11,6 +13,7 @@ one source only.
 
 from __future__ import annotations
 
+import html
 import re
 import shutil
 import time
@@ -18,6 +21,7 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl
 
 import pyarrow.parquet as pq
 import pytest
@@ -26,7 +30,7 @@ from starlette.testclient import TestClient
 
 from booksmith.prompts import _package_dir
 from booksmith.schemas.records import GROUNDING_COLUMNS
-from booksmith.viewer.app import create_app
+from booksmith.viewer.app import _matrix, create_app
 from booksmith.viewer.store import MAX_PAGE, Output
 from tests.conftest import fake_backend_config
 from tests.fakeserver import FakeServer
@@ -215,3 +219,75 @@ def test_a_grounded_document_shows_its_provenance(out: Path, client: TestClient)
     page = client.get(f"/v/{version.name}/doc/{topic_doc['id']}")
     assert page.status_code == 200 and 'id="provenance"' not in page.text
     assert "<th>recipe</th>" not in page.text  # nor its null columns among the metadata
+
+
+def _coverage(client: TestClient, version: Path) -> str:
+    page = client.get(f"/v/{version.name}")
+    assert page.status_code == 200, page.text
+    return page.text.split('<h2 id="coverage">')[1].split("<h2")[0]
+
+
+def test_every_coverage_count_links_to_that_many_documents(out: Path, client: TestClient) -> None:
+    """On each version page, each count the coverage section links is the number of documents
+    its link lists; no row or column is labelled "" (a grounded document's audience or format):
+    those documents are counted apart, by recipe, and the two parts add up to the kept ones."""
+    linked: dict[str, list[str]] = {}
+    for version in (out / OLD, *_versions(out)):
+        kept = _rows(version, "text")
+        section = _coverage(client, version)
+        head, _, body = section.partition("</thead>")
+        labels = re.findall(r"<th>(.*?)</th>", head)[1:] + re.findall(r"<th>(.*?)</th>", body)
+        assert all(label.strip() for label in labels), (version.name, labels)
+        links = re.findall(r'<a href="([^"]+)">([\d,]+)</a>', section)
+        assert links, version.name
+        for href, count in links:
+            path, _, query = html.unescape(href).partition("?")
+            assert path == f"/v/{version.name}/docs", href
+            params = dict(parse_qsl(query, keep_blank_values=True))
+            assert all(params.values()), href  # an empty filter is no filter: every document
+            ids = _listed(client, version, **params)
+            assert len(ids) == int(count.replace(",", "")), (version.name, href, count)
+        linked[version.name] = [href for href, _ in links]
+
+        table = re.findall(r'<td class="n"[^>]*><a href="[^"]+">([\d,]+)</a></td>', section)
+        cells = Counter((r["audience"], r["format"]) for r in kept if r["audience"] and r["format"])
+        assert sum(int(n) for n in table) == sum(cells.values()), version.name
+        outside = [r for r in kept if not (r["audience"] and r["format"])]
+        line = re.search(r'id="coverage-grounded">[^:]*: (?:all )?([\d,]+)', section)
+        if outside:
+            assert line and int(line.group(1).replace(",", "")) == len(outside), version.name
+            recipes = Counter(r["recipe"] for r in outside)
+            for recipe, n in recipes.items():
+                assert f'/docs?recipe={recipe}">{n}</a>' in section, (version.name, recipe)
+        else:  # topic documents only: the table alone, as before grounding
+            assert line is None and "grounded" not in section, version.name
+    old, topic_only, mixed, only = (out / OLD, *_versions(out))
+    assert linked[old.name] == [
+        h.replace(topic_only.name, old.name) for h in linked[topic_only.name]
+    ]
+    assert "No table: all " in _coverage(client, only)  # no audience x format at all
+    assert any("format=" in h for h in linked[mixed.name])  # its topic half is a table
+    assert any("recipe=" in h and "audience=" in h for h in linked[mixed.name])  # qa_rephrase
+
+
+def test_a_recipe_both_in_and_out_of_the_table_links_its_own_count() -> None:
+    """A recipe whose documents are partly in the table (one that sets an audience and a format
+    for some only: none does as shipped) links the count its link lists, not the part outside."""
+    rows = [
+        ("college", "story", None, 4),
+        ("college", "story", "mixed", 2),
+        ("", "", "mixed", 3),
+        ("college", "", "mixed", 1),
+        ("", "", "distill", 5),
+        ("", "", None, 1),  # no recipe to link
+    ]
+    m = _matrix(rows)
+    assert (m["rows"], m["cols"]) == (["college"], ["story"])
+    assert m["cells"] == {("college", "story"): 6}
+    assert m["outside"] == 10
+    by = {g["recipe"]: g for g in m["grounded"]}
+    assert [g["recipe"] for g in m["grounded"]] == ["distill", "mixed", None]
+    assert (by["distill"]["n"], by["distill"]["listed"]) == (5, 5)
+    assert (by["mixed"]["n"], by["mixed"]["listed"]) == (4, 6)
+    assert by["mixed"]["audiences"] == [("college", 1, 3)]
+    assert (by[None]["n"], by[None]["listed"]) == (1, None)

@@ -86,7 +86,7 @@ def version_page(request: Request) -> Response:
     plots = []
     if v.has("report"):
         plots = sorted(p.rsplit("/", 1)[-1] for p in v.output.fs.glob(f"{v.path}/report/*.png"))
-    coverage = v.cached("coverage", lambda: v.group_counts("text", ("audience", "format")))
+    coverage = v.cached("coverage", lambda: _coverage_counts(v))
     manifest = json.dumps(evidence.redacted(v.manifest.model_dump(mode="json")), indent=2)
     return _page(
         request, "version.html", v=v, s=summary(v), funnel=funnel(v.manifest), plots=plots,
@@ -94,16 +94,55 @@ def version_page(request: Request) -> Response:
     )  # fmt: skip
 
 
+def _coverage_counts(v: Version) -> list[tuple[Any, ...]]:
+    """(audience, format, recipe, documents) over the kept documents; recipe None throughout
+    for a version written before grounded generation (its shards have no such column)."""
+    if "recipe" in v.columns("text"):
+        return v.group_counts("text", ("audience", "format", "recipe"))
+    return [(a, f, None, n) for a, f, n in v.group_counts("text", ("audience", "format"))]
+
+
 def _matrix(rows: list[tuple[Any, ...]]) -> dict[str, Any]:
-    """(audience, format, n) rows as a table: row and column labels, cells, the largest cell."""
-    audiences = sorted({r[0] for r in rows})
-    formats = sorted({r[1] for r in rows})
-    cells = {(a, f): n for a, f, n in rows}
+    """(audience, format, recipe, n) rows as a table of the documents that have both an
+    audience and a format (row and column labels, cells, the largest cell), and the others
+    apart, by recipe: a grounded document's recipe may set no audience or format (stored "").
+
+    Each count that the page links is the number of documents its link's filters list, counted
+    over all the rows: the documents page cannot filter for an empty value (an empty filter is
+    no filter), so the documents outside the table are reached by their recipe (and audience)."""
+    inside = [(a, f, n) for a, f, _, n in rows if a and f]
+    cells: dict[tuple[str, str], int] = {}
+    for a, f, n in inside:
+        cells[a, f] = cells.get((a, f), 0) + n
+
+    def listed(**match: Any) -> int:  # what /docs?{match} lists
+        keys = ("audience", "format", "recipe")
+        return sum(r[3] for r in rows if all(r[keys.index(k)] == x for k, x in match.items()))
+
+    outside: dict[Any, dict[str, Any]] = {}
+    for a, f, recipe, n in rows:
+        if a and f:
+            continue
+        entry = outside.setdefault(recipe, {"recipe": recipe, "n": 0, "audiences": {}})
+        entry["n"] += n
+        if a:
+            entry["audiences"][a] = entry["audiences"].get(a, 0) + n
+    grounded = []
+    for recipe in sorted(outside, key=lambda r: (r is None, r or "")):
+        entry = outside[recipe]
+        entry["listed"] = listed(recipe=recipe) if recipe is not None else None
+        entry["audiences"] = [
+            (a, n, listed(recipe=recipe, audience=a) if recipe is not None else None)
+            for a, n in sorted(entry["audiences"].items())
+        ]
+        grounded.append(entry)
     return {
-        "rows": audiences,
-        "cols": formats,
+        "rows": sorted({a for a, _, _ in inside}),
+        "cols": sorted({f for _, f, _ in inside}),
         "cells": cells,
         "max": max(cells.values(), default=0),
+        "grounded": grounded,
+        "outside": sum(e["n"] for e in grounded),
     }
 
 
