@@ -30,6 +30,7 @@ from booksmith.generation.ledger import GenerationReport
 from booksmith.generation.limits import RATE_POINTS, append_series
 from booksmith.pipeline.checkpoint import Checkpoint
 from booksmith.pipeline.judge_stage import JudgeStage
+from booksmith.pipeline.sorted_keys import FirstIds
 from booksmith.pipeline.stages import ExactStage, NearStage, QualityStage
 from booksmith.schemas import GenerationRequest, GenerationResult, Rejected
 from booksmith.schemas.arrow import to_table
@@ -38,7 +39,6 @@ from booksmith.schemas.filter_settings import FilterSettings
 from booksmith.shards.dataset import VersionWriter
 from booksmith.shards.files import write_table_atomically
 
-EXACT_ROW = np.dtype([("key", "<u8"), ("id", "S64")])
 OUTCOMES_KEPT = 1_000  # the breaker's window across chunks is at most this long
 CANDIDATE = ""  # the spilled reason of a document still in the run (near-dup undecided)
 TOTALS = (
@@ -101,7 +101,8 @@ class RunState:
         self.work, self.run_id, self.encoding = work, run_id, encoding
         (work / "chunks").mkdir(parents=True, exist_ok=True)
         self.store = CandidateStore(work / "candidates", dedup.params)
-        self.exact = ExactStage(index, enabled=dedup.exact)
+        # the exact map: keys in memory, each key's first id appended to exact.bin
+        self.exact = ExactStage(FirstIds(work / "exact.bin"), index, enabled=dedup.exact)
         self.quality = QualityStage(filters, state, workers)
         self.judge = JudgeStage(filters.faithfulness.judge, run_id)
         self.near = NearStage(dedup, self.store, index)
@@ -111,20 +112,6 @@ class RunState:
         self.near_counts: Counter[str] = Counter({"input": 0, "index": 0})
         self.chunks = 0
         self.busy_s: Counter[str] = Counter()  # seconds spent in each stage, over all chunks
-        self.exact_file = work / "exact.bin"  # ExactStage.seen as appended (key, id) rows
-        self.exact_file.touch()
-        self.exact_rows = 0
-
-    def save_exact(self, pairs: list[tuple[int, str]]) -> None:
-        """Append the exact keys this chunk added (the map is rebuilt from them on resume)."""
-        if not pairs:
-            return
-        rows = np.zeros(len(pairs), dtype=EXACT_ROW)
-        rows["key"] = [k for k, _ in pairs]
-        rows["id"] = [i.encode("ascii") for _, i in pairs]
-        with open(self.exact_file, "ab") as f:
-            f.write(rows.tobytes())
-        self.exact_rows += len(pairs)
 
     def checkpoint(self, run_key: str, chunk_requests: int, decisions: list[Any]) -> Checkpoint:
         return Checkpoint(
@@ -132,7 +119,7 @@ class RunState:
             chunk_requests=chunk_requests,
             chunks=self.chunks,
             store_rows=self.store.count,
-            exact_rows=self.exact_rows,
+            exact_rows=self.exact.seen.rows,
             generation=self.generation.summary() | {"elapsed_s": self.generation.elapsed_s},
             exact_counts=dict(self.exact_counts),
             near_counts=dict(self.near_counts),
@@ -147,14 +134,7 @@ class RunState:
         chunk cut short by the kill) are cut off."""
         self.chunks = cp.chunks
         self.store.truncate(cp.store_rows)
-        with open(self.exact_file, "r+b") as f:
-            f.truncate(cp.exact_rows * EXACT_ROW.itemsize)
-        rows = np.fromfile(self.exact_file, dtype=EXACT_ROW)
-        self.exact.seen = {
-            int(k): bytes(i).rstrip(b"\0").decode("ascii")
-            for k, i in zip(rows["key"].tolist(), rows["id"].tolist(), strict=True)
-        }
-        self.exact_rows = cp.exact_rows
+        self.exact.seen.truncate(cp.exact_rows)
         gen = cp.generation
         for name in TOTALS:
             setattr(self.generation, name, gen.get(name, 0))
@@ -200,7 +180,6 @@ class ChunkPipeline:
 
         t0 = t()
         exact = st.exact.run(docs)
-        st.save_exact(st.exact.added)
         st.exact_counts.update({"input": len(docs), "kept": len(exact.kept), **exact.counts})
         seconds["dedup_exact"] = t() - t0
         t0 = t()

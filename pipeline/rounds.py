@@ -23,18 +23,21 @@ from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any
 
+import numpy as np
+
 from booksmith.generation.coverage import deficit_of, seeds_for, topic_key
 from booksmith.generation.ledger import GenerationReport
 from booksmith.generation.plan import plan_for
 from booksmith.pipeline.chunks import Chunk
 from booksmith.pipeline.finalize import Tally
 from booksmith.pipeline.grounded import MixedPlan, interleave
+from booksmith.pipeline.sorted_keys import SortedKeys
 from booksmith.schemas import GenerationRequest, TopicSeed
 from booksmith.schemas.config import RunConfig
 
 
 def _key(request_id: str) -> int:
-    return int(request_id[:16], 16) if len(request_id) >= 16 else hash(request_id)
+    return int(request_id[:16], 16) if len(request_id) >= 16 else hash(request_id) % 2**64
 
 
 @dataclass
@@ -52,7 +55,7 @@ class Rounds:
     # Each round's end as decided: replayed on resume instead of decided again from a later
     # state (the checkpoint keeps them).
     decisions: list[dict[str, Any]] = field(default_factory=list)
-    _ids: set[int] = field(default_factory=set)
+    _ids: SortedKeys = field(default_factory=SortedKeys)  # every planned request's key
     # requests planned so far by topic key: the fill rounds' keep rate per subject
     planned_by_topic: Counter[str] = field(default_factory=Counter)
     _round_planned: int = 0
@@ -175,7 +178,8 @@ class Rounds:
                 gc.enable()
             if not plan:
                 return
-            self._ids.update(_key(r.id) for r in plan)
+            planned = np.fromiter((_key(r.id) for r in plan), dtype=np.uint64, count=len(plan))
+            self._ids.add(planned, np.zeros(len(plan), dtype=np.int64))
             self.planned_by_topic.update(topic_key(r.topic_path) for r in plan)
             self.planned += len(plan)
             self._round_planned += len(plan)

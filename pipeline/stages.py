@@ -36,6 +36,7 @@ from booksmith.filters.dedup.candidates import CandidateStore
 from booksmith.filters.dedup.engine import EXACT, duplicate_evidence
 from booksmith.filters.dedup.minhash import signatures
 from booksmith.filters.dedup.normalize import exact_key, words
+from booksmith.pipeline.sorted_keys import FirstIds
 from booksmith.schemas import Document
 from booksmith.schemas.filter_settings import FilterSettings
 
@@ -74,7 +75,8 @@ def reject_indexed(
 
 class ExactStage:
     """Exact duplicates of normalised text, of the persistent index or of an earlier document
-    of this run. Cross-chunk state: `seen`, exact key -> the id of its first document.
+    of this run. Cross-chunk state: `seen`, exact key -> the id of its first document
+    (pipeline/sorted_keys.FirstIds: sorted keys in memory, the ids in the run's exact file).
 
     The first document of a group stays: in a nightly run the quality score is not set yet at
     this point (the classifier runs later), so the engine's rule (highest score, then earliest)
@@ -82,13 +84,13 @@ class ExactStage:
 
     name = "dedup_exact"
 
-    def __init__(self, index: DedupIndex | None = None, enabled: bool = True) -> None:
-        self.index, self.enabled = index, enabled
+    def __init__(
+        self, seen: FirstIds, index: DedupIndex | None = None, enabled: bool = True
+    ) -> None:
+        self.seen, self.index, self.enabled = seen, index, enabled
         self.blocked = taken_down(index)
-        self.seen: dict[int, str] = {}
         self.words: dict[str, list[bytes]] = {}  # this chunk's words, for NearStage
         self.keys: dict[str, int] = {}  # this chunk's exact keys, for the index commit
-        self.added: list[tuple[int, str]] = []  # what this chunk added to `seen`
 
     def run(self, docs: Sequence[Document]) -> StageOutput:
         out = StageOutput()
@@ -96,24 +98,25 @@ class ExactStage:
         keys = [exact_key(w) if w else 0 for w in ws]
         self.words = {d.id: w for d, w in zip(docs, ws, strict=True)}
         self.keys = {d.id: k for d, k in zip(docs, keys, strict=True)}
-        self.added = []
         indexed: list[Any] = [None] * len(docs)
         if self.enabled and self.index is not None and any(ws):
             rows = [i for i, w in enumerate(ws) if w]
             matches = self.index.lookup_exact(np.array([keys[i] for i in rows], dtype=np.uint64))
             for i, match in zip(rows, matches, strict=True):
                 indexed[i] = match
+        earlier = self.seen.ids(np.array(keys, dtype=np.uint64)) if self.enabled else []
+        first: dict[int, str] = {}  # this chunk's new keys
         for i, doc in enumerate(docs):
             if not self.enabled or not ws[i]:  # no words: the empty filter's business
                 out.kept.append(doc)
             elif indexed[i] is not None:
                 reject_indexed(out, doc, EXACT, indexed[i], 1.0, self.blocked)
-            elif keys[i] in self.seen:
-                out.reject(doc, EXACT, self.seen[keys[i]], duplicate_evidence(doc.run_id, 1.0))
+            elif (first_id := earlier[i] or first.get(keys[i])) is not None:
+                out.reject(doc, EXACT, first_id, duplicate_evidence(doc.run_id, 1.0))
             else:
-                self.seen[keys[i]] = doc.id
-                self.added.append((keys[i], doc.id))
+                first[keys[i]] = doc.id
                 out.kept.append(doc)
+        self.seen.add(list(first.items()))
         return out
 
 

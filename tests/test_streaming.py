@@ -21,6 +21,7 @@ from booksmith.filters.dedup.normalize import exact_key, words
 from booksmith.filters.quality import train
 from booksmith.filters.records_io import read_labelled
 from booksmith.pipeline import stages
+from booksmith.pipeline.sorted_keys import FirstIds
 from booksmith.pipeline.stages import ExactStage
 from booksmith.schemas.filter_settings import QualitySettings
 from booksmith.shards.version_dir import read_manifest, state_dir
@@ -59,7 +60,8 @@ def test_streamed_verdicts_equal_the_in_memory_engine(chunk: int, tmp_path: Path
     # The engine's exact pass runs before any score is set in a nightly run: emulate that.
     exact_only = find_duplicates(ids, texts, None, DedupSettings(minhash=False))
 
-    exact, store = ExactStage(), CandidateStore(tmp_path / "c", settings.params)
+    exact = ExactStage(FirstIds(tmp_path / "exact.bin"))
+    store = CandidateStore(tmp_path / "c", settings.params)
     survivors: list[int] = []
     got: dict[str, tuple[str, str]] = {}
     for start in range(0, len(texts), chunk):
