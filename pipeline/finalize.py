@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 
 from booksmith.filters.dedup import MINHASH, DedupIndex
 from booksmith.filters.dedup.engine import duplicate_evidence
+from booksmith.filters.dedup.index import Entries
 from booksmith.filters.dedup.lsh import estimated_jaccard
 from booksmith.generation.diversity import DiversitySample
 from booksmith.pipeline.chunks import CANDIDATE, RunState
@@ -31,6 +32,7 @@ from booksmith.schemas.manifest import Diversity, QualityHistogram
 from booksmith.shards.dataset import VersionWriter
 
 BINS = 10
+COMMIT_ROWS = 8192  # candidates read from the store at a time by the index commit
 
 
 @dataclass
@@ -138,10 +140,20 @@ def write_chunks(
 
 def commit_index(index: DedupIndex | None, state: RunState, run_id: str, rows: np.ndarray) -> int:
     """Add the kept documents to the persistent index with the signatures and exact keys they
-    were judged by (nothing is computed again). Only after the version's manifest exists."""
+    were judged by (nothing is computed again), read from the candidate store a block at a
+    time (COMMIT_ROWS): the run's signatures never sit in memory together. Only after the
+    version's manifest exists."""
     if index is None:
         return 0
     store = state.store
     meta = store.meta()
     rows = rows[meta["has_sig"][rows] != 0]
-    return index.add(run_id, store.ids(rows), store.signatures(rows), meta["exact"][rows])
+    exact = meta["exact"]
+    del meta
+
+    def blocks() -> Iterator[tuple[list[str], np.ndarray, np.ndarray]]:
+        for start in range(0, len(rows), COMMIT_ROWS):
+            part = rows[start : start + COMMIT_ROWS]
+            yield store.ids(part), store.signatures(part), exact[part]
+
+    return index.add_entries(run_id, Entries(len(rows), blocks))

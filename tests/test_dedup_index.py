@@ -331,3 +331,52 @@ def test_redis_url_defaults_from_the_environment(monkeypatch: pytest.MonkeyPatch
     monkeypatch.delenv("BOOKSMITH_REDIS_URL")
     with pytest.raises(ValueError, match="needs redis_url"):
         DedupSettings(index="redis")
+
+
+def _blocks(n: int, block: int = 8192):
+    """A run's entries as `Entries.blocks` gives them: the same on every pass."""
+
+    def blocks() -> Iterator[tuple[list[str], np.ndarray, np.ndarray]]:
+        rng = np.random.default_rng(7)
+        for start in range(0, n, block):
+            m = min(block, n - start)
+            sigs = rng.integers(0, 2**32, size=(m, 112), dtype=np.uint32)
+            ids = [f"{i:032x}" for i in range(start, start + m)]
+            yield ids, sigs, np.arange(start, start + m, dtype=np.uint64) * 7919
+
+    return blocks
+
+
+def test_a_run_is_committed_a_block_at_a_time(make_index) -> None:
+    """`add_entries` reads a run's entries block by block, and every entry is found after."""
+    from booksmith.filters.dedup.index import Entries
+
+    n = 20_000
+    assert make_index().add_entries("streamed", Entries(n, _blocks(n))) == n
+    *_, (ids, sigs, exact) = _blocks(n)()
+    again = make_index()
+    assert again.runs() == {"streamed": n}
+    found = again.lookup_near(sigs[[0, -1]], 0.9)
+    assert [m.id if m else None for m in found] == [ids[0], ids[-1]]
+    assert [m.id if m else None for m in again.lookup_exact(exact[[3]])] == [ids[3]]
+
+
+def test_the_commit_holds_keys_not_signatures(tmp_path: Path) -> None:
+    """The file index's commit holds each entry's band and exact keys (120 bytes), never the
+    run's signatures and ids together (448 + ~100 bytes): its peak grows by less than 250
+    bytes an entry between a run of 20,000 and one of 80,000."""
+    import tracemalloc
+
+    from booksmith.filters.dedup.index import Entries
+
+    FileIndex(tmp_path / "warm").add_entries("w", Entries(10, _blocks(10)))  # imports
+    peaks = []
+    for n in (20_000, 80_000):
+        tracemalloc.start()
+        try:
+            FileIndex(tmp_path / f"i{n}").add_entries("r", Entries(n, _blocks(n)))
+            peaks.append(tracemalloc.get_traced_memory()[1])
+        finally:
+            tracemalloc.stop()
+    per_entry = (peaks[1] - peaks[0]) / 60_000
+    assert per_entry < 250, f"{per_entry:.0f} bytes an entry at the commit's peak"

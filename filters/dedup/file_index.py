@@ -37,13 +37,19 @@ from booksmith.filters.dedup.index import (
     FORMAT,
     VERSION,
     DedupIndexError,
+    Entries,
     Match,
     index_params,
 )
 from booksmith.filters.dedup.lookup import SegmentLookup, build
 from booksmith.filters.dedup.lsh import band_keys
 from booksmith.filters.dedup.minhash import MinHashParams
-from booksmith.shards.files import file_sha256, write_json_atomically, write_table_atomically
+from booksmith.shards.files import (
+    file_sha256,
+    replace_atomically,
+    tmp_name,
+    write_json_atomically,
+)
 
 MANIFEST = "index.json"
 
@@ -160,29 +166,17 @@ class FileIndex:
 
     def add(self, run_id: str, ids: Sequence[str], sigs: np.ndarray, exact: np.ndarray) -> int:
         """Add (or replace) one run's entries; returns how many were added."""
-        if len(ids) != sigs.shape[0] or len(ids) != exact.shape[0]:
-            raise ValueError("ids, signatures and exact keys differ in length")
-        if sigs.shape[1:] != (self.params.num_perm,):
-            raise ValueError(f"signatures must have {self.params.num_perm} values")
-        table = pa.table(
-            {
-                "id": pa.array([str(i) for i in ids], pa.string()),
-                "exact": pa.array(np.asarray(exact, dtype=np.uint64)),
-                "sig": pa.FixedSizeBinaryArray.from_buffers(
-                    pa.binary(4 * self.params.num_perm),
-                    len(ids),
-                    [None, pa.py_buffer(np.ascontiguousarray(sigs, dtype="<u4"))],
-                ),
-            },
-            schema=_schema(self.params.num_perm),
-        )
+        return self.add_entries(run_id, Entries.of(ids, sigs, exact))
+
+    def add_entries(self, run_id: str, entries: Entries) -> int:
+        """Add (or replace) one run's entries, written a block at a time; returns how many."""
         with self._locked() as manifest:
             generation = int(manifest["generation"]) + 1
             replaced = [s for s in manifest["segments"] if s["run_id"] == run_id]
             for s in replaced:
                 s["_removing"] = True
             segments = [s for s in manifest["segments"] if s["run_id"] != run_id]
-            segments.append(self._write_segment(generation, run_id, table))
+            segments.append(self._write_segment(generation, run_id, self._batches(entries)))
             new = {
                 **manifest,
                 "generation": generation,
@@ -190,7 +184,8 @@ class FileIndex:
                 "entries": sum(int(s["rows"]) for s in segments),
             }
             if flags := manifest.get("taken_down"):  # a replaced run keeps its entries' flags
-                held = {str(i) for i in ids}
+                mine = {i for i, r in flags.items() if r == run_id}
+                held = {str(i) for ids, _, _ in entries.blocks() for i in ids if str(i) in mine}
                 new["taken_down"] = {i: r for i, r in flags.items() if r != run_id or i in held}
             self._write_manifest(new, manifest)
             # Replaced segments, and any left by a write that crashed before its manifest.
@@ -199,27 +194,57 @@ class FileIndex:
                 if f"segments/{path.name}" not in listed:
                     path.unlink(missing_ok=True)
             self._drop_stale_lookups(segments)
-        return len(ids)
+        return int(segments[-1]["rows"])
 
-    def _write_segment(self, generation: int, run_id: str, table: pa.Table) -> dict[str, Any]:
+    def _batches(self, entries: Entries) -> Iterator[pa.RecordBatch]:
+        schema = _schema(self.params.num_perm)
+        for ids, sigs, exact in entries.blocks():
+            if len(ids) != sigs.shape[0] or len(ids) != exact.shape[0]:
+                raise ValueError("ids, signatures and exact keys differ in length")
+            if sigs.shape[1:] != (self.params.num_perm,):
+                raise ValueError(f"signatures must have {self.params.num_perm} values")
+            yield pa.record_batch(
+                [
+                    pa.array([str(i) for i in ids], pa.string()),
+                    pa.array(np.asarray(exact, dtype=np.uint64)),
+                    pa.FixedSizeBinaryArray.from_buffers(
+                        pa.binary(4 * self.params.num_perm),
+                        len(ids),
+                        [None, pa.py_buffer(np.ascontiguousarray(sigs, dtype="<u4"))],
+                    ),
+                ],
+                schema=schema,
+            )
+
+    def _write_segment(
+        self, generation: int, run_id: str, batches: Iterable[pa.RecordBatch]
+    ) -> dict[str, Any]:
         """One run's entries as a new segment file and its lookup tables; its manifest entry."""
         safe = re.sub(r"[^A-Za-z0-9._-]", "_", run_id)[:80]
         rel = f"segments/{generation:08d}-{safe}.parquet"
         target = self.path / rel
         target.parent.mkdir(parents=True, exist_ok=True)
-        # Signatures are random bytes: compressing them costs time and saves nothing.
-        write_table_atomically(
-            table,
-            target,
-            compression={"id": "zstd", "exact": "none", "sig": "none"},
-            use_dictionary=False,
-        )
+        tmp, rows = tmp_name(target), 0
+        try:
+            # Signatures are random bytes: compressing them costs time and saves nothing.
+            with pq.ParquetWriter(
+                tmp,
+                _schema(self.params.num_perm),
+                compression={"id": "zstd", "exact": "none", "sig": "none"},
+                use_dictionary=False,
+            ) as writer:
+                for batch in batches:
+                    writer.write_batch(batch)
+                    rows += batch.num_rows
+            replace_atomically(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
         sha = file_sha256(target)
-        build(table, self._lookup_dir({"file": rel}), self.params, sha)
+        build(target, self._lookup_dir({"file": rel}), self.params, sha)
         return {
             "run_id": run_id,
             "file": rel,
-            "rows": table.num_rows,
+            "rows": rows,
             "bytes": target.stat().st_size,
             "sha256": sha,
         }
@@ -242,7 +267,7 @@ class FileIndex:
             segments = [s for s in manifest["segments"] if s["run_id"] != run_id]
             if held:
                 kept = self._taken_down_rows(gone, held)
-                segments.append(self._write_segment(generation, run_id, kept))
+                segments.append(self._write_segment(generation, run_id, kept.to_batches()))
             new = {
                 **manifest,
                 "generation": generation,
@@ -332,15 +357,18 @@ class FileIndex:
                 )
             if not SegmentLookup.current(root, rows, seg.get("sha256")):
                 try:
-                    table = pq.read_table(path)
+                    meta = pq.read_metadata(path)
+                    schema = meta.schema.to_arrow_schema()
                 except (OSError, pa.ArrowException) as e:
                     raise DedupIndexError(f"{path}: unreadable index segment ({e})") from None
-                if not table.schema.equals(_schema(num_perm)) or table.num_rows != rows:
+                if not schema.equals(_schema(num_perm)) or meta.num_rows != rows:
                     raise DedupIndexError(
                         f"{path}: index segment does not match {MANIFEST} (schema or row count)"
                     )
-                build(table, root, self.params, seg.get("sha256") or "")
-                del table
+                try:
+                    build(path, root, self.params, seg.get("sha256") or "")
+                except (OSError, pa.ArrowException) as e:
+                    raise DedupIndexError(f"{path}: unreadable index segment ({e})") from None
             self._segments.append((seg["run_id"], SegmentLookup(root, rows)))
         self._loaded = True
 

@@ -14,7 +14,7 @@ duplicate and kept out) and are flagged as taken down (`taken_down()`: id -> run
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
@@ -44,6 +44,23 @@ def index_params(params: MinHashParams) -> dict[str, Any]:
     return {**asdict(params), "scheme": SCHEME, "normalizer": NORMALIZER_VERSION}
 
 
+@dataclass(frozen=True)
+class Entries:
+    """One run's entries for `DedupIndex.add_entries`, read a block at a time so that a run's
+    documents never sit in memory together: each call of `blocks()` starts a new pass over
+    (ids, signatures (n, num_perm) uint32, exact keys (n,) uint64)."""
+
+    count: int
+    blocks: Callable[[], Iterable[tuple[Sequence[str], np.ndarray, np.ndarray]]]
+
+    @staticmethod
+    def of(ids: Sequence[str], sigs: np.ndarray, exact: np.ndarray) -> Entries:
+        """Entries held in memory already, as one block."""
+        if len(ids) != sigs.shape[0] or len(ids) != exact.shape[0]:
+            raise ValueError("ids, signatures and exact keys differ in length")
+        return Entries(len(ids), lambda: [(ids, sigs, exact)])
+
+
 class DedupIndex(Protocol):
     params: MinHashParams
 
@@ -52,6 +69,8 @@ class DedupIndex(Protocol):
     def lookup_near(self, sigs: np.ndarray, threshold: float) -> list[Match | None]: ...
 
     def add(self, run_id: str, ids: Sequence[str], sigs: np.ndarray, exact: np.ndarray) -> int: ...
+
+    def add_entries(self, run_id: str, entries: Entries) -> int: ...
 
     def remove_run(self, run_id: str) -> int: ...
 

@@ -26,9 +26,12 @@ import mmap
 import os
 import shutil
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from booksmith.filters.dedup.lsh import band_keys, pair_jaccard
 from booksmith.filters.dedup.minhash import MinHashParams
@@ -41,46 +44,63 @@ def _row_dtype(n: int) -> type[np.unsignedinteger]:
     return np.uint32 if n < 2**32 else np.uint64
 
 
-def build(table: pa.Table, target: Path, params: MinHashParams, sha256: str) -> None:
-    """Write the lookup tables of one segment table (id, exact, sig) into `target`."""
-    n, num_perm = table.num_rows, params.num_perm
-    sig_col = table.column("sig").combine_chunks()
-    if n:
-        data = np.frombuffer(sig_col.buffers()[1], dtype="<u4")
-        start = sig_col.offset * num_perm
-        sigs = data[start : start + n * num_perm].reshape(n, num_perm)
-    else:
-        sigs = np.zeros((0, num_perm), dtype=np.uint32)
-    # Band keys a block of rows at a time (band_keys widens the block's signatures to 64 bits:
-    # 900 bytes a row), then each band sorted on its own: memory stays near the keys' size.
-    keys = np.empty((n, params.bands), dtype=np.uint64)
-    for start in range(0, n, BLOCK_ROWS):
-        block = sigs[start : start + BLOCK_ROWS]
-        keys[start : start + len(block)] = band_keys(block, params.bands, params.rows)
-    border = np.empty((params.bands, n), dtype=_row_dtype(n))
-    bands = np.empty((params.bands, n), dtype=np.uint64)
-    for b in range(params.bands):
-        order = np.argsort(keys[:, b], kind="stable")
-        border[b] = order
-        bands[b] = keys[order, b]
-    del keys
-    exact = table.column("exact").to_numpy()
-    eorder = np.argsort(exact, kind="stable").astype(_row_dtype(n))
-    ids = [str(i).encode("utf-8") for i in table.column("id").to_pylist()]
-    width = max((len(i) for i in ids), default=1)
-    arrays = {
-        "sigs": np.ascontiguousarray(sigs, dtype="<u4"),
-        "bands": np.ascontiguousarray(bands, dtype="<u8"),
-        "border": np.ascontiguousarray(border),
-        "exact": np.ascontiguousarray(exact[eorder], dtype="<u8"),
-        "eorder": eorder,
-        "ids": np.array(ids, dtype=f"S{width}"),
-    }
+def _npy(path: Path, dtype: str, shape: tuple[int, ...]) -> BinaryIO:
+    """An open `.npy` file whose header says `dtype` and `shape`; the caller writes the data."""
+    f = open(path, "wb")  # noqa: SIM115 (closed by the caller's with-block)
+    header = {"descr": np.dtype(dtype).str, "fortran_order": False, "shape": shape}
+    np.lib.format.write_array_header_1_0(f, header)
+    return f
+
+
+def _sig_block(column: pa.Array, num_perm: int) -> np.ndarray:
+    """A fixed_size_binary column of signatures as an (n, num_perm) uint32 view."""
+    n = len(column)
+    data = np.frombuffer(column.buffers()[1], dtype="<u4")
+    start = column.offset * num_perm
+    return data[start : start + n * num_perm].reshape(n, num_perm)
+
+
+def build(segment: Path, target: Path, params: MinHashParams, sha256: str) -> None:
+    """Write the lookup tables of one segment file (id, exact, sig) into `target`, reading the
+    segment a block of rows at a time: memory holds the band keys and exact keys (120 bytes a
+    row) and one band's sort, never the segment's signatures or ids."""
+    source = pq.ParquetFile(segment)
+    n, num_perm = source.metadata.num_rows, params.num_perm
+    row = np.dtype(_row_dtype(n)).str
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    for name, array in arrays.items():
-        np.save(tmp / f"{name}.npy", array)
+    keys = np.empty((params.bands, n), dtype=np.uint64)  # band-major: each band sorts alone
+    exact = np.empty(n, dtype=np.uint64)
+    width, at = 1, 0
+    with _npy(tmp / "sigs.npy", "<u4", (n, num_perm)) as out:
+        for batch in source.iter_batches(BLOCK_ROWS, columns=["sig", "exact", "id"]):
+            sigs = _sig_block(batch.column("sig"), num_perm)
+            m = len(sigs)
+            keys[:, at : at + m] = band_keys(sigs, params.bands, params.rows).T
+            exact[at : at + m] = batch.column("exact").to_numpy()
+            if m:
+                width = max(width, pc.max(pc.binary_length(batch.column("id"))).as_py())
+            out.write(np.ascontiguousarray(sigs, dtype="<u4").tobytes())
+            at += m
+    with (
+        _npy(tmp / "bands.npy", "<u8", (params.bands, n)) as bands,
+        _npy(tmp / "border.npy", row, (params.bands, n)) as border,
+    ):
+        for b in range(params.bands):
+            order = np.argsort(keys[b], kind="stable")
+            bands.write(keys[b][order].astype("<u8").tobytes())
+            border.write(order.astype(row).tobytes())
+            del order
+    del keys
+    eorder = np.argsort(exact, kind="stable")
+    np.save(tmp / "exact.npy", exact[eorder].astype("<u8"))
+    np.save(tmp / "eorder.npy", eorder.astype(row))
+    del exact, eorder
+    with _npy(tmp / "ids.npy", f"S{width}", (n,)) as out:
+        for batch in source.iter_batches(BLOCK_ROWS, columns=["id"]):
+            ids = [i.encode("utf-8") for i in batch.column("id").to_pylist()]
+            out.write(np.array(ids, dtype=f"S{width}").tobytes())
     (tmp / "meta.json").write_text(json.dumps({"rows": n, "sha256": sha256}))
     shutil.rmtree(target, ignore_errors=True)
     try:

@@ -16,7 +16,14 @@ from typing import Any
 
 import numpy as np
 
-from booksmith.filters.dedup.index import FORMAT, VERSION, DedupIndexError, Match, index_params
+from booksmith.filters.dedup.index import (
+    FORMAT,
+    VERSION,
+    DedupIndexError,
+    Entries,
+    Match,
+    index_params,
+)
 from booksmith.filters.dedup.minhash import SCHEME, MinHashParams
 
 
@@ -144,46 +151,55 @@ class RedisIndex:
         return out
 
     def add(self, run_id: str, ids: Sequence[str], sigs: np.ndarray, exact: np.ndarray) -> int:
+        return self.add_entries(run_id, Entries.of(ids, sigs, exact))
+
+    def add_entries(self, run_id: str, entries: Entries) -> int:
         from datasketch import LeanMinHash
 
-        if len(ids) != sigs.shape[0] or len(ids) != exact.shape[0]:
-            raise ValueError("ids, signatures and exact keys differ in length")
         # replace: a retried commit never doubles a run (its flags stay on the ids it still has)
-        flagged = [i for i, r in self.taken_down().items() if r == run_id]
+        flagged = {i for i, r in self.taken_down().items() if r == run_id}
         self._drop(run_id, list(self._r.smembers(self._p + "run:" + run_id)), keep=0)
-        if gone := sorted(set(flagged) - {str(i) for i in ids}):
-            self._r.hdel(self._p + "taken_down", *gone)
+        if flagged:
+            held = {str(i) for ids, _, _ in entries.blocks() for i in ids if str(i) in flagged}
+            if gone := sorted(flagged - held):
+                self._r.hdel(self._p + "taken_down", *gone)
         self._r.hset(self._p + "meta", mapping=self._meta)
-        keys = [self._key(run_id, str(i)) for i in ids]
         # Order: members, then buckets, then signatures, then the run's count. A crash leaves a
         # "pending" run whose entries queries ignore (no signature) and remove_run can clear.
         self._r.hset(self._p + "runs", run_id, "pending")
-        if keys:
-            self._r.sadd(self._p + "run:" + run_id, *keys)
-        sigs = np.ascontiguousarray(sigs, dtype="<u4")
-        with self.lsh.insertion_session(buffer_size=10_000) as session:
-            for key, sig in zip(keys, sigs, strict=True):
-                session.insert(
-                    key,
-                    LeanMinHash(seed=self.params.seed, hashvalues=sig, scheme=SCHEME),
-                    check_duplication=False,
+        added = 0
+        for ids, sigs, exact in entries.blocks():
+            if len(ids) != sigs.shape[0] or len(ids) != exact.shape[0]:
+                raise ValueError("ids, signatures and exact keys differ in length")
+            keys = [self._key(run_id, str(i)) for i in ids]
+            if keys:
+                self._r.sadd(self._p + "run:" + run_id, *keys)
+            sigs = np.ascontiguousarray(sigs, dtype="<u4")
+            with self.lsh.insertion_session(buffer_size=10_000) as session:
+                for key, sig in zip(keys, sigs, strict=True):
+                    session.insert(
+                        key,
+                        LeanMinHash(seed=self.params.seed, hashvalues=sig, scheme=SCHEME),
+                        check_duplication=False,
+                    )
+            pipe = self._r.pipeline()
+            for start in range(0, len(keys), 10_000):
+                chunk = range(start, min(start + 10_000, len(keys)))
+                pipe.hset(
+                    self._p + "sig",
+                    mapping={
+                        keys[i]: sigs[i].tobytes() + int(exact[i]).to_bytes(8, "little")
+                        for i in chunk
+                    },
                 )
-        pipe = self._r.pipeline()
-        for start in range(0, len(keys), 10_000):
-            chunk = range(start, min(start + 10_000, len(keys)))
-            pipe.hset(
-                self._p + "sig",
-                mapping={
-                    keys[i]: sigs[i].tobytes() + int(exact[i]).to_bytes(8, "little") for i in chunk
-                },
-            )
-            pipe.hset(
-                self._p + "exact",
-                mapping={int(exact[i]).to_bytes(8, "little"): keys[i] for i in chunk},
-            )
-            pipe.execute()
-        self._r.hset(self._p + "runs", run_id, str(len(keys)))
-        return len(keys)
+                pipe.hset(
+                    self._p + "exact",
+                    mapping={int(exact[i]).to_bytes(8, "little"): keys[i] for i in chunk},
+                )
+                pipe.execute()
+            added += len(keys)
+        self._r.hset(self._p + "runs", run_id, str(added))
+        return added
 
     def remove_run(self, run_id: str) -> int:
         """Remove one run's entries, except those of taken-down documents (they keep blocking
