@@ -6,13 +6,13 @@ filters.artifacts.min_tokens): a cap under it would leave every answer too short
 
 from __future__ import annotations
 
-import hashlib
 import random
 from typing import Any
 
 from booksmith.generation.backends import model_name
 from booksmith.generation.passages import Passage
-from booksmith.generation.plan import AxisDraws
+from booksmith.generation.plan import AxisDraws, prompt_key
+from booksmith.generation.sorted_keys import Repeats
 from booksmith.prompts import PromptLibrary
 from booksmith.prompts.recipes import RecipeLibrary
 from booksmith.schemas import GenerationRequest, RequestBuilder
@@ -55,7 +55,7 @@ class GroundedRequests:
             "style": {k: v.model_dump() for k, v in axes.styles.items()},
             "format": {k: v.model_dump() for k, v in axes.formats.items()},
         }
-        self.seen: dict[bytes, int] = {}  # digest of a prompt -> its last sample index
+        self.repeats = Repeats()  # each prompt's sample index (its repeats are numbered)
 
     def for_passage(
         self, passage: Passage, score: float, provenance: Grounding, title: str | None
@@ -77,8 +77,7 @@ class GroundedRequests:
         values: dict[str, Any] = {"passage": passage.text, "title": title or ""}
         values.update({axis: self.axis_data[axis][value] for axis, value in used.items()})
         prompt = self.recipes.render(name, **values)
-        digest = hashlib.blake2b(prompt.encode("utf-8"), digest_size=16).digest()
-        index = self.seen[digest] = self.seen.get(digest, -1) + 1
+        index = self.repeats.next(prompt_key(prompt))
         label = title or provenance.source_id or ""
         return self.builders.get(name, self.builder).build(
             prompt,

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from booksmith.generation.backends import model_name
+from booksmith.generation.sorted_keys import Repeats
 from booksmith.prompts import Axes, PromptLibrary, Splice, load_seed_words
 from booksmith.prompts import _Axis as AxisValue
 from booksmith.prompts.splice import shape
@@ -129,6 +130,12 @@ class PromptCache:
         }
 
 
+def prompt_key(prompt: str) -> int:
+    """A 64-bit key of a prompt, for numbering its repeats in a plan (generation/sorted_keys.
+    Repeats)."""
+    return int.from_bytes(hashlib.blake2b(prompt.encode("utf-8"), digest_size=8).digest(), "little")
+
+
 @contextmanager
 def _gc_paused() -> Iterator[None]:
     """The plan allocates millions of small objects and no reference cycles: the cyclic
@@ -166,7 +173,7 @@ def iter_plan(
     salt: str = "",
 ) -> Iterator[GenerationRequest]:
     """The plan's requests in order, made one at a time: a million-request plan never sits in
-    memory as a list (only its slot indexes and a 16-byte digest per distinct prompt do).
+    memory as a list (only its slot indexes and a 16-byte key per distinct prompt do).
     `salt` varies the draws for one seed (fill rounds plan again with the run's seed)."""
     rng = random.Random(f"booksmith-plan-{seed}{salt}")
     # Slots first (topic x sample, weighted), then the limit, then the axes: so the quotas hold
@@ -186,9 +193,9 @@ def iter_plan(
         for i, s in enumerate(seeds)
     ]
     topic_paths = [s.topic_path for s in seeds]
-    # Repeats of one prompt differ by sample index: count them by a digest of the prompt, not
-    # the prompt itself (which would keep every prompt of the plan alive).
-    seen_prompts: dict[bytes, int] = {}
+    # Repeats of one prompt differ by sample index: count them by a 64-bit key of the prompt,
+    # not the prompt itself (which would keep every prompt of the plan alive).
+    repeats = Repeats()
     for index in slots:
         topic = seeds[index]
         audience, style, fmt = draws.draw(topic.subject)
@@ -197,8 +204,7 @@ def iter_plan(
         values = {**topic_values[index], "seed_words": chosen_words}
         prompt = prompts.prompt(template, audience, style, fmt, values)
         # Repeats of one prompt differ by sample index, and so by id and seed.
-        digest = hashlib.blake2b(prompt.encode("utf-8"), digest_size=16).digest()
-        sample_index = seen_prompts[digest] = seen_prompts.get(digest, -1) + 1
+        sample_index = repeats.next(prompt_key(prompt))
         yield builder.build(
             prompt,
             sample_index,

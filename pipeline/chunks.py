@@ -29,8 +29,8 @@ from booksmith.generation.documents import to_documents
 from booksmith.generation.ledger import GenerationReport
 from booksmith.generation.limits import RATE_POINTS, append_series
 from booksmith.pipeline.checkpoint import Checkpoint
+from booksmith.pipeline.first_ids import FirstIds
 from booksmith.pipeline.judge_stage import JudgeStage
-from booksmith.pipeline.sorted_keys import FirstIds
 from booksmith.pipeline.stages import ExactStage, NearStage, QualityStage
 from booksmith.schemas import GenerationRequest, GenerationResult, Rejected
 from booksmith.schemas.arrow import to_table

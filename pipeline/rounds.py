@@ -28,10 +28,10 @@ import numpy as np
 from booksmith.generation.coverage import deficit_of, seeds_for, topic_key
 from booksmith.generation.ledger import GenerationReport
 from booksmith.generation.plan import plan_for
+from booksmith.generation.sorted_keys import SortedKeys
 from booksmith.pipeline.chunks import Chunk
 from booksmith.pipeline.finalize import Tally
 from booksmith.pipeline.grounded import MixedPlan, interleave
-from booksmith.pipeline.sorted_keys import SortedKeys
 from booksmith.schemas import GenerationRequest, TopicSeed
 from booksmith.schemas.config import RunConfig
 

@@ -36,7 +36,7 @@ from booksmith.filters.dedup.candidates import CandidateStore
 from booksmith.filters.dedup.engine import EXACT, duplicate_evidence
 from booksmith.filters.dedup.minhash import signatures
 from booksmith.filters.dedup.normalize import exact_key, words
-from booksmith.pipeline.sorted_keys import FirstIds
+from booksmith.pipeline.first_ids import FirstIds
 from booksmith.schemas import Document
 from booksmith.schemas.filter_settings import FilterSettings
 
@@ -76,7 +76,7 @@ def reject_indexed(
 class ExactStage:
     """Exact duplicates of normalised text, of the persistent index or of an earlier document
     of this run. Cross-chunk state: `seen`, exact key -> the id of its first document
-    (pipeline/sorted_keys.FirstIds: sorted keys in memory, the ids in the run's exact file).
+    (pipeline/first_ids.FirstIds: sorted keys in memory, the ids in the run's exact file).
 
     The first document of a group stays: in a nightly run the quality score is not set yet at
     this point (the classifier runs later), so the engine's rule (highest score, then earliest)

@@ -1,14 +1,17 @@
-"""The run's key sets (pipeline/sorted_keys.py): the same answers as a dict, in 16 bytes a key."""
+"""The run's key sets (generation/sorted_keys.py, pipeline/first_ids.py): the same answers
+as a dict, in 16 bytes a key."""
 
 from __future__ import annotations
 
 import random
 import tracemalloc
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
-from booksmith.pipeline.sorted_keys import FirstIds, SortedKeys
+from booksmith.generation.sorted_keys import Repeats, SortedKeys
+from booksmith.pipeline.first_ids import FirstIds
 
 
 def test_find_and_contains_agree_with_a_dict() -> None:
@@ -59,3 +62,16 @@ def test_a_key_costs_no_python_object(tmp_path: Path) -> None:
         tracemalloc.stop()
     assert seen.rows == 100_000
     assert held / seen.rows < 40, f"{held / seen.rows:.0f} bytes a key"
+
+
+def test_repeats_number_each_key_as_a_counter_does() -> None:
+    """A plan numbers the repeats of a prompt 0, 1, 2, ...: the same across the merges."""
+    rng = random.Random(5)
+    repeats, oracle = Repeats(), Counter[int]()
+    repeats.FLUSH = 64  # merge often
+    pool = [rng.getrandbits(64) for _ in range(300)]
+    for _ in range(5_000):
+        key = rng.choice(pool) if rng.random() < 0.7 else rng.getrandbits(64)
+        assert repeats.next(key) == oracle[key]
+        oracle[key] += 1
+    assert len(repeats.old) + len(repeats.new) == len(oracle)

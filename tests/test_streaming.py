@@ -21,7 +21,7 @@ from booksmith.filters.dedup.normalize import exact_key, words
 from booksmith.filters.quality import train
 from booksmith.filters.records_io import read_labelled
 from booksmith.pipeline import stages
-from booksmith.pipeline.sorted_keys import FirstIds
+from booksmith.pipeline.first_ids import FirstIds
 from booksmith.pipeline.stages import ExactStage
 from booksmith.schemas.filter_settings import QualitySettings
 from booksmith.shards.version_dir import read_manifest, state_dir
