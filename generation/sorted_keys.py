@@ -33,9 +33,6 @@ class SortedKeys:
         out[hit] = self.values[at[hit]]
         return out
 
-    def contains(self, keys: np.ndarray) -> np.ndarray:
-        return self.find(keys) >= 0
-
     def add(self, keys: np.ndarray, values: np.ndarray) -> None:
         """Add keys with their values (>= 0). A key held already is held twice: harmless to
         `in`, but `find` may give either value, so FirstIds adds only keys it has not seen."""
@@ -48,9 +45,13 @@ class SortedKeys:
         self.keys = np.insert(self.keys, at, keys)
         self.values = np.insert(self.values, at, values)
 
-    def __contains__(self, key: int) -> bool:
+    def position(self, key: int) -> int:
+        """Where one key sits in `keys` (and its value in `values`), -1 when absent."""
         at = int(np.searchsorted(self.keys, np.uint64(key)))
-        return at < len(self.keys) and int(self.keys[at]) == key
+        return at if at < len(self.keys) and int(self.keys[at]) == key else -1
+
+    def __contains__(self, key: int) -> bool:
+        return self.position(key) >= 0
 
 
 class Repeats:
@@ -69,9 +70,7 @@ class Repeats:
         if key in self.new:
             self.new[key] += 1
             return self.new[key]
-        keys = self.old.keys
-        at = int(np.searchsorted(keys, np.uint64(key)))
-        if at < len(keys) and int(keys[at]) == key:
+        if (at := self.old.position(key)) >= 0:
             self.old.values[at] += 1
             return int(self.old.values[at])
         self.new[key] = 0

@@ -148,7 +148,7 @@ def commit_index(index: DedupIndex | None, state: RunState, run_id: str, rows: n
     store = state.store
     meta = store.meta()
     rows = rows[meta["has_sig"][rows] != 0]
-    exact = meta["exact"]
+    exact = meta["exact"].copy()  # a copy: a field view would keep all of `meta` alive
     del meta
 
     def blocks() -> Iterator[tuple[list[str], np.ndarray, np.ndarray]]:
