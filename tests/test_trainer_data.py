@@ -267,3 +267,26 @@ def test_several_encodings_default_to_the_smallest_vocabulary(tmp_path: Path) ->
     (root / "manifest.json").write_text(manifest.to_json())
     assert open_source(str(root)).encoding == "bytes"
     assert open_source(str(root), encoding="cl100k_base").n_vocab == 100277
+
+
+def test_a_new_source_never_reads_a_freed_ones_files(tmp_path: Path) -> None:
+    """Sources opened and dropped one after another (CPython reuses a freed object's address,
+    and so its id) each read their own version's tokens."""
+    import gc
+
+    from tests.test_shards_dataset import make_version
+
+    roots = [tmp_path / n / "20261126T000000Z" for n in ("a", "b")]
+    for root, n in zip(roots, (60, 7), strict=True):
+        make_version(root, n, encodings=["cl100k_base"])
+    want = []
+    for root in roots:
+        src = open_source(str(root))
+        want.append(read_units(src, src.units).tolist())
+        del src
+    assert want[0] != want[1]
+    for i in range(40):
+        src = open_source(str(roots[i % 2]))
+        assert read_units(src, src.units).tolist() == want[i % 2], i
+        del src
+        gc.collect()

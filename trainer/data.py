@@ -247,17 +247,20 @@ def read_units(
     return tokens
 
 
-_OPEN: dict[tuple[int, int], pq.ParquetFile] = {}
+_OPEN: dict[tuple[int, int], tuple[TokenSource, pq.ParquetFile]] = {}
 
 
 def _parquet(src: TokenSource, f: int) -> pq.ParquetFile:
-    # One open file per shard per process (object stores pay a round trip per open).
+    # One open file per shard per process (object stores pay a round trip per open). The entry
+    # holds its source: an id is reused once its object is freed, and a later source at the
+    # same address must not read the earlier one's files.
     key = (id(src), f)
-    if key not in _OPEN:
+    entry = _OPEN.get(key)
+    if entry is None or entry[0] is not src:
         if len(_OPEN) > 64:
             _OPEN.clear()
-        _OPEN[key] = pq.ParquetFile(src.fs.open_input_file(src.files[f]))
-    return _OPEN[key]
+        entry = _OPEN[key] = (src, pq.ParquetFile(src.fs.open_input_file(src.files[f])))
+    return entry[1]
 
 
 def split_units(
