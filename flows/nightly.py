@@ -12,7 +12,6 @@ re-requests nothing that finished. Memory holds about two chunks, whatever the r
 
 from __future__ import annotations
 
-import asyncio
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from datetime import UTC, date, datetime
@@ -40,13 +39,12 @@ from booksmith.flows.report import SAMPLES_HEADING, render_report
 from booksmith.flows.task_runners import dask_client
 from booksmith.generation import preflight, progress
 from booksmith.generation.backends import open_endpoints
-from booksmith.generation.cache import ResponseCache
 from booksmith.generation.client import Endpoint, GenerationReport
-from booksmith.generation.clients import make_client
 from booksmith.generation.coverage import select_topics, topic_key
 from booksmith.generation.estimate import Estimate, check_budget, estimate
 from booksmith.generation.grow import add_grown, as_node, leaves_to_grow, with_grown
 from booksmith.generation.plan import plan_for
+from booksmith.generation.process import GenerationProcess, generate_chunk
 from booksmith.generation.scaleout import assign, merge_reports, partition, share_budget
 from booksmith.generation.seeds import load_seeds
 from booksmith.generation.source_state import record_planned, recorded, version_keys
@@ -168,22 +166,18 @@ def generate(
     part: str = "",
     history: Sequence[str] = (),
     limits: dict[str, Any] | None = None,
+    process: GenerationProcess | None = None,
 ) -> GenerationReport:
     """One partition of one chunk against one endpoint (a chunk has one partition unless
-    `generation.partitions` or several endpoints ask for more)."""
-    cache = ResponseCache(state_dir(cfg.output.dir) / "responses.sqlite")
+    `generation.partitions` or several endpoints ask for more); in the run's generation
+    process when it has one."""
+    if process is not None:
+        return process.run(plan, endpoint, cfg, run_id, budget, part, history, limits)
 
     def on_result(result: GenerationResult, report: GenerationReport) -> None:
         progress.emit("generation", result=result, report=report, part=part)
 
-    try:
-        client = make_client(
-            cfg, endpoint, cache=cache, run_id=run_id, budget=budget, on_result=on_result,
-            history=history, limits=limits,
-        )  # fmt: skip
-        return asyncio.run(client.run(plan))
-    finally:
-        cache.close()
+    return generate_chunk(plan, endpoint, cfg, run_id, budget, history, limits, on_result)
 
 
 class Generating:
@@ -192,6 +186,7 @@ class Generating:
     def __init__(
         self, chunk: Chunk, endpoints: list[Endpoint], cfg: RunConfig, run_id: str, budget: Budget,
         history: Sequence[str] = (), limits: dict[str, Any] | None = None,
+        process: GenerationProcess | None = None,
     ) -> None:  # fmt: skip
         # `limits`: where the adaptive limits ended so far, by endpoint; updated by `result`
         # (before the next chunk starts) so each chunk starts where the one before ended.
@@ -204,7 +199,15 @@ class Generating:
         names = [f"part {k + 1}/{len(parts)}" if len(parts) > 1 else "" for k in range(len(parts))]
         self.futures = [
             generate.submit(
-                part, endpoint, cfg, run_id, each, name, list(history), dict(self.limits)
+                part,
+                endpoint,
+                cfg,
+                run_id,
+                each,
+                name,
+                list(history),
+                dict(self.limits),
+                process,
             )
             for part, endpoint, name in zip(parts, shares, names, strict=True)
         ]
@@ -417,12 +420,15 @@ def stream_chunks(
     """The run's chunks through generation and the filters, generation of one overlapping the
     filtering of the one before; then the version, then the index commit."""
     index = open_index(cfg.dedup, cfg.output.dir)
+    process: GenerationProcess | None = None
     try:
         with (
             open_endpoints(cfg.generation, cfg.embedded) as endpoints,
             StreamingRun(cfg, run_id, seeds, seed, index, key, grounded) as run,
         ):
-            run.state.quality.client = dask_client()  # on Dask, the quality slices run there
+            dask = dask_client()
+            run.state.quality.client = dask  # on Dask, the quality slices run there
+            process = generation_process(cfg, len(endpoints), dask is not None)
             run.state.judge.bind(cfg, endpoints)  # the faithfulness judge asks the run's endpoint
             artifact = cast(UUID, create_progress_artifact(0.0, description=f"run {run_id}"))
             learned: dict[str, Any] = {}  # the adaptive limits as the last chunk left them
@@ -431,7 +437,7 @@ def stream_chunks(
                 progress.emit("plan", total=run.rounds.planned)
                 budget = remaining(cfg.generation.budget, run.state.generation)
                 history = run.state.generation.outcomes  # the circuit breaker's window so far
-                return Generating(chunk, endpoints, cfg, run_id, budget, history, learned)
+                return Generating(chunk, endpoints, cfg, run_id, budget, history, learned, process)
 
             def finish(chunk: Chunk, report: GenerationReport) -> None:
                 process_chunk(run, chunk, report)
@@ -455,8 +461,19 @@ def stream_chunks(
             run.commit_sources()
             return manifest
     finally:
+        if process is not None:
+            process.close()
         if index is not None:
             index.close()
+
+
+def generation_process(cfg: RunConfig, endpoints: int, on_dask: bool) -> GenerationProcess | None:
+    """Live generation runs in processes of its own, one per partition, so that it does not
+    share the flow's interpreter with the chunk pipeline (generation/process.py); on Dask it
+    runs on the workers, and the Batch API's client mostly waits."""
+    if on_dask or cfg.generation.backend == "batch":
+        return None
+    return GenerationProcess(cfg.generation.partitions or endpoints)
 
 
 def not_published(cfg: RunConfig, run_id: str, problem: str) -> RunNotPublished:

@@ -23,6 +23,14 @@ from collections import Counter
 ENV = "BOOKSMITH_CRASH_AT"
 _passed: Counter[str] = Counter()
 _lock = threading.Lock()
+_parent: int | None = None  # a worker process's run, killed with it
+
+
+def kill_parent_too(pid: int) -> None:
+    """In a worker process of a run (generation/process.py): a crash point passed here kills
+    the run's process first, as a power cut would kill both."""
+    global _parent
+    _parent = pid
 
 
 def crash_point(name: str) -> None:
@@ -36,4 +44,6 @@ def crash_point(name: str) -> None:
         _passed[name] += 1
         hit = _passed[name] == int(nth or 1)
     if hit:
+        if _parent is not None:
+            os.kill(_parent, signal.SIGKILL)
         os.kill(os.getpid(), signal.SIGKILL)
