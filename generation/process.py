@@ -135,10 +135,16 @@ class GenerationProcess:
         self._calls = 0
         self._last: dict[int, threading.Event] = {}  # set when a call's last event is out
         self._shown: dict[int, GenerationReport] = {}
-        self._forward = threading.Thread(target=self._forward_progress, daemon=True)
+        self._forward = threading.Thread(
+            target=self._forward_progress, name="booksmith-generation-progress", daemon=True
+        )
         self._forward.start()
         # start the processes now: their imports overlap the run's planning
         self._started = [self._pool.submit(_ready) for _ in range(processes)]
+
+    def pids(self) -> list[int]:
+        """The generation processes (started by then)."""
+        return sorted({f.result() for f in self._started})
 
     def run(
         self,

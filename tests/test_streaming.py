@@ -20,6 +20,7 @@ from booksmith.filters.dedup.minhash import signatures
 from booksmith.filters.dedup.normalize import exact_key, words
 from booksmith.filters.quality import train
 from booksmith.filters.records_io import read_labelled
+from booksmith.generation.process import GenerationProcess
 from booksmith.pipeline import stages
 from booksmith.pipeline.first_ids import FirstIds
 from booksmith.pipeline.stages import ExactStage
@@ -158,6 +159,14 @@ def test_same_dataset_whatever_the_chunk_size_and_workers(
     write_config: Any,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    generated: list[int] = []  # requests per call of the run's generation process
+    in_process = GenerationProcess.run
+
+    def counting(self: GenerationProcess, plan: list[Any], *args: Any, **kw: Any) -> Any:
+        generated.append(len(plan))
+        return in_process(self, plan, *args, **kw)
+
+    monkeypatch.setattr(GenerationProcess, "run", counting)
     whole = _run(server, tmp_path / "whole", write_config, quality_model, chunk_requests=1000)
     small = _run(server, tmp_path / "small", write_config, quality_model, chunk_requests=7)
     monkeypatch.setattr(stages, "POOL_MIN_DOCS", 1)  # even 13-request chunks go to the pool
@@ -166,7 +175,10 @@ def test_same_dataset_whatever_the_chunk_size_and_workers(
     # in test_dask_filtering: a Dask run inside this process hung once in CI (a worker stuck
     # starting a Prefect task; see the session note), so it is not repeated here.
     manifests = [read_manifest(v) for v in (whole, small, pooled)]
+    # every chunk was generated in the runs' generation processes, one call per chunk
     chunks = [m.counts.chunks.count for m in manifests]
+    assert len(generated) == sum(chunks)
+    assert sum(generated) == sum(m.counts.generate.planned for m in manifests)
     assert chunks[0] == len(manifests[0].counts.fill.rounds) < chunks[2] < chunks[1]
     assert len(manifests[0].counts.fill.rounds) >= 2  # fill rounds were chunked too
     for kind in ("text", "rejected"):
