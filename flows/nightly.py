@@ -7,7 +7,8 @@ A flow wires stages; the stages live in their packages and the chunk loop in pip
 object per run, `StreamingRun`; the overlap of generation and filtering in pipeline/drive.py).
 Tasks wrap stage calls and declare their retries here. Generation is idempotent (the durable
 response cache under `<out>/_state/`), so its task can retry, and a killed run started again
-re-requests nothing that finished. Memory holds about two chunks, whatever the run's size.
+re-requests nothing that finished. Its client runs in a process of its own unless the run is
+on Dask (generation/process.py), so that it does not share an interpreter with the filters.
 """
 
 from __future__ import annotations

@@ -1,16 +1,14 @@
 """One generation client for every OpenAI-compatible endpoint (vLLM, Ollama, OpenAI, embedded).
 
-Built on the official AsyncOpenAI client. Around each request: the durable response cache,
-concurrency and requests- and tokens-per-minute limits that adapt to 429s (generation/limits.py),
-retries with exponential backoff and jitter that honour Retry-After, a failures table for what
-retrying cannot fix, and the ledger (generation/ledger.py): accounting, and a budget that stops
-the run cleanly.
+Around each request: the durable response cache, concurrency and requests- and
+tokens-per-minute limits that adapt to 429s (generation/limits.py), retries with exponential
+backoff and jitter that honour Retry-After, a failures table for what retrying cannot fix, and
+the ledger (generation/ledger.py): accounting, and a budget that stops the run cleanly.
 
-The request goes out through the client's own `post` (the SDK's documented way to send a body
-as is): the body is built here already in wire form, so the SDK's per-request transform of the
-params and its response model add nothing but time (about a fifth of the client's CPU in
-benchmarks/client_overhead.py); the answer's JSON is read here, with its headers (the
-`x-ratelimit-*` ones feed the limits).
+The request goes out through generation/http.py (aiohttp: a fifth of the CPU a request of the
+openai SDK's transport; its failures raised as the SDK's exceptions): the body is built here in
+wire form and the answer's JSON read here, with its headers (the `x-ratelimit-*` ones feed
+the limits).
 """
 
 from __future__ import annotations
@@ -29,6 +27,7 @@ import openai
 
 from booksmith.generation.breaker import Breaker
 from booksmith.generation.cache import ResponseCache
+from booksmith.generation.http import Answer, ChatHTTP
 from booksmith.generation.ledger import GenerationReport, Ledger
 from booksmith.generation.limits import Limits
 from booksmith.schemas import GenerationRequest, GenerationResult
@@ -67,7 +66,6 @@ class _Transient(Exception):
 
 
 _RETRYABLE_STATUS = {408, 409, 425, 429}
-_OPTIONS: Any = {"security": {"bearer_auth": True}}  # as chat.completions.create sends it
 # The failure reason of a 400 that names response_format: the endpoint lacks structured output
 # (or this schema), and a caller can ask again without it.
 RESPONSE_FORMAT_REJECTED = "http_400:response_format"
@@ -217,20 +215,21 @@ class GenerationClient:
         return random.uniform(0, cap)  # full jitter
 
     async def _send(
-        self, api: openai.AsyncOpenAI, request: GenerationRequest, body: dict[str, Any]
-    ) -> tuple[GenerationResult, httpx2.Response]:
-        response: httpx2.Response = await api.post(
-            "/chat/completions", body=body, cast_to=httpx2.Response, options=_OPTIONS
-        )
+        self, http: ChatHTTP, request: GenerationRequest, body: dict[str, Any]
+    ) -> tuple[GenerationResult, Answer]:
+        response = await http.post(body)
         try:
             data = json.loads(response.content)
             choices = data.get("choices")
             usage = data.get("usage") or {}
         except (ValueError, AttributeError):
             # as the SDK's own parsing says it (a 200 that is not a chat completion)
+            text = response.content.decode("utf-8", "replace")
             raise openai.APIResponseValidationError(
-                response=response, body=response.text, message="not a chat completion"
-            ) from None
+                response=httpx2.Response(response.status, text=text,
+                                         request=httpx2.Request("POST", http.url)),
+                body=text, message="not a chat completion",
+            ) from None  # fmt: skip
         if not choices:
             raise _Transient("no choices in the response")
         choice = choices[0]
@@ -250,7 +249,7 @@ class GenerationClient:
         return result, response
 
     async def _complete(
-        self, api: openai.AsyncOpenAI, request: GenerationRequest, estimate: float
+        self, http: ChatHTTP, request: GenerationRequest, estimate: float
     ) -> GenerationResult:
         """One request to its answer or its failure: retries on 5xx, 408/409/425/429, timeouts
         and dropped connections, with backoff (Retry-After when the server says). A 429 while the
@@ -265,7 +264,7 @@ class GenerationClient:
             sent_at = await limits.acquire(estimate)
             report.requests += 1
             try:
-                result, response = await self._send(api, request, body)
+                result, response = await self._send(http, request, body)
             except Exception as exc:
                 limits.release()  # (a cancellation ends the run: its slots go with it)
                 signal = False
@@ -339,17 +338,10 @@ class GenerationClient:
             report.elapsed_s = time.perf_counter() - started
             report.limits = {self.endpoint.base_url: self.limits.state()}
             return report
-        n = self.endpoint.max_concurrency
-        http = openai.DefaultAsyncHttpxClient(
-            limits=httpx2.Limits(max_connections=n, max_keepalive_connections=n)
-        )
-        api = openai.AsyncOpenAI(
-            base_url=self.endpoint.base_url,
-            api_key=self.endpoint.api_key,
-            max_retries=0,  # retries are ours: Retry-After, jitter, failure accounting
-            timeout=self.endpoint.timeout_s,
-            http_client=http,
-        )
+        ep = self.endpoint
+        n = ep.max_concurrency
+        # retries are ours (Retry-After, jitter, failure accounting), not the transport's
+        http = ChatHTTP(ep.base_url, ep.api_key, ep.timeout_s, n)
 
         async def worker() -> None:
             while not queue.empty():
@@ -358,7 +350,7 @@ class GenerationClient:
                 if estimate is None:  # over the budget: skipped
                     continue
                 try:
-                    result = await self._complete(api, req, estimate)
+                    result = await self._complete(http, req, estimate)
                 finally:
                     ledger.release(estimate)
                 if result.ok and self.cache is not None:
@@ -366,10 +358,8 @@ class GenerationClient:
                     crash_point("generate.result")
                 ledger.account(result, cached=False)
 
-        try:
+        async with http:
             await asyncio.gather(*(worker() for _ in range(min(n, queue.qsize()))))
-        finally:
-            await api.close()
         report.elapsed_s = time.perf_counter() - started
         report.rate = self.limits.finish()
         report.limits = {self.endpoint.base_url: self.limits.state()}
