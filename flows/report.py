@@ -12,13 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow.dataset as ds
-import pyarrow.parquet as pq
 
 # The object-oriented API needs no display backend and no global pyplot state.
 from matplotlib.figure import Figure
 
 from booksmith.schemas.manifest import Diversity, GenerateCounts, Manifest, QualityHistogram
-from booksmith.shards.fs import filesystem, is_url, join
+from booksmith.shards.fs import filesystem, is_url, join, open_parquet
 from booksmith.shards.version_dir import MANIFEST, read_manifest
 
 SAMPLES = 3  # documents shown in the report
@@ -72,9 +71,8 @@ def sample_documents(version: VersionFiles, manifest: Manifest, n: int = SAMPLES
         if shard.kind == "text" and shard.rows:
             columns = ["id", "topic", "audience", "style", "format", "n_tokens", "text"]
             # the first rows only: a shard can hold 256 MB of text
-            with version.fs.open(version.path(shard.path), "rb") as f:
-                batches = pq.ParquetFile(f).iter_batches(n, columns=columns)
-                return next(batches).to_pylist()
+            with open_parquet(version.fs, version.path(shard.path)) as parquet:
+                return next(parquet.iter_batches(n, columns=columns)).to_pylist()
     return []
 
 

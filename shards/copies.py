@@ -130,10 +130,9 @@ def rows_in_export(url: str, ids: set[str]) -> int:
     when the copy is gone)."""
     import pyarrow as pa
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
     from booksmith.schemas.manifest import Manifest
-    from booksmith.shards.fs import filesystem
+    from booksmith.shards.fs import filesystem, open_parquet
 
     fs, root = filesystem(url)
     if not fs.exists(f"{root}/{MANIFEST}"):
@@ -142,8 +141,8 @@ def rows_in_export(url: str, ids: set[str]) -> int:
     wanted = pa.array(sorted(ids), pa.string())
     rows = 0
     for rel in manifest.shard_paths("text") + manifest.shard_paths("rejected"):
-        with fs.open(f"{root}/{rel}", "rb") as f:
-            column = pq.read_table(f, columns=["id"]).column("id")
+        with open_parquet(fs, f"{root}/{rel}") as parquet:
+            column = parquet.read(columns=["id"]).column("id")
         rows += int(pc.sum(pc.is_in(column, value_set=wanted)).as_py() or 0)
     return rows
 

@@ -7,11 +7,14 @@ AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION, AWS_PROFILE).
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import fsspec
 import pyarrow as pa
+import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 
@@ -59,3 +62,18 @@ def arrow_filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
 
 def join(root: str, relative: str) -> str:
     return f"{root}/{relative}" if root else relative
+
+
+@contextmanager
+def open_parquet(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[pq.ParquetFile]:
+    """A Parquet file to read, local or remote, closed on exit. A local file is read by Arrow
+    itself; a remote one through fsspec's file object, without pre-buffering. Arrow's threads
+    would otherwise read a Python file object in the background, and one still at it when the
+    interpreter exits aborts the process ("terminate called without an active exception",
+    apache/arrow#34314; seen here at the end of `booksmith verify` once in a few dozen runs)."""
+    if isinstance(fs, LocalFileSystem):
+        with pq.ParquetFile(path) as parquet:
+            yield parquet
+        return
+    with fs.open(path, "rb") as f, pq.ParquetFile(f, pre_buffer=False) as parquet:
+        yield parquet

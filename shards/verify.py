@@ -15,7 +15,6 @@ from pathlib import Path
 
 import fsspec
 import pyarrow as pa
-import pyarrow.parquet as pq
 from pydantic import BaseModel
 
 from booksmith.schemas import Document, GenerationRequest, GenerationResult, Rejected
@@ -23,7 +22,7 @@ from booksmith.schemas.arrow import versioned_schema
 from booksmith.schemas.manifest import MANIFEST, Manifest, ManifestError, Packed, ShardEntry
 from booksmith.shards.encodings import EncodingUnavailable, decoded_bytes, get_encoding
 from booksmith.shards.files import file_sha256
-from booksmith.shards.fs import filesystem, join
+from booksmith.shards.fs import filesystem, join, open_parquet
 from booksmith.shards.tokens import packed_schema, token_schema
 
 _RECORD_SCHEMAS: dict[str, type[BaseModel]] = {
@@ -81,8 +80,7 @@ def _check_shard(
     if checksums and (actual := file_sha256(path, fs)) != shard.sha256:
         report.problems.append(f"{rel}: sha256 {actual} does not match the manifest")
     try:
-        with fs.open(path, "rb") as f:
-            meta = pq.ParquetFile(f)
+        with open_parquet(fs, path) as meta:
             rows, schema = meta.metadata.num_rows, meta.schema_arrow
     except (OSError, pa.ArrowException) as e:
         report.problems.append(f"{rel}: not a readable Parquet file: {e}")
@@ -100,8 +98,8 @@ def _read_columns(
 ) -> pa.Table:
     tables = []
     for rel in paths:
-        with fs.open(join(root, rel), "rb") as f:
-            tables.append(pq.read_table(f, columns=columns))
+        with open_parquet(fs, join(root, rel)) as parquet:
+            tables.append(parquet.read(columns=columns))
     return pa.concat_tables(tables) if tables else pa.table({c: [] for c in columns})
 
 
@@ -124,8 +122,8 @@ def _check_packed(
         return
     if not rows:
         return
-    with fs.open(join(root, paths[0]), "rb") as f:
-        first = pq.ParquetFile(f).read_row_group(0, columns=["input_ids"])
+    with open_parquet(fs, join(root, paths[0])) as parquet:
+        first = parquet.read_row_group(0, columns=["input_ids"])
     stream: list[int] = []
     for s in tok_shards:
         col = _read_columns(fs, root, [s.path], ["input_ids"]).column("input_ids")
