@@ -99,6 +99,10 @@ def resolve_config(
 T = TypeVar("T")
 
 
+def _as_is(value: T) -> T:
+    return value
+
+
 def unvisited(value: T) -> T:
     """`value` as a task argument that Prefect hands over without walking it in search of
     futures (`quote`): its walk over a chunk's requests and answers, Python work under the GIL,
@@ -208,15 +212,18 @@ class Generating:
         shares = assign(parts, endpoints)
         each = share_budget(budget, len(parts))
         names = [f"part {k + 1}/{len(parts)}" if len(parts) > 1 else "" for k in range(len(parts))]
+        # Quoted for Prefect's own runner only: Dask's hands the quoted requests over as
+        # (field, value) tuples, and ships the arguments to its workers by pickle anyway.
+        wrap = unvisited if dask_client() is None else _as_is
         self.futures = [
             generate.submit(
-                unvisited(part),
+                wrap(part),
                 endpoint,
                 cfg,
                 run_id,
                 each,
                 name,
-                unvisited(list(history)),
+                wrap(list(history)),
                 dict(self.limits),
                 process,
             )
