@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from typing import Any
 
 import httpx2
@@ -88,3 +89,29 @@ def test_the_transport_answers_and_fails_as_the_sdk_does(fault: str) -> None:
         assert ours[:3] == expected[fault]
     if fault == "rate_limit":
         assert ours[4]  # Retry-After reaches the backoff
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.parametrize("bypass", [False, True])
+def test_the_transport_honours_the_proxy_settings_as_the_sdk_does(
+    bypass: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HTTP_PROXY sends the request to the proxy (here a port nothing listens on, so it fails to
+    connect) unless NO_PROXY names the host: read once per session, not per request."""
+    for name in ("HTTP_PROXY", "http_proxy", "NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    with FakeServer() as server:  # started first: its own start-up check goes direct
+        monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{_closed_port()}")
+        if bypass:
+            monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+        sdk = _outcome(_through_sdk, server.base_url)
+        ours = _outcome(_through_booksmith, server.base_url)
+    if bypass:
+        assert isinstance(ours, dict) and ours == sdk
+    else:
+        assert ours == sdk == ("APIConnectionError", None, None, None, {})
