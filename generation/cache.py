@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from booksmith.schemas import GenerationResult
@@ -55,13 +55,24 @@ class ResponseCache:
         return GenerationResult.model_validate_json(row[0]) if row else None
 
     def put(self, result: GenerationResult) -> None:
-        assert result.ok, "failures go to record_failure"
+        self.put_many([result])
+
+    def put_many(self, results: Sequence[GenerationResult]) -> None:
+        """Store answers in one transaction: durable together once this returns (the live
+        client's writer commits its answers in groups, generation/cache_writer.py)."""
+        assert all(r.ok for r in results), "failures go to record_failure"
+        rows = [(r.request_id, r.model_dump_json(), r.created_at.isoformat()) for r in results]
         with self._lock:
-            self._db.execute(
-                "INSERT OR REPLACE INTO responses VALUES (?, ?, ?)",
-                (result.request_id, result.model_dump_json(), result.created_at.isoformat()),
-            )
-            self._db.execute("DELETE FROM failures WHERE request_id = ?", (result.request_id,))
+            self._db.execute("BEGIN")
+            try:
+                self._db.executemany("INSERT OR REPLACE INTO responses VALUES (?, ?, ?)", rows)
+                self._db.executemany(
+                    "DELETE FROM failures WHERE request_id = ?", [(r[0],) for r in rows]
+                )
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
 
     def record_failure(self, result: GenerationResult, *, run_id: str, permanent: bool) -> None:
         assert result.error is not None

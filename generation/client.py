@@ -14,6 +14,7 @@ the limits).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import json
 import random
@@ -27,6 +28,7 @@ import openai
 
 from booksmith.generation.breaker import Breaker
 from booksmith.generation.cache import ResponseCache
+from booksmith.generation.cache_writer import CacheWriter
 from booksmith.generation.http import Answer, ChatHTTP
 from booksmith.generation.ledger import GenerationReport, Ledger
 from booksmith.generation.limits import Limits
@@ -351,14 +353,17 @@ class GenerationClient:
                     continue
                 try:
                     result = await self._complete(http, req, estimate)
+                    if result.ok and writer is not None:
+                        await writer.put(result)  # committed before this worker asks again
+                        crash_point("generate.result")
                 finally:
+                    # released and accounted with no await between: no other worker sees
+                    # the budget without this request's tokens
                     ledger.release(estimate)
-                if result.ok and self.cache is not None:
-                    self.cache.put(result)
-                    crash_point("generate.result")
                 ledger.account(result, cached=False)
 
-        async with http:
+        writer = CacheWriter(self.cache) if self.cache is not None else None
+        async with http, writer or contextlib.nullcontext():
             await asyncio.gather(*(worker() for _ in range(min(n, queue.qsize()))))
         report.elapsed_s = time.perf_counter() - started
         report.rate = self.limits.finish()
