@@ -46,7 +46,7 @@ from booksmith.generation.coverage import select_topics, topic_key
 from booksmith.generation.estimate import Estimate, check_budget, estimate
 from booksmith.generation.grow import add_grown, as_node, leaves_to_grow, with_grown
 from booksmith.generation.plan import plan_for
-from booksmith.generation.process import GenerationProcess, generate_chunk
+from booksmith.generation.process import GenerationCall, GenerationProcess, generate_chunk
 from booksmith.generation.scaleout import assign, merge_reports, partition, share_budget
 from booksmith.generation.seeds import load_seeds
 from booksmith.generation.source_state import record_planned, recorded, version_keys
@@ -172,27 +172,17 @@ def make_plan(
 
 
 @task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
-def generate(
-    plan: list[GenerationRequest],
-    endpoint: Endpoint,
-    cfg: RunConfig,
-    run_id: str,
-    budget: Budget,
-    part: str = "",
-    history: Sequence[str] = (),
-    limits: dict[str, Any] | None = None,
-    process: GenerationProcess | None = None,
-) -> GenerationReport:
+def generate(call: GenerationCall, process: GenerationProcess | None = None) -> GenerationReport:
     """One partition of one chunk against one endpoint (a chunk has one partition unless
     `generation.partitions` or several endpoints ask for more); in the run's generation
     process when it has one."""
     if process is not None:
-        return process.run(plan, endpoint, cfg, run_id, budget, part, history, limits)
+        return process.run(call)
 
     def on_result(result: GenerationResult, report: GenerationReport) -> None:
-        progress.emit("generation", result=result, report=report, part=part)
+        progress.emit("generation", result=result, report=report, part=call.part)
 
-    return generate_chunk(plan, endpoint, cfg, run_id, budget, history, limits, on_result)
+    return generate_chunk(call, on_result)
 
 
 class Generating:
@@ -212,23 +202,16 @@ class Generating:
         shares = assign(parts, endpoints)
         each = share_budget(budget, len(parts))
         names = [f"part {k + 1}/{len(parts)}" if len(parts) > 1 else "" for k in range(len(parts))]
-        # Quoted for Prefect's own runner only: Dask's hands the quoted requests over as
-        # (field, value) tuples, and ships the arguments to its workers by pickle anyway.
-        wrap = unvisited if dask_client() is None else _as_is
-        self.futures = [
-            generate.submit(
-                wrap(part),
-                endpoint,
-                cfg,
-                run_id,
-                each,
-                name,
-                wrap(list(history)),
-                dict(self.limits),
-                process,
+        calls = [
+            GenerationCall(
+                part, endpoint, cfg, run_id, each, name, list(history), dict(self.limits)
             )
             for part, endpoint, name in zip(parts, shares, names, strict=True)
         ]
+        # Quoted for Prefect's own runner only: Dask's hands quoted arguments over as (field,
+        # value) tuples, and ships the arguments to its workers by pickle anyway.
+        wrap = unvisited if dask_client() is None else _as_is
+        self.futures = [generate.submit(wrap(call), process) for call in calls]
 
     def result(self) -> GenerationReport:
         report = merge_reports([f.result() for f in self.futures])

@@ -44,24 +44,31 @@ ORPHAN_POLL_S = 0.05  # how soon a generation process follows its run out
 OnResult = Callable[[GenerationResult, GenerationReport], None]
 
 
-def generate_chunk(
-    plan: list[GenerationRequest],
-    endpoint: Endpoint,
-    cfg: RunConfig,
-    run_id: str,
-    budget: Budget,
-    history: Sequence[str],
-    limits: dict[str, Any] | None,
-    on_result: OnResult | None,
-) -> GenerationReport:
-    """One partition of one chunk against one endpoint, in the calling thread."""
-    cache = ResponseCache(state_dir(cfg.output.dir) / "responses.sqlite")
+@dataclasses.dataclass(frozen=True)
+class GenerationCall:
+    """One partition of one chunk against one endpoint: what generating it takes, in the
+    flow's thread or a generation process. `limits`: where the endpoint's adaptive limits
+    ended before this chunk; `history`: the run's earlier openers (the prompts' diversity)."""
+
+    plan: list[GenerationRequest]
+    endpoint: Endpoint
+    cfg: RunConfig
+    run_id: str
+    budget: Budget
+    part: str = ""  # "part 2/3" when the chunk has several partitions
+    history: Sequence[str] = ()
+    limits: dict[str, Any] | None = None
+
+
+def generate_chunk(call: GenerationCall, on_result: OnResult | None) -> GenerationReport:
+    """`call` in the calling thread."""
+    cache = ResponseCache(state_dir(call.cfg.output.dir) / "responses.sqlite")
     try:
         client = make_client(
-            cfg, endpoint, cache=cache, run_id=run_id, budget=budget, on_result=on_result,
-            history=history, limits=limits,
+            call.cfg, call.endpoint, cache=cache, run_id=call.run_id, budget=call.budget,
+            on_result=on_result, history=call.history, limits=call.limits,
         )  # fmt: skip
-        return asyncio.run(client.run(plan))
+        return asyncio.run(client.run(call.plan))
     finally:
         cache.close()
 
@@ -94,17 +101,7 @@ def _ready() -> int:
     return os.getpid()
 
 
-def _generate_in_child(
-    call: int,
-    plan: list[GenerationRequest],
-    endpoint: Endpoint,
-    cfg: RunConfig,
-    run_id: str,
-    budget: Budget,
-    part: str,
-    history: Sequence[str],
-    limits: dict[str, Any] | None,
-) -> GenerationReport:
+def _generate_in_child(number: int, call: GenerationCall) -> GenerationReport:
     sent = 0.0
 
     def on_result(result: GenerationResult, report: GenerationReport) -> None:
@@ -112,10 +109,10 @@ def _generate_in_child(
         now = time.perf_counter()
         if now - sent >= PROGRESS_EVERY_S:
             sent = now
-            _events.put((call, part, snapshot(report), False))
+            _events.put((number, call.part, snapshot(report), False))
 
-    report = generate_chunk(plan, endpoint, cfg, run_id, budget, history, limits, on_result)
-    _events.put((call, part, snapshot(report), True))  # the last: `run` waits for it
+    report = generate_chunk(call, on_result)
+    _events.put((number, call.part, snapshot(report), True))  # the last: `run` waits for it
     return report
 
 
@@ -146,34 +143,21 @@ class GenerationProcess:
         """The generation processes (started by then)."""
         return sorted({f.result() for f in self._started})
 
-    def run(
-        self,
-        plan: list[GenerationRequest],
-        endpoint: Endpoint,
-        cfg: RunConfig,
-        run_id: str,
-        budget: Budget,
-        part: str = "",
-        history: Sequence[str] = (),
-        limits: dict[str, Any] | None = None,
-    ) -> GenerationReport:
-        """`generate_chunk` in a generation process; returns once its last progress event is
-        out, so none arrives after the caller reports the chunk generated."""
+    def run(self, call: GenerationCall) -> GenerationReport:
+        """`generate_chunk(call)` in a generation process; returns once its last progress
+        event is out, so none arrives after the caller reports the chunk generated."""
         with self._lock:
             self._calls += 1
-            call = self._calls
-            self._last[call] = threading.Event()
+            number = self._calls
+            self._last[number] = threading.Event()
         try:
-            report = self._pool.submit(
-                _generate_in_child, call, plan, endpoint, cfg, run_id, budget, part,
-                list(history), limits,
-            ).result()  # fmt: skip
-            self._last[call].wait(timeout=10)
+            report = self._pool.submit(_generate_in_child, number, call).result()
+            self._last[number].wait(timeout=10)
             return report
         finally:
             with self._lock:
-                self._last.pop(call, None)
-                self._shown.pop(call, None)
+                self._last.pop(number, None)
+                self._shown.pop(number, None)
 
     def _forward_progress(self) -> None:
         """Each call's snapshots update one report object, which the listeners see as the
@@ -182,12 +166,12 @@ class GenerationProcess:
             item = self._events.get()
             if item is None:
                 return
-            call, part, snap, last = item
+            number, part, snap, last = item
             with self._lock:
-                done = self._last.get(call)
+                done = self._last.get(number)
                 if done is None:  # its `run` gave up on it (the child died)
                     continue
-                shown = self._shown.setdefault(call, snap)
+                shown = self._shown.setdefault(number, snap)
                 if shown is not snap:
                     shown.__dict__.update(snap.__dict__)
             progress.emit("generation", result=None, report=shown, part=part)

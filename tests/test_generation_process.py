@@ -4,6 +4,7 @@ endpoint when the run dies."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -19,7 +20,7 @@ from booksmith.generation import progress
 from booksmith.generation.backends import open_endpoints
 from booksmith.generation.ledger import GenerationReport
 from booksmith.generation.plan import plan_for
-from booksmith.generation.process import GenerationProcess, generate_chunk
+from booksmith.generation.process import GenerationCall, GenerationProcess, generate_chunk
 from booksmith.generation.seeds import load_seeds
 from booksmith.schemas.config import RunConfig
 from tests.conftest import fake_backend_config
@@ -57,15 +58,15 @@ def test_a_chunk_generated_in_its_own_process_equals_one_generated_in_the_thread
         plan = _plan(here)
         assert len(plan) == 24
         with open_endpoints(here.generation, here.embedded) as (endpoint,):
-            in_thread = generate_chunk(plan, endpoint, here, "r", here.generation.budget, (),
-                                       None, None)  # fmt: skip
+            call = GenerationCall(plan, endpoint, here, "r", here.generation.budget)
+            in_thread = generate_chunk(call, None)
             unsubscribe = progress.subscribe(listen)
             try:
                 with GenerationProcess() as process:
                     (pid,) = process.pids()
                     child = psutil.Process(pid)
                     cpu_before = sum(child.cpu_times()[:2])
-                    in_child = process.run(plan, endpoint, there, "r", there.generation.budget)
+                    in_child = process.run(dataclasses.replace(call, cfg=there))
                     cpu_after = sum(child.cpu_times()[:2])
             finally:
                 unsubscribe()
@@ -87,7 +88,7 @@ ORPHAN = """
 import sys, time
 from pathlib import Path
 from booksmith.generation.backends import open_endpoints
-from booksmith.generation.process import GenerationProcess
+from booksmith.generation.process import GenerationCall, GenerationProcess
 from tests.test_generation_process import _cfg, _plan
 
 cfg = _cfg(sys.argv[1], Path(sys.argv[2]), 8)
@@ -95,7 +96,7 @@ plan = _plan(cfg)
 with open_endpoints(cfg.generation, cfg.embedded) as (endpoint,):
     process = GenerationProcess()
     print(*process.pids(), flush=True)
-    process.run(plan, endpoint, cfg, "r", cfg.generation.budget)  # killed in the middle
+    process.run(GenerationCall(plan, endpoint, cfg, "r", cfg.generation.budget))  # killed here
 """
 
 

@@ -20,7 +20,7 @@ from booksmith.filters.dedup.minhash import signatures
 from booksmith.filters.dedup.normalize import exact_key, words
 from booksmith.filters.quality import train
 from booksmith.filters.records_io import read_labelled
-from booksmith.generation.process import GenerationProcess
+from booksmith.generation.process import GenerationCall, GenerationProcess
 from booksmith.pipeline import stages
 from booksmith.pipeline.first_ids import FirstIds
 from booksmith.pipeline.stages import ExactStage
@@ -162,9 +162,9 @@ def test_same_dataset_whatever_the_chunk_size_and_workers(
     generated: list[int] = []  # requests per call of the run's generation process
     in_process = GenerationProcess.run
 
-    def counting(self: GenerationProcess, plan: list[Any], *args: Any, **kw: Any) -> Any:
-        generated.append(len(plan))
-        return in_process(self, plan, *args, **kw)
+    def counting(self: GenerationProcess, call: GenerationCall) -> Any:
+        generated.append(len(call.plan))
+        return in_process(self, call)
 
     monkeypatch.setattr(GenerationProcess, "run", counting)
     whole = _run(server, tmp_path / "whole", write_config, quality_model, chunk_requests=1000)
