@@ -13,8 +13,9 @@ on Dask (generation/process.py), so that it does not share an interpreter with t
 
 from __future__ import annotations
 
+import copy
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -51,7 +52,7 @@ from booksmith.generation.scaleout import assign, merge_reports, partition, shar
 from booksmith.generation.seeds import load_seeds
 from booksmith.generation.source_state import record_planned, recorded, version_keys
 from booksmith.pipeline.checkpoint import run_key
-from booksmith.pipeline.chunks import Chunk, ChunkStats
+from booksmith.pipeline.chunks import Chunk, ChunkStats, add_report
 from booksmith.pipeline.drive import run_rounds
 from booksmith.pipeline.grounded import MixedPlan
 from booksmith.pipeline.publish import RunNotPublished, publish_problem
@@ -186,26 +187,30 @@ def generate(call: GenerationCall, process: GenerationProcess | None = None) -> 
 
 
 class Generating:
-    """A chunk's generation submitted to the flow's task runner, one task per partition."""
+    """A chunk's generation submitted to the flow's task runner, one task per partition.
+
+    `generated`: what the run's generation has used so far, by the chunks answered before
+    this one, filtered or not: the chunk's budget is what it leaves, its circuit breaker
+    starts from its window, and `result` adds this chunk to it. (The filters' tally of the
+    run lags a chunk: chunk k+1 starts before chunk k is filtered.) `limits`: where the
+    adaptive limits ended so far, by endpoint, also updated by `result`."""
 
     def __init__(
-        self, chunk: Chunk, endpoints: list[Endpoint], cfg: RunConfig, run_id: str, budget: Budget,
-        history: Sequence[str] = (), limits: dict[str, Any] | None = None,
+        self, chunk: Chunk, endpoints: list[Endpoint], cfg: RunConfig, run_id: str,
+        generated: GenerationReport, limits: dict[str, Any],
         process: GenerationProcess | None = None,
     ) -> None:  # fmt: skip
-        # `limits`: where the adaptive limits ended so far, by endpoint; updated by `result`
-        # (before the next chunk starts) so each chunk starts where the one before ended.
-        self.limits = limits if limits is not None else {}
+        self.generated, self.limits = generated, limits
+        budget = remaining(cfg.generation.budget, generated)
         # One batch client per state directory: the Batch API backend runs as one partition.
         wanted = 1 if cfg.generation.backend == "batch" else cfg.generation.partitions
         parts = partition(chunk.plan, wanted or len(endpoints))
         shares = assign(parts, endpoints)
         each = share_budget(budget, len(parts))
         names = [f"part {k + 1}/{len(parts)}" if len(parts) > 1 else "" for k in range(len(parts))]
+        history = list(generated.outcomes)
         calls = [
-            GenerationCall(
-                part, endpoint, cfg, run_id, each, name, list(history), dict(self.limits)
-            )
+            GenerationCall(part, endpoint, cfg, run_id, each, name, history, dict(limits))
             for part, endpoint, name in zip(parts, shares, names, strict=True)
         ]
         # Quoted for Prefect's own runner only: Dask's hands quoted arguments over as (field,
@@ -216,6 +221,7 @@ class Generating:
     def result(self) -> GenerationReport:
         report = merge_reports([f.result() for f in self.futures])
         self.limits.update(report.limits)
+        add_report(self.generated, report)
         progress.emit("generated", report=report)
         return report
 
@@ -433,12 +439,11 @@ def stream_chunks(
             run.state.judge.bind(cfg, endpoints)  # the faithfulness judge asks the run's endpoint
             artifact = cast(UUID, create_progress_artifact(0.0, description=f"run {run_id}"))
             learned: dict[str, Any] = {}  # the adaptive limits as the last chunk left them
+            generated = copy.deepcopy(run.state.generation)  # a resumed run's chunks included
 
             def start(chunk: Chunk) -> Generating:
                 progress.emit("plan", total=run.rounds.planned)
-                budget = remaining(cfg.generation.budget, run.state.generation)
-                history = run.state.generation.outcomes  # the circuit breaker's window so far
-                return Generating(chunk, endpoints, cfg, run_id, budget, history, learned, process)
+                return Generating(chunk, endpoints, cfg, run_id, generated, learned, process)
 
             def finish(chunk: Chunk, report: GenerationReport) -> None:
                 process_chunk(run, unvisited(chunk), unvisited(report))

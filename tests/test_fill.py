@@ -76,6 +76,21 @@ def test_fill_stops_at_the_budget_with_an_account(
     assert gen.prompt_tokens + gen.completion_tokens <= 8 * 600
 
 
+def test_the_budget_holds_across_the_chunks_of_a_round(
+    prefect_api: str, lossy: FakeServer, tmp_path: Path, write_config
+) -> None:
+    # Each chunk starts with what the earlier ones left, the one just generated included,
+    # though its filtering has not started when the next chunk's generation does.
+    cfg = fake_backend_config(lossy.base_url, tmp_path / "out")
+    cfg["plan"] = {"limit": 24, "chunk_requests": 4}
+    cfg["generation"]["budget"] = {"max_tokens": 10 * 600}
+    manifest = read_manifest(run(write_config(cfg)))
+    gen = manifest.counts.generate
+    assert manifest.counts.chunks.count == 6
+    assert gen.skipped_budget > 0 and gen.completed > 4  # it stopped in a later chunk
+    assert gen.prompt_tokens + gen.completion_tokens <= 10 * 600
+
+
 def test_fill_stops_when_a_round_keeps_nothing_new(
     prefect_api: str, tmp_path: Path, write_config
 ) -> None:
