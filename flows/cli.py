@@ -517,9 +517,9 @@ _register_stage_commands()
 
 
 def main() -> None:
-    from booksmith.flows.malloc import limit_arenas
+    from booksmith.flows.malloc import tune_allocators
 
-    limit_arenas()  # before any thread starts: see flows/malloc.py
+    tune_allocators()  # before any thread starts: see flows/malloc.py
     app(prog_name="booksmith")
 
 
