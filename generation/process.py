@@ -48,7 +48,8 @@ OnResult = Callable[[GenerationResult, GenerationReport], None]
 class GenerationCall:
     """One partition of one chunk against one endpoint: what generating it takes, in the
     flow's thread or a generation process. `limits`: where the endpoint's adaptive limits
-    ended before this chunk; `history`: the run's earlier openers (the prompts' diversity)."""
+    ended before this chunk; `history`: the circuit breaker's window as the chunks before
+    left it (outcomes of the last requests, "" for a success)."""
 
     plan: list[GenerationRequest]
     endpoint: Endpoint
