@@ -82,16 +82,17 @@ class CacheWriter:
             except BaseException as e:  # the awaiting workers raise it
                 error = e
             assert self._loop is not None
-            for _, done in group:
-                self._loop.call_soon_threadsafe(_settle, done, error)
+            # one wake-up of the loop for the whole group
+            self._loop.call_soon_threadsafe(_settle, [done for _, done in group], error)
             if stop:
                 return
 
 
-def _settle(done: asyncio.Future[None], error: BaseException | None) -> None:
-    if done.cancelled():  # its worker was cancelled: the answer is stored all the same
-        return
-    if error is None:
-        done.set_result(None)
-    else:
-        done.set_exception(error)
+def _settle(group: list[asyncio.Future[None]], error: BaseException | None) -> None:
+    for done in group:
+        if done.cancelled():  # its worker was cancelled: the answer is stored all the same
+            continue
+        if error is None:
+            done.set_result(None)
+        else:
+            done.set_exception(error)
