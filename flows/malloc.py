@@ -12,10 +12,10 @@
   follow the same rule: pyarrow's default (mimalloc) kept what the final pass freed.
 
 The last two together (BENCHMARKS.md, run_scale): 994 bytes per additional request from 4,000
-to 40,000 requests instead of 2,327, and a peak 200 MB lower, at the same speed. Either alone
-did worse. The system pool once made `booksmith verify` abort at exit; that was pyarrow's
-S3-style file reader (apache/arrow#34314), gone since shards are opened by path
-(shards/fs.open_parquet).
+to 40,000 requests instead of 2,327, and a peak 200 MB lower, at the same speed; the threshold
+alone did worse (its final-pass spike grew). The system pool once made `booksmith verify`
+abort at exit: Arrow threads still reading a Python file object as the interpreter finished
+(apache/arrow#34314), gone since local shards are opened by path (shards/fs.open_parquet).
 
 Children (filter workers, the generation process, the embedded model's server) inherit the
 settings through the environment. A user's own setting of any of them wins.
