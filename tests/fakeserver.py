@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import json
@@ -43,6 +44,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+
+import numpy as np
 
 from booksmith.filters.faithfulness import TAGS
 
@@ -220,29 +223,43 @@ _CONTENT_TEXT = (
     "notices finds keeps gives takes makes uses needs helps allows creates reduces increases"
 )
 _FUNCTION = _FUNCTION_TEXT.split()
-_CONTENT = _CONTENT_TEXT.split()
+_CONTENT = tuple(_CONTENT_TEXT.split())
+
+
+@functools.lru_cache(maxsize=64)
+def _vocabulary(content: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Every word in its four spellings (as is, Capitalised, with a full stop, both), and a
+    draw table of word numbers in which the function words make 40% of the entries."""
+    words = _FUNCTION + list(content)
+    capitalised = [w.capitalize() for w in words]
+    spellings = words + capitalised + [w + "." for w in words] + [w + "." for w in capitalised]
+    # F*a / (F*a + C*b) = 0.4 with a = 2C, b = 3F entries per function and content word
+    n_function, n_content = len(_FUNCTION), len(content)
+    g = math.gcd(2 * n_content, 3 * n_function)
+    counts = [2 * n_content // g] * n_function + [3 * n_function // g] * n_content
+    table = np.repeat(np.arange(len(words)), counts)
+    return np.array(spellings, dtype=object), table
 
 
 def completion_text(key_digest: str, n_words: int, content: Sequence[str] = _CONTENT) -> str:
-    """`n_words` English-like words in sentences (function words and words of `content`), a
-    pure function of the digest."""
-    rng = random.Random(int(key_digest, 16))
-    words: list[str] = []
-    sentence_left = rng.randint(6, 16)
-    start = True
-    for _ in range(n_words):
-        word = rng.choice(_FUNCTION) if rng.random() < 0.4 else rng.choice(content)
-        if start:
-            word = word.capitalize()
-            start = False
-        sentence_left -= 1
-        if sentence_left == 0:
-            word += "."
-            sentence_left = rng.randint(6, 16)
-            start = True
-        words.append(word)
-    text = " ".join(words)
-    return text if text.endswith(".") else text + "."
+    """`n_words` English-like words in sentences of 6 to 16 (40% function words, the rest
+    words of `content`), a pure function of the digest. Drawn in one pass from SHAKE-256 of
+    the digest: the fake server shares the benchmark's cores, so it must cost little."""
+    if n_words <= 0:
+        return "."
+    spellings, table = _vocabulary(content if isinstance(content, tuple) else tuple(content))
+    n_sentences = n_words // 6 + 1
+    stream = hashlib.shake_256(key_digest.encode()).digest(4 * (n_words + n_sentences))
+    draws = np.frombuffer(stream, dtype="<u4")
+    word = table[draws[:n_words] % len(table)]
+    ends = np.cumsum(6 + draws[n_words:] % 11) - 1
+    ends = ends[ends < n_words - 1]
+    form = np.zeros(n_words, dtype=np.intp)  # 0 as is, 1 capitalised, 2 full stop, 3 both
+    form[0] = 1
+    form[ends + 1] = 1
+    form[ends] += 2
+    form[-1] |= 2  # the text ends a sentence
+    return " ".join(spellings[word + form * (len(spellings) // 4)].tolist())
 
 
 def json_schema_of(body: dict[str, Any]) -> dict[str, Any] | None:

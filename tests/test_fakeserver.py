@@ -9,7 +9,15 @@ from typing import Any
 import openai
 import pytest
 
-from tests.fakeserver import FAULT_KINDS, FakeServer, FaultConfig, request_key
+from tests.fakeserver import (
+    _CONTENT,
+    _FUNCTION,
+    FAULT_KINDS,
+    FakeServer,
+    FaultConfig,
+    completion_text,
+    request_key,
+)
 
 FAULTS = FaultConfig(
     rate_limit=0.1,
@@ -44,6 +52,30 @@ def body_with(fault: str | None, start: int = 0) -> dict[str, Any]:
         if FAULTS.fault_for(request_key(b)) == fault:
             return b
     raise AssertionError(f"no key draws {fault}")
+
+
+def test_completion_text_is_english_like_sentences() -> None:
+    """Sentences of 6 to 16 words, each capitalised and closed by a full stop; about 40% function
+    words; a pure function of the digest; and only the words it was given."""
+    texts = [completion_text(f"{i:064x}", 500) for i in range(20)]
+    assert texts[3] == completion_text(f"{3:064x}", 500)
+    assert len(set(texts)) == len(texts)
+    words = [w for t in texts for w in t.split()]
+    assert len(words) == 20 * 500
+    share = sum(w.rstrip(".").lower() in _FUNCTION for w in words) / len(words)
+    assert 0.37 < share < 0.43
+    for text in texts:
+        sentences = [s.split() for s in text.split(". ")]
+        assert text.endswith(".")
+        assert all(s[0][0].isupper() and not any(w[0].isupper() for w in s[1:]) for s in sentences)
+        assert all(6 <= len(s) <= 16 for s in sentences[:-1])
+        assert 1 <= len(sentences[-1]) <= 16
+    grounded = completion_text("ab" * 32, 300, ("photosynthesis", "chlorophyll"))
+    assert {w.rstrip(".").lower() for w in grounded.split()} - set(_FUNCTION) == {
+        "photosynthesis",
+        "chlorophyll",
+    }
+    assert set(_CONTENT) & {w.rstrip(".").lower() for w in words} == set(_CONTENT)
 
 
 @pytest.fixture(scope="module")
