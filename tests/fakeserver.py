@@ -727,8 +727,11 @@ async def serve(
     *,
     fast: bool = False,
 ) -> None:
-    # Bind ourselves so that --port 0 gives us the port to report.
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # Bind ourselves so that --port 0 gives us the port to report. IPPROTO_TCP, not the default
+    # 0: accepted sockets inherit it, and asyncio sets TCP_NODELAY only on sockets whose proto
+    # says TCP. Without it uvicorn's two writes per reply (head, body) meet Nagle and the
+    # client's delayed ACK, and every reply waits ~40 ms.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     bound = sock.getsockname()[1]
