@@ -16,9 +16,12 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def bind(host: str, port: int) -> socket.socket:
-    """A listening socket (port 0: a free one, chosen by the kernel, so no race with others)."""
+    """A listening socket (port 0: a free one, chosen by the kernel, so no race with others).
+    Its proto is IPPROTO_TCP, not the default 0: accepted connections inherit it, and asyncio
+    turns Nagle off (TCP_NODELAY) only where proto says TCP; with Nagle on, uvicorn's two
+    writes per response (head, body) wait for the browser's delayed ACK, up to 40 ms a page."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     sock.listen(128)
