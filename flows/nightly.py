@@ -192,15 +192,14 @@ class Generating:
     `generated`: what the run's generation has used so far, by the chunks answered before
     this one, filtered or not: the chunk's budget is what it leaves, its circuit breaker
     starts from its window, and `result` adds this chunk to it. (The filters' tally of the
-    run lags a chunk: chunk k+1 starts before chunk k is filtered.) `limits`: where the
-    adaptive limits ended so far, by endpoint, also updated by `result`."""
+    run lags a chunk: chunk k+1 starts before chunk k is filtered.) Its `limits` (by endpoint,
+    where the adaptive limits ended so far) seed each call's client."""
 
     def __init__(
         self, chunk: Chunk, endpoints: list[Endpoint], cfg: RunConfig, run_id: str,
-        generated: GenerationReport, limits: dict[str, Any],
-        process: GenerationProcess | None = None,
+        generated: GenerationReport, process: GenerationProcess | None = None,
     ) -> None:  # fmt: skip
-        self.generated, self.limits = generated, limits
+        self.generated = generated
         budget = remaining(cfg.generation.budget, generated)
         # One batch client per state directory: the Batch API backend runs as one partition.
         wanted = 1 if cfg.generation.backend == "batch" else cfg.generation.partitions
@@ -210,7 +209,7 @@ class Generating:
         names = [f"part {k + 1}/{len(parts)}" if len(parts) > 1 else "" for k in range(len(parts))]
         history = list(generated.outcomes)
         calls = [
-            GenerationCall(part, endpoint, cfg, run_id, each, name, history, dict(limits))
+            GenerationCall(part, endpoint, cfg, run_id, each, name, history, dict(generated.limits))
             for part, endpoint, name in zip(parts, shares, names, strict=True)
         ]
         # Quoted for Prefect's own runner only: Dask's hands quoted arguments over as (field,
@@ -220,8 +219,7 @@ class Generating:
 
     def result(self) -> GenerationReport:
         report = merge_reports([f.result() for f in self.futures])
-        self.limits.update(report.limits)
-        add_report(self.generated, report)
+        add_report(self.generated, report)  # its limits, outcomes and spending included
         progress.emit("generated", report=report)
         return report
 
@@ -438,12 +436,11 @@ def stream_chunks(
             process = generation_process(cfg, len(endpoints), dask is not None)
             run.state.judge.bind(cfg, endpoints)  # the faithfulness judge asks the run's endpoint
             artifact = cast(UUID, create_progress_artifact(0.0, description=f"run {run_id}"))
-            learned: dict[str, Any] = {}  # the adaptive limits as the last chunk left them
             generated = copy.deepcopy(run.state.generation)  # a resumed run's chunks included
 
             def start(chunk: Chunk) -> Generating:
                 progress.emit("plan", total=run.rounds.planned)
-                return Generating(chunk, endpoints, cfg, run_id, generated, learned, process)
+                return Generating(chunk, endpoints, cfg, run_id, generated, process)
 
             def finish(chunk: Chunk, report: GenerationReport) -> None:
                 process_chunk(run, unvisited(chunk), unvisited(report))
