@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
@@ -162,3 +163,31 @@ def test_fill_rounds_keep_the_subjects_balanced(
     )
     topic, n = topics.most_common(1)[0]
     assert f"| {topic} | {n} |" in report
+
+
+def test_the_adaptive_limits_carry_from_chunk_to_chunk(
+    prefect_api: str, tmp_path: Path, write_config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Most first attempts draw a 429: the first chunk's client brings its limits down, and
+    # every later chunk's client starts where the chunk before left them, not from the config.
+    import booksmith.flows.nightly as nightly_module
+
+    calls: list[Any] = []
+    real = nightly_module.GenerationCall
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        calls.append(real(*args, **kwargs))
+        return calls[-1]
+
+    monkeypatch.setattr(nightly_module, "GenerationCall", spy)
+    with FakeServer({"rate_limit": 0.6, "retry_after_s": 0.05}) as limited:
+        cfg = fake_backend_config(limited.base_url, tmp_path / "out")
+        cfg["plan"] = {"limit": 30, "chunk_requests": 10}
+        manifest = read_manifest(run(write_config(cfg)))
+    assert manifest.counts.chunks.count == 3 == len(calls)
+    assert manifest.counts.generate.rate_limited > 0
+    assert calls[0].limits == {}  # the run's first chunk starts from the settings
+    for call in calls[1:]:
+        (state,) = call.limits.values()
+        assert state["rate"] is not None  # a limit learned in an earlier chunk
+        assert state["concurrency"] < cfg["generation"]["max_concurrency"]
