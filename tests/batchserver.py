@@ -25,7 +25,6 @@ import hashlib
 import json
 import math
 import re
-import socket
 import threading
 import time
 import uuid
@@ -43,6 +42,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from booksmith.flows.cli_view import bind
 from booksmith.generation.batch_files import BatchFileError, validate_line
 from tests.fakeserver import DEFAULT_MAX_TOKENS, completion_text, key_fields, request_key
 
@@ -385,10 +385,7 @@ class BatchServer:
         return Starlette(routes=routes)
 
     def start(self) -> BatchServer:
-        # IPPROTO_TCP so asyncio sets TCP_NODELAY on its connections (see fakeserver.serve)
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
+        sock = bind("127.0.0.1", 0)  # Nagle off on its connections (flows/cli_view.bind)
         self.port = sock.getsockname()[1]
         config = uvicorn.Config(
             self.app(), loop="asyncio", lifespan="off", access_log=False, log_level="warning"

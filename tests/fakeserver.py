@@ -32,7 +32,6 @@ import math
 import os
 import random
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -48,6 +47,7 @@ from typing import Any
 import numpy as np
 
 from booksmith.filters.faithfulness import TAGS
+from booksmith.flows.cli_view import bind
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -727,13 +727,9 @@ async def serve(
     *,
     fast: bool = False,
 ) -> None:
-    # Bind ourselves so that --port 0 gives us the port to report. IPPROTO_TCP, not the default
-    # 0: accepted sockets inherit it, and asyncio sets TCP_NODELAY only on sockets whose proto
-    # says TCP. Without it uvicorn's two writes per reply (head, body) meet Nagle and the
-    # client's delayed ACK, and every reply waits ~40 ms.
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
+    # Bind ourselves so that --port 0 gives us the port to report; with the viewer's `bind`,
+    # whose socket gets Nagle off (without it every reply waits ~40 ms for a delayed ACK).
+    sock = bind(host, port)
     bound = sock.getsockname()[1]
     if fast:
         text = "This is a fixed fast completion."
